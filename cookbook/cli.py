@@ -1,0 +1,269 @@
+"""The ``cookbook`` command line: one command per recipe, each a thin call into ``recipes/``.
+
+A ``CookbookError`` is printed as one red line and exits with code 2 (``--debug`` shows the
+traceback); Ctrl-C exits with 130. Commands are registered only when they work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cookbook import __version__
+from cookbook.errors import CookbookError
+from cookbook.progress import console
+
+EXAMPLES = """\
+[bold]Examples[/bold]
+
+  cookbook sample-corpus corpus.jsonl
+  cookbook tokenizer train --input corpus.jsonl --output tok.model --vocab-size 8000
+  cookbook preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer-model tok.model --append-eod
+  cookbook merge --input data/ --output-prefix data/all
+  cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
+"""
+
+app = typer.Typer(
+    name="cookbook",
+    help="The whole life of a Llama-family model on one PyTorch-native engine.\n\n" + EXAMPLES,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Inspect indexed datasets.", no_args_is_help=True, rich_markup_mode="rich")
+tokenizer_app = typer.Typer(help="Train tokenizers offline.", no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(data_app, name="data", help="Inspect indexed datasets: cookbook data info PREFIX")
+app.add_typer(tokenizer_app, name="tokenizer", help="Train a tokenizer: cookbook tokenizer train --input X --output Y")
+
+_debug = bool(os.environ.get("COOKBOOK_DEBUG"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cookbook {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+) -> None:
+    global _debug
+    _debug = _debug or debug
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated lists both work: -k a -k b, or -k a,b."""
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+# --------------------------------------------------------------------------- sample-corpus
+
+
+@app.command("sample-corpus")
+def sample_corpus(
+    output: Annotated[Path, typer.Argument(help="The jsonl file to write.")],
+    max_mb: Annotated[Optional[float], typer.Option(help="Stop after about this many MB of text.")] = None,
+) -> None:
+    """Write a sample corpus (the Python standard library's sources, ~30 MB) to a jsonl file; nothing is downloaded.
+
+    Example: cookbook sample-corpus corpus.jsonl
+    """
+    from cookbook.data.sample_corpus import write_sample_corpus
+
+    docs, size = write_sample_corpus(output, max_mb)
+    console.print(f"[green]wrote[/green] {output}: {docs:,} documents, {size / 1e6:,.1f} MB of text")
+
+
+# --------------------------------------------------------------------------- tokenizer train
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    input: Annotated[list[str], typer.Option("--input", "-i", help="jsonl file(s), glob or folder (repeat or comma-separate).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="SentencePiece: the .model path; hf-bpe: a folder.")],
+    kind: Annotated[str, typer.Option(help="sentencepiece (Llama 2 style) or hf-bpe (Llama 3 style byte-level BPE).")] = "sentencepiece",
+    model_type: Annotated[str, typer.Option(help="SentencePiece algorithm: bpe or unigram.")] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 8000,
+    json_key: Annotated[str, typer.Option(help="The jsonl key holding the text.")] = "text",
+    max_documents: Annotated[Optional[int], typer.Option(help="Train on the first N documents only.")] = None,
+    special_tokens: Annotated[Optional[list[str]], typer.Option("--special-token", help="Extra special tokens (repeatable).")] = None,
+) -> None:
+    """Train a SentencePiece (BPE/unigram, byte fallback) or Hugging Face BPE tokenizer on jsonl.
+
+    Example: cookbook tokenizer train --input corpus.jsonl --output tok.model --vocab-size 8000
+    """
+    from cookbook.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(
+        inputs=_split(input), output=output, kind=kind, model_type=model_type, vocab_size=vocab_size,
+        json_key=json_key, max_documents=max_documents, special_tokens=list(special_tokens or []),
+    )
+    with console.status(f"training a {kind} tokenizer ({vocab_size:,} tokens)"):
+        path = train_tokenizer(cfg)
+    console.print(f"[green]wrote[/green] {path}  (use it as --tokenizer-model {path})")
+
+
+# --------------------------------------------------------------------------- preprocess
+
+TOKENIZER_HELP = "SentencePiece .model, or a Hugging Face tokenizer.json / folder."
+TYPE_HELP = "Megatron-LM's name: Llama2Tokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer (default: from the file)."
+
+
+@app.command()
+def preprocess(
+    input: Annotated[list[str], typer.Option("--input", "-i", help="jsonl / jsonl.gz file(s), a glob or a folder (repeat or comma-separate).", rich_help_panel="Input")],
+    output_prefix: Annotated[str, typer.Option("--output-prefix", "-o", help="Writes PREFIX_<key>_document.bin/.idx.", rich_help_panel="Output")],
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", "-t", help=TOKENIZER_HELP, rich_help_panel="Tokenizer")] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Tokenizer")] = None,
+    vocab_file: Annotated[Optional[str], typer.Option(help="GPT2BPETokenizer: vocab.json.", rich_help_panel="Tokenizer")] = None,
+    merge_file: Annotated[Optional[str], typer.Option(help="GPT2BPETokenizer: merges.txt.", rich_help_panel="Tokenizer")] = None,
+    json_keys: Annotated[Optional[list[str]], typer.Option("--json-keys", help="Keys to tokenize, one dataset each (default: text).", rich_help_panel="Input")] = None,
+    append_eod: Annotated[bool, typer.Option("--append-eod", help="Append the tokenizer's end-of-document id to each non-empty document.", rich_help_panel="Tokenizer")] = False,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Tokenizer threads.", rich_help_panel="Performance")] = max(1, os.cpu_count() or 1),
+    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines", help="Skip lines that are not valid JSON objects with the keys, and count them; default: stop at the first.", rich_help_panel="Input")] = False,
+    tokenizer_backend: Annotated[str, typer.Option(help="auto (gigatoken where it is exact), gigatoken, or reference (sentencepiece/tokenizers only).", rich_help_panel="Performance")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Tokenize jsonl into a Megatron indexed dataset, byte-identical to Megatron-LM's preprocess_data.py.
+
+    Example: cookbook preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer-model tok.model --append-eod
+    """
+    from recipes.preprocess import PreprocessConfig, run
+
+    cfg = PreprocessConfig(
+        inputs=_split(input), output_prefix=output_prefix, tokenizer_model=tokenizer_model,
+        tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
+        json_keys=_split(json_keys) or ["text"], append_eod=append_eod, workers=workers,
+        skip_bad_lines=skip_bad_lines, tokenizer_backend=tokenizer_backend,
+    )
+    s = run(cfg, show_progress=not quiet)
+    table = Table(title="preprocess", show_header=False, title_justify="left")
+    rows = [
+        ("documents", f"{s.documents:,}"),
+        ("sequences", f"{s.sequences:,}"),
+        ("tokens", f"{s.tokens:,}"),
+        ("empty documents", f"{s.empty:,}"),
+        ("skipped lines", f"{len(s.skipped):,}"),
+        ("input", f"{s.bytes / 1e6:,.1f} MB"),
+        ("time", f"{s.seconds:,.2f} s  ({s.documents / max(s.seconds, 1e-9):,.0f} docs/s, "
+                 f"{s.bytes / 1e6 / max(s.seconds, 1e-9):,.1f} MB/s, {s.tokens / max(s.seconds, 1e-9):,.0f} tokens/s)"),
+        ("tokenizer", s.tokenizer),
+    ]
+    rows += [(f"output ({key})", f"{prefix}.bin/.idx") for key, prefix in s.outputs.items()]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for where in s.skipped[:5]:
+        console.print(f"[yellow]skipped[/yellow] {where}")
+    if len(s.skipped) > 5:
+        console.print(f"[yellow]... and {len(s.skipped) - 5:,} more skipped lines[/yellow]")
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@app.command()
+def merge(
+    input: Annotated[list[str], typer.Option("--input", "-i", help="A folder of .bin/.idx pairs, or dataset prefixes (repeat or comma-separate).")],
+    output_prefix: Annotated[str, typer.Option("--output-prefix", "-o", help="Writes PREFIX.bin/.idx.")],
+) -> None:
+    """Merge indexed datasets into one, byte-identical to Megatron-LM's merge_datasets.py.
+
+    Example: cookbook merge --input data/ --output-prefix data/all
+    """
+    from recipes.merge import run
+
+    s = run(_split(input), output_prefix)
+    console.print(
+        f"[green]merged[/green] {len(s.prefixes)} datasets into {s.output_prefix}.bin/.idx: "
+        f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})"
+    )
+
+
+# --------------------------------------------------------------------------- data info
+
+
+@data_app.command("info")
+def data_info(
+    prefix: Annotated[str, typer.Argument(help="Dataset prefix (PREFIX.bin/.idx).")],
+    decode: Annotated[int, typer.Option(help="Print the first N documents back as text (needs --tokenizer).")] = 0,
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer", "--tokenizer-model", "-t", help=TOKENIZER_HELP)] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
+) -> None:
+    """Documents, tokens, dtype, token id range and a document-length histogram of an indexed dataset.
+
+    Example: cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
+    """
+    from recipes.data_info import decode_documents, histogram, info
+
+    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    if decode and not tokenizer_model:
+        raise CookbookError("--decode needs --tokenizer PATH, the tokenizer the dataset was made with")
+    d = info(prefix)
+    table = Table(title=prefix, show_header=False, title_justify="left")
+    for name, value in [
+        ("documents", f"{d.documents:,}"), ("sequences", f"{d.sequences:,}"), ("tokens", f"{d.tokens:,}"),
+        ("dtype", d.dtype), ("token ids", "none" if d.min_id is None else f"{d.min_id} .. {d.max_id}"),
+        ("empty documents", f"{d.empty_documents:,}"),
+        ("tokens / document", f"mean {d.tokens / max(d.documents, 1):,.1f}, max {int(d.document_lengths.max()) if d.documents else 0:,}"),
+    ]:
+        table.add_row(name, value)
+    console.print(table)
+    buckets = histogram(d.document_lengths)
+    if buckets:
+        hist = Table(title="document length (tokens)", title_justify="left")
+        hist.add_column("tokens", justify="right")
+        hist.add_column("documents", justify="right")
+        hist.add_column("")
+        peak = max(c for _, _, c in buckets) or 1
+        for lo, hi, c in buckets:
+            hist.add_row(f"{lo:,} - {hi:,}", f"{c:,}", "[cyan]" + "█" * max(0, round(40 * c / peak)))
+        console.print(hist)
+    if decode:
+        from cookbook.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_model, tokenizer_type)
+        for i, text in enumerate(decode_documents(prefix, tok, decode)):
+            console.rule(f"document {i}")
+            console.print(text, markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user-facing errors become one red line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="cookbook", standalone_mode=False)
+    except CookbookError as e:
+        if _debug:
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: tokenizers, Megatron indexed datasets, jsonl reading, the built-in sample corpus."""

@@ -1,0 +1,480 @@
+"""Tokenizers with Megatron-LM's semantics, encoding whole batches in native threads.
+
+Megatron-LM's ``tools/preprocess_data.py`` calls ``tokenizer.tokenize(text)`` once per document
+and appends ``tokenizer.eod`` with ``--append-eod``. What ``tokenize`` and ``eod`` mean depends on
+``--tokenizer-type`` (Megatron-LM's ``megatron/training/tokenizer/tokenizer.py``):
+
+``Llama2Tokenizer``        SentencePiece ``.model``: ``[bos] + sp.encode(text)``; eod = eos;
+                           vocab size = the model's piece count.
+``SentencePieceTokenizer`` SentencePiece ``.model`` plus special tokens ``<CLS> <SEP> <EOD> <MASK>``,
+                           pad, bos and eos, appended after the model's pieces when new; text is split
+                           on those tokens' literal strings first; no bos; eod = ``<EOD>``.
+``HuggingFaceTokenizer``   ``tokenizer.json`` or a folder: ``AutoTokenizer(text).input_ids`` (the
+                           post-processor's bos/eos included); eod = ``eos_token_id``; vocab size =
+                           ``len(tokenizer)``.
+``GPT2BPETokenizer``       ``vocab.json`` + ``merges.txt``: GPT-2 byte-level BPE, no special tokens
+                           in text; eod = ``<|endoftext|>``.
+
+``Tokenizer.encode_batch`` returns the same ids as those per-document calls, for a whole batch at
+once: the plain text goes through a fast native encoder (gigatoken when installed, else
+sentencepiece's or tokenizers' own batch encoders) and the rare documents where the fast encoder
+could disagree with the reference (a literal control-token string inside the text) go through the
+reference tokenizer one by one. Every fast encoder is checked against the reference on probe
+strings when loaded and is not used if any differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cookbook.errors import CookbookError
+
+TOKENIZER_TYPES = ("Llama2Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+# Strings on which a fast encoder is compared with the reference tokenizer when it is loaded.
+PROBES = (
+    "Hello world",
+    "",
+    " ",
+    "  leading spaces and trailing  ",
+    "def f(x):\n\treturn x ** 2  # comment\n\n\n",
+    "Ünïcödé — “quotes” ½ ﬁ ｆｕｌｌｗｉｄｔｈ 日本語のテキスト 😀👍🏽",
+    "\u00a0non-breaking\u2003em space\r\nwindows line",
+    "numbers 1234567890 3.14159 1e-10 0x1F",
+    "'s 't 're 've 'm 'll 'd I'M YOU'RE",
+    "\x00\x01\x7f control bytes",
+)
+
+
+def _set_native_threads(threads: int) -> None:
+    """Size the rayon pools of tokenizers and gigatoken (read once, at their first batch)."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, threads)))
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", str(max(1, threads)))
+
+
+def ragged_to_flat(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (flat int64 ids, int64 lengths)."""
+    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def flat_to_ragged(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+# --------------------------------------------------------------------------- plain encoders
+# A plain encoder turns a list of texts into (flat ids, lengths) with no special tokens added.
+
+
+def _sentencepiece_encoder(sp, threads: int) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray]]:
+    def encode(texts: list[str]):
+        return ragged_to_flat(sp.encode(texts, num_threads=threads) if texts else [])
+
+    return encode
+
+
+def _tokenizers_encoder(tok) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray]]:
+    def encode(texts: list[str]):
+        return ragged_to_flat([e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else [])
+
+    return encode
+
+
+def _gigatoken_encoder(gt) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray]]:
+    def encode(texts: list[str]):
+        if not texts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        layout = gt.encode_batch(texts).layout
+        offsets = np.asarray(layout.offsets.data)
+        flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+        return flat.astype(np.int64), np.diff(offsets).astype(np.int64)
+
+    return encode
+
+
+def _try_gigatoken(load: Callable, reference: Callable, backend: str):
+    """A gigatoken plain encoder when it is installed, loads, and agrees with ``reference`` on PROBES."""
+    if backend == "reference":
+        return None
+    try:
+        import gigatoken  # noqa: F401
+
+        fast = _gigatoken_encoder(load(gigatoken))
+        probes = list(PROBES)
+        a, b = fast(probes), reference(probes)
+        if np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]):
+            return fast
+    except Exception:  # a model gigatoken does not support: use the reference encoder
+        pass
+    if backend == "gigatoken":
+        raise CookbookError("gigatoken cannot reproduce this tokenizer exactly; use --tokenizer-backend reference")
+    return None
+
+
+# --------------------------------------------------------------------------- the tokenizer
+
+
+@dataclass
+class Tokenizer:
+    """A tokenizer with Megatron-LM's ``tokenize`` / ``eod`` / ``vocab_size`` semantics."""
+
+    type: str
+    path: str
+    vocab_size: int  # as Megatron-LM reports it: decides the indexed dataset's dtype
+    eod: int | None
+    bos: int | None
+    prefix: list[int]  # ids Megatron's tokenize() puts before the text (BOS, post-processor)
+    suffix: list[int]  # and after it
+    plain: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # fast batch encoder of plain text
+    exact: Callable[[str], list[int]]  # reference encoder of one text, special strings handled
+    needs_exact: Callable[[str], bool]  # texts the fast encoder might get wrong
+    decode_ids: Callable[[list[int]], str]
+    backend: str = "reference"
+
+    def tokenize(self, text: str) -> list[int]:
+        """Exactly Megatron-LM's ``tokenizer.tokenize(text)``."""
+        return self.prefix + list(self.exact(text)) + self.suffix
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``tokenize`` of every text, as (flat int64 ids, int64 lengths)."""
+        flat, lengths = self.plain(texts)
+        special = [i for i, t in enumerate(texts) if self.needs_exact(t)]
+        if special:
+            parts = flat_to_ragged(flat, lengths)
+            for i in special:
+                parts[i] = np.asarray(self.exact(texts[i]), dtype=np.int64)
+            lengths = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if self.prefix or self.suffix:
+            flat, lengths = _wrap(flat, lengths, self.prefix, self.suffix)
+        return flat, lengths
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_ids([int(i) for i in ids])
+
+
+def _scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> None:
+    """Copy the sequences of a flat batch into ``out`` at positions ``starts``."""
+    src_starts = np.cumsum(lengths) - lengths
+    out[np.arange(len(flat)) + np.repeat(starts - src_starts, lengths)] = flat
+
+
+def _wrap(flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int]):
+    """Put ``prefix`` before and ``suffix`` after every sequence of a flat batch."""
+    n_pre, n_suf = len(prefix), len(suffix)
+    new_lengths = lengths + n_pre + n_suf
+    ends = np.cumsum(new_lengths)
+    starts = ends - new_lengths
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=flat.dtype)
+    for j, t in enumerate(prefix):
+        out[starts + j] = t
+    for j, t in enumerate(suffix):
+        out[ends - n_suf + j] = t
+    _scatter(out, flat, lengths, starts + n_pre)
+    return out, new_lengths
+
+
+def _routed(fast, reference, use_fast: Callable[[str], bool]):
+    """A plain encoder that sends the texts ``use_fast`` accepts to ``fast``, the rest to ``reference``."""
+
+    def encode(texts: list[str]):
+        mask = np.fromiter(map(use_fast, texts), dtype=bool, count=len(texts))
+        if mask.all():
+            return fast(texts)
+        if not mask.any():
+            return reference(texts)
+        groups = [(np.flatnonzero(m), enc) for m, enc in ((mask, fast), (~mask, reference))]
+        encoded = [(idx, *enc([texts[i] for i in idx])) for idx, enc in groups]
+        lengths = np.empty(len(texts), np.int64)
+        for idx, _, lens in encoded:
+            lengths[idx] = lens
+        starts = np.cumsum(lengths) - lengths
+        out = np.empty(int(lengths.sum()), np.int64)
+        for idx, flat, lens in encoded:
+            _scatter(out, flat, lens, starts[idx])
+        return out, lengths
+
+    return encode
+
+
+def _contains_any(triggers: tuple[str, ...]) -> Callable[[str], bool]:
+    """A fast test for "does the text contain any of these strings" (grouped by their first two
+    characters, so hundreds of ``<|reserved_special_token_N|>`` cost one search)."""
+    groups: dict[str, list[str]] = {}
+    for t in triggers:
+        if t:
+            groups.setdefault(t[:2], []).append(t)
+
+    def contains(text: str) -> bool:
+        return any(head in text and any(t in text for t in group) for head, group in groups.items())
+
+    return contains
+
+
+# --------------------------------------------------------------------------- SentencePiece kinds
+
+
+def _load_sentencepiece(path: Path):
+    try:
+        import sentencepiece
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise CookbookError("sentencepiece is not installed; pip install sentencepiece") from e
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise CookbookError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]})") from e
+
+
+def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) -> Tokenizer:
+    sp = _load_sentencepiece(path)
+    n = sp.get_piece_size()
+    reference = _sentencepiece_encoder(sp, threads)
+    # Control and unknown pieces are never produced from text by sentencepiece; a fast encoder
+    # might match their literal strings (gigatoken turns a literal "<s>" into BOS), so texts that
+    # contain them go through sentencepiece itself.
+    controls = tuple(sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
+    fast = _try_gigatoken(lambda g: g.Tokenizer.from_sentencepiece(str(path)), reference, backend)
+    # gigatoken differs from sentencepiece on some non-ASCII text (measured: around a combining
+    # grapheme joiner) and turns the literal text "<s>" into BOS, which sentencepiece never does.
+    # So it encodes only ASCII texts free of control-token strings; sentencepiece does the rest.
+    has_control = _contains_any(controls)
+    plain = _routed(fast, reference, lambda t: t.isascii() and not has_control(t)) if fast else reference
+
+    def decode(ids):
+        return sp.decode([i for i in ids if i < n])
+
+    if kind == "Llama2Tokenizer":
+        return Tokenizer(
+            type=kind, path=str(path), vocab_size=n, eod=sp.eos_id(), bos=sp.bos_id(),
+            prefix=[sp.bos_id()], suffix=[], plain=plain, exact=lambda t: sp.encode(t),
+            needs_exact=lambda t: False, decode_ids=decode, backend="gigatoken" if fast else "sentencepiece",
+        )
+
+    # Megatron-LM's _SentencePieceTokenizer: special tokens appended after the model's pieces.
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    special: dict[str, int] = {}
+
+    def add(token: str) -> int:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+        special[token] = vocab[token]
+        return vocab[token]
+
+    for t in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+        add(t)
+    eod = vocab["<EOD>"]
+    for pid, default in ((sp.pad_id(), "<PAD>"), (sp.bos_id(), "<BOS>"), (sp.eos_id(), "<EOS>")):
+        add(sp.id_to_piece(pid) if 0 <= pid < n else default)
+    inverse = {i: t for t, i in vocab.items()}
+
+    def exact(text: str) -> list[int]:
+        ids: list[int] = []
+        idx = 0
+        while True:
+            found = {t: text.find(t, idx) for t in special}
+            found = {t: i for t, i in found.items() if i >= 0}
+            if not found:
+                break
+            token = min(found, key=found.get)  # first occurrence; ties go to the earlier-added token
+            ids.extend(sp.encode(text[idx : found[token]]))
+            ids.append(special[token])
+            idx = found[token] + len(token)
+        ids.extend(sp.encode(text[idx:]))
+        return ids
+
+    def decode_special(ids):
+        out, run = [], []
+        for i in ids:
+            if i < n and inverse.get(i) not in special:
+                run.append(i)
+                continue
+            out.append(sp.decode(run))
+            run = []
+            out.append(inverse.get(i, ""))
+        out.append(sp.decode(run))
+        return "".join(out)
+
+    return Tokenizer(
+        type=kind, path=str(path), vocab_size=len(vocab), eod=eod, bos=None, prefix=[], suffix=[],
+        plain=plain, exact=exact, needs_exact=_contains_any(tuple(special)), decode_ids=decode_special,
+        backend="gigatoken" if fast else "sentencepiece",
+    )
+
+
+# --------------------------------------------------------------------------- Hugging Face kinds
+
+
+def _hf_files(path: Path) -> tuple[Path, Path]:
+    """(tokenizer.json, folder holding the tokenizer's config files)."""
+    if path.is_dir():
+        if not (path / "tokenizer.json").exists():
+            raise CookbookError(f"{path} has no tokenizer.json; give a folder saved by a Hugging Face fast tokenizer")
+        return path / "tokenizer.json", path
+    return path, path.parent
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_token_names(folder: Path) -> dict[str, str]:
+    """bos/eos token strings from tokenizer_config.json or special_tokens_map.json."""
+    names: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.exists():
+            try:
+                cfg = json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as e:
+                raise CookbookError(f"{f} is not valid JSON ({e})") from e
+            for key in ("bos_token", "eos_token"):
+                token = _token_content(cfg.get(key))
+                if token:
+                    names[key] = token
+    return names
+
+
+def _template(with_special: list[int], without: list[int]) -> tuple[list[int], list[int]] | None:
+    """(prefix, suffix) such that ``with_special == prefix + without + suffix``, if they exist."""
+    for k in range(len(with_special) - len(without) + 1):
+        if with_special[k : k + len(without)] == without:
+            return with_special[:k], with_special[k + len(without) :]
+    return None
+
+
+def _huggingface_tokenizer(path: Path, threads: int, backend: str) -> Tokenizer:
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise CookbookError("tokenizers is not installed; pip install tokenizers") from e
+    tok_json, folder = _hf_files(path)
+    if not tok_json.exists():
+        raise CookbookError(f"tokenizer file {tok_json} does not exist")
+    try:
+        tok = HFTokenizer.from_file(str(tok_json))
+    except Exception as e:
+        raise CookbookError(f"{tok_json} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from e
+    probe = "Hello world"
+    # transformers' Llama-style classes rebuild the post-processor from add_bos_token/add_eos_token
+    # in tokenizer_config.json; only then is transformers (slow to import) asked what it adds.
+    config = folder / "tokenizer_config.json"
+    declares = config.exists() and any(k in config.read_text(encoding="utf-8", errors="replace") for k in ("add_bos_token", "add_eos_token"))
+    specials = _transformers_specials(folder, probe) if declares else None
+    if specials is None:  # without transformers: tokenizer.json's post-processor and the config files
+        names = _special_token_names(folder)
+        template = _template(tok.encode(probe).ids, tok.encode(probe, add_special_tokens=False).ids)
+        if template is None:
+            raise CookbookError(f"cannot tell which special tokens {tok_json}'s post-processor adds")
+        ids = {k: tok.token_to_id(v) for k, v in names.items()}
+        for key, token in names.items():
+            if ids[key] is None:
+                raise CookbookError(f"the {key} {token!r} of {folder} is not in the vocabulary of {tok_json}")
+        specials = (*template, ids.get("eos_token"), ids.get("bos_token"))
+    prefix, suffix, eod, bos = specials
+    reference = _tokenizers_encoder(tok)
+    fast = _try_gigatoken(lambda g: g.Tokenizer(tok), reference, backend)
+    # Added tokens are matched in the text before the model runs; texts holding one go through
+    # tokenizers itself so that lstrip/rstrip/normalized flags are honoured exactly.
+    added = tuple(t.content for t in tok.get_added_tokens_decoder().values())
+    return Tokenizer(
+        type="HuggingFaceTokenizer", path=str(path), vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        eod=eod, bos=bos, prefix=list(prefix), suffix=list(suffix), plain=fast or reference,
+        exact=lambda t: tok.encode(t, add_special_tokens=False).ids,
+        needs_exact=_contains_any(added) if fast else (lambda t: False),
+        decode_ids=lambda ids: tok.decode(ids, skip_special_tokens=False),
+        backend="gigatoken" if fast else "tokenizers",
+    )
+
+
+def _transformers_specials(folder: Path, probe: str):
+    """(prefix, suffix, eos id, bos id) as transformers' AutoTokenizer, which Megatron-LM calls,
+    sees them; None when transformers is not installed or cannot load the folder."""
+    try:
+        from transformers import AutoTokenizer
+    except Exception:
+        return None
+    try:
+        t = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception:
+        return None
+    template = _template(t(probe).input_ids, t(probe, add_special_tokens=False).input_ids)
+    return None if template is None else (*template, t.eos_token_id, t.bos_token_id)
+
+
+def _gpt2_tokenizer(vocab_file: Path, merge_file: Path, threads: int, backend: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    for f, flag in ((vocab_file, "--vocab-file"), (merge_file, "--merge-file")):
+        if f is None or not Path(f).exists():
+            raise CookbookError(f"GPT2BPETokenizer needs {flag} (the GPT-2 vocab.json / merges.txt); {f} not found")
+    try:
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+        tok = HFTokenizer(models.BPE.from_file(str(vocab_file), str(merge_file)))
+    except Exception as e:
+        raise CookbookError(f"cannot read the GPT-2 BPE files {vocab_file}, {merge_file} ({e})") from e
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if "<|endoftext|>" not in vocab:
+        raise CookbookError(f"{vocab_file} has no <|endoftext|> token, the GPT-2 end of document")
+    reference = _tokenizers_encoder(tok)
+    fast = _try_gigatoken(lambda g: g.Tokenizer(tok), reference, backend)
+    return Tokenizer(
+        type="GPT2BPETokenizer", path=str(vocab_file), vocab_size=len(vocab), eod=vocab["<|endoftext|>"],
+        bos=None, prefix=[], suffix=[], plain=fast or reference,
+        exact=lambda t: tok.encode(t, add_special_tokens=False).ids, needs_exact=lambda t: False,
+        decode_ids=lambda ids: tok.decode(ids, skip_special_tokens=False),
+        backend="gigatoken" if fast else "tokenizers",
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def infer_tokenizer_type(path: Path) -> str:
+    """A SentencePiece ``.model`` is the Llama 2 family; anything else a Hugging Face tokenizer."""
+    return "Llama2Tokenizer" if path.is_file() and path.suffix == ".model" else "HuggingFaceTokenizer"
+
+
+def load_tokenizer(
+    path: str | os.PathLike | None,
+    tokenizer_type: str | None = None,
+    *,
+    vocab_file: str | os.PathLike | None = None,
+    merge_file: str | os.PathLike | None = None,
+    threads: int = 1,
+    backend: str = "auto",
+) -> Tokenizer:
+    """Load a tokenizer by Megatron-LM's ``--tokenizer-type`` name (inferred from the file when None).
+
+    ``backend``: ``auto`` (gigatoken when installed and exact on the probes), ``gigatoken`` (fail
+    if it cannot be used) or ``reference`` (sentencepiece / tokenizers only).
+    """
+    if backend not in ("auto", "gigatoken", "reference"):
+        raise CookbookError(f"unknown tokenizer backend {backend!r}; use auto, gigatoken or reference")
+    _set_native_threads(threads)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return _gpt2_tokenizer(vocab_file, merge_file, threads, backend)
+    if path is None:
+        raise CookbookError("no tokenizer given; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
+    path = Path(path)
+    if not path.exists():
+        raise CookbookError(f"tokenizer {path} does not exist")
+    tokenizer_type = tokenizer_type or infer_tokenizer_type(path)
+    if tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        if tokenizer_type == "GPTSentencePieceTokenizer":
+            raise CookbookError("GPTSentencePieceTokenizer is not supported; use Llama2Tokenizer or SentencePieceTokenizer")
+        return _sentencepiece_tokenizer(path, tokenizer_type, threads, backend)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return _huggingface_tokenizer(path, threads, backend)
+    raise CookbookError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")

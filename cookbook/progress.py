@@ -1,0 +1,48 @@
+"""Rich progress bars and the console every command prints to."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+class RateBar:
+    """A progress bar over bytes of input that also shows docs/s, MB/s and tokens/s."""
+
+    def __init__(self, progress: Progress | None, task):
+        self.progress, self.task = progress, task
+        self.start = time.perf_counter()
+
+    def update(self, completed: int, docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
+        if self.progress is None:
+            return
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        rates = f"{docs / dt:,.0f} docs/s  {nbytes / dt / 1e6:,.1f} MB/s  {tokens / dt:,.0f} tokens/s"
+        self.progress.update(self.task, completed=completed, rates=rates)
+
+
+@contextlib.contextmanager
+def rate_progress(description: str, total: int, enabled: bool = True) -> Iterator[RateBar]:
+    if not enabled:
+        yield RateBar(None, None)
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rates]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, rates="")
+        yield RateBar(progress, task)
+        progress.update(task, completed=total)

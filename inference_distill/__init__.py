@@ -1,0 +1,1 @@
+"""Synthetic-data generation from a teacher for distillation (a later issue)."""

@@ -1,0 +1,61 @@
+"""``cookbook merge``: several indexed datasets into one, byte-identical to Megatron-LM's
+``tools/merge_datasets.py`` (prefixes in ``sorted()`` order; ``.bin`` copied byte for byte)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, dataset_prefixes
+from cookbook.errors import CookbookError
+
+
+@dataclass
+class MergeSummary:
+    prefixes: list[str]
+    output_prefix: str
+    documents: int
+    sequences: int
+    tokens: int
+    dtype: str
+
+
+def resolve_prefixes(inputs: list[str]) -> list[str]:
+    """One folder (every .bin/.idx pair in it, sorted) or a list of prefixes (kept in the order given)."""
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        prefixes = dataset_prefixes(inputs[0])
+        if not prefixes:
+            raise CookbookError(f"the folder {inputs[0]} holds no .bin/.idx datasets")
+        return prefixes
+    prefixes = []
+    for item in inputs:
+        prefix = item[:-4] if item.endswith((".bin", ".idx")) else item
+        if Path(prefix).is_dir():
+            raise CookbookError(f"{prefix} is a folder; give either one folder or a list of dataset prefixes")
+        prefixes.append(prefix)
+    if not prefixes:
+        raise CookbookError("nothing to merge; pass --input FOLDER or --input PREFIX --input PREFIX ...")
+    return prefixes
+
+
+def run(inputs: list[str], output_prefix: str) -> MergeSummary:
+    prefixes = resolve_prefixes(inputs)
+    out = str(Path(output_prefix))
+    for p in prefixes:
+        if Path(p).resolve() == Path(out).resolve():
+            raise CookbookError(f"the output prefix {out} is one of the inputs; choose another --output-prefix")
+    datasets = [IndexedDataset(p) for p in prefixes]  # validates every input before writing anything
+    dtype = datasets[0].dtype
+    for p, d in zip(prefixes, datasets):
+        if d.dtype != dtype:
+            raise CookbookError(
+                f"{p} holds {d.dtype.name} tokens but {prefixes[0]} holds {dtype.name}; "
+                "datasets made with tokenizers of different vocabulary sizes cannot be merged"
+            )
+    del datasets
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with IndexedDatasetWriter(out, dtype) as writer:
+        for p in prefixes:
+            writer.add_dataset(p)
+    return MergeSummary(prefixes, out, writer.documents, writer.sequences, writer.tokens, dtype.name)
+

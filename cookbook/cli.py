@@ -96,6 +96,7 @@ def tokenizer_train(
     kind: Annotated[str, typer.Option(help="sentencepiece (Llama 2 style) or hf-bpe (Llama 3 style byte-level BPE).")] = "sentencepiece",
     model_type: Annotated[str, typer.Option(help="SentencePiece algorithm: bpe or unigram.")] = "bpe",
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size.")] = 8000,
+    normalization: Annotated[str, typer.Option(help="SentencePiece normalization rule: identity (Llama 2), nmt_nfkc, nfkc.")] = "identity",
     json_key: Annotated[str, typer.Option(help="The jsonl key holding the text.")] = "text",
     max_documents: Annotated[Optional[int], typer.Option(help="Train on the first N documents only.")] = None,
     special_tokens: Annotated[Optional[list[str]], typer.Option("--special-token", help="Extra special tokens (repeatable).")] = None,
@@ -108,7 +109,7 @@ def tokenizer_train(
 
     cfg = TokenizerTrainConfig(
         inputs=_split(input), output=output, kind=kind, model_type=model_type, vocab_size=vocab_size,
-        json_key=json_key, max_documents=max_documents, special_tokens=list(special_tokens or []),
+        normalization=normalization, json_key=json_key, max_documents=max_documents, special_tokens=list(special_tokens or []),
     )
     with console.status(f"training a {kind} tokenizer ({vocab_size:,} tokens)"):
         path = train_tokenizer(cfg)

@@ -233,6 +233,48 @@ def _load_sentencepiece(path: Path):
         raise CookbookError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]})") from e
 
 
+def _protobuf_fields(buf: bytes):
+    """(field number, value) of a protobuf message's top level; value is bytes or an int."""
+    i = 0
+
+    def varint():
+        nonlocal i
+        shift = result = 0
+        while True:
+            b = buf[i]
+            i += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return result
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            n = varint()
+            yield number, buf[i : i + n]
+            i += n
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _sentencepiece_normalizes(path: Path) -> bool:
+    """Whether a SentencePiece model has a normalization table (ModelProto.normalizer_spec,
+    field 3; its precompiled_charsmap, field 2, is empty for the identity rule)."""
+    try:
+        spec = next((v for n, v in _protobuf_fields(path.read_bytes()) if n == 3), b"")
+        return any(n == 2 and len(v) > 0 for n, v in _protobuf_fields(spec))
+    except (ValueError, IndexError):
+        return True  # unreadable: assume the worst
+
+
 def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) -> Tokenizer:
     sp = _load_sentencepiece(path)
     n = sp.get_piece_size()
@@ -242,11 +284,18 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
     # contain them go through sentencepiece itself.
     controls = tuple(sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
     fast = _try_gigatoken(lambda g: g.Tokenizer.from_sentencepiece(str(path)), reference, backend)
-    # gigatoken differs from sentencepiece on some non-ASCII text (measured: around a combining
-    # grapheme joiner) and turns the literal text "<s>" into BOS, which sentencepiece never does.
-    # So it encodes only ASCII texts free of control-token strings; sentencepiece does the rest.
+    # gigatoken turns the literal text "<s>" into BOS, which sentencepiece never does, and with a
+    # normalization table (nmt_nfkc ...) it differs from sentencepiece on some non-ASCII text
+    # (measured: around a combining grapheme joiner). So it encodes texts free of control-token
+    # strings, and only ASCII ones unless the model's normalization is the identity (Llama 2's);
+    # sentencepiece does the rest.
     has_control = _contains_any(controls)
-    plain = _routed(fast, reference, lambda t: t.isascii() and not has_control(t)) if fast else reference
+    if fast and _sentencepiece_normalizes(path):
+        plain = _routed(fast, reference, lambda t: t.isascii() and not has_control(t))
+    elif fast:
+        plain = _routed(fast, reference, lambda t: not has_control(t))
+    else:
+        plain = reference
 
     def decode(ids):
         return sp.decode([i for i in ids if i < n])

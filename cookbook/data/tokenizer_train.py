@@ -29,6 +29,7 @@ class TokenizerTrainConfig:
     output: str
     kind: str = "sentencepiece"
     model_type: str = "bpe"  # sentencepiece only: bpe or unigram
+    normalization: str = "identity"  # sentencepiece only: identity (Llama 2), nmt_nfkc, nfkc, ...
     vocab_size: int = 8000
     json_key: str = "text"
     max_documents: int | None = None
@@ -82,10 +83,10 @@ def _train_sentencepiece(cfg: TokenizerTrainConfig, docs: list[str]) -> Path:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(lines), model_prefix=prefix, model_type=cfg.model_type,
                 vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.99995,
-                normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+                normalization_rule_name=cfg.normalization, remove_extra_whitespaces=False, split_digits=True,
                 allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 user_defined_symbols=cfg.special_tokens or [], num_threads=cfg.threads,
-                max_sentence_length=1 << 16, random_seed=cfg.seed, minloglevel=2,
+                max_sentence_length=1 << 16, minloglevel=2,
                 hard_vocab_limit=False,
             )
         except RuntimeError as e:

@@ -1,0 +1,32 @@
+# make demo: install, then run the pipeline on the built-in sample corpus (CPU only).
+# make test: install, then run the test suite.
+# torch is pinned to the CPU wheel by default; override for a GPU machine: make test TORCH=torch
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh demo_out
+
+bench: install
+	$(BIN)/python bench/preprocess.py --workers 2
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

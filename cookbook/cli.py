@@ -7,6 +7,7 @@ traceback); Ctrl-C exits with 130. Commands are registered only when they work.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -244,8 +245,13 @@ def data_info(
 # --------------------------------------------------------------------------- entry point
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so that partial outputs are removed on SIGTERM as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user-facing errors become one red line and exit code 2."""
+    signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="cookbook", standalone_mode=False)

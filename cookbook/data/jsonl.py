@@ -21,9 +21,16 @@ try:
 
     _loads = orjson.loads
     _JSONError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+
+    def dumps(obj) -> bytes:
+        return orjson.dumps(obj)
+
 except ImportError:  # pragma: no cover - orjson is a dependency; the GPU image may lack it
     _loads = json.loads
     _JSONError = (ValueError,)
+
+    def dumps(obj) -> bytes:
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
@@ -124,7 +131,7 @@ def parse_lines(
     columns = [texts[k] for k in keys]
     skipped: list[str] = []
     for n, line in enumerate(lines, first_line):
-        problem, slow = None, False
+        problem, slow = None, _loads is json.loads
         try:
             obj = _loads(line)
         except _JSONError:

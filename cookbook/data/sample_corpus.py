@@ -11,8 +11,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-import orjson
-
+from cookbook.data.jsonl import dumps
 from cookbook.errors import CookbookError
 from cookbook.fileio import atomic_paths
 
@@ -42,7 +41,7 @@ def write_sample_corpus(out: str | os.PathLike, max_mb: float | None = None) -> 
                 continue
             if limit is not None and total + len(text) > limit and docs:
                 break
-            f.write(orjson.dumps({"text": text, "path": path.relative_to(root).as_posix()}))
+            f.write(dumps({"text": text, "path": path.relative_to(root).as_posix()}))
             f.write(b"\n")
             docs += 1
             total += len(text)

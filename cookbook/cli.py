@@ -6,6 +6,7 @@ traceback); Ctrl-C exits with 130. Commands are registered only when they work.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -13,14 +14,13 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from cookbook import __version__
 from cookbook.errors import CookbookError
-from cookbook.progress import console
+from cookbook.progress import console, out
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -51,7 +51,7 @@ _debug = bool(os.environ.get("COOKBOOK_DEBUG"))
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"cookbook {__version__}")
+        out.print(f"cookbook {__version__}")
         raise typer.Exit()
 
 
@@ -84,7 +84,7 @@ def sample_corpus(
     from cookbook.data.sample_corpus import write_sample_corpus
 
     docs, size = write_sample_corpus(output, max_mb)
-    console.print(f"[green]wrote[/green] {output}: {docs:,} documents, {size / 1e6:,.1f} MB of text")
+    out.print(f"[green]wrote[/green] {output}: {docs:,} documents, {size / 1e6:,.1f} MB of text")
 
 
 # --------------------------------------------------------------------------- tokenizer train
@@ -114,7 +114,7 @@ def tokenizer_train(
     )
     with console.status(f"training a {kind} tokenizer ({vocab_size:,} tokens)"):
         path = train_tokenizer(cfg)
-    console.print(f"[green]wrote[/green] {path}  (use it as --tokenizer-model {path})")
+    out.print(f"[green]wrote[/green] {path}  (use it as --tokenizer-model {path})")
 
 
 # --------------------------------------------------------------------------- preprocess
@@ -166,11 +166,11 @@ def preprocess(
     rows += [(f"output ({key})", f"{prefix}.bin/.idx") for key, prefix in s.outputs.items()]
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    out.print(table)
     for where in s.skipped[:5]:
-        console.print(f"[yellow]skipped[/yellow] {where}")
+        out.print(f"[yellow]skipped[/yellow] {escape(where)}")
     if len(s.skipped) > 5:
-        console.print(f"[yellow]... and {len(s.skipped) - 5:,} more skipped lines[/yellow]")
+        out.print(f"[yellow]... and {len(s.skipped) - 5:,} more skipped lines[/yellow]")
 
 
 # --------------------------------------------------------------------------- merge
@@ -188,7 +188,7 @@ def merge(
     from recipes.merge import run
 
     s = run(_split(input), output_prefix)
-    console.print(
+    out.print(
         f"[green]merged[/green] {len(s.prefixes)} datasets into {s.output_prefix}.bin/.idx: "
         f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})"
     )
@@ -222,7 +222,7 @@ def data_info(
         ("tokens / document", f"mean {d.tokens / max(d.documents, 1):,.1f}, max {int(d.document_lengths.max()) if d.documents else 0:,}"),
     ]:
         table.add_row(name, value)
-    console.print(table)
+    out.print(table)
     buckets = histogram(d.document_lengths)
     if buckets:
         hist = Table(title="document length (tokens)", title_justify="left")
@@ -232,17 +232,32 @@ def data_info(
         peak = max(c for _, _, c in buckets) or 1
         for lo, hi, c in buckets:
             hist.add_row(f"{lo:,} - {hi:,}", f"{c:,}", "[cyan]" + "█" * max(0, round(40 * c / peak)))
-        console.print(hist)
+        out.print(hist)
     if decode:
         from cookbook.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_model, tokenizer_type)
         for i, text in enumerate(decode_documents(prefix, tok, decode)):
-            console.rule(f"document {i}")
-            console.print(text, markup=False, highlight=False)
+            out.rule(f"document {i}")
+            out.file.write(text if text.endswith("\n") else text + "\n")  # verbatim: no wrapping
+            out.file.flush()
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """ClickException from the click typer runs on: its own bundled copy (typer >= 0.29) or click."""
+    found = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(name).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_errors()
 
 
 def _terminate(signum, frame):
@@ -260,13 +275,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("[red]interrupted[/red]")
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
+    except _CLICK_ERRORS as e:  # usage errors: click's own message and exit code (2)
         e.show()
         sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

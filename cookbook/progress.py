@@ -9,7 +9,8 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False)  # progress, status and errors
+out = Console(highlight=False)  # results: summaries, tables, decoded text
 
 
 class RateBar:
@@ -40,7 +41,7 @@ def rate_progress(description: str, total: int, enabled: bool = True) -> Iterato
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=True,  # gone when done (the command prints a summary) or failed
     )
     with progress:
         task = progress.add_task(description, total=total, rates="")

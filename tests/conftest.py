@@ -10,6 +10,7 @@ import pytest
 
 from cookbook.data.sample_corpus import stdlib_sources
 from cookbook.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from helpers_data import write_jsonl
 
 # Texts that have tripped tokenizers up: literal control tokens, Megatron's special strings,
 # HF added tokens, combining characters, odd whitespace, empty and whitespace-only documents.
@@ -43,13 +44,6 @@ def stdlib_texts(n: int, offset: int = 0) -> list[str]:
         if len(out) == n:
             break
     return out
-
-
-def write_jsonl(path: Path, records) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r if isinstance(r, dict) else {"text": r}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import stdlib_texts, write_jsonl
+from conftest import stdlib_texts
+from helpers_data import write_jsonl
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

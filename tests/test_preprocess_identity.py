@@ -12,7 +12,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 
 import megatron_oracle as oracle
-from conftest import write_jsonl
+from helpers_data import write_jsonl
 from cookbook.data.indexed import IndexedDataset
 from recipes.preprocess import PreprocessConfig, run
 

@@ -5,7 +5,8 @@ Baseline: a ``multiprocessing.Pool(workers)`` whose workers call ``json.loads`` 
 once per document (``imap(..., chunksize=32)``), the main process adding each document to
 megatron-core's ``IndexedDatasetBuilder``. Tokenizer calls are Megatron-LM's: Llama2Tokenizer is
 ``[bos] + sentencepiece.encode(text)``; HuggingFaceTokenizer is transformers'
-``AutoTokenizer(text).input_ids`` (``tokenizers.Tokenizer.encode`` when transformers is missing).
+``AutoTokenizer(text).input_ids`` (``tokenizers.Tokenizer.encode`` when transformers is missing or
+with the kind ``hf-tokenizers``).
 
 Both runs are timed from start to the finished .bin/.idx (tokenizer loading included), their
 outputs are checked to be byte-identical, and the docs/s ratio is printed.
@@ -38,12 +39,14 @@ _kind = None
 def _init(kind: str, path: str) -> None:
     global _tok, _kind
     _kind = kind
-    if kind == "sentencepiece":
+    if kind.startswith("sentencepiece"):
         import sentencepiece
 
         _tok = sentencepiece.SentencePieceProcessor(model_file=path)
     else:
         try:
+            if kind == "hf-tokenizers":
+                raise ImportError
             from transformers import AutoTokenizer
 
             _tok = AutoTokenizer.from_pretrained(path)
@@ -55,7 +58,7 @@ def _init(kind: str, path: str) -> None:
 
 def _encode(line: str):
     text = json.loads(line)["text"]
-    if _kind == "sentencepiece":
+    if _kind.startswith("sentencepiece"):
         ids = [_tok.bos_id()] + _tok.encode(text)
         eod = _tok.eos_id()
     elif hasattr(_tok, "eos_token_id"):
@@ -88,7 +91,9 @@ def ours(tok_path: str, corpus: str, prefix: str, workers: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--kinds", default="sentencepiece,hf")
+    ap.add_argument("--kinds", default="sentencepiece,hf", help="sentencepiece (Llama 2 settings), sentencepiece-nfkc "
+                    "(nmt_nfkc normalization), hf (baseline: transformers, as Megatron-LM), hf-tokenizers "
+                    "(baseline: tokenizers.Tokenizer.encode, faster than transformers)")
     ap.add_argument("--corpus-mb", type=float, default=None, help="default: the whole sample corpus (~31 MB)")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--repeats", type=int, default=1, help="best of N for each side")
@@ -103,11 +108,12 @@ def main() -> None:
           f"cpus={os.cpu_count()}; {platform.processor() or platform.machine()}; python {platform.python_version()}")
     results = []
     for kind in args.kinds.split(","):
-        out = work / ("sp.model" if kind == "sentencepiece" else "hf")
+        sp = kind.startswith("sentencepiece")
+        out = work / {"sentencepiece": "sp.model", "sentencepiece-nfkc": "sp_nfkc.model"}.get(kind, "hf")
         if not out.exists():
             train_tokenizer(TokenizerTrainConfig(
-                [str(corpus)], str(out), kind="sentencepiece" if kind == "sentencepiece" else "hf-bpe",
-                vocab_size=args.vocab_size, max_documents=600,
+                [str(corpus)], str(out), kind="sentencepiece" if sp else "hf-bpe", vocab_size=args.vocab_size,
+                max_documents=600, normalization="nmt_nfkc" if kind == "sentencepiece-nfkc" else "identity",
             ))
         t_ours, s = min((ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers) for _ in range(args.repeats)), key=lambda r: r[0])
         t_base = min(baseline(kind, str(out), str(corpus), str(work / f"base_{kind}"), args.workers, args.vocab_size)

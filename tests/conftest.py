@@ -84,6 +84,19 @@ def sp_nfkc(tok_dir, train_jsonl) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sp_odd(tok_dir, train_jsonl) -> Path:
+    """Identity normalization with extra whitespace removed: gigatoken is not exact, sentencepiece does all."""
+    import sentencepiece as spm
+
+    lines = [line for t in stdlib_texts(80, offset=200) for line in t.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tok_dir / "sp_odd"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=True, minloglevel=2,
+    )
+    return tok_dir / "sp_odd.model"
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(tok_dir, train_jsonl) -> Path:
     return train_tokenizer(TokenizerTrainConfig([str(train_jsonl)], str(tok_dir / "hf_bpe"), kind="hf-bpe", vocab_size=700))
 

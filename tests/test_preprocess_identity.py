@@ -34,6 +34,7 @@ CASES = {
     "Llama2Tokenizer": lambda f: (str(f["sp_model"]), oracle.Llama2(f["sp_model"])),
     "Llama2Tokenizer-unigram": lambda f: (str(f["sp_unigram"]), oracle.Llama2(f["sp_unigram"])),
     "Llama2Tokenizer-nfkc": lambda f: (str(f["sp_nfkc"]), oracle.Llama2(f["sp_nfkc"])),
+    "Llama2Tokenizer-odd": lambda f: (str(f["sp_odd"]), oracle.Llama2(f["sp_odd"])),
     "SentencePieceTokenizer": lambda f: (str(f["sp_model"]), oracle.SentencePiece(f["sp_model"])),
     "HuggingFaceTokenizer": lambda f: (str(f["hf_tokenizer"]), oracle.HuggingFace(f["hf_tokenizer"])),
 }
@@ -41,7 +42,7 @@ CASES = {
 
 @pytest.fixture
 def fixtures(request):
-    return {name: request.getfixturevalue(name) for name in ("sp_model", "sp_unigram", "sp_nfkc", "hf_tokenizer")}
+    return {name: request.getfixturevalue(name) for name in ("sp_model", "sp_unigram", "sp_nfkc", "sp_odd", "hf_tokenizer")}
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -10,17 +10,17 @@ import pytest
 
 import megatron_oracle as oracle
 from conftest import TRICKY
-from cookbook.data.tokenizer import PROBES, flat_to_ragged, load_tokenizer
+from cookbook.data.tokenizer import PROBES, flat_to_ragged, gigatoken_scope, load_tokenizer
 from cookbook.errors import CookbookError
 
 ALPHABETS = {
-    "ascii": [chr(i) for i in range(128)],
+    "ascii": [chr(i) for i in range(128)] + ["  ", "\r\n", "\n\n"] * 8,
     "text": list("abcdefghij klmnop  QRS\n\t.,;:'\"()<>/_-0123456789"),
     "unicode": list("aé€日本語😀\u034f\u0301\u200b\u00a0\u2028 \n<s>|") + ["<s>", "</s>", "<unk>", "<|end_of_text|>", "<EOD>"],
 }
 
 
-def random_texts(seed: int, n: int = 400) -> list[str]:
+def random_texts(seed: int, n: int = 1500) -> list[str]:
     rng = random.Random(seed)
     texts = []
     for i in range(n):
@@ -36,7 +36,7 @@ def megatron_for(kind, path):
 
 @pytest.mark.parametrize("kind,fixture", [
     ("Llama2Tokenizer", "sp_model"), ("Llama2Tokenizer", "sp_unigram"), ("Llama2Tokenizer", "sp_nfkc"),
-    ("SentencePieceTokenizer", "sp_nfkc"),
+    ("SentencePieceTokenizer", "sp_nfkc"), ("Llama2Tokenizer", "sp_odd"),
     ("SentencePieceTokenizer", "sp_model"), ("HuggingFaceTokenizer", "hf_tokenizer"),
 ])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -51,9 +51,12 @@ def test_batch_encoding_equals_megatron_per_document(request, kind, fixture, see
     assert tok.vocab_size == ref.vocab_size and tok.eod == ref.eod
 
 
-def test_gigatoken_is_used_where_exact(sp_model, hf_tokenizer):
+def test_gigatoken_is_used_where_exact(sp_model, sp_nfkc, sp_odd, hf_tokenizer):
     pytest.importorskip("gigatoken")
+    assert [gigatoken_scope(p) for p in (sp_model, sp_nfkc, sp_odd)] == ["all", "ascii", "none"]
     assert load_tokenizer(sp_model, threads=2).backend == "gigatoken"
+    assert load_tokenizer(sp_nfkc, threads=2).backend == "gigatoken"
+    assert load_tokenizer(sp_odd, threads=2).backend == "sentencepiece"
     assert load_tokenizer(hf_tokenizer, threads=2).backend == "gigatoken"
     assert load_tokenizer(sp_model, backend="reference").backend == "sentencepiece"
 

@@ -100,15 +100,16 @@ def _gigatoken_encoder(gt) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray
     return encode
 
 
-def _try_gigatoken(load: Callable, reference: Callable, backend: str):
-    """A gigatoken plain encoder when it is installed, loads, and agrees with ``reference`` on PROBES."""
+def _try_gigatoken(load: Callable, reference: Callable, backend: str, ascii_only: bool = False):
+    """A gigatoken plain encoder when it is installed, loads, and agrees with ``reference`` on PROBES
+    (on the ASCII ones when it will only be given ASCII texts)."""
     if backend == "reference":
         return None
     try:
         import gigatoken  # noqa: F401
 
         fast = _gigatoken_encoder(load(gigatoken))
-        probes = list(PROBES)
+        probes = [p for p in PROBES if p.isascii() or not ascii_only]
         a, b = fast(probes), reference(probes)
         if np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]):
             return fast
@@ -265,14 +266,29 @@ def _protobuf_fields(buf: bytes):
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _sentencepiece_normalizes(path: Path) -> bool:
-    """Whether a SentencePiece model has a normalization table (ModelProto.normalizer_spec,
-    field 3; its precompiled_charsmap, field 2, is empty for the identity rule)."""
+def gigatoken_scope(path: Path) -> str:
+    """Which texts gigatoken encodes exactly as sentencepiece does, by the model's NormalizerSpec
+    (ModelProto field 3: precompiled_charsmap 2, add_dummy_prefix 3, remove_extra_whitespaces 4,
+    escape_whitespaces 5; the flags default to true). Measured against sentencepiece on fuzzed text:
+
+    ``all``   no normalization table and extra whitespace kept (Llama 2's settings): every text;
+    ``ascii`` a table (nmt_nfkc ...) and extra whitespace removed (sentencepiece's defaults): ASCII
+              texts only; around some non-ASCII characters (a combining grapheme joiner) they differ;
+    ``none``  any other combination (they differ even on ASCII whitespace).
+    """
     try:
-        spec = next((v for n, v in _protobuf_fields(path.read_bytes()) if n == 3), b"")
-        return any(n == 2 and len(v) > 0 for n, v in _protobuf_fields(spec))
+        spec = dict(_protobuf_fields(next((v for n, v in _protobuf_fields(path.read_bytes()) if n == 3), b"")))
     except (ValueError, IndexError):
-        return True  # unreadable: assume the worst
+        return "none"
+    table = len(spec.get(2, b"")) > 0
+    dummy, remove_ws, escape_ws = (bool(spec.get(k, 1)) for k in (3, 4, 5))
+    if not (dummy and escape_ws):
+        return "none"
+    if not table and not remove_ws:
+        return "all"
+    if table and remove_ws:
+        return "ascii"
+    return "none"
 
 
 def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) -> Tokenizer:
@@ -283,14 +299,17 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
     # might match their literal strings (gigatoken turns a literal "<s>" into BOS), so texts that
     # contain them go through sentencepiece itself.
     controls = tuple(sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
-    fast = _try_gigatoken(lambda g: g.Tokenizer.from_sentencepiece(str(path)), reference, backend)
-    # gigatoken turns the literal text "<s>" into BOS, which sentencepiece never does, and with a
-    # normalization table (nmt_nfkc ...) it differs from sentencepiece on some non-ASCII text
-    # (measured: around a combining grapheme joiner). So it encodes texts free of control-token
-    # strings, and only ASCII ones unless the model's normalization is the identity (Llama 2's);
-    # sentencepiece does the rest.
+    scope = gigatoken_scope(path) if backend != "reference" else "none"
+    fast = None
+    if scope != "none":
+        load = lambda g: g.Tokenizer.from_sentencepiece(str(path))  # noqa: E731
+        fast = _try_gigatoken(load, reference, backend, ascii_only=scope == "ascii")
+    elif backend == "gigatoken":
+        raise CookbookError(f"gigatoken does not reproduce {path}'s normalization exactly; use --tokenizer-backend reference")
+    # gigatoken turns the literal text "<s>" into BOS, which sentencepiece never does: texts holding
+    # a control-token string go to sentencepiece, and so do non-ASCII texts where scope is ascii.
     has_control = _contains_any(controls)
-    if fast and _sentencepiece_normalizes(path):
+    if fast and scope == "ascii":
         plain = _routed(fast, reference, lambda t: t.isascii() and not has_control(t))
     elif fast:
         plain = _routed(fast, reference, lambda t: not has_control(t))

@@ -83,7 +83,9 @@ def _train_sentencepiece(cfg: TokenizerTrainConfig, docs: list[str]) -> Path:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(lines), model_prefix=prefix, model_type=cfg.model_type,
                 vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.99995,
-                normalization_rule_name=cfg.normalization, remove_extra_whitespaces=False, split_digits=True,
+                normalization_rule_name=cfg.normalization,
+                # Llama 2 keeps extra whitespace; with a normalization rule, sentencepiece's default removes it
+                remove_extra_whitespaces=cfg.normalization != "identity", split_digits=True,
                 allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 user_defined_symbols=cfg.special_tokens or [], num_threads=cfg.threads,
                 max_sentence_length=1 << 16, minloglevel=2,

@@ -82,9 +82,10 @@ def baseline(kind: str, tok_path: str, corpus: str, prefix: str, workers: int, v
     return time.perf_counter() - start
 
 
-def ours(tok_path: str, corpus: str, prefix: str, workers: int):
+def ours(tok_path: str, corpus: str, prefix: str, workers: int, backend: str):
     start = time.perf_counter()
-    s = run(PreprocessConfig([corpus], prefix, tokenizer_model=tok_path, append_eod=True, workers=workers), show_progress=False)
+    cfg = PreprocessConfig([corpus], prefix, tokenizer_model=tok_path, append_eod=True, workers=workers, tokenizer_backend=backend)
+    s = run(cfg, show_progress=False)
     return time.perf_counter() - start, s
 
 
@@ -96,6 +97,7 @@ def main() -> None:
                     "(baseline: tokenizers.Tokenizer.encode, faster than transformers)")
     ap.add_argument("--corpus-mb", type=float, default=None, help="default: the whole sample corpus (~31 MB)")
     ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--tokenizer-backend", default="auto", help="cookbook's backend: auto, gigatoken or reference")
     ap.add_argument("--repeats", type=int, default=1, help="best of N for each side")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
@@ -115,7 +117,7 @@ def main() -> None:
                 [str(corpus)], str(out), kind="sentencepiece" if sp else "hf-bpe", vocab_size=args.vocab_size,
                 max_documents=600, normalization="nmt_nfkc" if kind == "sentencepiece-nfkc" else "identity",
             ))
-        t_ours, s = min((ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers) for _ in range(args.repeats)), key=lambda r: r[0])
+        t_ours, s = min((ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers, args.tokenizer_backend) for _ in range(args.repeats)), key=lambda r: r[0])
         t_base = min(baseline(kind, str(out), str(corpus), str(work / f"base_{kind}"), args.workers, args.vocab_size)
                      for _ in range(args.repeats))
         same = all(

@@ -22,7 +22,7 @@ import numpy as np
 
 from cookbook.data.indexed import IndexedDatasetWriter, optimal_dtype
 from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
-from cookbook.data.tokenizer import Tokenizer, load_tokenizer
+from cookbook.data.tokenizer import Tokenizer, load_tokenizer, scatter
 from cookbook.errors import CookbookError
 from cookbook.progress import rate_progress
 
@@ -79,13 +79,12 @@ def encode_documents(tok: Tokenizer, values: list, append_eod: bool):
     seq_lengths, seq_doc = lengths[keep], sentence_doc[keep]
     if append_eod and len(seq_lengths):
         if tok.eod is None:
-            raise CookbookError(f"tokenizer {tok.path} has no EOS/EOD token; --append-eod needs one")
+            raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
         last = np.append(seq_doc[1:] != seq_doc[:-1], True)
         new_lengths = seq_lengths + last
         ends = np.cumsum(new_lengths)
         out = np.empty(int(ends[-1]), dtype=flat.dtype)
-        src = np.cumsum(seq_lengths) - seq_lengths
-        out[np.arange(len(flat)) + np.repeat(ends - new_lengths - src, seq_lengths)] = flat
+        scatter(out, flat, seq_lengths, ends - new_lengths)
         out[ends[last] - 1] = tok.eod
         flat, seq_lengths = out, new_lengths
     return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
@@ -147,8 +146,6 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
         cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,
         threads=cfg.workers, backend=cfg.tokenizer_backend,
     )
-    if cfg.append_eod and tok.eod is None:
-        raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
     dtype = optimal_dtype(tok.vocab_size)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(

@@ -33,3 +33,19 @@ def test_interrupted_run_leaves_no_output(tmp_path, sp_model, sig):
     assert proc.returncode == 130, err.decode()
     assert list(out.iterdir()) == []
     assert b"Traceback" not in err
+
+
+def test_failure_while_finishing_leaves_no_output(tmp_path, monkeypatch):
+    """If writing the .idx fails, neither the .bin nor a temporary file is left at the prefix."""
+    import numpy as np
+
+    from cookbook.data import indexed
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(indexed, "write_index", broken)
+    with pytest.raises(OSError, match="disk full"):
+        with indexed.IndexedDatasetWriter(tmp_path / "ds", np.uint16) as w:
+            w.add_documents(np.arange(10), np.array([4, 6]))
+    assert list(tmp_path.iterdir()) == []

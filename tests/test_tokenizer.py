@@ -114,3 +114,19 @@ def test_wrap_and_routing_keep_order(sp_nfkc):
     flat, lengths = tok.encode_batch(texts)
     assert [list(map(int, x)) for x in flat_to_ragged(flat, lengths)] == [tok.tokenize(t) for t in texts]
     assert np.all(lengths >= 1)
+
+
+def test_append_eod_without_an_eos_token_is_a_clear_error(tmp_path, hf_tokenizer):
+    """A bare tokenizer.json names no EOS: --append-eod must say so, and write nothing."""
+    from helpers_data import write_jsonl
+    from recipes.preprocess import PreprocessConfig, run
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_text((hf_tokenizer / "tokenizer.json").read_text())
+    jsonl = write_jsonl(tmp_path / "in.jsonl", ["some text"])
+    with pytest.raises(CookbookError, match="no EOS token"):
+        run(PreprocessConfig([str(jsonl)], str(tmp_path / "out" / "ds"), str(bare), append_eod=True), show_progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+    summary = run(PreprocessConfig([str(jsonl)], str(tmp_path / "out" / "ds"), str(bare)), show_progress=False)
+    assert summary.documents == 1

@@ -82,15 +82,20 @@ class IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
+        failure = None
+        if exc_type is None:
+            try:
                 self._flush()
                 self._file.close()
                 write_index(self._idx_tmp, self.dtype, self._all_lengths(), np.concatenate(self._docs))
-            else:
-                self._file.close()
-        finally:
-            return self._ctx.__exit__(exc_type, exc, tb)
+            except BaseException as e:  # finishing failed: clean up as for any other failure
+                failure = e
+                exc_type, exc, tb = type(e), e, e.__traceback__
+        self._file.close()
+        self._ctx.__exit__(exc_type, exc, tb)  # renames on success, removes the temporary files on failure
+        if failure is not None:
+            raise failure
+        return False
 
     @property
     def sequences(self) -> int:

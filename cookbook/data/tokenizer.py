@@ -16,11 +16,10 @@ and appends ``tokenizer.eod`` with ``--append-eod``. What ``tokenize`` and ``eod
                            in text; eod = ``<|endoftext|>``.
 
 ``Tokenizer.encode_batch`` returns the same ids as those per-document calls, for a whole batch at
-once: the plain text goes through a fast native encoder (gigatoken when installed, else
-sentencepiece's or tokenizers' own batch encoders) and the rare documents where the fast encoder
-could disagree with the reference (a literal control-token string inside the text) go through the
-reference tokenizer one by one. Every fast encoder is checked against the reference on probe
-strings when loaded and is not used if any differ.
+once. Plain text goes through gigatoken only where it gives the reference's ids: it is checked on
+probe strings when loaded, SentencePiece models use it only for the texts where it was measured
+exact (``gigatoken_scope``), and texts holding a control-token or added-token string go to the
+reference tokenizer. Everything else goes through sentencepiece's or tokenizers' own batch encoders.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ class Tokenizer:
     suffix: list[int]  # and after it
     plain: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # fast batch encoder of plain text
     exact: Callable[[str], list[int]]  # reference encoder of one text, special strings handled
-    needs_exact: Callable[[str], bool]  # texts the fast encoder might get wrong
+    needs_exact: Callable[[str], bool]  # texts ``plain`` cannot do: they go through ``exact``
     decode_ids: Callable[[list[int]], str]
     backend: str = "reference"
 
@@ -162,7 +161,7 @@ class Tokenizer:
         return self.decode_ids([int(i) for i in ids])
 
 
-def _scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> None:
+def scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> None:
     """Copy the sequences of a flat batch into ``out`` at positions ``starts``."""
     src_starts = np.cumsum(lengths) - lengths
     out[np.arange(len(flat)) + np.repeat(starts - src_starts, lengths)] = flat
@@ -179,7 +178,7 @@ def _wrap(flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list
         out[starts + j] = t
     for j, t in enumerate(suffix):
         out[ends - n_suf + j] = t
-    _scatter(out, flat, lengths, starts + n_pre)
+    scatter(out, flat, lengths, starts + n_pre)
     return out, new_lengths
 
 
@@ -200,7 +199,7 @@ def _routed(fast, reference, use_fast: Callable[[str], bool]):
         starts = np.cumsum(lengths) - lengths
         out = np.empty(int(lengths.sum()), np.int64)
         for idx, flat, lens in encoded:
-            _scatter(out, flat, lens, starts[idx])
+            scatter(out, flat, lens, starts[idx])
         return out, lengths
 
     return encode

@@ -1,0 +1,1 @@
+"""On-disk interchange formats: Hugging Face, Megatron-LM."""

@@ -74,3 +74,43 @@ def test_bad_split_strings():
     for bad in ("a,b", "-1,2", "0,0,0", "1,2,3,4"):
         with pytest.raises(CookbookError):
             parse_split(bad)
+
+
+@pytest.mark.parametrize("weights,size", [
+    ([0.3, 0.7], 1000), ([1, 1, 1], 777), ([0.5, 0.25, 0.125, 0.125], 3000), ([1.0], 10), ([0.001, 0.999], 5000),
+])
+def test_blending_equals_megatron_helper(weights, size):
+    from megatron.core.datasets import helpers_cpp
+
+    from cookbook.data.gpt_dataset import blend_indices, normalize_weights
+
+    w = normalize_weights(weights)
+    dataset_index = np.zeros(size, dtype=np.int16)
+    sample_index = np.zeros(size, dtype=np.int64)
+    helpers_cpp.build_blending_indices(dataset_index, sample_index, np.array(w, dtype=np.float64), len(w), size, False)
+    ours = blend_indices(w, size)
+    assert np.array_equal(ours[0], dataset_index) and np.array_equal(ours[1], sample_index)
+
+
+def test_samples_per_dataset_matches_megatron_builder():
+    from megatron.core.datasets.blended_megatron_dataset_builder import _get_size_per_split_per_dataset
+
+    from cookbook.data.gpt_dataset import normalize_weights, samples_per_dataset
+
+    for weights, target in (([0.3, 0.7], 1000), ([1, 2, 3], 12345), ([5], 7)):
+        w = normalize_weights(weights)
+        theirs = _get_size_per_split_per_dataset(w, [target], 0.005)
+        assert samples_per_dataset(w, target) == [row[0] for row in theirs]
+
+
+def test_blended_samples_draw_from_each_dataset(prefix):
+    from cookbook.data.gpt_dataset import BlendedSamples
+
+    ds = IndexedDataset(prefix)
+    a, b = GPTSamples(ds, 0, 75, 16, 200, 1), GPTSamples(ds, 75, 150, 16, 200, 2)
+    blend = BlendedSamples([a, b], [0.25, 0.75], 200)
+    counts = np.bincount(blend.dataset_index, minlength=2)
+    assert counts.tolist() == [50, 150]
+    assert np.array_equal(blend[0], (a if blend.dataset_index[0] == 0 else b)[int(blend.dataset_sample_index[0])])
+    with pytest.raises(CookbookError):
+        BlendedSamples([a], [-1.0], 10)

@@ -12,11 +12,14 @@ samples N:
 4. shuffle index: a permutation of the samples from the same random state (the final epoch's
    samples again shuffled separately).
 
-``tokens = sample[:-1]`` and ``labels = sample[1:]``. Proven equal to megatron-core's GPTDataset in
+``tokens = sample[:-1]`` and ``labels = sample[1:]``. Several datasets blend by weight with
+Megatron-LM's greedy interleave. Proven equal to megatron-core's GPTDataset and blending helper in
 tests/test_gpt_dataset.py.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -125,3 +128,52 @@ class GPTSamples:
 
     def _sequence(self, i: int) -> np.ndarray:
         return self.dataset[int(i)]
+
+
+# --------------------------------------------------------------------------- blending
+
+
+def normalize_weights(weights: list[float]) -> list[float]:
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise CookbookError(f"blend weights {list(weights)} must be non-negative with a positive sum")
+    return (w / w.sum()).tolist()
+
+
+def samples_per_dataset(weights: list[float], target: int, surplus: float = 0.005) -> list[int]:
+    """How many samples each blended dataset must supply: ``ceil(ceil(target * w) * (1 + surplus))``."""
+    return [int(math.ceil(math.ceil(target * w) * (1 + surplus))) for w in weights]
+
+
+def blend_indices(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron-LM's greedy interleave: sample s comes from the dataset with the largest
+    ``w_d * max(s, 1) - used_d`` (the first on ties). Returns (dataset of each sample, its index
+    within that dataset)."""
+    w = [float(x) for x in weights]
+    used = [0] * len(w)
+    dataset = np.empty(size, dtype=np.int16)
+    within = np.empty(size, dtype=np.int64)
+    for s in range(size):
+        t = float(max(s, 1))
+        best, best_error = 0, w[0] * t - used[0]
+        for d in range(1, len(w)):
+            error = w[d] * t - used[d]
+            if error > best_error:
+                best, best_error = d, error
+        dataset[s], within[s] = best, used[best]
+        used[best] += 1
+    return dataset, within
+
+
+class BlendedSamples:
+    """``size`` samples drawn from several GPTSamples in proportion to ``weights``."""
+
+    def __init__(self, datasets: list[GPTSamples], weights: list[float], size: int):
+        self.datasets = datasets
+        self.dataset_index, self.dataset_sample_index = blend_indices(normalize_weights(weights), size)
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]

@@ -419,7 +419,7 @@ def _template(with_special: list[int], without: list[int]) -> tuple[list[int], l
     return None
 
 
-def _huggingface_tokenizer(path: Path, threads: int, backend: str) -> Tokenizer:
+def _huggingface_tokenizer(path: Path, backend: str) -> Tokenizer:
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError as e:  # pragma: no cover - a dependency
@@ -478,7 +478,7 @@ def _transformers_specials(folder: Path, probe: str):
     return None if template is None else (*template, t.eos_token_id, t.bos_token_id)
 
 
-def _gpt2_tokenizer(vocab_file: Path, merge_file: Path, threads: int, backend: str) -> Tokenizer:
+def _gpt2_tokenizer(vocab_file: Path, merge_file: Path, backend: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -531,7 +531,7 @@ def load_tokenizer(
         raise CookbookError(f"unknown tokenizer backend {backend!r}; use auto, gigatoken or reference")
     _set_native_threads(threads)
     if tokenizer_type == "GPT2BPETokenizer":
-        return _gpt2_tokenizer(vocab_file, merge_file, threads, backend)
+        return _gpt2_tokenizer(vocab_file, merge_file, backend)
     if path is None:
         raise CookbookError("no tokenizer given; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
     path = Path(path)
@@ -543,5 +543,5 @@ def load_tokenizer(
             raise CookbookError("GPTSentencePieceTokenizer is not supported; use Llama2Tokenizer or SentencePieceTokenizer")
         return _sentencepiece_tokenizer(path, tokenizer_type, threads, backend)
     if tokenizer_type == "HuggingFaceTokenizer":
-        return _huggingface_tokenizer(path, threads, backend)
+        return _huggingface_tokenizer(path, backend)
     raise CookbookError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")

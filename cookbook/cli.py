@@ -6,7 +6,9 @@ traceback); Ctrl-C exits with 130. Commands are registered only when they work.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -30,6 +32,9 @@ EXAMPLES = """\
   cookbook preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer-model tok.model --append-eod
   cookbook merge --input data/ --output-prefix data/all
   cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
+  cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --save ckpt/tiny
+  cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512
+  cookbook generate --load ckpt/tiny --prompt "def main(" --temperature 0
 """
 
 app = typer.Typer(
@@ -243,6 +248,212 @@ def data_info(
             out.file.flush()
 
 
+# --------------------------------------------------------------------------- training flags
+# One table of flags shared by every command that trains (pretrain, extend, distill train, heal):
+# (flag and aliases, config section, field, type, help). Names follow Megatron-LM.
+
+TRAINING_FLAGS = [
+    # model
+    (("--preset",), "model", "preset", str, "Model preset: tiny, llama2-7b, llama2-13b, llama3-8b, llama-31b/65b/108b/132b."),
+    (("--num-layers",), "model", "num_layers", int, "Transformer layers."),
+    (("--hidden-size",), "model", "hidden_size", int, "Hidden size."),
+    (("--num-attention-heads",), "model", "num_heads", int, "Attention heads."),
+    (("--num-query-groups",), "model", "num_kv_heads", int, "Key/value heads (grouped-query attention)."),
+    (("--ffn-hidden-size",), "model", "intermediate_size", int, "SwiGLU hidden size."),
+    (("--max-position-embeddings",), "model", "max_seq_len", int, "The context the model is trained for."),
+    (("--rotary-base",), "model", "rope_theta", float, "RoPE base theta."),
+    (("--vocab-size",), "model", "vocab_size", int, "Vocabulary size (default: the tokenizer's, padded)."),
+    (("--norm-epsilon",), "model", "norm_eps", float, "RMSNorm epsilon."),
+    (("--init-method-std",), "model", "init_std", float, "Std of the normal initialisation."),
+    (("--tie-embeddings/--untie-embeddings-and-output-weights",), "model", "tie_embeddings", bool, "Share the embedding and output weights."),
+    (("--add-qkv-bias/--no-qkv-bias",), "model", "qkv_bias", bool, "Bias on q, k, v (Qwen2 style)."),
+    # data
+    (("--data-path",), "data", "data_path", str, "PREFIX, or weight-prefix pairs: --data-path 0.3 A 0.7 B."),
+    (("--split",), "data", "split", str, "Train/valid/test split of each dataset, e.g. 969,30,1."),
+    (("--seq-length",), "data", "seq_length", int, "Tokens per sample."),
+    (("--tokenizer-model", "--tokenizer"), "data", "tokenizer_model", str, "The tokenizer the data was made with (kept with checkpoints)."),
+    (("--tokenizer-type",), "data", "tokenizer_type", str, "Megatron-LM tokenizer type (default: from the file)."),
+    (("--make-vocab-size-divisible-by",), "data", "make_vocab_size_divisible_by", int, "Pad the tokenizer's vocabulary to a multiple of this."),
+    # optimizer
+    (("--lr",), "optimizer", "lr", float, "Peak learning rate."),
+    (("--min-lr",), "optimizer", "min_lr", float, "Learning rate at the end of decay."),
+    (("--lr-warmup-iters",), "optimizer", "lr_warmup_iters", int, "Linear warmup iterations."),
+    (("--lr-warmup-fraction",), "optimizer", "lr_warmup_fraction", float, "Warmup as a fraction of the decay iterations."),
+    (("--lr-warmup-init",), "optimizer", "lr_warmup_init", float, "Learning rate at the start of warmup."),
+    (("--lr-decay-style",), "optimizer", "lr_decay_style", str, "constant, linear, cosine, inverse-square-root or WSD."),
+    (("--lr-decay-iters",), "optimizer", "lr_decay_iters", int, "Iterations to decay over (default: --train-iters)."),
+    (("--lr-wsd-decay-style",), "optimizer", "lr_wsd_decay_style", str, "WSD's final decay: linear, cosine, exponential, minus_sqrt."),
+    (("--lr-wsd-decay-iters",), "optimizer", "lr_wsd_decay_iters", int, "WSD's final decay iterations."),
+    (("--weight-decay",), "optimizer", "weight_decay", float, "AdamW weight decay (not on norms and biases)."),
+    (("--adam-beta1",), "optimizer", "adam_beta1", float, "AdamW beta1."),
+    (("--adam-beta2",), "optimizer", "adam_beta2", float, "AdamW beta2."),
+    (("--adam-eps",), "optimizer", "adam_eps", float, "AdamW epsilon."),
+    (("--clip-grad",), "optimizer", "clip_grad", float, "Clip the global gradient norm to this (0: off)."),
+    # training
+    (("--train-iters",), "training", "train_iters", int, "Iterations (optimizer steps) to train to."),
+    (("--micro-batch-size",), "training", "micro_batch_size", int, "Samples per forward/backward on each rank."),
+    (("--global-batch-size",), "training", "global_batch_size", int, "Samples per iteration (micro x data-parallel x accumulation)."),
+    (("--seed",), "training", "seed", int, "Seed of the initialisation and the data shuffle."),
+    (("--dtype",), "training", "dtype", str, "bf16 (fp32 master weights) or fp32."),
+    (("--device",), "training", "device", str, "auto, cpu or cuda."),
+    (("--eval-interval",), "training", "eval_interval", int, "Evaluate on the valid split every N iterations (0: never)."),
+    (("--eval-iters",), "training", "eval_iters", int, "Global batches per evaluation."),
+    (("--log-interval",), "training", "log_interval", int, "Log every N iterations."),
+    (("--tensorboard-dir",), "training", "tensorboard_dir", str, "Also write TensorBoard events here."),
+    # checkpoints
+    (("--save",), "checkpoint", "save", str, "Folder for checkpoints and metrics.jsonl."),
+    (("--load",), "checkpoint", "load", str, "Continue from this checkpoint (a save folder or one step_* directory)."),
+    (("--finetune/--no-finetune",), "checkpoint", "finetune", bool, "With --load: only the weights; fresh optimizer, step 0."),
+    (("--save-interval",), "checkpoint", "save_interval", int, "Save every N iterations (0: only at the end)."),
+    (("--keep-last",), "checkpoint", "keep_last", int, "Keep the newest N saves (0: all)."),
+]
+PANELS = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "training": "Training", "checkpoint": "Checkpoints"}
+MULTI_VALUE_FLAGS = ("--data-path",)  # Megatron-LM style: --data-path 0.3 A 0.7 B
+
+
+def training_command(fn):
+    """Give ``fn(config_file, overrides, **own)`` the ``--config`` option and every training flag;
+    a flag left out is absent from ``overrides`` ({section: {field: value}})."""
+    own = list(inspect.signature(fn).parameters.values())[2:]
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="A TOML config; flags override its fields.", rich_help_panel="Config")])]
+    for i, (names, section, _, kind, help) in enumerate(TRAINING_FLAGS):
+        option = typer.Option(*names, help=help, rich_help_panel=PANELS[section], show_default=False)
+        params.append(inspect.Parameter(f"flag_{i}", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        overrides: dict[str, dict] = {}
+        for i, (_, section, field, _, _) in enumerate(TRAINING_FLAGS):
+            value = kwargs.pop(f"flag_{i}")
+            if value is not None:
+                overrides.setdefault(section, {})[field] = value.split() if field == "data_path" else value
+        return fn(kwargs.pop("config"), overrides, **kwargs)
+
+    command.__signature__ = inspect.Signature(params + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own])
+    return command
+
+
+def join_multi_value_flags(argv: list[str]) -> list[str]:
+    """``--data-path 0.3 A 0.7 B`` -> ``--data-path "0.3 A 0.7 B"`` (click options take one value)."""
+    joined, i = [], 0
+    while i < len(argv):
+        joined.append(argv[i])
+        if argv[i] in MULTI_VALUE_FLAGS:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("-"):
+                j += 1
+            if j > i + 1:
+                joined.append(" ".join(argv[i + 1 : j]))
+            i = j
+        else:
+            i += 1
+    return joined
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+@app.command()
+@training_command
+def pretrain(config: Optional[Path], overrides: dict) -> None:
+    """Pretrain or continue training a Llama-family model on indexed data (FSDP2 under torchrun).
+
+    Example: cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --train-iters 200 --save ckpt/tiny
+
+    Many processes: torchrun --nproc-per-node 8 -m cookbook pretrain --config run.toml
+    """
+    from recipes.pretrain import run
+
+    run(config, overrides)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _ints(value: str | None, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in (value or "").replace(",", " ").split()]
+    except ValueError:
+        raise CookbookError(f"{flag} {value!r} must be integers separated by commas, e.g. 4096,8192") from None
+
+
+@app.command("eval")
+def eval_(
+    load: Annotated[str, typer.Option("--load", help="A checkpoint: a save folder (its latest) or one step_* directory.")],
+    ppl_files: Annotated[Optional[list[str]], typer.Option("--ppl-files", help="jsonl files to score (comma-separate or repeat).", rich_help_panel="Data")] = None,
+    data_path: Annotated[Optional[list[str]], typer.Option("--data-path", help="Indexed dataset prefixes to score.", rich_help_panel="Data")] = None,
+    seq_length: Annotated[Optional[str], typer.Option("--seq-length", help="Context length(s), e.g. 4096,8192 (default: the model's).", rich_help_panel="Windows")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Score only the last STRIDE tokens of each overlapping window (default: no overlap).", rich_help_panel="Windows")] = None,
+    text_key: Annotated[str, typer.Option(help="The jsonl key holding the text.", rich_help_panel="Data")] = "text",
+    append_eod: Annotated[bool, typer.Option("--append-eod", help="End each document with EOD, as preprocess --append-eod did.", rich_help_panel="Data")] = False,
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.", rich_help_panel="Data")] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Data")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json.")] = None,
+) -> None:
+    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths.
+
+    Example: cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512 --dump-dir eval/
+    """
+    from recipes.eval import EvalConfig, render, run
+
+    cfg = EvalConfig(
+        load=load, ppl_files=_split(ppl_files), data_path=_split(data_path), seq_lengths=_ints(seq_length, "--seq-length"),
+        stride=stride, batch_size=batch_size, text_key=text_key, append_eod=append_eod, tokenizer_model=tokenizer_model,
+        tokenizer_type=tokenizer_type, device=device, dtype=dtype, dump_dir=dump_dir,
+    )
+    results, dumped = run(cfg)
+    out.print(render(results))
+    if dumped:
+        out.print(f"[green]wrote[/green] {dumped}")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    load: Annotated[str, typer.Option("--load", help="A checkpoint: a save folder (its latest) or one step_* directory.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).", rich_help_panel="Prompts")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option(help="Prompts: jsonl (one {\"text\": ...} per line) or text (one per line).", rich_help_panel="Prompts")] = None,
+    text_key: Annotated[str, typer.Option(help="The jsonl key holding a prompt.", rich_help_panel="Prompts")] = "text",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.", rich_help_panel="Sampling")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel="Sampling")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the K most likely tokens.", rich_help_panel="Sampling")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample among the most likely tokens holding probability P.", rich_help_panel="Sampling")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", rich_help_panel="Sampling")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.")] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write jsonl {prompt, text, tokens} here instead of printing.")] = None,
+) -> None:
+    """Sample continuations of prompts from a checkpoint (KV cache; temperature, top-k, top-p).
+
+    Example: cookbook generate --load ckpt/tiny --prompt "def main(" --max-new-tokens 64 --temperature 0
+    """
+    from recipes.generate import GenerateConfig, run
+
+    cfg = GenerateConfig(
+        load=load, prompts=list(prompt or []), prompts_file=prompts_file, text_key=text_key, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+        tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, device=device, dtype=dtype, output=output,
+    )
+
+    def show(record: dict) -> None:
+        out.rule(escape(record["prompt"][:60]))
+        out.file.write(record["prompt"] + record["text"] + "\n")
+        out.file.flush()
+
+    records = run(cfg, on_result=None if output else show)
+    if output:
+        out.print(f"[green]wrote[/green] {len(records)} generations to {output}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -269,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="cookbook", standalone_mode=False)
+        args = join_multi_value_flags(sys.argv[1:] if argv is None else list(argv))
+        code = command.main(args=args, prog_name="cookbook", standalone_mode=False)
     except CookbookError as e:
         if _debug:
             traceback.print_exc()

@@ -11,11 +11,16 @@ inv_freq (linear = Position Interpolation, dynamic NTK, YaRN, Llama 3) with HF t
 ``rope_scaling`` formulas. Weights are initialised N(0, init_std), the two projections that write
 into the residual stream (attention output, MLP down) with init_std / sqrt(2 * num_layers), as
 Megatron-LM does. Nothing here knows about parallelism: cookbook.engine applies it from outside.
+
+For generation only, an optional ``KVCache`` keeps each layer's keys and values so that a forward over
+new tokens attends over everything before them; training never passes one and never pays for it.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +105,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
+# --------------------------------------------------------------------------- KV cache (generation only)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far (LitGPT / gpt-fast style): per layer, two preallocated buffers
+    [batch, kv_heads, max_len, head_dim], kv heads as they are (not repeated for GQA). Slot p of a row holds that
+    row's token at position p, so rows may stand at different positions (prompts of different lengths)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device=None, dtype=None):
+        shape, where = (batch, cfg.num_kv_heads, max_len, cfg.head_dim), dict(device=device, dtype=dtype)
+        self.buffers = {str(i): (torch.zeros(shape, **where), torch.zeros(shape, **where)) for i in range(cfg.num_layers)}
+        self.batch, self.max_len = batch, max_len
+
+    def at(self, positions: torch.Tensor) -> dict[str, LayerCache]:
+        """Each layer's view for a forward over tokens at ``positions`` [batch or 1, seq]. A query sees the slots
+        at or before its own position: the causal mask, which also hides stale slots beyond it (a right-padded
+        prompt's padding is overwritten by its generated tokens before any query could see it)."""
+        slots = torch.arange(self.max_len, device=positions.device)
+        mask = (slots <= positions[..., None]).unsqueeze(1)  # [batch or 1, 1, seq, max_len]
+        rows = torch.arange(self.batch, device=positions.device)[:, None]
+        return {name: LayerCache(k, v, rows, positions, mask) for name, (k, v) in self.buffers.items()}
+
+
+@dataclass
+class LayerCache:
+    """One layer's buffers, and where the tokens of this forward go in them."""
+
+    k: torch.Tensor  # [batch, kv_heads, max_len, head_dim]
+    v: torch.Tensor
+    rows: torch.Tensor  # [batch, 1]
+    positions: torch.Tensor  # [batch or 1, seq]
+    mask: torch.Tensor  # [batch or 1, 1, seq, max_len], True where a query may look
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v [batch, kv_heads, seq, head_dim]; return all keys, all values and the mask over them."""
+        # indexed by [rows, :, positions], the buffer reads [batch, seq, kv_heads, head_dim]
+        self.k[self.rows, :, self.positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.rows, :, self.positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k, self.v, self.mask
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -124,16 +170,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: LayerCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, d]
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:  # generation: keep these keys/values, attend over every cached one the mask allows
+            k, v, mask = cache.update(k, v)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -156,8 +206,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -177,25 +228,41 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
 
-    def init_weights(self) -> None:
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual = name.endswith(("attention.wo", "mlp.w_down"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Every parameter to ``initial_value`` (a seed drawn from torch's global RNG when None)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if not param.is_meta:
+                    param.copy_(self.initial_value(name, param.shape, param.device, seed))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]."""
+    def initial_value(self, name: str, shape: torch.Size, device: torch.device, seed: int) -> torch.Tensor:
+        """The initial value of parameter ``name``: norms 1, biases 0, weights N(0, init_std), the two
+        projections into the residual stream N(0, init_std / sqrt(2 * layers)). Each weight has its own
+        generator seeded by (seed, name), so the values do not depend on the order or the parallel
+        layout in which parameters are materialised."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=device)
+        std = self.config.init_std
+        if name.endswith(("attention.wo.weight", "mlp.w_down.weight")):
+            std = std / math.sqrt(2 * self.config.num_layers)
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.normal(0.0, std, tuple(shape), generator=generator, device=device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; ``positions`` [batch or 1, seq] default to 0..seq-1.
+        With a ``cache`` (generation), the tokens' keys and values are stored at their positions and attention
+        reads every cached position at or before each token's: a prompt, then one token at a time."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin)
+        caches = cache.at(positions) if cache is not None else {}
+        for name, layer in self.layers.items():
+            x = layer(x, cos, sin, cache=caches.get(name))
         x = self.norm(x) if self.norm is not None else x
         return self.output(x) if self.output is not None else x

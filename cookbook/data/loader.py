@@ -1,0 +1,117 @@
+"""Train / valid / test samples from Megatron-LM's ``--data-path``, and batches for data-parallel ranks.
+
+Sample counts follow Megatron-LM, so the same flags cut and shuffle the same samples:
+train ``train_iters x global_batch``, valid ``(train_iters // eval_interval + 1) x eval_iters x
+global_batch``, test ``eval_iters x global_batch``.
+
+Batches follow Megatron-LM's pretraining sampler: samples are taken in order from
+``consumed_samples``; each micro-step takes ``micro_batch x dp`` consecutive samples and rank r
+keeps the r-th slice of ``micro_batch``. The loader's whole state is ``consumed_samples``; it is
+saved with every checkpoint, so a resumed run reads exactly the samples it would have read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cookbook.data.gpt_dataset import BlendedSamples, GPTSamples, parse_split, samples_per_dataset, split_ranges
+from cookbook.data.indexed import IndexedDataset, bin_path, idx_path
+from cookbook.errors import CookbookError
+
+
+def parse_data_path(values: list[str] | str) -> list[tuple[float, str]]:
+    """``["A"]`` -> [(1, A)]; ``["0.3", "A", "0.7", "B"]`` -> [(0.3, A), (0.7, B)]. Strings split on whitespace."""
+    if isinstance(values, str):
+        values = [values]
+    items = [v for value in values for v in str(value).split()]
+    if not items:
+        raise CookbookError("no training data; pass --data-path PREFIX (or weight-prefix pairs: 0.3 A 0.7 B)")
+    if len(items) == 1:
+        pairs = [(1.0, items[0])]
+    else:
+        if len(items) % 2:
+            raise CookbookError(f"--data-path {' '.join(items)}: give one prefix or weight-prefix pairs (0.3 A 0.7 B)")
+        pairs = []
+        for w, prefix in zip(items[::2], items[1::2]):
+            try:
+                weight = float(w)
+            except ValueError:
+                raise CookbookError(f"--data-path: {w!r} should be a weight before prefix {prefix!r} (0.3 A 0.7 B)") from None
+            if weight < 0:
+                raise CookbookError(f"--data-path: weight {w} of {prefix} is negative")
+            pairs.append((weight, prefix))
+        if sum(w for w, _ in pairs) <= 0:
+            raise CookbookError("--data-path: the weights sum to zero")
+    for _, prefix in pairs:
+        if not (idx_path(prefix).is_file() and bin_path(prefix).is_file()):
+            raise CookbookError(f"--data-path: {prefix}.bin/.idx not found (give the prefix without the extension)")
+    return pairs
+
+
+@dataclass
+class SplitSizes:
+    train: int
+    valid: int
+    test: int
+
+
+def split_sizes(train_iters: int, global_batch: int, eval_interval: int, eval_iters: int) -> SplitSizes:
+    evals = (train_iters // eval_interval + 1) if eval_interval > 0 else 1
+    return SplitSizes(train_iters * global_batch, evals * eval_iters * global_batch, eval_iters * global_batch)
+
+
+def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: SplitSizes) -> dict[str, object | None]:
+    """``{"train": samples, "valid": samples or None, "test": samples or None}``; each indexable,
+    sample i = ``seq_length + 1`` int64 tokens."""
+    pairs = parse_data_path(data_path)
+    fractions = parse_split(split)
+    datasets = [IndexedDataset(prefix) for _, prefix in pairs]
+    weights = [w for w, _ in pairs]
+    out = {}
+    for i, (name, target) in enumerate(zip(("train", "valid", "test"), (sizes.train, sizes.valid, sizes.test))):
+        ranges = [split_ranges(fractions, len(ds))[i] for ds in datasets]
+        if target == 0 or all(hi <= lo for lo, hi in ranges):
+            if name == "train":
+                raise CookbookError(f"--split {split} leaves no training documents")
+            out[name] = None
+            continue
+        if len(datasets) == 1:
+            (lo, hi), ds = ranges[0], datasets[0]
+            out[name] = GPTSamples(ds, lo, hi, seq_length, target, seed)
+        else:
+            counts = samples_per_dataset([w / sum(weights) for w in weights], target)
+            parts = [GPTSamples(ds, lo, hi, seq_length, n, seed) for ds, (lo, hi), n in zip(datasets, ranges, counts)]
+            out[name] = BlendedSamples(parts, weights, target)
+    return out
+
+
+class BatchLoader:
+    """Micro batches ``[micro_batch, seq_length + 1]`` for one data-parallel rank."""
+
+    def __init__(self, samples, micro_batch: int, dp_rank: int, dp_size: int, vocab_size: int, consumed_samples: int = 0):
+        self.samples, self.micro_batch, self.dp_rank, self.dp_size = samples, micro_batch, dp_rank, dp_size
+        self.vocab_size = vocab_size
+        self.consumed_samples = consumed_samples
+
+    def next(self) -> torch.Tensor:
+        start = self.consumed_samples + self.dp_rank * self.micro_batch
+        end = self.consumed_samples + self.micro_batch * self.dp_size
+        if end > len(self.samples):
+            raise CookbookError(f"the data ran out after {self.consumed_samples} samples; it holds {len(self.samples)}")
+        self.consumed_samples = end
+        batch = np.stack([self.samples[i] for i in range(start, start + self.micro_batch)])
+        if batch.max(initial=0) >= self.vocab_size:
+            raise CookbookError(
+                f"the data holds token id {int(batch.max())} but the model's vocabulary has {self.vocab_size} entries; "
+                "was it tokenized with another tokenizer?"
+            )
+        return torch.from_numpy(batch)
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,1 @@
+"""The training engine: distributed setup, parallelism, optimizer, checkpoints, metrics, the Trainer."""

@@ -1,0 +1,91 @@
+"""Throughput, TFLOP/s, MFU and memory; one log line per interval, the same record in metrics.jsonl.
+
+TFLOP/s per device = ``ModelConfig.flops_per_token(seq) x tokens / seconds / devices`` (the exact
+matmul count, attention without a causal discount; see docs/model.md). MFU divides it by the
+device's dense bf16 peak. ``tflops_megatron`` in metrics.jsonl is the figure by the formula the
+Megatron Cookbook reported, for comparison with its 161-177 TFLOP/s per A100.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from cookbook.errors import CookbookError
+from cookbook.progress import console
+
+# dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM parts)
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            if key == "H100" and "PCIe" in name:
+                return 756.0
+            return value
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+class MetricsLogger:
+    """Rank 0 prints a line per record and appends it to ``metrics.jsonl`` (and TensorBoard)."""
+
+    def __init__(self, folder: str | Path | None, enabled: bool, tensorboard_dir: str | None = None):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(folder) / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise CookbookError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(tensorboard_dir)
+
+    def log(self, record: dict, line: str) -> None:
+        if not self.enabled:
+            return
+        console.print(line, highlight=False, soft_wrap=True)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()  # a killed run keeps every line it printed
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a step logged twice (a resumed run redoing steps) keeps the last."""
+    records = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            records[(r.get("split", "train"), r["step"])] = r
+    return [records[k] for k in sorted(records, key=lambda k: (k[0], k[1]))]

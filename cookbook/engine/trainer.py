@@ -1,0 +1,227 @@
+"""The one training loop: pretrain, extend, distill and pruning's heal step all run it.
+
+One iteration (``train_step``) consumes the global batch = micro batch x data-parallel size x
+accumulation steps: each micro batch's mean token loss, divided by the accumulation steps, is
+back-propagated; FSDP2 averages gradients over data-parallel ranks; the global gradient norm is
+clipped; AdamW steps with the LR the schedule gives for this iteration. ``train`` is the loop
+around it: data, logging, periodic eval, checkpoints, SIGTERM, a non-finite loss.
+
+Everything resume needs is the model and optimizer state (DCP), the iteration count (the LR is a
+function of it), the data position (consumed samples) and the RNG state, so a resumed run
+continues bitwise where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cookbook.data.loader import BatchLoader, build_splits, split_sizes
+from cookbook.engine import checkpoint
+from cookbook.engine.config import JobConfig
+from cookbook.engine.distributed import all_reduce_max, init_distributed
+from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
+from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
+from cookbook.engine.parallelize import build_model
+from cookbook.errors import CookbookError
+from cookbook.model.config import megatron_flops_per_iteration
+from cookbook.progress import console
+
+
+def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (logits in fp32)."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, load: Path | None = None):
+        self.job = job
+        t, data = job.training, job.data
+        self.dist = init_distributed(t.device)
+        self.device = self.dist.device
+        self.dims = job.parallel.resolve(self.dist.world_size)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
+
+        per_step = t.micro_batch_size * self.dims.dp
+        self.global_batch = t.global_batch_size or per_step
+        if self.global_batch % per_step:
+            raise CookbookError(
+                f"global batch {self.global_batch} is not a multiple of micro batch {t.micro_batch_size} x data-parallel size {self.dims.dp}"
+            )
+        self.accumulation = self.global_batch // per_step
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed)
+        self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
+
+        sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
+        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
+        self.loader = self._loader(self.splits["train"])
+        self.step = 0
+
+        if load is not None:
+            self._load(load, finetune=job.checkpoint.finetune)
+        self.checkpointer = checkpoint.Checkpointer(job.checkpoint.save, job.checkpoint.keep_last, self.dist.is_main) if job.checkpoint.save else None
+        self._stop_signal = False
+
+    def _loader(self, samples, consumed: int = 0) -> BatchLoader:
+        t = self.job.training
+        return BatchLoader(samples, t.micro_batch_size, self.dp_rank, self.dims.dp, self.job.model.vocab_size, consumed)
+
+    # ------------------------------------------------------------------ state
+
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.loader.consumed_samples,
+            "global_batch_size": self.global_batch,
+            "rng": checkpoint.rng_state(),
+        }
+
+    def _load(self, ckpt: Path, finetune: bool) -> None:
+        if finetune:  # a new run from these weights: fresh optimizer, step 0, data from the start
+            checkpoint.load(ckpt, self.model)
+            if self.dist.is_main:
+                console.print(f"finetuning from the weights of {ckpt}")
+            return
+        checkpoint.load(ckpt, self.model, self.optimizer)
+        state = checkpoint.read_train_state(ckpt)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state)
+        checkpoint.set_rng_state(state["rng"])
+        if self.dist.is_main:
+            console.print(f"resumed from {ckpt} at step {self.step} ({self.loader.consumed_samples:,} samples consumed)")
+
+    def save(self) -> Path | None:
+        if self.checkpointer is None:
+            return None
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.job.to_dict(), self.train_state())
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float, float]:
+        """One optimizer step over the global batch; returns (loss, grad norm, lr)."""
+        self.model.train()
+        lr = self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        if self.dims.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.job.optimizer.clip_grad)
+        loss_value, norm_value = total.item(), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise CookbookError(
+                f"training diverged at iteration {self.step + 1}: loss {loss_value}, grad norm {norm_value}; stopped before "
+                "the update, the last checkpoint is intact: resume from it with a lower --lr or a smaller --clip-grad"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, lr
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> float | None:
+        """Mean loss over ``eval_iters`` global batches of a split (the same samples every time)."""
+        samples = self.splits.get(split)
+        if samples is None or self.job.training.eval_iters <= 0:
+            return None
+        self.model.eval()
+        loader = self._loader(samples)
+        total = torch.zeros((), device=self.device)
+        n = self.job.training.eval_iters * self.accumulation
+        for _ in range(n):
+            total += next_token_loss(self.model, loader.next().to(self.device))
+        total /= n
+        if self.dims.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        return total.item()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def train(self) -> dict:
+        """Train to ``train_iters``; returns the last logged record."""
+        t = self.job.training
+        main = self.dist.is_main
+        logger = MetricsLogger(self.job.checkpoint.save, enabled=main, tensorboard_dir=t.tensorboard_dir)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        seq = self.job.data.seq_length
+        flops_per_token = self.job.model.flops_per_token(seq)
+        megatron_flops = megatron_flops_per_iteration(self.job.model, self.global_batch, seq)
+        peak = peak_tflops(self.device)
+        record: dict = {}
+        losses: list[float] = []
+        last_eval = -1
+        tick = time.perf_counter()
+        try:
+            while self.step < t.train_iters:
+                micro = [self.loader.next() for _ in range(self.accumulation)]
+                loss, grad_norm, lr = self.train_step(micro)
+                self.step += 1
+                losses.append(loss)
+
+                if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - tick
+                    iters = len(losses)
+                    tokens_per_s = iters * self.global_batch * seq / elapsed
+                    tflops = flops_per_token * tokens_per_s / self.dist.world_size / 1e12
+                    record = {
+                        "step": self.step, "loss": sum(losses) / iters, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s, "tflops": tflops,
+                        "tflops_megatron": megatron_flops * iters / elapsed / self.dist.world_size / 1e12,
+                        "mfu": tflops / peak if peak else None, "memory_gib": peak_memory_gib(self.device),
+                        "consumed_samples": self.loader.consumed_samples, "seconds_per_step": elapsed / iters,
+                    }
+                    mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
+                    logger.log(record, (
+                        f"step {self.step:>6}/{t.train_iters}  loss {record['loss']:.4f}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
+                        f"{tokens_per_s:,.0f} tokens/s  {tflops:.1f} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
+                    ))
+                    losses = []
+
+                if t.eval_interval and self.step % t.eval_interval == 0:
+                    self._log_eval(logger)
+                    last_eval = self.step
+
+                stop = all_reduce_max(float(self._stop_signal), self.device) > 0
+                if self.checkpointer and (stop or self.step == t.train_iters or (self.job.checkpoint.save_interval and self.step % self.job.checkpoint.save_interval == 0)):
+                    path = self.save()
+                    if main:
+                        console.print(f"saved {path}")
+                if stop:
+                    if main:
+                        console.print(f"[yellow]SIGTERM: stopped after step {self.step}[/yellow]" + (f"; resume with --load {self.job.checkpoint.save}" if self.checkpointer else ""))
+                    break
+                if not losses:  # an interval just ended: eval and save time do not count as training
+                    tick = time.perf_counter()
+            if not self._stop_signal and last_eval != self.step and t.eval_interval:
+                self._log_eval(logger)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            logger.close()
+        return record
+
+    def _log_eval(self, logger: MetricsLogger) -> None:
+        loss = self.evaluate("valid")
+        if loss is None:
+            return
+        ppl = math.exp(min(loss, 50.0))
+        logger.log({"step": self.step, "split": "valid", "loss": loss, "ppl": ppl},
+                   f"[cyan]step {self.step:>6}  valid loss {loss:.4f}  ppl {ppl:.3f}[/cyan]")

@@ -1,0 +1,195 @@
+"""Sampling from a model with a KV cache: the core that ``cookbook generate`` and ``distill generate`` call.
+
+Prompts of different lengths share one batch right-padded: every row keeps its own positions (0, 1, ... from
+its first token) and writes its keys and values at those positions in the cache, so the causal mask alone keeps
+padding out of sight (a row's padding slots are overwritten by its own generated tokens before any of its
+queries reaches them). Under greedy decoding a prompt's tokens do not depend on which prompts share its batch.
+
+The prompt is one forward (prefill), then one token per forward. Sampling follows HF transformers' order:
+temperature, then top-k, then top-p; temperature 0 is greedy. One ``torch.Generator`` seeded from ``seed``
+draws for the whole batch, so a run is reproducible for the same prompts in the same order.
+
+Length: a prompt plus its new tokens may run past ``model.config.max_seq_len``; RoPE is computed for any
+position, and whether the model is any good there is the business of its rope scaling (``cookbook extend``).
+With dynamic NTK scaling the frequencies follow the furthest position of each forward, as in HF transformers'
+cached generation: keys already cached keep the rotation they were stored with, so past ``max_seq_len`` cached
+logits differ from a full forward over the same tokens (exactly as in HF), and in a batch the furthest row sets
+the frequencies for all rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cookbook.errors import CookbookError
+from cookbook.model.model import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits [..., vocab] with the tokens outside the top ``top_k`` and outside the nucleus set to -inf. The
+    nucleus is the smallest set of most likely tokens whose probabilities sum to at least ``top_p``."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens: drop once it reaches top_p
+        drop_sorted = before >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits [batch, vocab] -> [batch]; temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise CookbookError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
+    if top_k is not None and top_k < 1:
+        raise CookbookError(f"top_k {top_k} keeps no token; use 1 or more, or leave it unset")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise CookbookError(f"top_p {top_p} is not in (0, 1]; use for example 0.9, or leave it unset")
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, seed: int = 0,
+             pad_id: int = 0) -> list[list[int]]:
+    """Returns the new tokens of each prompt (stopping at eos_id, which is included)."""
+    check_sampling(temperature, top_k, top_p)
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise CookbookError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise CookbookError(f"prompt {i} holds a token id outside the vocabulary [0, {vocab}); check the tokenizer")
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((batch, longest), pad_id, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt)] = torch.tensor(prompt)
+    tokens = tokens.to(device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    rows = torch.arange(batch, device=device)
+
+    cache = KVCache(model.config, batch, longest + max_new_tokens, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    logits = model(tokens, cache=cache)[rows, lengths - 1]  # prefill: each row's last prompt token
+    positions = lengths.clone()
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out[:, step] = token.masked_fill(done, pad_id)
+        if eos_id is not None:
+            done |= token == eos_id
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(token[:, None], positions[:, None], cache=cache)[:, -1]
+        positions += 1
+
+    results = []
+    for row in out.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        results.append(row)
+    return results
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class GenerateConfig:
+    load: str
+    prompts: list[str]  # given on the command line
+    prompts_file: str | None = None  # jsonl ({"text": ...} per line) or plain text (one prompt per line)
+    text_key: str = "text"
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    tokenizer_model: str | None = None
+    tokenizer_type: str | None = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    output: str | None = None  # jsonl of {"prompt", "text"}; default: print
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise CookbookError(f"--prompts-file {path} does not exist")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(lines, 1):
+                try:
+                    prompts.append(json.loads(line)[cfg.text_key])
+                except (ValueError, KeyError, TypeError):
+                    raise CookbookError(f"{path}:{n} is not a JSON object with a {cfg.text_key!r} key") from None
+        else:
+            prompts += lines
+    if not prompts:
+        raise CookbookError("no prompts; pass --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
+    """Generate for every prompt, ``batch_size`` at a time; ``on_result(record)`` as each finishes."""
+    from cookbook.data.tokenizer import load_tokenizer
+    from cookbook.engine.checkpoint import load_model
+    from cookbook.fileio import atomic_paths
+    from cookbook.progress import console
+
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise CookbookError("--batch-size and --max-new-tokens must be at least 1")
+    prompts = read_prompts(cfg)
+    model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
+    data = sections.get("data", {})
+    path = cfg.tokenizer_model or data.get("tokenizer_model")
+    if not path:
+        raise CookbookError("the checkpoint names no tokenizer; pass --tokenizer-model")
+    tokenizer = load_tokenizer(path, cfg.tokenizer_type or (None if cfg.tokenizer_model else data.get("tokenizer_type")))
+    records = []
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("generate", total=len(prompts))
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start : start + cfg.batch_size]
+            ids = [tokenizer.tokenize(p) for p in chunk]
+            new = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           eos_id=tokenizer.eod, seed=cfg.seed + start)
+            for prompt, tokens in zip(chunk, new):
+                text = tokenizer.decode([t for t in tokens if t != tokenizer.eod])
+                record = {"prompt": prompt, "text": text, "tokens": len(tokens)}
+                records.append(record)
+                if on_result is not None:
+                    on_result(record)
+            progress.advance(task, len(chunk))
+    if cfg.output:
+        with atomic_paths(cfg.output) as (tmp,):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return records

@@ -1,0 +1,95 @@
+"""Helpers for the training tests: a learnable token dataset, tiny-model flags, running
+``cookbook pretrain`` in one or several real processes, and reading metrics.jsonl."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cookbook.data.indexed import IndexedDatasetWriter
+from cookbook.engine.metrics import read_metrics
+
+VOCAB = 96
+
+
+def write_token_dataset(prefix: Path, documents: int = 200, vocab: int = VOCAB, seed: int = 0) -> str:
+    """Documents from a noisy counting rule (next = prev + 1 or + 2 mod vocab): a model can learn it,
+    so the loss falls, yet no two documents are the same."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 120, size=documents)
+    docs = []
+    for n in lengths:
+        steps = rng.choice([1, 1, 1, 2], size=n)
+        docs.append((rng.integers(0, vocab) + np.cumsum(steps)) % vocab)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_documents(np.concatenate(docs), lengths)
+    return str(prefix)
+
+
+TINY = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--ffn-hidden-size", "128", "--vocab-size", str(VOCAB),
+        "--max-position-embeddings", "64"]
+
+
+def train_flags(data: str, save: Path | None, iters: int, **extra) -> list[str]:
+    flags = TINY + ["--data-path", data, "--seq-length", "32", "--train-iters", str(iters), "--micro-batch-size", "2",
+                    "--dtype", "fp32", "--device", "cpu", "--log-interval", "1", "--eval-interval", "0",
+                    "--lr", "3e-3", "--lr-warmup-iters", "2", "--min-lr", "3e-4", "--seed", "7"]
+    if save is not None:
+        flags += ["--save", str(save)]
+    for key, value in extra.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def env(threads: int = 1) -> dict:
+    e = dict(os.environ)
+    e.pop("COOKBOOK_DEBUG", None)
+    e.update(OMP_NUM_THREADS=str(threads), COLUMNS="200", PYTHONUNBUFFERED="1")
+    return e
+
+
+def command(flags: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "cookbook", "pretrain", *flags]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "cookbook", "pretrain", *flags]
+
+
+def pretrain(flags: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(flags, nproc), env=env(), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def start(flags: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command(flags), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> int:
+    """Poll metrics.jsonl until it logs ``step`` (or later); the last step logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+        if metrics.is_file():
+            text = metrics.read_text()
+            steps = [int(line.split('"step": ')[1].split(",")[0]) for line in text.splitlines() if '"step": ' in line]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def losses(save: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(save / "metrics.jsonl") if r.get("split", "train") == "train"}
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc

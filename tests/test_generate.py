@@ -1,0 +1,196 @@
+"""Generation with the KV cache: the cache changes no logit, greedy decoding equals HF transformers', a prompt's
+tokens do not depend on its batch, and the sampling filters do what they say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cookbook.errors import CookbookError
+from cookbook.model import ModelConfig, Transformer
+from cookbook.model.model import KVCache
+from recipes.generate import filter_logits, generate, sample_next
+
+TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+            max_seq_len=64)
+CASES = {
+    "mha": dict(num_kv_heads=4),
+    "gqa": dict(),
+    "rope-linear": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "tied-qkv-bias": dict(tie_embeddings=True, qkv_bias=True),
+}
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    # a larger init than the training default, so that logits differ enough for greedy choices to be clear
+    return Transformer(ModelConfig(**{**TINY, "init_std": 0.2, **overrides})).eval()
+
+
+def cached_logits(model: Transformer, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits for ``tokens`` [batch, seq] fed through a cache in chunks of the given sizes, then one at a time."""
+    dtype = model.output.weight.dtype
+    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1] + 3, dtype=dtype)  # slots to spare: never read
+    out, start = [], 0
+    for size in chunks + [1] * (tokens.shape[1] - sum(chunks)):
+        positions = torch.arange(start, start + size)[None]
+        out.append(model(tokens[:, start : start + size], positions, cache=cache))
+        start += size
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_logits_equal_the_full_forward(case):
+    model = tiny_model(init_std=0.02, **CASES[case])  # the training init: fp32 rounding stays far below 1e-5
+    # 80 > max_seq_len: linear scaling's frequencies do not depend on the length, so the cache must agree there too
+    for seq, chunks in ((24, [10]), (24, [7, 5, 3]), (80, [40, 16])):
+        tokens = torch.randint(0, 128, (3, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            full, cached = model(tokens), cached_logits(model, tokens, chunks)
+        assert (full - cached).abs().max().item() < 1e-5, f"{case}, {seq} tokens in chunks {chunks}"
+
+
+def test_cache_stores_kv_heads_only_and_works_across_pipeline_stages():
+    model = tiny_model()
+    cache = KVCache(model.config, 2, 16)
+    k, v = cache.buffers["0"]
+    assert k.shape == v.shape == (2, 2, 16, 16)  # [batch, kv_heads (not 4 query heads), max_len, head_dim]
+
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+    # two stages as pipeline parallelism cuts them: stage 0 has no norm/output, stage 1 no embedding
+    first, second = tiny_model(), tiny_model()
+    del first.layers["1"], second.layers["0"]
+    first.norm = first.output = second.tok_embeddings = None
+    caches = KVCache(model.config, 2, 16), KVCache(model.config, 2, 16)
+    with torch.no_grad():
+        out = []
+        for start, size in ((0, 8), (8, 1), (9, 1), (10, 2)):
+            positions = torch.arange(start, start + size)[None]
+            hidden = first(tokens[:, start : start + size], positions, cache=caches[0])
+            out.append(second(hidden, positions, cache=caches[1]))
+    assert (torch.cat(out, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_rows_at_different_positions_match_their_own_forward():
+    """A right-padded batch: each row reads only its own positions, never the padding."""
+    model = tiny_model()
+    a = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([a, torch.cat([b, torch.full((1, 4), 7)], dim=1)])
+    cache = KVCache(model.config, 2, 12)
+    with torch.no_grad():
+        prefill = model(padded, cache=cache)
+        nxt = torch.tensor([[11], [13]])
+        step = model(nxt, torch.tensor([[9], [5]]), cache=cache)[:, -1]
+        full_a = model(torch.cat([a, nxt[:1]], dim=1))
+        full_b = model(torch.cat([b, nxt[1:]], dim=1))
+    assert (prefill[0] - full_a[0, :9]).abs().max() < 1e-5 and (prefill[1, :5] - full_b[0, :5]).abs().max() < 1e-5
+    assert (step[0] - full_a[0, -1]).abs().max() < 1e-5 and (step[1] - full_b[0, -1]).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- greedy equals HF transformers
+
+
+@pytest.mark.parametrize("case", ["mha", "rope-linear", "rope-dynamic"])  # the rope cases are GQA
+def test_greedy_equals_transformers_generate(case):
+    transformers = pytest.importorskip("transformers")
+    from test_model import hf_model
+
+    overrides = {**CASES, "rope-dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})}[case]
+    model = tiny_model(**overrides)
+    hf = hf_model(model.config, model)
+    hf.generation_config = transformers.GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    # the last prompt runs past max_seq_len (64), where dynamic NTK grows its base one position at a time
+    for seed, length, new in ((0, 1, 12), (1, 9, 20), (2, 50, 30)):
+        prompt = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+        ours = generate(model, prompt.tolist(), new, temperature=0)[0]
+        with torch.no_grad():
+            theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new)[0, length:].tolist()
+        assert ours == theirs, f"{case}, prompt of {length}"
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batched_greedy_equals_each_prompt_alone():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 8, 8, 30)]
+    alone = [generate(model, [p], 15, temperature=0)[0] for p in prompts]
+    assert generate(model, prompts, 15, temperature=0) == alone
+    assert generate(model, prompts[::-1], 15, temperature=0) == alone[::-1]
+    assert generate(model, prompts[2:4], 15, temperature=0) == alone[2:4]
+    assert len({tuple(a) for a in alone}) == len(set(map(tuple, prompts)))  # the model does not ignore its prompt
+
+
+def test_eos_stops_its_row_and_the_others_continue():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (4, 11, 6)]
+    free = generate(model, prompts, 12, temperature=0)
+    # an eos that row 0 produces early and that the other rows never produce
+    eos = next(t for t in free[0][1:6] if all(t not in row for row in free[1:]))
+    stopped = generate(model, prompts, 12, temperature=0, eos_id=eos)
+    cut = free[0].index(eos) + 1
+    assert stopped[0] == free[0][:cut] and stopped[0][-1] == eos and cut < 12
+    assert stopped[1:] == free[1:]
+    # every row stopping ends the loop; each row still ends at its eos
+    both = generate(model, prompts[:1] * 2, 12, temperature=0, eos_id=eos)
+    assert both == [free[0][:cut]] * 2
+
+
+def test_bfloat16_model_generates_in_its_dtype():
+    model = tiny_model().to(torch.bfloat16)
+    out = generate(model, [[1, 2, 3], [4]], 6, temperature=0.8, top_p=0.9)
+    assert [len(r) for r in out] == [6, 6] and all(0 <= t < 128 for r in out for t in r)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    greedy = generate(model, prompts, 10, temperature=0)
+    assert generate(model, prompts, 10, temperature=1.0, top_k=1, seed=3) == greedy
+    assert generate(model, prompts, 10, temperature=1.5, top_k=1, seed=4) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0)
+    logits = probs.log()
+    kept = {p: set(torch.isfinite(filter_logits(logits, top_p=p)).nonzero().flatten().tolist())
+            for p in (0.3, 0.5 - 1e-3, 0.6, 0.79, 0.9, 0.96, 1.0)}
+    assert kept == {0.3: {1}, 0.5 - 1e-3: {1}, 0.6: {1, 3}, 0.79: {1, 3}, 0.9: {1, 3, 2}, 0.96: {0, 1, 2, 3},
+                    1.0: {0, 1, 2, 3}}
+    # on a batch, per row, and top_k before top_p
+    both = filter_logits(torch.stack([logits, logits.flip(0)]), top_k=3, top_p=0.9)
+    assert torch.isfinite(both).tolist() == [[False, True, True, True], [True, True, True, False]]
+    # sampling draws only from the kept set
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(2000, 4), 1.0, None, 0.6, g)
+    assert set(draws.tolist()) == {1, 3}
+    assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.05  # renormalised over the kept set
+
+
+def test_sampling_is_reproducible_by_seed():
+    model = tiny_model(init_std=0.02)  # flat logits: sampled sequences vary a lot
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(model, prompts, 20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    assert a == generate(model, prompts, 20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    assert a != generate(model, prompts, 20, temperature=1.0, top_k=50, top_p=0.95, seed=8)
+    assert a != generate(model, prompts, 20, temperature=0)
+
+
+def test_bad_sampling_settings_and_prompts_are_clear_errors():
+    model = tiny_model()
+    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(CookbookError):
+            generate(model, [[1, 2]], 3, **kwargs)
+    for prompts in ([[]], [[1, 128]], [[-1]]):
+        with pytest.raises(CookbookError):
+            generate(model, prompts, 3)
+    assert generate(model, [[1], [2, 3]], 0) == [[], []]

@@ -1,0 +1,150 @@
+"""The Trainer through ``cookbook pretrain`` in real processes: data-parallel equality, exact resume
+after SIGKILL, SIGTERM, a non-finite loss, --finetune, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+from helpers_data import assert_one_line_error
+from helpers_train import check, losses, pretrain, start, train_flags, wait_for_step, write_token_dataset
+
+from cookbook.engine.checkpoint import find_checkpoint, read_train_state
+from cookbook.engine.metrics import read_metrics
+from cookbook.engine.optim import LRSchedule, OptimizerConfig
+
+ITERS = 60  # the resume tests' run length
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return write_token_dataset(folder / "tokens")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    """An uninterrupted run that saves every 10 iterations."""
+    save = tmp_path_factory.mktemp("reference")
+    check(pretrain(train_flags(data, save, ITERS, save_interval=10, global_batch_size=4)))
+    return save
+
+
+def test_loss_falls_and_metrics_are_complete(reference):
+    records = read_metrics(reference / "metrics.jsonl")
+    train = [r for r in records if r.get("split", "train") == "train"]
+    assert [r["step"] for r in train] == list(range(1, ITERS + 1))
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0, (train[0]["loss"], train[-1]["loss"])
+    first = train[0]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tflops", "tflops_megatron", "memory_gib", "consumed_samples"):
+        assert first[key] is not None and first[key] >= 0, key
+    assert first["mfu"] is None  # no peak for a CPU
+    assert train[-1]["consumed_samples"] == ITERS * 4
+
+
+def test_logged_lr_follows_megatron_schedule(reference):
+    schedule = LRSchedule(OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_warmup_iters=2), ITERS, 4)
+    for r in read_metrics(reference / "metrics.jsonl"):
+        assert r["lr"] == schedule(r["step"] - 1)
+
+
+def test_checkpoints_keep_last_and_latest(reference):
+    saves = sorted(p.name for p in reference.iterdir() if p.name.startswith("step_"))
+    assert saves == ["step_000040", "step_000050", "step_000060"]  # keep-last 3
+    assert (reference / "latest").read_text().strip() == "step_000060"
+    state = read_train_state(find_checkpoint(reference))
+    assert state["step"] == ITERS and state["consumed_samples"] == ITERS * 4
+    assert not list(reference.glob(".*tmp*"))
+    assert "[model]" in (reference / "step_000060" / "config.toml").read_text()
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data, reference):
+    save = tmp_path / "run"
+    flags = train_flags(data, save, ITERS, save_interval=10, global_batch_size=4)
+    proc = start(flags)
+    try:
+        killed_at = wait_for_step(proc, save / "metrics.jsonl", 23)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert killed_at < ITERS, "the run finished before it could be killed"
+    assert find_checkpoint(save) is not None
+    check(pretrain(flags + ["--load", str(save)]))
+    assert losses(save) == losses(reference)  # bitwise: == on the floats
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data, reference):
+    save = tmp_path / "run"
+    flags = train_flags(data, save, ITERS, save_interval=0, global_batch_size=4)
+    proc = start(flags)
+    try:
+        wait_for_step(proc, save / "metrics.jsonl", 7)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "SIGTERM" in output and "Traceback" not in output
+    stopped = read_train_state(find_checkpoint(save))["step"]
+    assert 7 <= stopped < ITERS
+    assert max(losses(save)) == stopped
+    check(pretrain(flags + ["--load", str(save)]))
+    assert losses(save) == losses(reference)
+
+
+def test_nonfinite_loss_stops_with_the_last_checkpoint_intact(tmp_path, data):
+    save = tmp_path / "run"
+    proc = pretrain(train_flags(data, save, 20, save_interval=1, lr=1e30, lr_warmup_iters=0, clip_grad=0))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: training diverged at iteration "), err
+    bad = int(err.split("at iteration ")[1].split(":")[0])
+    ckpt = find_checkpoint(save)
+    assert ckpt is not None and read_train_state(ckpt)["step"] == bad - 1
+    assert not list(save.glob(".*tmp*"))
+
+
+def test_two_processes_equal_one(tmp_path, data):
+    """FSDP2 over 2 gloo processes (micro 2 each) vs 1 process accumulating 2 micro batches of 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = dict(global_batch_size=4, eval_interval=5, eval_iters=2)
+    check(pretrain(train_flags(data, one, 20, **flags)))
+    check(pretrain(train_flags(data, two, 20, **flags), nproc=2))
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [(r.get("split"), r["step"]) for r in a] == [(r.get("split"), r["step"]) for r in b]
+    assert sum(r.get("split") == "valid" for r in a) == 4
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
+        if "grad_norm" in x:
+            assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4), (x, y)
+
+
+def test_finetune_starts_a_new_run_from_the_weights(tmp_path, data, reference):
+    save = tmp_path / "ft"
+    check(pretrain(train_flags(data, save, 5, load=reference) + ["--finetune"]))
+    state = read_train_state(find_checkpoint(save))
+    assert state["step"] == 5 and state["consumed_samples"] == 5 * 2
+    first = losses(save)[1]
+    assert first < losses(reference)[1] - 1.0  # it starts from trained weights
+
+
+def test_load_refuses_another_shape(tmp_path, data, reference):
+    proc = pretrain(train_flags(data, tmp_path / "x", ITERS + 5, load=reference)[2:] + ["--num-layers", "3"])
+    assert_one_line_error(proc, "num_layers=2")
+
+
+def test_blended_data_path_and_config_file(tmp_path, data):
+    other = write_token_dataset(tmp_path / "other", documents=80, seed=3)
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndata_path = ["0.25", "{data}", "0.75", "{other}"]\n[training]\nglobal_batch_size = 4\n')
+    save = tmp_path / "blend"
+    flags = train_flags(data, save, 3)
+    i = flags.index("--data-path")
+    del flags[i : i + 2]
+    check(pretrain(["--config", str(config)] + flags))
+    saved = (find_checkpoint(save) / "config.toml").read_text()
+    assert f'data_path = ["0.25", "{data}", "0.75", "{other}"]' in saved
+    assert json.loads((find_checkpoint(save) / "train_state.json").read_text())["consumed_samples"] == 12

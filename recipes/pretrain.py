@@ -59,6 +59,10 @@ def resolve(config_file: str | Path | None, overrides: dict[str, dict]) -> tuple
             raise CookbookError(f"--load {load} holds no checkpoint (no 'latest' file and no step_* save)")
         if ckpt_cfg.get("finetune") and ckpt is None:
             raise CookbookError(f"--finetune needs a checkpoint in --load {load}")
+    save = ckpt_cfg.get("save")
+    continuing = ckpt is not None and not ckpt_cfg.get("finetune") and Path(save or "").resolve() == ckpt.parent.resolve()
+    if save and (Path(save) / "latest").is_file() and not continuing:
+        raise CookbookError(f"--save {save} already holds a run; pass --load {save} to continue it, or choose another --save")
     data = sections.setdefault("data", {})
     model = sections.setdefault("model", {})
     if ckpt is None and data.get("tokenizer_model") and "vocab_size" not in model:

@@ -148,3 +148,16 @@ def test_blended_data_path_and_config_file(tmp_path, data):
     saved = (find_checkpoint(save) / "config.toml").read_text()
     assert f'data_path = ["0.25", "{data}", "0.75", "{other}"]' in saved
     assert json.loads((find_checkpoint(save) / "train_state.json").read_text())["consumed_samples"] == 12
+
+
+def test_save_refuses_to_overwrite_another_run(tmp_path, data, reference):
+    proc = pretrain(train_flags(data, reference, 5))
+    assert_one_line_error(proc, "already holds a run", "--load")
+
+
+def test_multi_value_data_path_is_joined():
+    from cookbook.cli import join_multi_value_flags
+
+    argv = ["pretrain", "--data-path", "0.3", "A", "0.7", "B", "--lr", "1"]
+    assert join_multi_value_flags(argv) == ["pretrain", "--data-path", "0.3 A 0.7 B", "--lr", "1"]
+    assert join_multi_value_flags(["--data-path", "A"]) == ["--data-path", "A"]

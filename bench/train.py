@@ -1,0 +1,335 @@
+"""Benchmark: training throughput of cookbook's Trainer against a plain Hugging Face transformers loop.
+
+Both sides train the same model (our preset, given to transformers' ``LlamaForCausalLM`` through
+``cookbook.formats.hf.hf_config`` with our initial weights copied in), on the same micro batches (read
+once from a temporary Megatron indexed dataset of random tokens by the Trainer's own loader), in the
+same dtype, with the same optimizer settings (torch AdamW, foreach on CPU, fused on CUDA, Megatron-LM's
+weight-decay groups, constant LR, clip at 1.0).
+
+- ours: ``cookbook.engine.trainer.Trainer`` as ``cookbook pretrain`` builds it: a world of one
+  (gloo / NCCL), FSDP2 ``fully_shard`` per block and at the root, ``Trainer.train_step``.
+- HF:   ``LlamaForCausalLM(attn_implementation="sdpa", use_cache=False)`` and the textbook loop:
+  ``logits = model(input_ids=x[:, :-1]).logits``; fp32 cross-entropy; ``backward``;
+  ``clip_grad_norm_``; ``AdamW.step``; ``zero_grad(set_to_none=True)``.
+
+``--dtype bf16``: ours is FSDP2 mixed precision (bf16 compute, fp32 master weights and gradients);
+HF runs its fp32 model under ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 weights and gradients).
+These are the usual bf16 recipes of each, not bit-identical math; the first-step loss check is then loose.
+
+Timing: warmup steps on both sides, then rounds that alternate the sides (ABBA order) so that noise on a
+shared machine falls on both; each step is timed on its own and the median step time per side is
+reported (tokens/s = micro batch x accumulation x seq / median). Data loading is outside the timed
+region on both sides (batches are read before timing). The first step's losses, on the same batch and
+the same weights, must agree (fp32: within 1e-4) or the script exits non-zero.
+
+``--profile-overhead`` adds a breakdown of one step into forward (with loss), backward, clip and
+optimizer step (AdamW + zero_grad) for ours with FSDP2, for a plain ``cookbook.model.Transformer``
+without FSDP (same weights, same AdamW and groups), and for HF, and reports FSDP2's overhead.
+
+    python bench/train.py                              # tiny preset, seq 256, micro batch 8, fp32, CPU
+    python bench/train.py --profile-overhead
+    python bench/train.py --device cuda --dtype bf16 --preset llama2-7b --num-layers 2 --threads 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from cookbook.data.indexed import IndexedDatasetWriter  # noqa: E402
+from cookbook.engine.config import build_config  # noqa: E402
+from cookbook.engine.distributed import shutdown  # noqa: E402
+from cookbook.engine.optim import clip_grad_norm, param_groups  # noqa: E402
+from cookbook.engine.trainer import Trainer, next_token_loss  # noqa: E402
+from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
+from cookbook.model import Transformer  # noqa: E402
+
+
+def write_random_tokens(prefix: Path, tokens: int, vocab: int, seed: int = 0) -> str:
+    """Documents of 100-1,000 uniformly random tokens, ``tokens`` in all (at least)."""
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(int(rng.integers(100, 1000)))
+    dtype = np.uint16 if vocab <= 65535 else np.int32
+    with IndexedDatasetWriter(prefix, dtype) as w:
+        w.add_documents(rng.integers(0, vocab, size=sum(lengths)).astype(dtype), np.asarray(lengths))
+    return str(prefix)
+
+
+def build_trainer(args, data: str, iters: int) -> Trainer:
+    from cookbook.model.config import preset
+
+    model = {"preset": args.preset, "max_seq_len": max(args.seq_length, preset(args.preset).max_seq_len)}
+    if args.hidden_size:
+        model["hidden_size"] = args.hidden_size
+    if args.num_layers:
+        model["num_layers"] = args.num_layers
+    job = build_config({
+        "model": model,
+        "data": {"data_path": [data], "seq_length": args.seq_length, "split": "1,0,0"},
+        "optimizer": {"lr": args.lr, "lr_decay_style": "constant", "weight_decay": 0.1, "clip_grad": 1.0},
+        "training": {"train_iters": iters, "micro_batch_size": args.micro_batch_size,
+                     "global_batch_size": args.global_batch_size or args.micro_batch_size, "dtype": args.dtype,
+                     "device": args.device, "eval_interval": 0, "eval_iters": 0, "seed": 1234},
+    })
+    return Trainer(job)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded fp32 copies of a (possibly FSDP2-sharded) model's parameters."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().clone()
+    return out
+
+
+def build_hf(trainer: Trainer, state: dict[str, torch.Tensor]):
+    import transformers
+
+    cfg = trainer.job.model
+    conf = hf_config(cfg)
+    conf.pop("architectures"), conf.pop("model_type")
+    cls, model_cls = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if cfg.qkv_bias
+                      else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    with torch.device(trainer.device):
+        model = model_cls(cls(**conf, attn_implementation="sdpa", use_cache=False))
+    missing, unexpected = model.load_state_dict({hf_name(k): v for k, v in state.items()}, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing) or (missing and not cfg.tie_embeddings):
+        raise SystemExit(f"weights do not map onto transformers' model: missing {missing}, unexpected {unexpected}")
+    model.train()
+    return model, make_adamw(model, trainer)
+
+
+def make_adamw(model: torch.nn.Module, trainer: Trainer) -> torch.optim.AdamW:
+    """torch AdamW with the Trainer's settings and Megatron-LM's decay groups (as build_optimizer)."""
+    o = trainer.job.optimizer
+    kind = {"fused": True} if trainer.device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
+                             eps=o.adam_eps, **kind)
+
+
+def hf_loss(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
+class HFLoop:
+    """The plain transformers training step (gradient accumulation over the micro batches)."""
+
+    def __init__(self, model, optimizer, clip: float, device: torch.device, bf16: bool):
+        self.model, self.optimizer, self.clip, self.device = model, optimizer, clip, device
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step(self, micro_batches: list[torch.Tensor]) -> float:
+        total = 0.0
+        for x in micro_batches:
+            x = x.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = hf_loss(self.model, x) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+# --------------------------------------------------------------------------- --profile-overhead
+
+
+def step_sections(forward_loss, clip_fn, model, optimizer, batches, clip, device, autocast=contextlib.nullcontext):
+    """Seconds of forward (with loss), backward, clip and optimizer step + zero_grad for one step."""
+    t = dict.fromkeys(("forward", "backward", "clip", "optimizer"), 0.0)
+    for x in batches:
+        x = x.to(device)
+        with autocast():
+            dt, loss = timed(lambda: forward_loss(model, x) / len(batches), device)
+        t["forward"] += dt
+        t["backward"] += timed(loss.backward, device)[0]
+    t["clip"] = timed(lambda: clip_fn(model, clip), device)[0]
+
+    def opt():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t["optimizer"] = timed(opt, device)[0]
+    return t
+
+
+def ours_clip(model, clip):
+    return clip_grad_norm(model.parameters(), clip)
+
+
+def hf_clip(model, clip):
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
+
+def profile_overhead(args, trainer: Trainer, hf: HFLoop, batches: list[list[torch.Tensor]], state) -> None:
+    dev = trainer.device
+    bf16 = args.dtype == "bf16"
+    plain = Transformer(trainer.job.model).to(dev)
+    plain.load_state_dict(state)
+    if bf16:  # FSDP2's mixed precision casts the weights to bf16 for compute: the plain model computes in bf16
+        plain = plain.to(torch.bfloat16)
+    plain.train()
+    plain_opt = make_adamw(plain, trainer)
+    trainer.model.train()
+    clip = trainer.job.optimizer.clip_grad
+    hf_autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    sides = {
+        "ours (FSDP2)": lambda b: step_sections(next_token_loss, ours_clip, trainer.model, trainer.optimizer, b, clip, dev),
+        "plain Transformer": lambda b: step_sections(next_token_loss, ours_clip, plain, plain_opt, b, clip, dev),
+        "HF": lambda b: step_sections(hf_loss, hf_clip, hf.model, hf.optimizer, b, clip, dev, hf_autocast),
+    }
+    results = {name: [] for name in sides}
+    names = list(sides)
+    for i, b in enumerate(batches):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            results[name].append(sides[name](b))
+    keep = results if len(batches) <= 2 else {k: v[1:] for k, v in results.items()}  # the first is warmup
+    print(f"\nwhere a step's time goes (median of {len(next(iter(keep.values())))} steps per side, ms):")
+    print(f"{'side':20s} {'forward':>9s} {'backward':>9s} {'fwd+bwd':>9s} {'clip':>8s} {'optimizer':>10s} {'total':>9s}")
+    med = {}
+    for name, rows in keep.items():
+        m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        m["fwd+bwd"] = statistics.median(r["forward"] + r["backward"] for r in rows)
+        m["total"] = statistics.median(sum(r.values()) for r in rows)
+        med[name] = m
+        print(f"{name:20s} {1e3 * m['forward']:9.1f} {1e3 * m['backward']:9.1f} {1e3 * m['fwd+bwd']:9.1f} "
+              f"{1e3 * m['clip']:8.1f} {1e3 * m['optimizer']:10.1f} {1e3 * m['total']:9.1f}")
+    o, p = med["ours (FSDP2)"], med["plain Transformer"]
+    print(f"FSDP2 overhead at world size 1: forward+backward {100 * (o['fwd+bwd'] / p['fwd+bwd'] - 1):+.1f}%, "
+          f"clip {1e3 * (o['clip'] - p['clip']):+.1f} ms, optimizer {1e3 * (o['optimizer'] - p['optimizer']):+.1f} ms, "
+          f"whole step {100 * (o['total'] / p['total'] - 1):+.1f}%")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--hidden-size", type=int, default=None)
+    ap.add_argument("--num-layers", type=int, default=None)
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--global-batch-size", type=int, default=None, help="default: the micro batch (no accumulation)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    ap.add_argument("--rounds", type=int, default=None, help="alternations of the sides over the timed steps "
+                    "(default: one per step, ABBA order)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--profile-overhead", action="store_true", help="also break a step down into forward, backward, "
+                    "clip and optimizer for ours (FSDP2), a plain Transformer and HF")
+    ap.add_argument("--profile-steps", type=int, default=6)
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
+    rounds = max(1, min(args.rounds or args.steps, args.steps))
+    prof_steps = args.profile_steps if args.profile_overhead else 0
+    per_side = args.warmup + args.steps + prof_steps
+    gb = args.global_batch_size or args.micro_batch_size
+    accumulation = gb // args.micro_batch_size
+
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="cookbook-bench-train-") as work:
+        from cookbook.model.config import preset
+        vocab = preset(args.preset).vocab_size
+        data = write_random_tokens(Path(work) / "random_text_document", int((per_side + 2) * gb * (args.seq_length + 1) * 1.1), vocab)
+        trainer = build_trainer(args, data, per_side + 1)
+        if accumulation != trainer.accumulation:
+            raise SystemExit("--global-batch-size must be a multiple of --micro-batch-size")
+        dev = trainer.device
+        cfg = trainer.job.model
+        state = full_state(trainer.model)
+        hf = HFLoop(*build_hf(trainer, state), trainer.job.optimizer.clip_grad, dev, args.dtype == "bf16")
+        batches = [[trainer.loader.next().to(dev) for _ in range(accumulation)] for _ in range(per_side)]
+        tokens_per_step = gb * args.seq_length
+
+        print(f"model: {args.preset} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
+              f"{cfg.num_kv_heads} kv heads, FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}; "
+              f"{cfg.num_params() / 1e6:.2f}M parameters)")
+        print(f"batch: {gb} x {args.seq_length} tokens ({args.micro_batch_size} micro x {accumulation} accumulation); "
+              f"{args.dtype}; {dev.type}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
+              f"{platform.processor() or platform.machine()}; torch {torch.__version__}; transformers {transformers.__version__}")
+
+        ours_step = lambda b: trainer.train_step(b)[0]  # noqa: E731
+        hf_step = hf.step
+        sides = {"ours": ours_step, "hf": hf_step}
+        times: dict[str, list[float]] = {"ours": [], "hf": []}
+
+        # step 0: the same batch, the same weights: the losses must agree
+        first = {name: timed(lambda: fn(batches[0]), dev)[1] for name, fn in sides.items()}
+        diff = abs(first["ours"] - first["hf"])
+        tol = 1e-4 if args.dtype == "fp32" else 5e-2
+        print(f"first-step loss: ours {first['ours']:.6f}  hf {first['hf']:.6f}  |diff| {diff:.2e} (tolerance {tol:g})")
+        if not math.isfinite(diff) or diff > tol:
+            shutdown()
+            raise SystemExit(f"the two sides do not compute the same loss (|diff| {diff:.2e} > {tol:g})")
+        for i in range(1, args.warmup):
+            for name, fn in sides.items():
+                fn(batches[i])
+
+        # timed rounds, alternating which side goes first
+        k = args.warmup
+        per_round = [args.steps // rounds + (r < args.steps % rounds) for r in range(rounds)]
+        for r, n in enumerate(per_round):
+            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+            for name in order:
+                for j in range(n):
+                    times[name].append(timed(lambda: sides[name](batches[k + j]), dev)[0])
+            k += n
+
+        med = {name: statistics.median(t) for name, t in times.items()}
+        print(f"\n{'side':6s} {'median s/step':>14s} {'min':>8s} {'max':>8s} {'tokens/s':>10s}")
+        for name in ("ours", "hf"):
+            t = times[name]
+            print(f"{name:6s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f}")
+        print(f"ratio ours/hf: {med['hf'] / med['ours']:.2f}x  (tokens/s; median of {args.steps} steps per side, "
+              f"{rounds} alternating rounds)")
+        print(f"load average (1 min) at start {load0:.2f}, at the end {os.getloadavg()[0]:.2f} "
+              f"(other work on the machine slows both sides, the one with more small ops more)")
+
+        if args.profile_overhead:
+            profile_overhead(args, trainer, hf, batches[k:k + prof_steps], state)
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -321,8 +321,11 @@ def main() -> None:
         for name in ("ours", "hf"):
             t = times[name]
             print(f"{name:6s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f}")
+        best = {name: min(t) for name, t in times.items()}
         print(f"ratio ours/hf: {med['hf'] / med['ours']:.2f}x  (tokens/s; median of {args.steps} steps per side, "
               f"{rounds} alternating rounds)")
+        print(f"ratio ours/hf, fastest step of each side: {best['hf'] / best['ours']:.2f}x  "
+              f"(the least disturbed by other work on the machine)")
         print(f"load average (1 min) at start {load0:.2f}, at the end {os.getloadavg()[0]:.2f} "
               f"(other work on the machine slows both sides, the one with more small ops more)")
 

@@ -36,8 +36,8 @@ tail -n 30 "$OUT/corpus.jsonl" > "$OUT/heldout.jsonl"
 cookbook eval --load "$OUT/ckpt" --ppl-files "$OUT/heldout.jsonl" --append-eod --seq-length 128,256 \
     --batch-size 8 --device cpu --dump-dir "$OUT/eval"
 
-echo "== 7. generate (greedy, KV cache)"
+echo "== 7. generate (KV cache; temperature 0.7, top-k 40)"
 cookbook generate --load "$OUT/ckpt" --prompt "import os" --prompt "def main(" --max-new-tokens 48 \
-    --temperature 0 --device cpu
+    --temperature 0.7 --top-k 40 --seed 1 --device cpu
 
 echo "demo finished: outputs in $OUT/ (checkpoints and metrics.jsonl in $OUT/ckpt)"

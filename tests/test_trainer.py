@@ -120,6 +120,13 @@ def test_two_processes_equal_one(tmp_path, data):
         assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
         if "grad_norm" in x:
             assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4), (x, y)
+    # the 2-process save resumes in 1 process (DCP reshards by name) and continues as the 1-process run does
+    check(pretrain(train_flags(data, one, 24, load=one, **flags)))
+    check(pretrain(train_flags(data, two, 24, load=two, **flags)))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    for step in range(21, 25):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
 def test_finetune_starts_a_new_run_from_the_weights(tmp_path, data, reference):

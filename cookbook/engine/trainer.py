@@ -118,8 +118,7 @@ class Trainer:
             loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
             loss.backward()
             total += loss.detach()
-        if self.dims.dp > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        self._average_over_dp(total)
         grad_norm = clip_grad_norm(self.model.parameters(), self.job.optimizer.clip_grad)
         loss_value, norm_value = total.item(), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -145,9 +144,14 @@ class Trainer:
         for _ in range(n):
             total += next_token_loss(self.model, loader.next().to(self.device))
         total /= n
-        if self.dims.dp > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        self._average_over_dp(total)
         return total.item()
+
+    def _average_over_dp(self, value: torch.Tensor) -> None:
+        """In place; SUM then divide (gloo has no AVG on every torch version)."""
+        if self.dims.dp > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.dims.dp
 
     # ------------------------------------------------------------------ the loop
 

@@ -16,18 +16,21 @@ weight-decay groups, constant LR, clip at 1.0).
 HF runs its fp32 model under ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 weights and gradients).
 These are the usual bf16 recipes of each, not bit-identical math; the first-step loss check is then loose.
 
-Timing: warmup steps on both sides, then rounds that alternate the sides (ABBA order) so that noise on a
+Timing: warmup steps on both sides, then rounds that alternate the sides (A B, B A, ...) so that noise on a
 shared machine falls on both; each step is timed on its own and the median step time per side is
-reported (tokens/s = micro batch x accumulation x seq / median). Data loading is outside the timed
+reported, with the fastest step (the least disturbed one) beside it (tokens/s = micro batch x accumulation x seq / median). Data loading is outside the timed
 region on both sides (batches are read before timing). The first step's losses, on the same batch and
 the same weights, must agree (fp32: within 1e-4) or the script exits non-zero.
 
 ``--profile-overhead`` adds a breakdown of one step into forward (with loss), backward, clip and
 optimizer step (AdamW + zero_grad) for ours with FSDP2, for a plain ``cookbook.model.Transformer``
 without FSDP (same weights, same AdamW and groups), and for HF, and reports FSDP2's overhead.
+``--what-if`` adds sides that run ``Trainer.train_step`` with one engine piece swapped (fused AdamW on
+CPU; no FSDP2 at world size 1) to price a change to the engine before making it.
 
     python bench/train.py                              # tiny preset, seq 256, micro batch 8, fp32, CPU
     python bench/train.py --profile-overhead
+    python bench/train.py --what-if
     python bench/train.py --device cuda --dtype bf16 --preset llama2-7b --num-layers 2 --threads 0
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import platform
@@ -53,7 +57,8 @@ import torch.nn.functional as F  # noqa: E402
 from cookbook.data.indexed import IndexedDatasetWriter  # noqa: E402
 from cookbook.engine.config import build_config  # noqa: E402
 from cookbook.engine.distributed import shutdown  # noqa: E402
-from cookbook.engine.optim import clip_grad_norm, param_groups  # noqa: E402
+from cookbook.engine.optim import build_optimizer, clip_grad_norm, param_groups  # noqa: E402
+from cookbook.engine.parallelize import build_model  # noqa: E402
 from cookbook.engine.trainer import Trainer, next_token_loss  # noqa: E402
 from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 from cookbook.model import Transformer  # noqa: E402
@@ -116,10 +121,10 @@ def build_hf(trainer: Trainer, state: dict[str, torch.Tensor]):
     return model, make_adamw(model, trainer)
 
 
-def make_adamw(model: torch.nn.Module, trainer: Trainer) -> torch.optim.AdamW:
+def make_adamw(model: torch.nn.Module, trainer: Trainer, fused: bool = False) -> torch.optim.AdamW:
     """torch AdamW with the Trainer's settings and Megatron-LM's decay groups (as build_optimizer)."""
     o = trainer.job.optimizer
-    kind = {"fused": True} if trainer.device.type == "cuda" else {"foreach": True}
+    kind = {"fused": True} if fused or trainer.device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
                              eps=o.adam_eps, **kind)
 
@@ -204,10 +209,11 @@ def profile_overhead(args, trainer: Trainer, hf: HFLoop, batches: list[list[torc
     plain_opt = make_adamw(plain, trainer)
     trainer.model.train()
     clip = trainer.job.optimizer.clip_grad
+    plain_name = "plain (bf16 weights)" if bf16 else "plain Transformer"
     hf_autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     sides = {
         "ours (FSDP2)": lambda b: step_sections(next_token_loss, ours_clip, trainer.model, trainer.optimizer, b, clip, dev),
-        "plain Transformer": lambda b: step_sections(next_token_loss, ours_clip, plain, plain_opt, b, clip, dev),
+        plain_name: lambda b: step_sections(next_token_loss, ours_clip, plain, plain_opt, b, clip, dev),
         "HF": lambda b: step_sections(hf_loss, hf_clip, hf.model, hf.optimizer, b, clip, dev, hf_autocast),
     }
     results = {name: [] for name in sides}
@@ -227,10 +233,39 @@ def profile_overhead(args, trainer: Trainer, hf: HFLoop, batches: list[list[torc
         med[name] = m
         print(f"{name:20s} {1e3 * m['forward']:9.1f} {1e3 * m['backward']:9.1f} {1e3 * m['fwd+bwd']:9.1f} "
               f"{1e3 * m['clip']:8.1f} {1e3 * m['optimizer']:10.1f} {1e3 * m['total']:9.1f}")
-    o, p = med["ours (FSDP2)"], med["plain Transformer"]
+    o, p = med["ours (FSDP2)"], med[plain_name]
     print(f"FSDP2 overhead at world size 1: forward+backward {100 * (o['fwd+bwd'] / p['fwd+bwd'] - 1):+.1f}%, "
           f"clip {1e3 * (o['clip'] - p['clip']):+.1f} ms, optimizer {1e3 * (o['optimizer'] - p['optimizer']):+.1f} ms, "
           f"whole step {100 * (o['total'] / p['total'] - 1):+.1f}%")
+
+
+# --------------------------------------------------------------------------- --what-if
+
+
+def what_if_sides(args, trainer: Trainer, state: dict[str, torch.Tensor]) -> dict:
+    """Extra sides: ``Trainer.train_step`` with an engine piece swapped, to price a change before making it.
+
+    - ``ours+fusedAdamW``: the FSDP2 model, torch AdamW ``fused=True`` (the engine uses it on CUDA only);
+    - ``ours-noFSDP`` (fp32 only): a plain ``Transformer`` with the same weights, the engine's AdamW;
+    - ``ours-noFSDP+fused`` (fp32 only): both.
+    """
+    job = trainer.job
+    out = {}
+
+    def variant(model, fused: bool):
+        t = copy.copy(trainer)
+        t.model = model
+        t.optimizer = make_adamw(model, trainer, fused=True) if fused else build_optimizer(model, job.optimizer)
+        return lambda b: t.train_step(b)[0]
+
+    fsdp = build_model(job.model, trainer.mesh, trainer.dims, trainer.device, job.training.dtype, job.training.seed)
+    out["ours+fusedAdamW"] = variant(fsdp, True)
+    if args.dtype == "fp32":
+        for name, fused in (("ours-noFSDP", False), ("ours-noFSDP+fused", True)):
+            plain = Transformer(job.model).to(trainer.device)
+            plain.load_state_dict(state)
+            out[name] = variant(plain, fused)
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -255,6 +290,8 @@ def main() -> None:
     ap.add_argument("--profile-overhead", action="store_true", help="also break a step down into forward, backward, "
                     "clip and optimizer for ours (FSDP2), a plain Transformer and HF")
     ap.add_argument("--profile-steps", type=int, default=6)
+    ap.add_argument("--what-if", action="store_true", help="also time Trainer.train_step with fused AdamW and (fp32) "
+                    "without FSDP2, to price those engine changes")
     args = ap.parse_args()
 
     if args.threads:
@@ -289,39 +326,42 @@ def main() -> None:
               f"{args.dtype}; {dev.type}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
               f"{platform.processor() or platform.machine()}; torch {torch.__version__}; transformers {transformers.__version__}")
 
-        ours_step = lambda b: trainer.train_step(b)[0]  # noqa: E731
-        hf_step = hf.step
-        sides = {"ours": ours_step, "hf": hf_step}
-        times: dict[str, list[float]] = {"ours": [], "hf": []}
+        sides = {"ours": lambda b: trainer.train_step(b)[0], "hf": hf.step}
+        if args.what_if:
+            sides.update(what_if_sides(args, trainer, state))
 
         # step 0: the same batch, the same weights: the losses must agree
-        first = {name: timed(lambda: fn(batches[0]), dev)[1] for name, fn in sides.items()}
-        diff = abs(first["ours"] - first["hf"])
+        first = {name: fn(batches[0]) for name, fn in sides.items()}
         tol = 1e-4 if args.dtype == "fp32" else 5e-2
-        print(f"first-step loss: ours {first['ours']:.6f}  hf {first['hf']:.6f}  |diff| {diff:.2e} (tolerance {tol:g})")
-        if not math.isfinite(diff) or diff > tol:
+        diffs = {name: abs(loss - first["hf"]) for name, loss in first.items()}
+        print(f"first-step loss: ours {first['ours']:.6f}  hf {first['hf']:.6f}  |diff| {diffs['ours']:.2e} (tolerance {tol:g})"
+              + "".join(f"; {name} {loss:.6f}" for name, loss in first.items() if name not in ("ours", "hf")))
+        bad = [name for name, d in diffs.items() if not d <= tol]
+        if bad:
             shutdown()
-            raise SystemExit(f"the two sides do not compute the same loss (|diff| {diff:.2e} > {tol:g})")
+            raise SystemExit(f"{', '.join(bad)} and hf do not compute the same loss (|diff| {max(diffs[b] for b in bad):.2e} > {tol:g})")
         for i in range(1, args.warmup):
-            for name, fn in sides.items():
+            for fn in sides.values():
                 fn(batches[i])
 
-        # timed rounds, alternating which side goes first
+        # timed rounds; the order of the sides reverses every round (A B, B A, ...)
+        times: dict[str, list[float]] = {name: [] for name in sides}
         k = args.warmup
         per_round = [args.steps // rounds + (r < args.steps % rounds) for r in range(rounds)]
         for r, n in enumerate(per_round):
-            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+            order = list(sides) if r % 2 == 0 else list(sides)[::-1]
             for name in order:
                 for j in range(n):
                     times[name].append(timed(lambda: sides[name](batches[k + j]), dev)[0])
             k += n
 
         med = {name: statistics.median(t) for name, t in times.items()}
-        print(f"\n{'side':6s} {'median s/step':>14s} {'min':>8s} {'max':>8s} {'tokens/s':>10s}")
-        for name in ("ours", "hf"):
-            t = times[name]
-            print(f"{name:6s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f}")
         best = {name: min(t) for name, t in times.items()}
+        width = max(len(name) for name in sides)
+        print(f"\n{'side':{width}s} {'median s/step':>14s} {'min':>8s} {'max':>8s} {'tokens/s':>10s} {'vs hf':>7s}")
+        for name, t in times.items():
+            print(f"{name:{width}s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f} "
+                  f"{med['hf'] / med[name]:6.2f}x")
         print(f"ratio ours/hf: {med['hf'] / med['ours']:.2f}x  (tokens/s; median of {args.steps} steps per side, "
               f"{rounds} alternating rounds)")
         print(f"ratio ours/hf, fastest step of each side: {best['hf'] / best['ours']:.2f}x  "

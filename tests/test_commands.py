@@ -34,8 +34,9 @@ def trained(tmp_path_factory, sp_model):
     check(pretrain(SMALL + ["--data-path", data, "--tokenizer-model", str(sp_model), "--seq-length", "32", "--split", "90,10,0",
                             "--train-iters", "8", "--micro-batch-size", "2", "--eval-interval", "8", "--eval-iters", "2",
                             "--dtype", "fp32", "--device", "cpu", "--save", str(save)]))
-    heldout = write_jsonl(folder / "heldout.jsonl", stdlib_texts(3, offset=600))
-    return {"save": save, "data": data, "heldout": heldout, "tokenizer": sp_model}
+    heldout = write_jsonl(folder / "heldout.jsonl", [t[:3000] for t in stdlib_texts(2, offset=600)])
+    check(run_cli("preprocess", "--input", heldout, "--output-prefix", folder / "heldout", "--tokenizer-model", sp_model, "--append-eod"))
+    return {"save": save, "data": data, "heldout": heldout, "heldout_data": str(folder / "heldout_text_document"), "tokenizer": sp_model}
 
 
 def test_checkpoint_records_the_padded_tokenizer_vocab(trained):
@@ -57,7 +58,7 @@ def test_loaded_model_reproduces_the_logged_valid_loss(trained):
 
 
 def test_eval_command_equals_evaluate(trained, tmp_path):
-    proc = run_cli("eval", "--load", trained["save"], "--ppl-files", trained["heldout"], "--data-path", trained["data"],
+    proc = run_cli("eval", "--load", trained["save"], "--ppl-files", trained["heldout"], "--data-path", trained["heldout_data"],
                    "--seq-length", "16,32", "--stride", "8", "--batch-size", "3", "--append-eod", "--device", "cpu",
                    "--dump-dir", tmp_path)
     check(proc)
@@ -71,6 +72,10 @@ def test_eval_command_equals_evaluate(trained, tmp_path):
     for r, e in zip(got, expected):
         assert abs(r["nll"] - e.nll) < 1e-6
     assert len(dumped["results"]) == 4  # two sources x two lengths
+    # the same documents as jsonl (with EOD) and as the indexed dataset preprocess made: the same stream
+    by_source = {(r["name"], r["seq_length"]): r["nll"] for r in dumped["results"]}
+    for length in (16, 32):
+        assert by_source[(str(trained["heldout"]), length)] == by_source[(trained["heldout_data"], length)]
 
 
 def test_generate_command_equals_generate(trained, tmp_path):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.config import JobConfig
 from cookbook.engine.distributed import all_reduce_max, init_distributed
+from cookbook.engine.loss import cross_entropy
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
 from cookbook.engine.parallelize import build_model
@@ -35,9 +35,8 @@ from cookbook.progress import console
 
 
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (logits in fp32)."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked)."""
+    return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
 
 class Trainer:

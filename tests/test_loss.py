@@ -1,0 +1,51 @@
+"""Chunked cross-entropy: the plain loss and gradients, with fp32 logits never held for the whole batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cookbook.engine.loss import cross_entropy
+
+
+def saved_bytes(fn, exclude: torch.Tensor):
+    """Bytes of distinct storages autograd saves for backward while ``fn`` runs, other than ``exclude``'s."""
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != exclude.untyped_storage().data_ptr():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_equals_plain(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 50, 97, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 97, (3, 50), generator=g)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    plain = F.cross_entropy(a.float().flatten(0, 1), targets.flatten())
+    chunked = cross_entropy(b, targets, chunk_elements=97 * 16)  # 10 chunks, the last one short
+    assert chunked.dtype == torch.float32
+    assert abs(plain.item() - chunked.item()) < 1e-6
+    plain.backward()
+    chunked.backward()
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=1e-7 if dtype == torch.float32 else 1e-3, rtol=0)
+    with torch.no_grad():
+        assert abs(cross_entropy(logits, targets, chunk_elements=97 * 16).item() - plain.item()) < 1e-6
+
+
+def test_no_fp32_copy_of_all_logits_is_kept():
+    logits = torch.randn(4, 256, 1000).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 1000, (4, 256))
+    _, plain = saved_bytes(lambda: F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), logits)
+    _, chunked = saved_bytes(lambda: cross_entropy(logits, targets, chunk_elements=64 * 1000), logits)
+    fp32_logits = logits.numel() * 4
+    assert plain >= fp32_logits  # log-softmax keeps an fp32 copy of every logit
+    assert chunked < fp32_logits / 100, (chunked, fp32_logits)  # only the targets and the logits themselves

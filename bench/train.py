@@ -3,17 +3,17 @@
 Both sides train the same model (our preset, given to transformers' ``LlamaForCausalLM`` through
 ``cookbook.formats.hf.hf_config`` with our initial weights copied in), on the same micro batches (read
 once from a temporary Megatron indexed dataset of random tokens by the Trainer's own loader), in the
-same dtype, with the same optimizer settings (torch AdamW, foreach on CPU, fused on CUDA, Megatron-LM's
-weight-decay groups, constant LR, clip at 1.0).
+same dtype, with the same optimizer settings (torch AdamW: the engine's fused kernel for ours, the
+textbook ``foreach`` for HF; Megatron-LM's weight-decay groups, constant LR, clip at 1.0).
 
-- ours: ``cookbook.engine.trainer.Trainer`` as ``cookbook pretrain`` builds it: a world of one
-  (gloo / NCCL), FSDP2 ``fully_shard`` per block and at the root, ``Trainer.train_step``.
+- ours: ``cookbook.engine.trainer.Trainer`` as ``cookbook pretrain`` builds it in one process (a world
+  of one: the plain model, no FSDP2 wrapping), ``Trainer.train_step``.
 - HF:   ``LlamaForCausalLM(attn_implementation="sdpa", use_cache=False)`` and the textbook loop:
   ``logits = model(input_ids=x[:, :-1]).logits``; fp32 cross-entropy; ``backward``;
   ``clip_grad_norm_``; ``AdamW.step``; ``zero_grad(set_to_none=True)``.
 
-``--dtype bf16``: ours is FSDP2 mixed precision (bf16 compute, fp32 master weights and gradients);
-HF runs its fp32 model under ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 weights and gradients).
+``--dtype bf16``: in one process ours runs under ``torch.autocast(bfloat16)`` too (FSDP2's mixed precision
+when there are several processes); HF runs its fp32 model under ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 weights and gradients).
 These are the usual bf16 recipes of each, not bit-identical math; the first-step loss check is then loose.
 
 Timing: warmup steps on both sides, then rounds that alternate the sides (A B, B A, ...) so that noise on a
@@ -22,15 +22,11 @@ reported, with the fastest step (the least disturbed one) beside it (tokens/s = 
 region on both sides (batches are read before timing). The first step's losses, on the same batch and
 the same weights, must agree (fp32: within 1e-4) or the script exits non-zero.
 
-``--profile-overhead`` adds a breakdown of one step into forward (with loss), backward, clip and
-optimizer step (AdamW + zero_grad) for ours with FSDP2, for a plain ``cookbook.model.Transformer``
-without FSDP (same weights, same AdamW and groups), and for HF, and reports FSDP2's overhead.
-``--what-if`` adds sides that run ``Trainer.train_step`` with one engine piece swapped (fused AdamW on
-CPU; no FSDP2 at world size 1) to price a change to the engine before making it.
+The single-process engine runs the plain model (FSDP2 only wraps it when there are several
+processes) with fused AdamW; docs/benchmarks.md records how FSDP2's copies at world size 1 were
+measured (4% of a CPU step) before that choice.
 
     python bench/train.py                              # tiny preset, seq 256, micro batch 8, fp32, CPU
-    python bench/train.py --profile-overhead
-    python bench/train.py --what-if
     python bench/train.py --device cuda --dtype bf16 --preset llama2-7b --num-layers 2 --threads 0
 """
 
@@ -38,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import math
 import os
 import platform
 import statistics
@@ -57,11 +51,10 @@ import torch.nn.functional as F  # noqa: E402
 from cookbook.data.indexed import IndexedDatasetWriter  # noqa: E402
 from cookbook.engine.config import build_config  # noqa: E402
 from cookbook.engine.distributed import shutdown  # noqa: E402
-from cookbook.engine.optim import build_optimizer, clip_grad_norm, param_groups  # noqa: E402
-from cookbook.engine.parallelize import build_model  # noqa: E402
-from cookbook.engine.trainer import Trainer, next_token_loss  # noqa: E402
+from cookbook.engine.optim import param_groups  # noqa: E402
+from cookbook.engine.trainer import Trainer  # noqa: E402
 from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
-from cookbook.model import Transformer  # noqa: E402
+from cookbook.errors import CookbookError  # noqa: E402
 
 
 def write_random_tokens(prefix: Path, tokens: int, vocab: int, seed: int = 0) -> str:
@@ -155,6 +148,32 @@ class HFLoop:
         return float(total)
 
 
+class OtherLoad:
+    """The share of the machine's CPU time that other processes used between ``start`` and ``stop``
+    (Linux: /proc/stat's busy time less this process's own), to tell a quiet run from a disturbed one."""
+
+    @staticmethod
+    def _read() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            v = [float(x) for x in f.readline().split()[1:9]]
+        t = os.times()
+        return sum(v) - v[3] - v[4], sum(v), t.user + t.system  # busy, total (clock ticks); ours (s)
+
+    def start(self) -> None:
+        try:
+            self.begin = self._read()
+        except OSError:
+            self.begin = None
+
+    def stop(self) -> float | None:
+        if self.begin is None:
+            return None
+        end = self._read()
+        hz = os.sysconf("SC_CLK_TCK")
+        busy, total = (end[0] - self.begin[0]) / hz, (end[1] - self.begin[1]) / hz
+        return max(0.0, busy - (end[2] - self.begin[2])) / total if total > 0 else None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,106 +185,6 @@ def timed(fn, device: torch.device):
     out = fn()
     sync(device)
     return time.perf_counter() - t0, out
-
-
-# --------------------------------------------------------------------------- --profile-overhead
-
-
-def step_sections(forward_loss, clip_fn, model, optimizer, batches, clip, device, autocast=contextlib.nullcontext):
-    """Seconds of forward (with loss), backward, clip and optimizer step + zero_grad for one step."""
-    t = dict.fromkeys(("forward", "backward", "clip", "optimizer"), 0.0)
-    for x in batches:
-        x = x.to(device)
-        with autocast():
-            dt, loss = timed(lambda: forward_loss(model, x) / len(batches), device)
-        t["forward"] += dt
-        t["backward"] += timed(loss.backward, device)[0]
-    t["clip"] = timed(lambda: clip_fn(model, clip), device)[0]
-
-    def opt():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    t["optimizer"] = timed(opt, device)[0]
-    return t
-
-
-def ours_clip(model, clip):
-    return clip_grad_norm(model.parameters(), clip)
-
-
-def hf_clip(model, clip):
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-
-
-def profile_overhead(args, trainer: Trainer, hf: HFLoop, batches: list[list[torch.Tensor]], state) -> None:
-    dev = trainer.device
-    bf16 = args.dtype == "bf16"
-    plain = Transformer(trainer.job.model).to(dev)
-    plain.load_state_dict(state)
-    if bf16:  # FSDP2's mixed precision casts the weights to bf16 for compute: the plain model computes in bf16
-        plain = plain.to(torch.bfloat16)
-    plain.train()
-    plain_opt = make_adamw(plain, trainer)
-    trainer.model.train()
-    clip = trainer.job.optimizer.clip_grad
-    plain_name = "plain (bf16 weights)" if bf16 else "plain Transformer"
-    hf_autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    sides = {
-        "ours (FSDP2)": lambda b: step_sections(next_token_loss, ours_clip, trainer.model, trainer.optimizer, b, clip, dev),
-        plain_name: lambda b: step_sections(next_token_loss, ours_clip, plain, plain_opt, b, clip, dev),
-        "HF": lambda b: step_sections(hf_loss, hf_clip, hf.model, hf.optimizer, b, clip, dev, hf_autocast),
-    }
-    results = {name: [] for name in sides}
-    names = list(sides)
-    for i, b in enumerate(batches):
-        order = names if i % 2 == 0 else names[::-1]
-        for name in order:
-            results[name].append(sides[name](b))
-    keep = results if len(batches) <= 2 else {k: v[1:] for k, v in results.items()}  # the first is warmup
-    print(f"\nwhere a step's time goes (median of {len(next(iter(keep.values())))} steps per side, ms):")
-    print(f"{'side':20s} {'forward':>9s} {'backward':>9s} {'fwd+bwd':>9s} {'clip':>8s} {'optimizer':>10s} {'total':>9s}")
-    med = {}
-    for name, rows in keep.items():
-        m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        m["fwd+bwd"] = statistics.median(r["forward"] + r["backward"] for r in rows)
-        m["total"] = statistics.median(sum(r.values()) for r in rows)
-        med[name] = m
-        print(f"{name:20s} {1e3 * m['forward']:9.1f} {1e3 * m['backward']:9.1f} {1e3 * m['fwd+bwd']:9.1f} "
-              f"{1e3 * m['clip']:8.1f} {1e3 * m['optimizer']:10.1f} {1e3 * m['total']:9.1f}")
-    o, p = med["ours (FSDP2)"], med[plain_name]
-    print(f"FSDP2 overhead at world size 1: forward+backward {100 * (o['fwd+bwd'] / p['fwd+bwd'] - 1):+.1f}%, "
-          f"clip {1e3 * (o['clip'] - p['clip']):+.1f} ms, optimizer {1e3 * (o['optimizer'] - p['optimizer']):+.1f} ms, "
-          f"whole step {100 * (o['total'] / p['total'] - 1):+.1f}%")
-
-
-# --------------------------------------------------------------------------- --what-if
-
-
-def what_if_sides(args, trainer: Trainer, state: dict[str, torch.Tensor]) -> dict:
-    """Extra sides: ``Trainer.train_step`` with an engine piece swapped, to price a change before making it.
-
-    - ``ours+fusedAdamW``: the FSDP2 model, torch AdamW ``fused=True`` (the engine uses it on CUDA only);
-    - ``ours-noFSDP`` (fp32 only): a plain ``Transformer`` with the same weights, the engine's AdamW;
-    - ``ours-noFSDP+fused`` (fp32 only): both.
-    """
-    job = trainer.job
-    out = {}
-
-    def variant(model, fused: bool):
-        t = copy.copy(trainer)
-        t.model = model
-        t.optimizer = make_adamw(model, trainer, fused=True) if fused else build_optimizer(model, job.optimizer)
-        return lambda b: t.train_step(b)[0]
-
-    fsdp = build_model(job.model, trainer.mesh, trainer.dims, trainer.device, job.training.dtype, job.training.seed)
-    out["ours+fusedAdamW"] = variant(fsdp, True)
-    if args.dtype == "fp32":
-        for name, fused in (("ours-noFSDP", False), ("ours-noFSDP+fused", True)):
-            plain = Transformer(job.model).to(trainer.device)
-            plain.load_state_dict(state)
-            out[name] = variant(plain, fused)
-    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -287,19 +206,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--profile-overhead", action="store_true", help="also break a step down into forward, backward, "
-                    "clip and optimizer for ours (FSDP2), a plain Transformer and HF")
-    ap.add_argument("--profile-steps", type=int, default=6)
-    ap.add_argument("--what-if", action="store_true", help="also time Trainer.train_step with fused AdamW and (fp32) "
-                    "without FSDP2, to price those engine changes")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load0 = os.getloadavg()[0]
     rounds = max(1, min(args.rounds or args.steps, args.steps))
-    prof_steps = args.profile_steps if args.profile_overhead else 0
-    per_side = args.warmup + args.steps + prof_steps
+    per_side = args.warmup + args.steps
     gb = args.global_batch_size or args.micro_batch_size
     accumulation = gb // args.micro_batch_size
 
@@ -327,8 +239,6 @@ def main() -> None:
               f"{platform.processor() or platform.machine()}; torch {torch.__version__}; transformers {transformers.__version__}")
 
         sides = {"ours": lambda b: trainer.train_step(b)[0], "hf": hf.step}
-        if args.what_if:
-            sides.update(what_if_sides(args, trainer, state))
 
         # step 0: the same batch, the same weights: the losses must agree
         first = {name: fn(batches[0]) for name, fn in sides.items()}
@@ -347,6 +257,8 @@ def main() -> None:
         # timed rounds; the order of the sides reverses every round (A B, B A, ...)
         times: dict[str, list[float]] = {name: [] for name in sides}
         k = args.warmup
+        other = OtherLoad()
+        other.start()
         per_round = [args.steps // rounds + (r < args.steps % rounds) for r in range(rounds)]
         for r, n in enumerate(per_round):
             order = list(sides) if r % 2 == 0 else list(sides)[::-1]
@@ -355,6 +267,7 @@ def main() -> None:
                     times[name].append(timed(lambda: sides[name](batches[k + j]), dev)[0])
             k += n
 
+        other_share = other.stop()
         med = {name: statistics.median(t) for name, t in times.items()}
         best = {name: min(t) for name, t in times.items()}
         width = max(len(name) for name in sides)
@@ -366,13 +279,16 @@ def main() -> None:
               f"{rounds} alternating rounds)")
         print(f"ratio ours/hf, fastest step of each side: {best['hf'] / best['ours']:.2f}x  "
               f"(the least disturbed by other work on the machine)")
-        print(f"load average (1 min) at start {load0:.2f}, at the end {os.getloadavg()[0]:.2f} "
-              f"(other work on the machine slows both sides, the one with more small ops more)")
+        if other_share is not None:
+            print(f"other processes used {100 * other_share:.0f}% of the machine's CPU time during the timed steps "
+                  f"(this run: {os.cpu_count()} CPUs, {torch.get_num_threads()} threads); above a few % the figures are "
+                  "disturbed, the side with more small ops the more")
 
-        if args.profile_overhead:
-            profile_overhead(args, trainer, hf, batches[k:k + prof_steps], state)
         shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CookbookError as e:
+        sys.exit(f"error: {e}")

@@ -300,6 +300,17 @@ TRAINING_FLAGS = [
     (("--eval-iters",), "training", "eval_iters", int, "Global batches per evaluation."),
     (("--log-interval",), "training", "log_interval", int, "Log every N iterations."),
     (("--tensorboard-dir",), "training", "tensorboard_dir", str, "Also write TensorBoard events here."),
+    # memory and speed
+    (("--recompute-granularity",), "training", "recompute_granularity", str, "Activation recompute: none, selective or full."),
+    (("--recompute-method",), "training", "recompute_method", str, "With full: uniform or block."),
+    (("--recompute-num-layers",), "training", "recompute_num_layers", int, "With full: layers per recompute unit (uniform) or recomputed layers (block)."),
+    (("--compile/--no-compile",), "training", "compile", bool, "torch.compile each transformer block."),
+    # parallelism (data parallel fills what the others leave)
+    (("--tensor-model-parallel-size",), "parallel", "tp", int, "Tensor-parallel degree."),
+    (("--sequence-parallel/--no-sequence-parallel",), "parallel", "sequence_parallel", bool, "Shard norms and residuals by sequence across the tensor-parallel ranks."),
+    (("--pipeline-model-parallel-size",), "parallel", "pp", int, "Pipeline-parallel degree."),
+    (("--context-parallel-size",), "parallel", "cp", int, "Context-parallel degree."),
+    (("--data-parallel-replicate-size",), "parallel", "dp_replicate", int, "HSDP: replicas of the sharded model (default 1)."),
     # checkpoints
     (("--save",), "checkpoint", "save", str, "Folder for checkpoints and metrics.jsonl."),
     (("--load",), "checkpoint", "load", str, "Continue from this checkpoint (a save folder or one step_* directory)."),
@@ -307,7 +318,8 @@ TRAINING_FLAGS = [
     (("--save-interval",), "checkpoint", "save_interval", int, "Save every N iterations (0: only at the end)."),
     (("--keep-last",), "checkpoint", "keep_last", int, "Keep the newest N saves (0: all)."),
 ]
-PANELS = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "training": "Training", "checkpoint": "Checkpoints"}
+PANELS = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "training": "Training", "checkpoint": "Checkpoints",
+          "parallel": "Parallelism"}
 MULTI_VALUE_FLAGS = ("--data-path",)  # Megatron-LM style: --data-path 0.3 A 0.7 B
 
 

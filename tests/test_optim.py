@@ -167,7 +167,7 @@ def test_param_groups_are_megatrons():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(every) == len(set(every)) == len(trainable) and set(every) == trainable
     for g in opt.param_groups:
-        assert g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) and g["eps"] == 1e-5 and g["foreach"]
+        assert g["lr"] == 1e-3 and g["betas"] == (0.9, 0.95) and g["eps"] == 1e-5 and g["fused"]
 
 
 def test_set_lr_sets_every_group():

@@ -168,3 +168,32 @@ def test_multi_value_data_path_is_joined():
     argv = ["pretrain", "--data-path", "0.3", "A", "0.7", "B", "--lr", "1"]
     assert join_multi_value_flags(argv) == ["pretrain", "--data-path", "0.3 A 0.7 B", "--lr", "1"]
     assert join_multi_value_flags(["--data-path", "A"]) == ["--data-path", "A"]
+
+
+def test_tensor_parallel_and_recompute_equal_one_process_and_reshard(tmp_path, data):
+    """TP=2 + SP + selective recompute (2 processes) equals one process; its step-6 save resumes under
+    FSDP=2 with full recompute (another layout) and continues as the one-process run does."""
+    one, tp, re = tmp_path / "one", tmp_path / "tp", tmp_path / "re"
+    flags = dict(global_batch_size=4, save_interval=6, adam_eps=1e-6)  # see tests/tp_train.py on eps
+    check(pretrain(train_flags(data, one, 10, **flags)))
+    check(pretrain(train_flags(data, tp, 10, tensor_model_parallel_size=2, recompute_granularity="selective", **flags)
+                   + ["--sequence-parallel"], nproc=2))
+    check(pretrain(train_flags(data, re, 10, load=tp / "step_000006", recompute_granularity="full", **flags), nproc=2))
+    a, b, c = losses(one), losses(tp), losses(re)
+    assert sorted(a) == sorted(b) == list(range(1, 11)) and sorted(c) == list(range(7, 11))
+    for step in range(1, 11):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    for step in range(7, 11):
+        assert abs(a[step] - c[step]) <= 1e-5, (step, a[step], c[step])
+
+
+def test_bf16_one_and_two_processes_agree(tmp_path, data):
+    """bf16: autocast in one process, FSDP2's mixed precision in two; the same run to bf16 accuracy."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = dict(global_batch_size=4, dtype="bf16")
+    check(pretrain(train_flags(data, one, 4, **flags)))
+    check(pretrain(train_flags(data, two, 4, **flags), nproc=2))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert math.isfinite(a[step]) and abs(a[step] - b[step]) < 0.05, (step, a[step], b[step])

@@ -56,6 +56,11 @@ class TrainingConfig:
     eval_iters: int = 10
     log_interval: int = 10
     tensorboard_dir: str | None = None
+    # memory and speed (Megatron-LM's names): recompute none | selective | full (uniform | block)
+    recompute_granularity: str = "none"
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    compile: bool = False  # torch.compile each transformer block
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp32"):

@@ -27,7 +27,13 @@ class ParallelDims:
 
     ``dp_shard = -1`` takes whatever the other degrees leave. Data parallel is FSDP2 over
     ``dp_shard`` (ZeRO-3: parameters, gradients and optimizer state sharded), replicated over
-    ``dp_replicate`` (HSDP). Tensor, pipeline and context parallel plug in on the same mesh.
+    ``dp_replicate`` (HSDP). Tensor parallel (Megatron-LM's, ``tp`` ranks splitting every matmul)
+    shares the mesh with it; ``sequence_parallel`` adds Megatron-LM's sequence parallel to it (norms
+    and residuals sharded along the sequence between the tensor-parallel regions), and, as in
+    Megatron-LM, means nothing at ``tp = 1``. Pipeline and context parallel plug in on the same mesh.
+
+    Ranks are laid out ``pp`` outermost, ``tp`` innermost: the ``tp`` ranks of one group are
+    consecutive (one node's fast links), and all of them see the same data.
     """
 
     dp_replicate: int = 1
@@ -35,6 +41,7 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False
 
     def resolve(self, world_size: int) -> "ParallelDims":
         fixed = self.dp_replicate * self.cp * self.tp * self.pp
@@ -51,9 +58,9 @@ class ParallelDims:
                 f"parallel degrees pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={dp_shard} cp={self.cp} "
                 f"tp={self.tp} multiply to {fixed * max(dp_shard, 0)}, not the world size {world_size}"
             )
-        if self.tp > 1 or self.pp > 1 or self.cp > 1:
-            raise CookbookError("tensor, pipeline and context parallel are not available yet; use data parallel (FSDP2)")
-        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp)
+        if self.pp > 1 or self.cp > 1:
+            raise CookbookError("pipeline and context parallel are not available yet; use data and tensor parallel")
+        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.sequence_parallel and self.tp > 1)
 
     @property
     def dp(self) -> int:

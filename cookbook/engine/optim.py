@@ -162,16 +162,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """torch AdamW over ``param_groups``: the fused kernel on CUDA, ``foreach`` elsewhere."""
+    """torch AdamW over ``param_groups``: the fused kernel (CUDA and CPU), ``foreach`` on other devices."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
-        **({"fused": True} if on_cuda else {"foreach": True}),
+        **({"fused": True} if fused else {"foreach": True}),
     )
 
 

@@ -13,6 +13,7 @@ continues bitwise where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
@@ -28,7 +30,8 @@ from cookbook.engine.distributed import all_reduce_max, init_distributed
 from cookbook.engine.loss import cross_entropy
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
-from cookbook.engine.parallelize import build_model
+from cookbook.engine.parallelize import Speedups, build_model, check_tp
+from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError
 from cookbook.model.config import megatron_flops_per_iteration
 from cookbook.progress import console
@@ -57,9 +60,16 @@ class Trainer:
             )
         self.accumulation = self.global_batch // per_step
 
+        check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers)
+        check_tp(job.model, self.dims.tp)
+        if self.dims.sequence_parallel and job.data.seq_length % self.dims.tp:
+            raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {self.dims.tp} under --sequence-parallel")
         torch.manual_seed(t.seed)
-        self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed)
+        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile)
+        self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
+        # bf16 without FSDP (a world of one): autocast; with FSDP its mixed-precision policy casts instead
+        self.autocast = t.dtype == "bf16" and not isinstance(self.model, FSDPModule)
         self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
 
         sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
@@ -114,10 +124,11 @@ class Trainer:
         set_lr(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
+            with self._precision():
+                loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
             loss.backward()
             total += loss.detach()
-        self._average_over_dp(total)
+        self._average_over_ranks(total)
         grad_norm = clip_grad_norm(self.model.parameters(), self.job.optimizer.clip_grad)
         loss_value, norm_value = total.item(), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -141,16 +152,21 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = self.job.training.eval_iters * self.accumulation
         for _ in range(n):
-            total += next_token_loss(self.model, loader.next().to(self.device))
+            with self._precision():
+                total += next_token_loss(self.model, loader.next().to(self.device))
         total /= n
-        self._average_over_dp(total)
+        self._average_over_ranks(total)
         return total.item()
 
-    def _average_over_dp(self, value: torch.Tensor) -> None:
-        """In place; SUM then divide (gloo has no AVG on every torch version)."""
-        if self.dims.dp > 1:
+    def _precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def _average_over_ranks(self, value: torch.Tensor) -> None:
+        """In place, over every rank: the tensor-parallel ranks of a data-parallel group hold the same
+        loss, so this is the data-parallel mean. SUM then divide (gloo lacks AVG on some versions)."""
+        if self.dist.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.dims.dp
+            value /= self.dist.world_size
 
     # ------------------------------------------------------------------ the loop
 

@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/preprocess.py --workers 2
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -33,6 +33,7 @@ EXAMPLES = """\
   cookbook merge --input data/ --output-prefix data/all
   cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
   cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --save ckpt/tiny
+  cookbook plan --preset llama-65b --seq-length 4096 --num-gpus 128
   cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512
   cookbook generate --load ckpt/tiny --prompt "def main(" --temperature 0
 """
@@ -378,6 +379,47 @@ def pretrain(config: Optional[Path], overrides: dict) -> None:
     from recipes.pretrain import run
 
     run(config, overrides)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@app.command()
+def plan(
+    preset: Annotated[Optional[str], typer.Option(help="Model preset (or give the shapes).", rich_help_panel="Model")] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Transformer layers.", rich_help_panel="Model")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(help="Hidden size.", rich_help_panel="Model")] = None,
+    num_attention_heads: Annotated[Optional[int], typer.Option(help="Attention heads.", rich_help_panel="Model")] = None,
+    num_query_groups: Annotated[Optional[int], typer.Option(help="Key/value heads.", rich_help_panel="Model")] = None,
+    ffn_hidden_size: Annotated[Optional[int], typer.Option(help="SwiGLU hidden size.", rich_help_panel="Model")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size.", rich_help_panel="Model")] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help="Tokens per sample (default: the model's context).", rich_help_panel="Job")] = None,
+    global_batch_size: Annotated[int, typer.Option(help="Samples per iteration.", rich_help_panel="Job")] = 1024,
+    gpu: Annotated[str, typer.Option(help="A100-80GB, A100-40GB, H100-80GB, H200 or L40S.", rich_help_panel="Cluster")] = "A100-80GB",
+    num_gpus: Annotated[int, typer.Option(help="GPUs in all.", rich_help_panel="Cluster")] = 8,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (tensor parallel stays within one).", rich_help_panel="Cluster")] = 8,
+    micro_batch_sizes: Annotated[str, typer.Option(help="Micro batch sizes to consider.", rich_help_panel="Job")] = "1,2,4",
+    max_tp: Annotated[Optional[int], typer.Option(help="Largest tensor-parallel size to consider.", rich_help_panel="Cluster")] = None,
+    max_pp: Annotated[Optional[int], typer.Option(help="Largest pipeline-parallel size to consider.", rich_help_panel="Cluster")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list the layouts that do not fit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every layout as JSON.")] = False,
+) -> None:
+    """Memory per GPU and estimated step time of each parallel layout; recommends one.
+
+    Example: cookbook plan --preset llama-65b --seq-length 4096 --global-batch-size 1024 --gpu A100-80GB --num-gpus 128
+    """
+    from recipes.plan import render, run
+
+    shapes = {"num_layers": num_layers, "hidden_size": hidden_size, "num_heads": num_attention_heads,
+              "num_kv_heads": num_query_groups, "intermediate_size": ffn_hidden_size, "vocab_size": vocab_size}
+    result = run(preset, seq_length, global_batch_size, gpu, num_gpus, gpus_per_node,
+                 tuple(_ints(micro_batch_sizes, "--micro-batch-sizes")), max_tp, max_pp,
+                 **{k: v for k, v in shapes.items() if v is not None})
+    if as_json:
+        out.print_json(data=result.to_dict())
+        return
+    out.print(render(result, limit=None if show_all else 25, show_all=show_all))
+    out.print(result.recommendation())
 
 
 # --------------------------------------------------------------------------- eval

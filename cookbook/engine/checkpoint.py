@@ -165,6 +165,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=pick_device(device, 0))
+    model.tie_weights()
     state = {"model": model.state_dict()}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is

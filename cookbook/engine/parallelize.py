@@ -125,8 +125,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "mlp.w_up": ColwiseParallel(),
             "mlp.w_down": RowwiseParallel(output_layouts=residual),
         }, src_data_rank=None)
-    if cfg.tie_embeddings:  # each style registered its own Parameter; share the embedding's again
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()  # each style registered its own Parameter; share the embedding's again
     if sp:
         model.register_forward_pre_hook(_sequence_divisible(tp))
 
@@ -204,5 +203,6 @@ def build_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: 
         model = Transformer(cfg)
     parallelize(model, mesh, dims, DTYPES[dtype], speedups)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module a new Parameter (FSDP2 keeps shared ones shared)
     init_parameters(model, seed)
     return model

@@ -64,6 +64,12 @@ class Trainer:
         check_tp(job.model, self.dims.tp)
         if self.dims.sequence_parallel and job.data.seq_length % self.dims.tp:
             raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {self.dims.tp} under --sequence-parallel")
+        # the data first: a bad --data-path fails before the model is built
+        sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
+        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
+        self.loader = self._loader(self.splits["train"])
+        self.step = 0
+
         torch.manual_seed(t.seed)
         speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile)
         self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
@@ -72,10 +78,6 @@ class Trainer:
         self.autocast = t.dtype == "bf16" and not isinstance(self.model, FSDPModule)
         self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
 
-        sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
-        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
-        self.loader = self._loader(self.splits["train"])
-        self.step = 0
 
         if load is not None:
             self._load(load, finetune=job.checkpoint.finetune)
@@ -211,7 +213,7 @@ class Trainer:
                     mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
                     logger.log(record, (
                         f"step {self.step:>6}/{t.train_iters}  loss {record['loss']:.4f}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
-                        f"{tokens_per_s:,.0f} tokens/s  {tflops:.1f} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
+                        f"{tokens_per_s:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
                     ))
                     losses = []
 

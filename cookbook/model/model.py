@@ -224,9 +224,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, the output layer uses the embedding's weight (again, after anything
+        that replaced parameters, such as materialising from the meta device)."""
+        if self.config.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, seed: int | None = None) -> None:
         """Every parameter to ``initial_value`` (a seed drawn from torch's global RNG when None)."""

@@ -369,16 +369,25 @@ def join_multi_value_flags(argv: list[str]) -> list[str]:
 
 @app.command()
 @training_command
-def pretrain(config: Optional[Path], overrides: dict) -> None:
+def pretrain(
+    config: Optional[Path],
+    overrides: dict,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job for --world-size processes and estimate its memory; no devices, no training.", rich_help_panel="Dry run")] = False,
+    world_size: Annotated[int, typer.Option(help="With --dry-run: the number of processes the job will run on.", rich_help_panel="Dry run")] = 1,
+    gpu: Annotated[str, typer.Option(help="With --dry-run: the GPU to estimate memory for.", rich_help_panel="Dry run")] = "A100-80GB",
+) -> None:
     """Pretrain or continue training a Llama-family model on indexed data (FSDP2 under torchrun).
 
     Example: cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --train-iters 200 --save ckpt/tiny
 
     Many processes: torchrun --nproc-per-node 8 -m cookbook pretrain --config run.toml
     """
-    from recipes.pretrain import run
+    from recipes.pretrain import dry_run as check, run
 
-    run(config, overrides)
+    if dry_run:
+        check(config, overrides, world_size, gpu)
+    else:
+        run(config, overrides)
 
 
 # --------------------------------------------------------------------------- plan

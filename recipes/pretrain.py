@@ -71,6 +71,47 @@ def resolve(config_file: str | Path | None, overrides: dict[str, dict]) -> tuple
     return build_config(sections), ckpt
 
 
+def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_size: int, gpu: str = "A100-80GB") -> None:
+    """Validate a job for ``world_size`` processes without devices, and print its layout and the
+    memory and step-time estimate of ``cookbook plan`` for it."""
+    from cookbook.data.indexed import bin_path, idx_path
+    from cookbook.data.loader import parse_data_path
+    from cookbook.engine.trainer import check_layout
+    from recipes.plan import GPUS, estimate
+
+    job, ckpt = resolve(config_file, overrides)
+    dims = job.parallel.resolve(world_size)
+    global_batch, accumulation = check_layout(job, dims)
+    console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
+    try:
+        parse_data_path(job.data.data_path)
+    except CookbookError as e:
+        missing = [p for p in " ".join(job.data.data_path).split() if not (idx_path(p).is_file() and bin_path(p).is_file())]
+        if not missing:
+            raise
+        console.print(f"[yellow]data not found here (needed where the job runs): {e}[/yellow]")
+    if gpu not in GPUS:
+        raise CookbookError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPUS)}")
+    t = job.training
+    mode = t.recompute_granularity
+    layout = estimate(job.model, job.data.seq_length, global_batch, GPUS[gpu], world_size, min(world_size, 8),
+                      dims.tp, dims.pp, mode, t.micro_batch_size)
+    console.print(
+        f"[bold]model[/bold] {describe(job.model)}  [bold]layout[/bold] {world_size} processes = pp {dims.pp} x dp {dims.dp} "
+        f"(replicate {dims.dp_replicate} x shard {dims.dp_shard}) x cp {dims.cp} x tp {dims.tp}"
+        f"{' + SP' if dims.sequence_parallel else ''}  [bold]batch[/bold] {global_batch} = {t.micro_batch_size} micro x "
+        f"{dims.dp} dp x {accumulation} accumulation  [bold]recompute[/bold] {mode}"
+        + (f"  [bold]from[/bold] {ckpt}" if ckpt else "")
+    )
+    console.print(
+        f"[bold]estimate on {gpu}[/bold] (cookbook plan): {layout.total_gib:.1f} GiB per GPU "
+        f"({'fits' if layout.fits else 'DOES NOT FIT'}), ~{layout.step_seconds:.1f} s per step, MFU ~{100 * layout.mfu:.0f}%"
+    )
+    if not layout.fits:
+        raise CookbookError(f"the estimate needs {layout.total_gib:.1f} GiB per GPU, more than one {gpu} holds; see cookbook plan for layouts that fit")
+    console.print(f"[green]dry run: the job is valid for {world_size} processes[/green]")
+
+
 def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
     job, ckpt = resolve(config_file, overrides)
     trainer = Trainer(job, load=ckpt)

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.config import JobConfig
-from cookbook.engine.distributed import all_reduce_max, init_distributed
+from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.loss import cross_entropy
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
@@ -42,6 +42,23 @@ def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
 
+def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
+    """Everything about a job's layout that can be checked without devices; returns (global batch,
+    accumulation steps). ``cookbook pretrain --dry-run`` runs it for a world size given by hand."""
+    t = job.training
+    per_step = t.micro_batch_size * dims.dp
+    global_batch = t.global_batch_size or per_step
+    if global_batch % per_step:
+        raise CookbookError(
+            f"global batch {global_batch} is not a multiple of micro batch {t.micro_batch_size} x data-parallel size {dims.dp}"
+        )
+    check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers)
+    check_tp(job.model, dims.tp)
+    if dims.sequence_parallel and job.data.seq_length % dims.tp:
+        raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {dims.tp} under --sequence-parallel")
+    return global_batch, global_batch // per_step
+
+
 class Trainer:
     def __init__(self, job: JobConfig, load: Path | None = None):
         self.job = job
@@ -52,18 +69,7 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
 
-        per_step = t.micro_batch_size * self.dims.dp
-        self.global_batch = t.global_batch_size or per_step
-        if self.global_batch % per_step:
-            raise CookbookError(
-                f"global batch {self.global_batch} is not a multiple of micro batch {t.micro_batch_size} x data-parallel size {self.dims.dp}"
-            )
-        self.accumulation = self.global_batch // per_step
-
-        check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers)
-        check_tp(job.model, self.dims.tp)
-        if self.dims.sequence_parallel and job.data.seq_length % self.dims.tp:
-            raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {self.dims.tp} under --sequence-parallel")
+        self.global_batch, self.accumulation = check_layout(job, self.dims)
         # the data first: a bad --data-path fails before the model is built
         sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
         self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)

@@ -1,0 +1,34 @@
+"""The scale-up recipes in scripts/pretrain validate without GPUs (--dry-run), and refuse a bad layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(script: str, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="200", **env)
+    return subprocess.run(["bash", str(ROOT / "scripts/pretrain" / script), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("size, processes", [("31b", 64), ("65b", 128), ("108b", 256), ("132b", 256)])
+def test_recipe_dry_run_is_valid(size, processes):
+    proc = dry_run(f"llama-{size}.sh")
+    assert proc.returncode == 0, proc.stderr
+    assert f"dry run: the job is valid for {processes} processes" in proc.stderr
+    assert "(fits)" in proc.stderr and f'preset = "llama-{size}"' not in proc.stderr  # the preset's shapes are printed resolved
+
+
+def test_recipe_dry_run_refuses_a_bad_layout():
+    proc = dry_run("llama-65b.sh", TP="3")
+    assert proc.returncode == 2 and "not divisible by pp x dp_replicate x cp x tp = 3" in proc.stderr.strip().splitlines()[-1]
+    proc = dry_run("llama-65b.sh", MICRO_BATCH="3")
+    assert proc.returncode == 2 and "not a multiple of micro batch 3" in proc.stderr.strip().splitlines()[-1]
+    proc = dry_run("llama-65b.sh", NNODES="1", TP="1", RECOMPUTE="none")  # 65B on one node: out of memory
+    assert proc.returncode == 2 and "more than one A100-80GB holds" in proc.stderr.strip().splitlines()[-1]

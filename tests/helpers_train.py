@@ -93,3 +93,39 @@ def losses(save: Path) -> dict[int, float]:
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def run_script(script: Path, out: Path, nproc: int, *args: str) -> dict:
+    """Run a layout script (tests/tp_train.py, tests/pp_train.py) in ``nproc`` processes; its saved results."""
+    import torch
+
+    cmd = [sys.executable, str(script), str(out), *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    return torch.load(out, weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, str]:
+    """The largest absolute difference between two state dicts with the same names, and where."""
+    assert sorted(a) == sorted(b)
+    return max(((x - b[k]).abs().max().item(), k) for k, x in a.items())
+
+
+def assert_same_run(want: dict, got: dict) -> None:
+    """A layout's run equals the one-process run: the same initial weights (bitwise), first-step
+    gradients, losses, clipped grad norms and final weights to fp32 rounding."""
+    import math
+
+    assert max_diff(want["initial"], got["initial"])[0] == 0.0
+    for name, g in want["first_grads"].items():  # relative to each tensor's largest entry
+        diff = (g - got["first_grads"][name]).abs().max().item()
+        assert diff <= 1e-5 * g.abs().max().item() + 1e-12, (name, diff)
+    assert want["losses"][-1] < want["losses"][0] - 0.3  # it learns
+    for step, (a, b) in enumerate(zip(want["losses"], got["losses"], strict=True)):
+        assert abs(a - b) <= 1e-5, (step, a, b)
+    for step, (a, b) in enumerate(zip(want["grad_norms"], got["grad_norms"], strict=True)):
+        assert a > 0.5 and math.isclose(a, b, rel_tol=1e-5), (step, a, b)  # > 0.5: the clip is active
+    diff, name = max_diff(want["final"], got["final"])
+    assert diff <= 1e-5, (name, diff)

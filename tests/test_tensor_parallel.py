@@ -8,14 +8,10 @@ fp32 rounding, every step's loss and gradient norm equal within 1e-5, and so do 
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers_train import env
+from helpers_train import assert_same_run, run_script
 
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.parallelize import check_tp
@@ -26,12 +22,7 @@ SCRIPT = Path(__file__).with_name("tp_train.py")
 
 
 def run(out: Path, nproc: int, *args: str) -> dict:
-    cmd = [sys.executable, str(SCRIPT), str(out), *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    return torch.load(out, weights_only=True)
+    return run_script(SCRIPT, out, nproc, *args)
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +42,13 @@ def fsdp2_tp2(tmp_path_factory):
     return run(tmp_path_factory.mktemp("tp") / "fsdp2_tp2.pt", 4, "--tp", "2", "--variants", "base,sp")
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    assert sorted(a) == sorted(b)
-    return max(((x - b[k]).abs().max().item(), k) for k, x in a.items())
-
-
 @pytest.mark.parametrize("layout, variant", [
     ("tp2", "base"), ("tp2", "sp"), ("tp2", "tied"), ("fsdp2_tp2", "base"), ("fsdp2_tp2", "sp"),
 ])
 def test_tensor_parallel_run_equals_one_process(request, one_process, layout, variant):
     got = request.getfixturevalue(layout)[variant]
     want = one_process["tied" if variant == "tied" else "base"]
-    # the same initial weights: each rank's shard of the layout-independent value
-    assert max_diff(want["initial"], got["initial"])[0] == 0.0
-    # the same gradients, to fp32 rounding (relative to each tensor's largest entry)
-    for name, g in want["first_grads"].items():
-        diff = (g - got["first_grads"][name]).abs().max().item()
-        assert diff <= 1e-5 * g.abs().max().item() + 1e-12, (name, diff)
-    assert want["losses"][-1] < want["losses"][0] - 0.3  # it learns
-    for step, (a, b) in enumerate(zip(want["losses"], got["losses"], strict=True)):
-        assert abs(a - b) <= 1e-5, (step, a, b)
-    for step, (a, b) in enumerate(zip(want["grad_norms"], got["grad_norms"], strict=True)):
-        assert a > 0.5 and math.isclose(a, b, rel_tol=1e-5), (step, a, b)  # > 0.5: the clip is active
-    diff, name = max_diff(want["final"], got["final"])
-    assert diff <= 1e-5, (name, diff)
+    assert_same_run(want, got)  # initial weights: each rank's shard of the layout-independent value
 
 
 def test_sequence_parallel_refuses_a_sequence_the_ranks_cannot_split(tp2):

@@ -26,7 +26,7 @@ echo "== 5. pretrain the tiny preset on CPU (rerunning continues from the last c
 # the last 2% of documents are the valid split; the last 30 lines of the corpus are held out for eval
 cookbook pretrain --preset tiny --data-path "$OUT/data/corpus_text_document" --split 98,2,0 \
     --tokenizer-model "$OUT/tokenizer.model" --seq-length 128 --micro-batch-size 8 \
-    --train-iters "$STEPS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
+    --train-iters "$STEPS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-fraction 0.07 --lr-decay-style cosine \
     --weight-decay 0.1 --clip-grad 1.0 --dtype fp32 --device cpu \
     --log-interval 20 --eval-interval 100 --eval-iters 4 --save-interval 100 \
     --save "$OUT/ckpt" --load "$OUT/ckpt"

@@ -32,3 +32,10 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
         raise
     for t, f in zip(temps, finals):
         os.replace(t, f)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a whole text file under its temporary name, then rename it into place."""
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from cookbook.data.indexed import IndexedDataset
 from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
 from cookbook.data.tokenizer import Tokenizer
 from cookbook.errors import CookbookError
-from cookbook.fileio import atomic_paths
+from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
 from recipes.preprocess import encode_documents
 
@@ -296,11 +295,7 @@ def dump(results: list[PerplexityResult], dump_dir, extra: dict) -> Path:
     path = dump_dir / DUMP_NAME
     payload = {**(extra or {}), "results": [asdict(r) for r in results]}
     text = json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n"
-    with atomic_paths(path) as (tmp,):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    write_text_atomic(path, text)
     return path
 
 

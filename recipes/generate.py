@@ -159,7 +159,7 @@ def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     """Generate for every prompt, ``batch_size`` at a time; ``on_result(record)`` as each finishes."""
     from cookbook.data.tokenizer import load_tokenizer
     from cookbook.engine.checkpoint import load_model
-    from cookbook.fileio import atomic_paths
+    from cookbook.fileio import write_text_atomic
     from cookbook.progress import console
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
@@ -189,7 +189,5 @@ def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
                     on_result(record)
             progress.advance(task, len(chunk))
     if cfg.output:
-        with atomic_paths(cfg.output) as (tmp,):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        write_text_atomic(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records

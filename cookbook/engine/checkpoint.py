@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from cookbook.engine.config import dumps_toml, read_toml
 from cookbook.engine.distributed import barrier
 from cookbook.errors import CookbookError
+from cookbook.fileio import write_text_atomic
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -69,12 +70,6 @@ def read_train_state(ckpt: Path) -> dict:
 
 def read_config(ckpt: Path) -> dict[str, dict]:
     return read_toml(ckpt / "config.toml")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -115,8 +110,8 @@ class Checkpointer:
         dcp.save(state, checkpoint_id=str(tmp))
         barrier()
         if self.is_main:
-            _write_text(tmp / "config.toml", dumps_toml(config))
-            _write_text(tmp / "train_state.json", json.dumps(train_state, indent=1))
+            write_text_atomic(tmp / "config.toml", dumps_toml(config))
+            write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
             if final.exists():  # the same step saved again (a resumed run): swap, never lose both
                 old = self.root / f".{step_name(step)}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -125,7 +120,7 @@ class Checkpointer:
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, final)
-            _write_text(self.root / "latest", final.name + "\n")
+            write_text_atomic(self.root / "latest", final.name + "\n")
             if self.keep_last > 0:
                 for old in self.saves()[: -self.keep_last]:
                     if old != final:

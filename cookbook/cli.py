@@ -309,7 +309,8 @@ TRAINING_FLAGS = [
     # parallelism (data parallel fills what the others leave)
     (("--tensor-model-parallel-size",), "parallel", "tp", int, "Tensor-parallel degree."),
     (("--sequence-parallel/--no-sequence-parallel",), "parallel", "sequence_parallel", bool, "Shard norms and residuals by sequence across the tensor-parallel ranks."),
-    (("--pipeline-model-parallel-size",), "parallel", "pp", int, "Pipeline-parallel degree."),
+    (("--pipeline-model-parallel-size",), "parallel", "pp", int, "Pipeline-parallel degree (1F1B schedule)."),
+    (("--num-layers-per-virtual-pipeline-stage",), "parallel", "layers_per_virtual_stage", int, "Interleaved 1F1B: layers per virtual stage (each rank holds several)."),
     (("--context-parallel-size",), "parallel", "cp", int, "Context-parallel degree."),
     (("--data-parallel-replicate-size",), "parallel", "dp_replicate", int, "HSDP: replicas of the sharded model (default 1)."),
     # checkpoints

@@ -3,7 +3,7 @@
     python tests/pp_train.py OUT                                               # one process: the oracle
     torchrun --standalone --nproc-per-node N tests/pp_train.py OUT --pp 2 [--schedule Interleaved1F1B --chunks 2]
 
-The world is pp x dp with dp = N / pp (FSDP2 over dp applied to each chunk when dp > 1). Every step trains on
+The world is pp x dp with dp = N / pp (``build_pipeline_model``: FSDP2 over dp on each chunk). Every step trains on
 the same fixed global batch whatever the layout: 8 rows, 4 micro batches per data-parallel rank (the oracle
 accumulates over the same micro batches as the Trainer does: each micro batch's mean loss / 4, backward). Rank 0
 writes ``torch.save`` of {"losses", "grad_norms", "evals", "initial", "first_grads", "final"}, tensors full (gathered
@@ -18,24 +18,23 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from cookbook.engine.distributed import ParallelDims, init_distributed, shutdown
 from cookbook.engine.loss import cross_entropy
 from cookbook.engine.optim import OptimizerConfig, build_optimizer, clip_grad_norm
-from cookbook.engine.parallelize import build_model, init_parameters
+from cookbook.engine.parallelize import build_model
 from cookbook.engine.pipeline import (
     broadcast_from_last_stage,
+    build_pipeline_model,
     build_schedule,
     clip_grad_norm_pp,
     pipeline_eval,
     pipeline_step,
-    split_model,
     stage_ids,
 )
 from cookbook.engine.trainer import next_token_loss
-from cookbook.model import ModelConfig, Transformer
+from cookbook.model import ModelConfig
 
 STEPS, GLOBAL_BATCH, MICRO_BATCHES, SEQ, VOCAB, SEED = 10, 8, 4, 16, 96, 7
 CFG = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128,
@@ -104,21 +103,11 @@ def train_one_process() -> dict:
 
 
 def train_pipeline(pp: int, virtual: int, schedule_name: str, world: int) -> dict | None:
-    dims = ParallelDims(dp_shard=world // pp, pp=pp)  # ParallelDims.resolve refuses pp > 1 until the Trainer has it
+    dims = ParallelDims(pp=pp, layers_per_virtual_stage=CFG.num_layers // (pp * virtual)).resolve(world)
     mesh = dims.build_mesh("cpu")
     pp_mesh, dp_mesh = mesh["pp"], mesh["dp_shard"]
     pp_rank, dp_rank, dp = pp_mesh.get_local_rank(), dp_mesh.get_local_rank(), dims.dp_shard
-    with torch.device("meta"):
-        model = Transformer(CFG)
-    chunks = split_model(model, pp_rank, pp, virtual)
-    if dp > 1:  # FSDP2 over dp on each chunk: each block a unit, the chunk the root
-        for chunk in chunks:
-            for block in chunk.layers.values():
-                fully_shard(block, mesh=dp_mesh)
-            fully_shard(chunk, mesh=dp_mesh)
-    for chunk in chunks:
-        chunk.to_empty(device="cpu")
-        init_parameters(chunk, SEED)
+    chunks = build_pipeline_model(CFG, mesh, dims, torch.device("cpu"), "fp32", SEED).chunks  # FSDP2 over dp on each
     optimizer = optimizer_for(chunks)
     schedule = build_schedule(chunks, pp_mesh, MICRO_BATCHES, cross_entropy, schedule_name, torch.device("cpu"))
     ids = stage_ids(pp_rank, pp, virtual)

@@ -71,5 +71,5 @@ def test_parallel_dims_with_tensor_parallel():
     assert ParallelDims(tp=1, sequence_parallel=True).resolve(2).sequence_parallel is False  # as Megatron-LM: off at tp 1
     with pytest.raises(CookbookError, match="not divisible"):
         ParallelDims(tp=3).resolve(4)
-    with pytest.raises(CookbookError, match="pipeline and context parallel are not available yet"):
-        ParallelDims(pp=2).resolve(2)
+    assert ParallelDims(pp=2, layers_per_virtual_stage=1).resolve(4).layers_per_virtual_stage == 1
+    assert ParallelDims(layers_per_virtual_stage=1).resolve(4).layers_per_virtual_stage is None  # no pipeline: ignored

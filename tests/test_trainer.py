@@ -197,3 +197,42 @@ def test_bf16_one_and_two_processes_agree(tmp_path, data):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert math.isfinite(a[step]) and abs(a[step] - b[step]) < 0.05, (step, a[step], b[step])
+
+
+def test_pipeline_parallel_equals_one_process_and_reshards(tmp_path, data):
+    """PP=2 (1F1B, 2 processes) and interleaved PP=2 x TP=2 + SP + selective recompute (4 processes) equal one
+    process in loss, grad norm and valid loss; the PP=2 save at step 6 resumes in one process (another layout:
+    the whole model in one place) and continues as the one-process run does."""
+    one, pp, ppx, re = tmp_path / "one", tmp_path / "pp", tmp_path / "ppx", tmp_path / "re"
+    flags = dict(num_layers=4, global_batch_size=8, save_interval=6, eval_interval=5, eval_iters=1, adam_eps=1e-6)
+    check(pretrain(train_flags(data, one, 10, **flags)))
+    check(pretrain(train_flags(data, pp, 10, pipeline_model_parallel_size=2, **flags), nproc=2))
+    check(pretrain(train_flags(data, ppx, 10, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+                               tensor_model_parallel_size=2, recompute_granularity="selective", **flags)
+                   + ["--sequence-parallel"], nproc=4))
+    check(pretrain(train_flags(data, re, 10, load=pp / "step_000006", **flags)))
+    want = read_metrics(one / "metrics.jsonl")
+    for run in (pp, ppx):
+        got = read_metrics(run / "metrics.jsonl")
+        assert [(r.get("split"), r["step"]) for r in got] == [(r.get("split"), r["step"]) for r in want]
+        for x, y in zip(want, got):
+            assert abs(x["loss"] - y["loss"]) <= 1e-5, (run.name, x, y)
+            if "grad_norm" in x:
+                assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-5), (run.name, x, y)
+    a, c = losses(one), losses(re)
+    assert sorted(c) == list(range(7, 11))
+    for step in range(7, 11):
+        assert abs(a[step] - c[step]) <= 1e-5, (step, a[step], c[step])
+
+
+def test_pipeline_layout_errors_are_one_line(tmp_path, data):
+    cases = [
+        (dict(num_layers=3), "3 layers do not split evenly over 2 pipeline ranks"),
+        (dict(num_layers=4, num_layers_per_virtual_pipeline_stage=3), "choose --num-layers-per-virtual-pipeline-stage"),
+        (dict(num_layers=4, global_batch_size=2), "needs at least 2 micro batches per iteration, got 1"),
+    ]
+    for extra, message in cases:
+        flags = train_flags(data, tmp_path / "x", 2, pipeline_model_parallel_size=2, **extra)
+        assert_one_line_error(pretrain(flags + ["--dry-run", "--world-size", "2"]), message)
+    flags = train_flags(data, tmp_path / "x", 2, pipeline_model_parallel_size=2, num_layers=4, global_batch_size=4)
+    assert_one_line_error(pretrain(flags + ["--tie-embeddings", "--dry-run", "--world-size", "2"]), "tied embeddings are not supported with pipeline parallel")

@@ -30,7 +30,9 @@ class ParallelDims:
     ``dp_replicate`` (HSDP). Tensor parallel (Megatron-LM's, ``tp`` ranks splitting every matmul)
     shares the mesh with it; ``sequence_parallel`` adds Megatron-LM's sequence parallel to it (norms
     and residuals sharded along the sequence between the tensor-parallel regions), and, as in
-    Megatron-LM, means nothing at ``tp = 1``. Pipeline and context parallel plug in on the same mesh.
+    Megatron-LM, means nothing at ``tp = 1``. Pipeline parallel cuts the blocks into ``pp`` stages
+    (``pp x virtual_stages`` with interleaved 1F1B: ``layers_per_virtual_stage`` is Megatron-LM's
+    ``--num-layers-per-virtual-pipeline-stage``). Context parallel plugs in on the same mesh.
 
     Ranks are laid out ``pp`` outermost, ``tp`` innermost: the ``tp`` ranks of one group are
     consecutive (one node's fast links), and all of them see the same data.
@@ -42,6 +44,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
+    layers_per_virtual_stage: int | None = None  # interleaved 1F1B when set (pp > 1)
 
     def resolve(self, world_size: int) -> "ParallelDims":
         fixed = self.dp_replicate * self.cp * self.tp * self.pp
@@ -58,9 +61,12 @@ class ParallelDims:
                 f"parallel degrees pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={dp_shard} cp={self.cp} "
                 f"tp={self.tp} multiply to {fixed * max(dp_shard, 0)}, not the world size {world_size}"
             )
-        if self.pp > 1 or self.cp > 1:
-            raise CookbookError("pipeline and context parallel are not available yet; use data and tensor parallel")
-        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.sequence_parallel and self.tp > 1)
+        if self.cp > 1:
+            raise CookbookError("context parallel is not available yet; use data, tensor and pipeline parallel")
+        if self.layers_per_virtual_stage is not None and self.layers_per_virtual_stage < 1:
+            raise CookbookError(f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be at least 1")
+        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.sequence_parallel and self.tp > 1,
+                            self.layers_per_virtual_stage if self.pp > 1 else None)
 
     @property
     def dp(self) -> int:

@@ -6,8 +6,8 @@ from its own generator seeded by (seed, parameter name) (``Transformer.initial_v
 weights are the same under every parallel layout and world size.
 
 The order of ``parallelize`` is fixed: tensor parallel -> activation checkpointing -> compile per
-block -> FSDP (cookbook/engine/recompute.py holds the middle two). Pipeline and context parallel
-are not here yet.
+block -> FSDP (cookbook/engine/recompute.py holds the middle two). Under pipeline parallel each
+stage's chunk goes through the same steps (cookbook/engine/pipeline.py cuts the model first).
 
 Tensor parallel is Megatron-LM's, written as DTensor plans (``apply_tp``). In each block, q, k, v,
 gate and up are split by output columns (each rank holds whole heads and a slice of the SwiGLU
@@ -105,11 +105,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
     residual = Shard(1) if sp else Replicate()  # the layout of the residual stream between tp regions
     norm_style = SequenceParallel() if sp else ReplicateParallel()
 
-    parallelize_module(model, tp_mesh, {
+    root = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
         "norm": norm_style,
         "output": ColwiseParallel(input_layouts=residual, output_layouts=Replicate(), use_local_output=True),
-    }, src_data_rank=None)
+    }
+    # a pipeline stage lacks the embedding (all but the first) or the final norm and output (all but the last)
+    parallelize_module(model, tp_mesh, {k: v for k, v in root.items() if getattr(model, k) is not None}, src_data_rank=None)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": norm_style,
@@ -126,8 +128,10 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "mlp.w_down": RowwiseParallel(output_layouts=residual),
         }, src_data_rank=None)
     model.tie_weights()  # each style registered its own Parameter; share the embedding's again
-    if sp:
+    if sp and model.tok_embeddings is not None:
         model.register_forward_pre_hook(_sequence_divisible(tp))
+    elif sp:  # a later pipeline stage receives its sequence shard [b, s/tp, h]: RoPE needs the full positions
+        model.register_forward_pre_hook(_full_positions(tp), with_kwargs=True)
 
 
 def _sequence_divisible(tp: int):
@@ -139,6 +143,15 @@ def _sequence_divisible(tp: int):
                 f"{tokens.shape[1]} tokens; use a --seq-length divisible by {tp} or turn off --sequence-parallel"
             )
     return check
+
+
+def _full_positions(tp: int):
+    def positions(module, args, kwargs):
+        if kwargs.get("positions") is None:
+            hidden = args[0]
+            kwargs["positions"] = torch.arange(hidden.shape[1] * tp, device=hidden.device)[None]
+        return args, kwargs
+    return positions
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -197,12 +210,18 @@ def init_parameters(model: Transformer, seed: int) -> None:
         param.copy_(full)
 
 
-def build_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: torch.device, dtype: str, seed: int,
-                speedups: Speedups | None = None) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    parallelize(model, mesh, dims, DTYPES[dtype], speedups)
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+    """A parallelized meta-device model (or pipeline chunk) to ``device``, each rank's shards initialised."""
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each module a new Parameter (FSDP2 keeps shared ones shared)
     init_parameters(model, seed)
+
+
+def build_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: torch.device, dtype: str, seed: int,
+                speedups: Speedups | None = None) -> Transformer:
+    """The whole model, parallelized over ``mesh`` (no pipeline: see ``pipeline.build_pipeline_model``)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, mesh, dims, DTYPES[dtype], speedups)
+    materialize(model, device, seed)
     return model

@@ -27,12 +27,15 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from cookbook.engine.distributed import ParallelDims
+from cookbook.engine.parallelize import DTYPES, Speedups, materialize, parallelize
 from cookbook.errors import CookbookError
-from cookbook.model import Transformer
+from cookbook.model import ModelConfig, Transformer
 
 SCHEDULES = {"1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -51,6 +54,18 @@ def stage_layers(num_layers: int, pp: int, virtual: int = 1) -> list[list[int]]:
     return [list(range(s * per, (s + 1) * per)) for s in range(stages)]
 
 
+def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: int | None) -> int:
+    """Chunks per pipeline rank for Megatron-LM's ``--num-layers-per-virtual-pipeline-stage`` (1 when unset)."""
+    if layers_per_virtual_stage is None:
+        return 1
+    if num_layers % (pp * layers_per_virtual_stage):
+        raise CookbookError(
+            f"{num_layers} layers do not split into {pp} pipeline ranks x virtual stages of {layers_per_virtual_stage} "
+            f"layers; choose --num-layers-per-virtual-pipeline-stage so that {pp} x it divides {num_layers}"
+        )
+    return num_layers // (pp * layers_per_virtual_stage)
+
+
 def stage_ids(pp_rank: int, pp: int, virtual: int = 1) -> list[int]:
     """The stage indices rank ``pp_rank`` holds, its chunks in order (the loop placement of interleaved 1F1B)."""
     return [c * pp + pp_rank for c in range(virtual)]
@@ -60,8 +75,7 @@ def split_model(model: Transformer, pp_rank: int, pp: int, virtual: int = 1) -> 
     """This rank's chunks of a (meta-device) model: a pruned copy per stage it holds, global names kept."""
     cfg = model.config
     if pp > 1 and cfg.tie_embeddings:
-        raise CookbookError("tied embeddings are not supported with pipeline parallel (the embedding and output layer "
-                            "live on different stages); untie them or use --pipeline-model-parallel-size 1")
+        check_pipeline(cfg, pp, None, pp)  # raises: tied embeddings
     layers = stage_layers(cfg.num_layers, pp, virtual)
     n_stages = len(layers)
     chunks = []
@@ -77,6 +91,64 @@ def split_model(model: Transformer, pp_rank: int, pp: int, virtual: int = 1) -> 
             chunk.output = None
         chunks.append(chunk)
     return chunks
+
+
+def check_pipeline(cfg: ModelConfig, pp: int, layers_per_virtual_stage: int | None, micro_batches: int) -> int:
+    """Everything about a pipeline layout checkable without devices; returns the chunks per rank.
+
+    ``micro_batches`` is the number per iteration on one pipeline (Megatron-LM's rule: at least ``pp`` to fill
+    the pipeline; a multiple of ``pp`` for the interleaved schedule)."""
+    if pp == 1:
+        return 1
+    if cfg.tie_embeddings:
+        raise CookbookError("tied embeddings are not supported with pipeline parallel (the embedding and output layer "
+                            "live on different stages); untie them or use --pipeline-model-parallel-size 1")
+    virtual = virtual_stages(cfg.num_layers, pp, layers_per_virtual_stage)
+    stage_layers(cfg.num_layers, pp, virtual)
+    if micro_batches < pp or (virtual > 1 and micro_batches % pp):
+        need = f"a multiple of {pp}" if virtual > 1 else f"at least {pp}"
+        raise CookbookError(
+            f"pipeline parallel over {pp} stages needs {need} micro batches per iteration, got {micro_batches} "
+            "(global batch / (micro batch x data-parallel size)); raise --global-batch-size or lower --micro-batch-size"
+        )
+    return virtual
+
+
+class PipelineModel(nn.Module):
+    """This rank's chunks seen as one model under the whole model's names: ``layers`` holds the blocks of every
+    chunk, ``tok_embeddings`` (first stage), ``norm`` and ``output`` (last stage) are there when this rank has
+    them. The optimizer, state dicts and checkpoints use it, so a pipeline-parallel save has the keys a save of any
+    other layout has and reshards by name; the schedule runs ``chunks`` themselves."""
+
+    def __init__(self, chunks: list[Transformer], pp_mesh: DeviceMesh):
+        super().__init__()
+        self.config = chunks[0].config
+        self.layers = nn.ModuleDict({name: block for chunk in chunks for name, block in chunk.layers.items()})
+        for attr in ("tok_embeddings", "norm", "output"):
+            for chunk in chunks:
+                if getattr(chunk, attr) is not None:
+                    setattr(self, attr, getattr(chunk, attr))
+        self.chunks = chunks  # a plain list: not submodules, so no name gains a prefix
+        self.pp_mesh = pp_mesh
+        pp, virtual = pp_mesh.size(), len(chunks)
+        ids = stage_ids(pp_mesh.get_local_rank(), pp, virtual)
+        self.is_first, self.is_last = 0 in ids, pp * virtual - 1 in ids
+
+    def forward(self, *args, **kwargs):
+        raise CookbookError("a pipeline-parallel model runs through its schedule (pipeline_step), not a forward call")
+
+
+def build_pipeline_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: torch.device, dtype: str,
+                         seed: int, speedups: Speedups | None = None) -> PipelineModel:
+    """This rank's chunks, each parallelized like a whole model (TP -> AC -> compile -> FSDP) and materialised."""
+    with torch.device("meta"):
+        whole = Transformer(cfg)
+    virtual = virtual_stages(cfg.num_layers, dims.pp, dims.layers_per_virtual_stage)
+    chunks = split_model(whole, mesh.get_local_rank("pp"), dims.pp, virtual)
+    for chunk in chunks:
+        parallelize(chunk, mesh, dims, DTYPES[dtype], speedups)
+        materialize(chunk, device, seed)
+    return PipelineModel(chunks, mesh["pp"])
 
 
 def build_schedule(chunks: list[torch.nn.Module], pp_mesh: DeviceMesh, n_microbatches: int,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
@@ -31,6 +30,15 @@ from cookbook.engine.loss import cross_entropy
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
 from cookbook.engine.parallelize import Speedups, build_model, check_tp
+from cookbook.engine.pipeline import (
+    broadcast_from_last_stage,
+    build_pipeline_model,
+    build_schedule,
+    check_pipeline,
+    clip_grad_norm_pp,
+    pipeline_eval,
+    pipeline_step,
+)
 from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError
 from cookbook.model.config import megatron_flops_per_iteration
@@ -52,11 +60,14 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
         raise CookbookError(
             f"global batch {global_batch} is not a multiple of micro batch {t.micro_batch_size} x data-parallel size {dims.dp}"
         )
-    check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers)
+    accumulation = global_batch // per_step
+    virtual = check_pipeline(job.model, dims.pp, dims.layers_per_virtual_stage, accumulation)
+    # under pipeline parallel, --recompute-num-layers counts the layers of each stage, as in Megatron-LM
+    check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers // (dims.pp * virtual))
     check_tp(job.model, dims.tp)
     if dims.sequence_parallel and job.data.seq_length % dims.tp:
         raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {dims.tp} under --sequence-parallel")
-    return global_batch, global_batch // per_step
+    return global_batch, accumulation
 
 
 class Trainer:
@@ -78,12 +89,17 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile)
-        self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
+        self.pipeline = None  # the pipeline schedule when pp > 1: it runs forward and backward over the micro batches
+        if self.dims.pp > 1:
+            self.model = build_pipeline_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
+            self.pipeline = build_schedule(self.model.chunks, self.mesh["pp"], self.accumulation, cross_entropy,
+                                           "Interleaved1F1B" if len(self.model.chunks) > 1 else "1F1B", self.device)
+        else:
+            self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
-        # bf16 without FSDP (a world of one): autocast; with FSDP its mixed-precision policy casts instead
-        self.autocast = t.dtype == "bf16" and not isinstance(self.model, FSDPModule)
+        # bf16 in a world of one (no FSDP): autocast; with FSDP its mixed-precision policy casts instead
+        self.autocast = t.dtype == "bf16" and self.mesh.size() == 1
         self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
-
 
         if load is not None:
             self._load(load, finetune=job.checkpoint.finetune)
@@ -130,14 +146,20 @@ class Trainer:
         self.model.train()
         lr = self.schedule(self.step)
         set_lr(self.optimizer, lr)
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            with self._precision():
-                loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
+        if self.pipeline is not None:  # the schedule averages the micro batches' gradients (scale_grads)
+            total = self._pipeline_loss(pipeline_step, micro_batches)
+        else:
+            total = torch.zeros((), device=self.device)
+            for batch in micro_batches:
+                with self._precision():
+                    loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
+                loss.backward()
+                total += loss.detach()
         self._average_over_ranks(total)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.job.optimizer.clip_grad)
+        if self.pipeline is not None:
+            grad_norm = clip_grad_norm_pp(self.model.parameters(), self.job.optimizer.clip_grad, self.mesh["pp"])
+        else:
+            grad_norm = clip_grad_norm(self.model.parameters(), self.job.optimizer.clip_grad)
         loss_value, norm_value = total.item(), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -158,20 +180,32 @@ class Trainer:
         self.model.eval()
         loader = self._loader(samples)
         total = torch.zeros((), device=self.device)
-        n = self.job.training.eval_iters * self.accumulation
-        for _ in range(n):
-            with self._precision():
-                total += next_token_loss(self.model, loader.next().to(self.device))
-        total /= n
+        iters = self.job.training.eval_iters
+        for _ in range(iters):
+            micro_batches = [loader.next() for _ in range(self.accumulation)]
+            if self.pipeline is not None:
+                total += self._pipeline_loss(pipeline_eval, micro_batches)
+                continue
+            for batch in micro_batches:
+                with self._precision():
+                    total += next_token_loss(self.model, batch.to(self.device)) / self.accumulation
+        total /= iters
         self._average_over_ranks(total)
         return total.item()
+
+    def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
+        dimension; the mean micro-batch loss, sent from the last stage to every pipeline rank."""
+        batch = torch.cat(micro_batches).to(self.device, non_blocking=True)
+        loss = run(self.pipeline, batch[:, :-1], batch[:, 1:], self.model.is_first, self.model.is_last)
+        return broadcast_from_last_stage(loss, self.mesh["pp"], self.device)
 
     def _precision(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def _average_over_ranks(self, value: torch.Tensor) -> None:
-        """In place, over every rank: the tensor-parallel ranks of a data-parallel group hold the same
-        loss, so this is the data-parallel mean. SUM then divide (gloo lacks AVG on some versions)."""
+        """In place, over every rank: the tensor-parallel and pipeline ranks of a data-parallel group hold the
+        same loss, so this is the data-parallel mean. SUM then divide (gloo lacks AVG on some versions)."""
         if self.dist.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.dist.world_size

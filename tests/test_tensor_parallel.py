@@ -1,4 +1,4 @@
-"""Tensor parallel (+ sequence parallel, + FSDP2) in real gloo processes equals one process.
+"""Tensor parallel (+ sequence parallel, + FSDP2) and HSDP in real gloo processes equal one process.
 
 ``tp_train.py`` trains a tiny model (hidden 64, 4 heads, 2 kv heads, QKV bias, 2 layers, vocab 96,
 sequence 16) for 12 clipped AdamW steps on a fixed global batch under a given layout; the same script in one
@@ -42,8 +42,15 @@ def fsdp2_tp2(tmp_path_factory):
     return run(tmp_path_factory.mktemp("tp") / "fsdp2_tp2.pt", 4, "--tp", "2", "--variants", "base,sp")
 
 
+@pytest.fixture(scope="module")
+def hsdp(tmp_path_factory):
+    """4 processes, HSDP: FSDP2 sharding over 2 ranks, replicated twice (the 2-D (dp_replicate, dp_shard) mesh)."""
+    return run(tmp_path_factory.mktemp("tp") / "hsdp.pt", 4, "--dp-replicate", "2", "--variants", "base,tied")
+
+
 @pytest.mark.parametrize("layout, variant", [
     ("tp2", "base"), ("tp2", "sp"), ("tp2", "tied"), ("fsdp2_tp2", "base"), ("fsdp2_tp2", "sp"),
+    ("hsdp", "base"), ("hsdp", "tied"),
 ])
 def test_tensor_parallel_run_equals_one_process(request, one_process, layout, variant):
     got = request.getfixturevalue(layout)[variant]

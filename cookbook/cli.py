@@ -306,6 +306,7 @@ TRAINING_FLAGS = [
     (("--recompute-method",), "training", "recompute_method", str, "With full: uniform or block."),
     (("--recompute-num-layers",), "training", "recompute_num_layers", int, "With full: layers per recompute unit (uniform) or recomputed layers (block)."),
     (("--compile/--no-compile",), "training", "compile", bool, "torch.compile each transformer block."),
+    (("--fp8/--no-fp8",), "training", "fp8", bool, "FP8 matmuls in the blocks via torchao (H100/H200; pip install 'cookbook[fp8]')."),
     # parallelism (data parallel fills what the others leave)
     (("--tensor-model-parallel-size",), "parallel", "tp", int, "Tensor-parallel degree."),
     (("--sequence-parallel/--no-sequence-parallel",), "parallel", "sequence_parallel", bool, "Shard norms and residuals by sequence across the tensor-parallel ranks."),

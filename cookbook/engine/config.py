@@ -61,6 +61,7 @@ class TrainingConfig:
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
     compile: bool = False  # torch.compile each transformer block
+    fp8: bool = False  # torchao float8 linear layers in the blocks (H100/H200)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp32"):

@@ -5,9 +5,10 @@ materialises only each rank's shards and initialises them. Each parameter's init
 from its own generator seeded by (seed, parameter name) (``Transformer.initial_value``), so the
 weights are the same under every parallel layout and world size.
 
-The order of ``parallelize`` is fixed: tensor parallel -> activation checkpointing -> compile per
-block -> FSDP (cookbook/engine/recompute.py holds the middle two). Under pipeline parallel each
-stage's chunk goes through the same steps (cookbook/engine/pipeline.py cuts the model first).
+The order of ``parallelize`` is fixed: float8 linears (``--fp8``) -> tensor parallel -> activation
+checkpointing -> compile per block -> FSDP (cookbook/engine/recompute.py holds the middle two).
+Under pipeline parallel each stage's chunk goes through the same steps (cookbook/engine/pipeline.py
+cuts the model first).
 
 Tensor parallel is Megatron-LM's, written as DTensor plans (``apply_tp``). In each block, q, k, v,
 gate and up are split by output columns (each rank holds whole heads and a slice of the SwiGLU
@@ -38,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from cookbook.engine.distributed import ParallelDims
+from cookbook.engine.float8 import apply_fp8
 from cookbook.engine.recompute import apply_activation_checkpointing, apply_compile
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
@@ -176,11 +178,15 @@ class Speedups:
     recompute_method: str | None = None  # with full: uniform | block
     recompute_num_layers: int | None = None
     compile: bool = False
+    fp8: bool = False  # torchao float8 linear layers (cookbook/engine/float8.py)
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
                 speedups: Speedups | None = None) -> None:
     speedups = speedups or Speedups()
+    # 0. float8 linear layers, swapped in on the plain model
+    if speedups.fp8:
+        apply_fp8(model)
     # 1. tensor + sequence parallel: DTensor plans on mesh["tp"]
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)

@@ -26,6 +26,7 @@ from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.config import JobConfig
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
+from cookbook.engine.float8 import check_fp8
 from cookbook.engine.loss import cross_entropy
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
@@ -65,6 +66,8 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
     # under pipeline parallel, --recompute-num-layers counts the layers of each stage, as in Megatron-LM
     check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers // (dims.pp * virtual))
     check_tp(job.model, dims.tp)
+    if t.fp8:
+        check_fp8(dims.tp)
     if dims.sequence_parallel and job.data.seq_length % dims.tp:
         raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {dims.tp} under --sequence-parallel")
     return global_batch, accumulation
@@ -88,7 +91,9 @@ class Trainer:
         self.step = 0
 
         torch.manual_seed(t.seed)
-        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile)
+        if t.fp8:
+            check_fp8(self.dims.tp, self.device)
+        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile, t.fp8)
         self.pipeline = None  # the pipeline schedule when pp > 1: it runs forward and backward over the micro batches
         if self.dims.pp > 1:
             self.model = build_pipeline_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 from helpers_data import assert_one_line_error
@@ -199,33 +200,60 @@ def test_bf16_one_and_two_processes_agree(tmp_path, data):
         assert math.isfinite(a[step]) and abs(a[step] - b[step]) < 0.05, (step, a[step], b[step])
 
 
-def test_pipeline_parallel_equals_one_process_and_reshards(tmp_path, data):
-    """PP=2 (1F1B, 2 processes) and interleaved PP=2 x TP=2 + SP + selective recompute (4 processes) equal one
-    process in loss, grad norm and valid loss; the PP=2 save at step 6 resumes in one process (another layout:
-    the whole model in one place) and continues as the one-process run does."""
-    one, pp, ppx, re = tmp_path / "one", tmp_path / "pp", tmp_path / "ppx", tmp_path / "re"
-    flags = dict(num_layers=4, global_batch_size=8, save_interval=6, eval_interval=5, eval_iters=1, adam_eps=1e-6)
-    check(pretrain(train_flags(data, one, 10, **flags)))
-    check(pretrain(train_flags(data, pp, 10, pipeline_model_parallel_size=2, **flags), nproc=2))
-    check(pretrain(train_flags(data, ppx, 10, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
-                               tensor_model_parallel_size=2, recompute_granularity="selective", **flags)
-                   + ["--sequence-parallel"], nproc=4))
-    check(pretrain(train_flags(data, re, 10, load=pp / "step_000006", **flags)))
-    want = read_metrics(one / "metrics.jsonl")
-    for run in (pp, ppx):
-        got = read_metrics(run / "metrics.jsonl")
-        assert [(r.get("split"), r["step"]) for r in got] == [(r.get("split"), r["step"]) for r in want]
-        for x, y in zip(want, got):
-            assert abs(x["loss"] - y["loss"]) <= 1e-5, (run.name, x, y)
-            if "grad_norm" in x:
-                assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-5), (run.name, x, y)
-    a, c = losses(one), losses(re)
-    assert sorted(c) == list(range(7, 11))
-    for step in range(7, 11):
+LAYOUT_FLAGS = dict(num_layers=4, global_batch_size=8, save_interval=6, eval_interval=5, eval_iters=1, adam_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def layout_reference(tmp_path_factory, data):
+    """One process, 4 layers, 4 micro batches per iteration: the oracle of the pipeline and context parallel runs."""
+    save = tmp_path_factory.mktemp("layouts") / "one"
+    check(pretrain(train_flags(data, save, 10, **LAYOUT_FLAGS)))
+    return save
+
+
+def assert_same_metrics(want: Path, got: Path) -> None:
+    """Every logged train and valid record of two runs equal: loss within 1e-5, grad norm to 1e-5 relative."""
+    a, b = read_metrics(want / "metrics.jsonl"), read_metrics(got / "metrics.jsonl")
+    assert [(r.get("split"), r["step"]) for r in a] == [(r.get("split"), r["step"]) for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (got.name, x, y)
+        if "grad_norm" in x:
+            assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-5), (got.name, x, y)
+
+
+def assert_resumed_as(want: Path, resumed: Path, steps: range) -> None:
+    a, c = losses(want), losses(resumed)
+    assert sorted(c) == list(steps)
+    for step in steps:
         assert abs(a[step] - c[step]) <= 1e-5, (step, a[step], c[step])
 
 
-def test_pipeline_layout_errors_are_one_line(tmp_path, data):
+def test_pipeline_parallel_equals_one_process_and_reshards(tmp_path, data, layout_reference):
+    """PP=2 (1F1B, 2 processes) and interleaved PP=2 x TP=2 + SP + selective recompute (4 processes) equal one
+    process in loss, grad norm and valid loss; the PP=2 save at step 6 resumes in one process (another layout:
+    the whole model in one place) and continues as the one-process run does."""
+    pp, ppx, re = tmp_path / "pp", tmp_path / "ppx", tmp_path / "re"
+    check(pretrain(train_flags(data, pp, 10, pipeline_model_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
+    check(pretrain(train_flags(data, ppx, 10, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+                               tensor_model_parallel_size=2, recompute_granularity="selective", **LAYOUT_FLAGS)
+                   + ["--sequence-parallel"], nproc=4))
+    check(pretrain(train_flags(data, re, 10, load=pp / "step_000006", **LAYOUT_FLAGS)))
+    assert_same_metrics(layout_reference, pp)
+    assert_same_metrics(layout_reference, ppx)
+    assert_resumed_as(layout_reference, re, range(7, 11))
+
+
+def test_context_parallel_equals_one_process_and_reshards(tmp_path, data, layout_reference):
+    """CP=2 (2 processes: each sequence of 32 split into 4 chunks, FSDP over dp x cp) equals one process; its
+    step-6 save resumes under TP=2 (another layout) and continues as the one-process run does."""
+    cp, re = tmp_path / "cp", tmp_path / "re"
+    check(pretrain(train_flags(data, cp, 10, context_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
+    check(pretrain(train_flags(data, re, 10, load=cp / "step_000006", tensor_model_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
+    assert_same_metrics(layout_reference, cp)
+    assert_resumed_as(layout_reference, re, range(7, 11))
+
+
+def test_pipeline_and_context_parallel_layout_errors_are_one_line(tmp_path, data):
     cases = [
         (dict(num_layers=3), "3 layers do not split evenly over 2 pipeline ranks"),
         (dict(num_layers=4, num_layers_per_virtual_pipeline_stage=3), "choose --num-layers-per-virtual-pipeline-stage"),
@@ -236,3 +264,7 @@ def test_pipeline_layout_errors_are_one_line(tmp_path, data):
         assert_one_line_error(pretrain(flags + ["--dry-run", "--world-size", "2"]), message)
     flags = train_flags(data, tmp_path / "x", 2, pipeline_model_parallel_size=2, num_layers=4, global_batch_size=4)
     assert_one_line_error(pretrain(flags + ["--tie-embeddings", "--dry-run", "--world-size", "2"]), "tied embeddings are not supported with pipeline parallel")
+    cp = train_flags(data, tmp_path / "x", 2, context_parallel_size=3)  # --seq-length 32
+    assert_one_line_error(pretrain(cp + ["--dry-run", "--world-size", "3"]), "use a --seq-length divisible by 6")
+    assert_one_line_error(pretrain(flags + ["--context-parallel-size", "2", "--dry-run", "--world-size", "4"]),
+                          "context parallel with pipeline parallel is not supported yet")

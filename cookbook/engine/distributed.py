@@ -32,7 +32,8 @@ class ParallelDims:
     and residuals sharded along the sequence between the tensor-parallel regions), and, as in
     Megatron-LM, means nothing at ``tp = 1``. Pipeline parallel cuts the blocks into ``pp`` stages
     (``pp x virtual_stages`` with interleaved 1F1B: ``layers_per_virtual_stage`` is Megatron-LM's
-    ``--num-layers-per-virtual-pipeline-stage``). Context parallel plugs in on the same mesh.
+    ``--num-layers-per-virtual-pipeline-stage``). Context parallel splits each sequence over ``cp``
+    ranks; FSDP shards over ``dp_shard`` and ``cp`` together.
 
     Ranks are laid out ``pp`` outermost, ``tp`` innermost: the ``tp`` ranks of one group are
     consecutive (one node's fast links), and all of them see the same data.
@@ -61,8 +62,6 @@ class ParallelDims:
                 f"parallel degrees pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={dp_shard} cp={self.cp} "
                 f"tp={self.tp} multiply to {fixed * max(dp_shard, 0)}, not the world size {world_size}"
             )
-        if self.cp > 1:
-            raise CookbookError("context parallel is not available yet; use data, tensor and pipeline parallel")
         if self.layers_per_virtual_stage is not None and self.layers_per_virtual_stage < 1:
             raise CookbookError(f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be at least 1")
         return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.sequence_parallel and self.tp > 1,

@@ -5,8 +5,9 @@ materialises only each rank's shards and initialises them. Each parameter's init
 from its own generator seeded by (seed, parameter name) (``Transformer.initial_value``), so the
 weights are the same under every parallel layout and world size.
 
-The order of ``parallelize`` is fixed: float8 linears (``--fp8``) -> tensor parallel -> activation
-checkpointing -> compile per block -> FSDP (cookbook/engine/recompute.py holds the middle two).
+The order of ``parallelize`` is fixed: float8 linears (``--fp8``) -> tensor parallel -> context
+parallel (cookbook/engine/context_parallel.py) -> activation checkpointing -> compile per block ->
+FSDP (cookbook/engine/recompute.py holds those two).
 Under pipeline parallel each stage's chunk goes through the same steps (cookbook/engine/pipeline.py
 cuts the model first).
 
@@ -38,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from cookbook.engine.context_parallel import apply_cp
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.float8 import apply_fp8
 from cookbook.engine.recompute import apply_activation_checkpointing, apply_compile
@@ -48,8 +50,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
-    """FSDP's mesh: 1-D over dp_shard, or 2-D (replicate, shard) for HSDP."""
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """FSDP's mesh: 1-D over dp_shard, or 2-D (replicate, shard) for HSDP. Under context parallel the cp ranks
+    hold replicas of the parameters too: FSDP shards over dp_shard and cp flattened into one dimension
+    (torchtitan's ``dp_shard_cp``), so its reduce-scatter averages the gradients over both."""
+    shard = "dp_shard"
+    if dims.cp > 1:
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        shard = "dp_shard_cp"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
 
 
 # --------------------------------------------------------------------------- tensor + sequence parallel
@@ -190,14 +198,17 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_
     # 1. tensor + sequence parallel: DTensor plans on mesh["tp"]
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], dims.sequence_parallel)
-    # 2. activation checkpointing per block (selective or full)
+    # 2. context parallel: attention gathers the keys and values of the whole sequence over mesh["cp"]
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"])
+    # 3. activation checkpointing per block (selective or full)
     if speedups.recompute_granularity != "none":
         apply_activation_checkpointing(model, speedups.recompute_granularity, speedups.recompute_method,
                                        speedups.recompute_num_layers)
-    # 3. torch.compile per block (the FSDP hooks stay outside the compiled graphs)
+    # 4. torch.compile per block (the FSDP hooks stay outside the compiled graphs)
     if speedups.compile:
         apply_compile(model)
-    # 4. data parallel: FSDP2 over the dp dims (over the TP shards when tp > 1). A world of one keeps
+    # 5. data parallel: FSDP2 over the dp dims (over the TP shards when tp > 1). A world of one keeps
     #    the plain module: FSDP would only copy (3-4% of a CPU step); the Trainer then runs bf16 under autocast.
     if mesh.size() > 1:
         apply_fsdp(model, dp_mesh(mesh, dims), param_dtype)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
+from cookbook.engine.context_parallel import check_cp, shard_batch
 from cookbook.engine.config import JobConfig
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
@@ -46,8 +47,13 @@ from cookbook.model.config import megatron_flops_per_iteration
 from cookbook.progress import console
 
 
-def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked)."""
+def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked). Under context
+    parallel, of this cp rank's share of the tokens (the same count on every rank: the mean over the cp ranks of
+    these means is the batch's)."""
+    if cp > 1:
+        inputs, targets, positions = shard_batch(batch, cp_rank, cp)
+        return cross_entropy(model(inputs, positions), targets)
     return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
 
 
@@ -68,8 +74,12 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
     check_tp(job.model, dims.tp)
     if t.fp8:
         check_fp8(dims.tp)
-    if dims.sequence_parallel and job.data.seq_length % dims.tp:
-        raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the tensor-parallel size {dims.tp} under --sequence-parallel")
+    check_cp(job.data.seq_length, dims.cp)
+    if dims.cp > 1 and dims.pp > 1:
+        raise CookbookError("context parallel with pipeline parallel is not supported yet; use one of them with data and tensor parallel")
+    if dims.sequence_parallel and job.data.seq_length // dims.cp % dims.tp:
+        raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the context-parallel x tensor-parallel "
+                            f"size {dims.cp * dims.tp} under --sequence-parallel")
     return global_batch, accumulation
 
 
@@ -82,6 +92,7 @@ class Trainer:
         self.dims = job.parallel.resolve(self.dist.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
+        self.cp_rank = self.mesh.get_local_rank("cp")
 
         self.global_batch, self.accumulation = check_layout(job, self.dims)
         # the data first: a bad --data-path fails before the model is built
@@ -157,7 +168,7 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for batch in micro_batches:
                 with self._precision():
-                    loss = next_token_loss(self.model, batch.to(self.device, non_blocking=True)) / len(micro_batches)
+                    loss = self._loss(batch.to(self.device, non_blocking=True)) / len(micro_batches)
                 loss.backward()
                 total += loss.detach()
         self._average_over_ranks(total)
@@ -193,10 +204,13 @@ class Trainer:
                 continue
             for batch in micro_batches:
                 with self._precision():
-                    total += next_token_loss(self.model, batch.to(self.device)) / self.accumulation
+                    total += self._loss(batch.to(self.device)) / self.accumulation
         total /= iters
         self._average_over_ranks(total)
         return total.item()
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(self.model, batch, self.cp_rank, self.dims.cp)
 
     def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
@@ -210,7 +224,8 @@ class Trainer:
 
     def _average_over_ranks(self, value: torch.Tensor) -> None:
         """In place, over every rank: the tensor-parallel and pipeline ranks of a data-parallel group hold the
-        same loss, so this is the data-parallel mean. SUM then divide (gloo lacks AVG on some versions)."""
+        same loss and the context-parallel ranks the same number of tokens, so this is the global batch's mean.
+        SUM then divide (gloo lacks AVG on some versions)."""
         if self.dist.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.dist.world_size

@@ -177,14 +177,21 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, d]
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.attend(q, k, v, cache)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """Causal attention of q [b, heads, s, d] over k, v [b, kv_heads, s, d] -> [b, heads, s, d]."""
         mask = None
         if cache is not None:  # generation: keep these keys/values, attend over every cached one the mask allows
             k, v, mask = cache.update(k, v)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention: each of x's kv heads [b, kv_heads, s, d] serves heads / kv_heads query heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 class MLP(nn.Module):

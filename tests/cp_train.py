@@ -19,10 +19,10 @@ so the one-process run (a plain model, no context parallel) is the oracle for an
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
+from helpers_train import save_result
 from tp_train import GLOBAL_BATCH, SEED, STEPS, TINY, counting_batches, full_grads, full_state
 
 from cookbook.engine.distributed import ParallelDims, init_distributed, shutdown
@@ -76,10 +76,7 @@ def main() -> None:
     for name in args.variants.split(","):
         dims = ParallelDims(args.dp_replicate, cp=args.cp, tp=args.tp, sequence_parallel=VARIANTS[name]).resolve(d.world_size)
         results[name] = train(dims, mesh)
-    if d.is_main:
-        tmp = args.out + ".tmp"
-        torch.save(results, tmp)
-        os.replace(tmp, args.out)
+    save_result(d.is_main, results, args.out)
     shutdown()
 
 

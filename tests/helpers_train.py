@@ -107,6 +107,15 @@ def run_script(script: Path, out: Path, nproc: int, *args: str) -> dict:
     return torch.load(out, weights_only=True)
 
 
+def save_result(is_main: bool, result, out: str) -> None:
+    """A layout script's results, written by rank 0 under a temporary name and renamed (``run_script`` reads them)."""
+    import torch
+
+    if is_main:
+        torch.save(result, out + ".tmp")
+        os.replace(out + ".tmp", out)
+
+
 def max_diff(a: dict, b: dict) -> tuple[float, str]:
     """The largest absolute difference between two state dicts with the same names, and where."""
     assert sorted(a) == sorted(b)

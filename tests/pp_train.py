@@ -13,10 +13,10 @@ from every stage by name), so the one-process run is the oracle for any layout.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
+from helpers_train import save_result
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -151,10 +151,7 @@ def main() -> None:
     torch.manual_seed(0)
     d = init_distributed("cpu")
     result = train_one_process() if args.pp == 1 else train_pipeline(args.pp, args.chunks, args.schedule, d.world_size)
-    if d.is_main:
-        tmp = args.out + ".tmp"
-        torch.save(result, tmp)
-        os.replace(tmp, args.out)
+    save_result(d.is_main, result, args.out)
     shutdown()
 
 

@@ -12,10 +12,10 @@ for any layout. A variant names a model config and whether sequence parallel is 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
+from helpers_train import save_result
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -104,10 +104,7 @@ def main() -> None:
         cfg, sp = VARIANTS[name]
         dims = ParallelDims(args.dp_replicate, tp=args.tp, sequence_parallel=sp).resolve(d.world_size)
         results[name] = train(cfg, dims, mesh, d.world_size)
-    if d.is_main:
-        tmp = args.out + ".tmp"
-        torch.save(results, tmp)
-        os.replace(tmp, args.out)
+    save_result(d.is_main, results, args.out)
     shutdown()
 
 

@@ -1,8 +1,8 @@
 """Context parallel (+ tensor parallel, + FSDP2 over dp x cp) in real gloo processes equals one process.
 
-``cp_train.py`` trains tp_train.py's tiny model (hidden 64, 4 heads, 2 kv heads, QKV bias, 2 layers, vocab 96,
-sequence 16) for 12 clipped AdamW steps on a fixed global batch under a given layout; the same script in one
-process, on the plain model, is the oracle. In-process tests cover the load-balanced sharding and the
+``tp_train.py --cp C`` trains its tiny model (hidden 64, 4 heads, 2 kv heads, QKV bias, 2 layers, vocab 96,
+sequence 16) for 12 clipped AdamW steps on a fixed global batch under a given layout, each cp rank on its share of
+every sequence; the same script in one process, on the plain model, is the oracle. In-process tests cover the load-balanced sharding and the
 attention over a split sequence, rank by rank.
 """
 
@@ -32,7 +32,7 @@ from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 from cookbook.model.model import KVCache
 
-SCRIPT = Path(__file__).with_name("cp_train.py")
+SCRIPT = Path(__file__).with_name("tp_train.py")
 TINY = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                    max_seq_len=64, qkv_bias=True)
 
@@ -43,13 +43,13 @@ def run(out: Path, nproc: int, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("cp") / "one.pt", 1)
+    return run(tmp_path_factory.mktemp("cp") / "one.pt", 1, "--variants", "base")
 
 
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):
     """2 processes, CP=2: FSDP2 over the flattened (dp_shard = 1, cp = 2) mesh."""
-    return run(tmp_path_factory.mktemp("cp") / "cp2.pt", 2, "--cp", "2")
+    return run(tmp_path_factory.mktemp("cp") / "cp2.pt", 2, "--cp", "2", "--variants", "base")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def cp2_tp2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dp2_cp2(tmp_path_factory):
     """4 processes, 2 data-parallel ranks x CP=2: rows split over dp, each row's tokens over cp."""
-    return run(tmp_path_factory.mktemp("cp") / "dp2_cp2.pt", 4, "--cp", "2")
+    return run(tmp_path_factory.mktemp("cp") / "dp2_cp2.pt", 4, "--cp", "2", "--variants", "base")
 
 
 @pytest.mark.parametrize("layout, variant", [("cp2", "base"), ("cp2_tp2", "base"), ("cp2_tp2", "sp"), ("dp2_cp2", "base")])

@@ -1,10 +1,10 @@
 """A few AdamW steps of a tiny model under a given tensor-parallel layout, for test_tensor_parallel.py.
 
-    torchrun --standalone --nproc-per-node N tests/tp_train.py OUT --tp T [--dp-replicate R] [--variants base,sp,tied]
+    torchrun --standalone --nproc-per-node N tests/tp_train.py OUT --tp T [--cp C] [--dp-replicate R] [--variants base,sp,tied]
 
-The world is dp x tp with dp = N / T (FSDP2 over dp; ``--dp-replicate R`` makes it HSDP). Every step trains
-on the same fixed global batch whatever the layout: each data-parallel rank takes its slice, every tp rank of
-a data-parallel group the same slice. Rank 0 writes ``torch.save`` of {variant: {"losses", "grad_norms",
+The world is dp x cp x tp with dp = N / (C x T) (FSDP2 over dp, and cp; ``--dp-replicate R`` makes it HSDP).
+Every step trains on the same fixed global batch whatever the layout: each data-parallel rank takes its slice,
+each cp rank its share of every sequence (``shard_batch``), every tp rank of a group the same tokens. Rank 0 writes ``torch.save`` of {variant: {"losses", "grad_norms",
 "initial", "first_grads", "final"}} to OUT, tensors full (gathered), so a run in one process is the oracle
 for any layout. A variant names a model config and whether sequence parallel is on (off at tp = 1).
 """
@@ -70,7 +70,8 @@ def train(cfg: ModelConfig, dims: ParallelDims, mesh, world: int) -> dict:
     per_rank = GLOBAL_BATCH // dims.dp
     losses, grad_norms = [], []
     for step in range(STEPS):
-        loss = next_token_loss(model, batches[step, dp_rank * per_rank : (dp_rank + 1) * per_rank])
+        rows = batches[step, dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        loss = next_token_loss(model, rows, mesh.get_local_rank("cp"), dims.cp)  # under cp: this rank's tokens
         loss.backward()
         if step == 0:
             first_grads = full_grads(model)
@@ -78,7 +79,7 @@ def train(cfg: ModelConfig, dims: ParallelDims, mesh, world: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
-        dist.all_reduce(total)  # every tp rank holds its dp group's loss: the world's mean is the global batch's
+        dist.all_reduce(total)  # tp ranks hold their group's loss, cp ranks as many tokens: the world's mean is the batch's
         losses.append(float(total) / world)
     result = {"losses": losses, "grad_norms": grad_norms, "initial": initial, "first_grads": first_grads, "final": full_state(model)}
     if dims.sequence_parallel:  # a sequence the tp ranks cannot split evenly is refused, on every rank alike
@@ -94,15 +95,16 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dp-replicate", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     torch.manual_seed(0)
     d = init_distributed("cpu")
-    mesh = ParallelDims(args.dp_replicate, tp=args.tp).resolve(d.world_size).build_mesh("cpu")
+    mesh = ParallelDims(args.dp_replicate, cp=args.cp, tp=args.tp).resolve(d.world_size).build_mesh("cpu")
     results = {}
     for name in args.variants.split(","):
         cfg, sp = VARIANTS[name]
-        dims = ParallelDims(args.dp_replicate, tp=args.tp, sequence_parallel=sp).resolve(d.world_size)
+        dims = ParallelDims(args.dp_replicate, cp=args.cp, tp=args.tp, sequence_parallel=sp).resolve(d.world_size)
         results[name] = train(cfg, dims, mesh, d.world_size)
     save_result(d.is_main, results, args.out)
     shutdown()

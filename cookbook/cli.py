@@ -33,9 +33,11 @@ EXAMPLES = """\
   cookbook merge --input data/ --output-prefix data/all
   cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
   cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --save ckpt/tiny
+  cookbook extend --load ckpt/tiny --interp-factor 2 --data-path data/corpus_text_document --train-iters 100 --save ckpt/tiny-2x
   cookbook plan --preset llama-65b --seq-length 4096 --num-gpus 128
   cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512
   cookbook generate --load ckpt/tiny --prompt "def main(" --temperature 0
+  cookbook plot ckpt/tiny ckpt/tiny-2x --label base --label extended -o loss.png
 """
 
 app = typer.Typer(
@@ -392,6 +394,27 @@ def pretrain(
         run(config, overrides)
 
 
+# --------------------------------------------------------------------------- extend
+
+
+@app.command()
+@training_command
+def extend(
+    config: Optional[Path],
+    overrides: dict,
+    interp_factor: Annotated[Optional[float], typer.Option("--interp-factor", "--rotary-seq-len-interpolation-factor", help="Stretch the context by this factor (Megatron-LM's --rotary-seq-len-interpolation-factor). Required.", rich_help_panel="Extension")] = None,
+    rope_type: Annotated[str, typer.Option(help="linear (Position Interpolation), dynamic (NTK), yarn or llama3.", rich_help_panel="Extension")] = "linear",
+    no_train: Annotated[bool, typer.Option("--no-train", help="Only write the checkpoint with the scaled config (training-free dynamic NTK / YaRN).", rich_help_panel="Extension")] = False,
+) -> None:
+    """Extend the context window: rescale RoPE (Position Interpolation by default), then continue training at the new length.
+
+    Example: cookbook extend --load ckpt/llama2-7b --interp-factor 2 --seq-length 8192 --data-path data/pile_text_document --lr 2e-5 --train-iters 1000 --save ckpt/llama2-7b-8k
+    """
+    from recipes.extend import run
+
+    run(config, overrides, rope_type, interp_factor, no_train)
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -457,23 +480,67 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
-    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json.")] = None,
+    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey).")] = None,
+    passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval accuracy per length and depth instead of perplexity.", rich_help_panel="Passkey")] = False,
+    passkey_depths: Annotated[str, typer.Option(help="Where the key sits, as fractions of the filler.", rich_help_panel="Passkey")] = "0,0.25,0.5,0.75,1",
+    passkey_trials: Annotated[int, typer.Option(help="Random keys per length and depth.", rich_help_panel="Passkey")] = 5,
+    passkey_digits: Annotated[int, typer.Option(help="Digits of each key.", rich_help_panel="Passkey")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the passkeys.", rich_help_panel="Passkey")] = 0,
 ) -> None:
-    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths.
+    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; or --passkey retrieval.
 
     Example: cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512 --dump-dir eval/
-    """
-    from recipes.eval import EvalConfig, render, run
 
+    Passkey: cookbook eval --load ckpt/tiny-2x --passkey --seq-length 256,512 --passkey-trials 10
+    """
+    from recipes.eval import EvalConfig, render, run, run_passkey
+
+    try:
+        depths = tuple(float(d) for d in passkey_depths.split(",") if d.strip())
+    except ValueError:
+        raise CookbookError(f"--passkey-depths {passkey_depths!r} is not a comma-separated list of fractions, e.g. 0,0.5,1") from None
     cfg = EvalConfig(
         load=load, ppl_files=_split(ppl_files), data_path=_split(data_path), seq_lengths=_ints(seq_length, "--seq-length"),
         stride=stride, batch_size=batch_size, text_key=text_key, append_eod=append_eod, tokenizer_model=tokenizer_model,
-        tokenizer_type=tokenizer_type, device=device, dtype=dtype, dump_dir=dump_dir,
+        tokenizer_type=tokenizer_type, device=device, dtype=dtype, dump_dir=dump_dir, passkey=passkey,
+        passkey_depths=depths, passkey_trials=passkey_trials, passkey_digits=passkey_digits, seed=seed,
     )
+    if passkey:
+        from recipes.passkey import render as render_passkey
+
+        trials, dumped = run_passkey(cfg)
+        out.print(render_passkey(trials))
+        if dumped:
+            out.print(f"[green]wrote[/green] {dumped}")
+        return
     results, dumped = run(cfg)
     out.print(render(results))
     if dumped:
         out.print(f"[green]wrote[/green] {dumped}")
+
+
+# --------------------------------------------------------------------------- plot
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[str], typer.Argument(help="Save folders (their metrics.jsonl) or metrics.jsonl files.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "loss.png",
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="A legend label per run, in order (repeat).")] = None,
+    metric: Annotated[str, typer.Option(help="The metrics.jsonl field to draw: loss, ppl, grad_norm, lr, tokens_per_s, ...")] = "loss",
+    split: Annotated[str, typer.Option(help="train, valid or both.")] = "both",
+    smooth: Annotated[int, typer.Option(help="Moving average over this many logged points (train curves).")] = 1,
+    title: Annotated[Optional[str], typer.Option(help="The figure title.")] = None,
+    log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic y axis.")] = False,
+) -> None:
+    """Draw the loss curves of several runs in one PNG (matplotlib).
+
+    Example: cookbook plot ckpt/tiny-2x-pi ckpt/tiny-2x-nopi --label "with PI" --label "without PI" -o extend.png
+    """
+    from recipes.plot import plot as draw
+
+    path = draw(runs, output, label, metric, split, smooth, title, log_y)
+    out.print(f"[green]wrote[/green] {path}")
 
 
 # --------------------------------------------------------------------------- generate

@@ -317,25 +317,54 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "fp32"
     dump_dir: str | None = None
+    # --passkey: retrieval accuracy instead of perplexity (recipes/passkey.py)
+    passkey: bool = False
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int = 5
+    passkey_digits: int = 5
+    seed: int = 0
+
+
+def _tokenizer(cfg: EvalConfig, sections: dict, need: str):
+    """--tokenizer-model, else the one the checkpoint was trained with."""
+    from cookbook.data.tokenizer import load_tokenizer
+
+    data = sections.get("data", {})
+    path = cfg.tokenizer_model or data.get("tokenizer_model")
+    if not path:
+        raise CookbookError(f"{need} needs a tokenizer: the checkpoint names none; pass --tokenizer-model")
+    return load_tokenizer(path, cfg.tokenizer_type or (None if cfg.tokenizer_model else data.get("tokenizer_type")))
+
+
+def run_passkey(cfg: EvalConfig):
+    """``--passkey``: (trials, the JSON dump or None)."""
+    from cookbook.engine.checkpoint import load_model
+    from recipes import passkey
+
+    model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
+    tokenizer = _tokenizer(cfg, sections, "--passkey")
+    lengths = cfg.seq_lengths or [model.config.max_seq_len]
+    trials = passkey.passkey_eval(model, tokenizer, lengths, list(cfg.passkey_depths), cfg.passkey_trials,
+                                  cfg.passkey_digits, cfg.seed, cfg.batch_size)
+    dumped = None
+    if cfg.dump_dir:
+        extra = {"load": cfg.load, "dtype": cfg.dtype, "seed": cfg.seed, "model": sections["model"]}
+        dumped = passkey.dump(trials, cfg.dump_dir, extra)
+    return trials, dumped
 
 
 def run(cfg: EvalConfig, show_progress: bool = True) -> tuple[list[PerplexityResult], Path | None]:
     """Load a checkpoint, build every source's token stream, score; optionally dump JSON."""
-    from cookbook.data.tokenizer import load_tokenizer
     from cookbook.engine.checkpoint import load_model
 
     if not cfg.ppl_files and not cfg.data_path:
-        raise CookbookError("nothing to evaluate; pass --ppl-files FILES or --data-path PREFIX")
+        raise CookbookError("nothing to evaluate; pass --ppl-files FILES or --data-path PREFIX (or --passkey)")
     for length in cfg.seq_lengths:
         check_window(length, cfg.stride)
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     sources: dict[str, torch.Tensor] = {}
     if cfg.ppl_files:
-        data = sections.get("data", {})
-        path = cfg.tokenizer_model or data.get("tokenizer_model")
-        if not path:
-            raise CookbookError("--ppl-files needs a tokenizer: the checkpoint names none; pass --tokenizer-model")
-        tokenizer = load_tokenizer(path, cfg.tokenizer_type or (None if cfg.tokenizer_model else data.get("tokenizer_type")))
+        tokenizer = _tokenizer(cfg, sections, "--ppl-files")
         for f in cfg.ppl_files:
             sources[f] = file_stream(f, tokenizer, cfg.text_key, append_eod=cfg.append_eod)
     for prefix in cfg.data_path:

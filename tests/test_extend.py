@@ -1,0 +1,193 @@
+"""``cookbook extend`` (RoPE scaling + continued training), ``cookbook eval --passkey`` and ``cookbook plot``.
+
+The scaled configs are checked field by field for every rope type (their logits against transformers' are
+tests/test_model.py's), composition and refusals; a short PI run through the CLI trains at twice the context,
+carries the scaling in its checkpoint, and continues when the same command runs again; ``--no-train`` writes
+the same weights under the scaled config. Passkey prompts are exact in length with the key at its depth, the
+answers are read and scored, and the command writes its table and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from helpers_data import assert_one_line_error, preprocess, run_cli, write_jsonl
+from helpers_train import check, losses, train_flags
+
+from cookbook.data.tokenizer import load_tokenizer
+from cookbook.engine.checkpoint import find_checkpoint, load_model, read_config, read_train_state
+from cookbook.errors import CookbookError
+from recipes.extend import plan_extension
+from recipes.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer
+
+BASE = {"max_seq_len": 32}
+
+
+# --------------------------------------------------------------------------- the scaled config
+
+
+@pytest.mark.parametrize("rope_type, scaling, max_seq_len", [
+    ("linear", {"rope_type": "linear", "factor": 2.0}, 64),
+    ("dynamic", {"rope_type": "dynamic", "factor": 2.0}, 32),
+    ("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}, 64),
+    ("llama3", {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0}, 64),
+])
+def test_each_rope_type_gets_the_transformers_config(rope_type, scaling, max_seq_len):
+    ext = plan_extension(BASE, rope_type, 2.0, None)
+    assert (ext.rope_scaling, ext.max_seq_len, ext.seq_length, ext.original) == (scaling, max_seq_len, 64, 32)
+    from cookbook.model import ModelConfig
+
+    ModelConfig(max_seq_len=ext.max_seq_len, rope_scaling=ext.rope_scaling)  # a valid model config
+
+
+def test_linear_scaling_composes_and_others_refuse():
+    once = plan_extension(BASE, "linear", 2.0, 64)
+    twice = plan_extension({"max_seq_len": once.max_seq_len, "rope_scaling": once.rope_scaling}, "linear", 2.0, None)
+    assert (twice.rope_scaling, twice.max_seq_len, twice.seq_length, twice.original) == ({"rope_type": "linear", "factor": 4.0}, 128, 128, 32)
+    assert "total factor 4" in twice.note
+    with pytest.raises(CookbookError, match="already extended linearly"):
+        plan_extension({"max_seq_len": 64, "rope_scaling": once.rope_scaling}, "yarn", 2.0, None)
+    with pytest.raises(CookbookError, match="already extended with yarn"):
+        plan_extension({"max_seq_len": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "linear", 2.0, None)
+
+
+@pytest.mark.parametrize("rope_type, factor, seq, message", [
+    ("linear", 1.0, None, "must be greater than 1"),
+    ("linear", 0.5, None, "must be greater than 1"),
+    ("linear", 2.0, 48, "use --seq-length 64 or --interp-factor 1.5"),
+    ("ntk-by-magic", 2.0, None, "unknown --rope-type"),
+])
+def test_bad_extensions_are_clear_errors(rope_type, factor, seq, message):
+    with pytest.raises(CookbookError, match=message):
+        plan_extension(BASE, rope_type, factor, seq)
+
+
+# --------------------------------------------------------------------------- a short PI run
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, sp_model, train_jsonl):
+    root = tmp_path_factory.mktemp("extend")
+    return preprocess([train_jsonl], root / "corpus", sp_model, append_eod=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenized, sp_model):
+    """A tiny model trained 20 iterations at a 32-token context, with the tokenizer."""
+    save = tmp_path_factory.mktemp("base") / "base"
+    flags = train_flags(tokenized, save, 20, vocab_size=640, max_position_embeddings=32, tokenizer_model=sp_model)
+    check(run_cli("pretrain", *flags, timeout=300))
+    return save
+
+
+def extend_flags(tokenized, load, save, iters: int, *extra: str) -> list[str]:
+    return ["extend", "--load", str(load), "--save", str(save), "--data-path", tokenized, "--train-iters", str(iters),
+            "--micro-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "0",
+            "--device", "cpu", "--dtype", "fp32", *extra]
+
+
+def test_pi_run_trains_at_twice_the_context_and_resumes(tmp_path, tokenized, base):
+    save = tmp_path / "pi"
+    check(run_cli(*extend_flags(tokenized, base, save, 4, "--interp-factor", "2"), timeout=300))
+    ckpt = find_checkpoint(save)
+    cfg = read_config(ckpt)
+    assert cfg["model"]["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert cfg["model"]["max_seq_len"] == 64 and cfg["data"]["seq_length"] == 64
+    assert read_train_state(ckpt)["step"] == 4
+    first = losses(save)
+    assert sorted(first) == [1, 2, 3, 4] and all(v == v for v in first.values())
+    # the same command again, with more iterations: it continues from its own save, not from the base
+    proc = check(run_cli(*extend_flags(tokenized, base, save, 6, "--interp-factor", "2"), timeout=300))
+    assert "continuing the extension" in proc.stdout + proc.stderr
+    assert sorted(losses(save)) == [1, 2, 3, 4, 5, 6]
+    model, _ = load_model(save, device="cpu")
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_no_train_writes_the_same_weights_under_the_scaled_config(tmp_path, base):
+    save = tmp_path / "yarn"
+    check(run_cli("extend", "--load", str(base), "--save", str(save), "--interp-factor", "4", "--rope-type", "yarn", "--no-train"))
+    scaled, _ = load_model(save, device="cpu")
+    original, _ = load_model(base, device="cpu")
+    assert scaled.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert scaled.config.max_seq_len == 128
+    for (name, a), (_, b) in zip(original.state_dict().items(), scaled.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    tokens = torch.randint(0, 600, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(original(tokens), scaled(tokens))  # the positions are scaled
+
+
+def test_extend_bad_input_is_one_line(tmp_path, tokenized, base):
+    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--seq-length", "48")),
+                          "does not match --interp-factor 2")
+    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "1")), "must be greater than 1")
+    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2)), "needs --interp-factor")
+    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--rope-type", "ntk")),
+                          "unknown --rope-type 'ntk'")
+    assert_one_line_error(run_cli(*extend_flags(tokenized, tmp_path / "nothing", tmp_path / "x", 2, "--interp-factor", "2")),
+                          "holds no checkpoint")
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- passkey
+
+
+def test_passkey_prompts_are_exact_with_the_key_at_its_depth(sp_model):
+    tok = load_tokenizer(sp_model)
+    needle = tok.tokenize(NEEDLE.format(key="48213"))
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(tok.tokenize, 300, depth, "48213")
+        assert len(prompt) == 300
+        at = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
+        positions.append(at)
+        assert "48213" in tok.decode(prompt) and tok.decode(prompt).endswith("The pass key is")
+    assert positions[0] < positions[1] < positions[2]
+    with pytest.raises(CookbookError, match="too short"):
+        passkey_prompt(tok.tokenize, 20, 0.5, "48213")
+
+
+def test_passkey_answers_are_read_and_scored():
+    assert read_answer(" 48213. Remember") == "48213"
+    assert read_answer(" the key is 4821") == "4821"
+    assert read_answer(" none") == ""
+    trials = [PasskeyTrial(64, 0.5, "1", "1", True), PasskeyTrial(64, 0.5, "2", "3", False), PasskeyTrial(128, 0.0, "5", "5", True)]
+    assert accuracy(trials) == {(64, 0.5): 0.5, (128, 0.0): 1.0}
+
+
+def test_passkey_command_writes_its_table_and_json(tmp_path, base):
+    proc = check(run_cli("eval", "--load", str(base), "--passkey", "--seq-length", "160,200", "--passkey-depths", "0,1",
+                         "--passkey-trials", "2", "--device", "cpu", "--dump-dir", str(tmp_path)))
+    assert "passkey retrieval accuracy" in proc.stdout
+    dumped = json.loads((tmp_path / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in dumped["accuracy"]] == [(160, 0.0), (160, 1.0), (200, 0.0), (200, 1.0)]
+    assert len(dumped["trials"]) == 8 and all(0 <= r["accuracy"] <= 1 for r in dumped["accuracy"])
+    assert all(t["correct"] == (read_answer(t["answer"]) == t["key"]) for t in dumped["trials"])
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def test_plot_draws_several_runs_into_one_png(tmp_path):
+    for name, offset in (("pi", 0.0), ("nopi", 0.5)):
+        records = [{"step": s, "loss": 5.0 - s / 10 + offset} for s in range(1, 21)]
+        records += [{"step": s, "split": "valid", "loss": 5.0 - s / 12 + offset, "ppl": 1.0} for s in (10, 20)]
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "metrics.jsonl", records)
+    out = tmp_path / "fig" / "loss.png"
+    # a save folder and a metrics.jsonl file
+    proc = check(run_cli("plot", str(tmp_path / "pi"), str(tmp_path / "nopi" / "metrics.jsonl"), "--label", "with PI",
+                         "--label", "without PI", "-o", str(out), "--smooth", "3"))
+    assert "wrote" in proc.stdout
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > 500 and height > 300
+    assert_one_line_error(run_cli("plot", str(tmp_path / "missing"), "-o", str(out)), "has no metrics.jsonl")
+    assert_one_line_error(run_cli("plot", str(tmp_path / "pi"), "--metric", "nope", "-o", str(tmp_path / "x.png")), "no both 'nope' records")
+    assert not (tmp_path / "x.png").exists()

@@ -405,14 +405,20 @@ def extend(
     interp_factor: Annotated[Optional[float], typer.Option("--interp-factor", "--rotary-seq-len-interpolation-factor", help="Stretch the context by this factor (Megatron-LM's --rotary-seq-len-interpolation-factor). Required.", rich_help_panel="Extension")] = None,
     rope_type: Annotated[str, typer.Option(help="linear (Position Interpolation), dynamic (NTK), yarn or llama3.", rich_help_panel="Extension")] = "linear",
     no_train: Annotated[bool, typer.Option("--no-train", help="Only write the checkpoint with the scaled config (training-free dynamic NTK / YaRN).", rich_help_panel="Extension")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job for --world-size processes and estimate its memory; no devices, no training.", rich_help_panel="Dry run")] = False,
+    world_size: Annotated[int, typer.Option(help="With --dry-run: the number of processes the job will run on.", rich_help_panel="Dry run")] = 1,
+    gpu: Annotated[str, typer.Option(help="With --dry-run: the GPU to estimate memory for.", rich_help_panel="Dry run")] = "A100-80GB",
 ) -> None:
     """Extend the context window: rescale RoPE (Position Interpolation by default), then continue training at the new length.
 
     Example: cookbook extend --load ckpt/llama2-7b --interp-factor 2 --seq-length 8192 --data-path data/pile_text_document --lr 2e-5 --train-iters 1000 --save ckpt/llama2-7b-8k
     """
-    from recipes.extend import run
+    from recipes.extend import dry_run as check, run
 
-    run(config, overrides, rope_type, interp_factor, no_train)
+    if dry_run:
+        check(config, overrides, rope_type, interp_factor, world_size, gpu)
+    else:
+        run(config, overrides, rope_type, interp_factor, no_train)
 
 
 # --------------------------------------------------------------------------- plan

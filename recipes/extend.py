@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cookbook.engine import checkpoint
@@ -118,12 +118,41 @@ def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
     return final
 
 
+def dry_run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: str, interp_factor: float | None,
+            world_size: int, gpu: str) -> None:
+    """Validate an extension job for ``world_size`` processes without devices (``cookbook pretrain --dry-run``'s
+    checks and estimate at the new length). Where the checkpoint is not on this machine, ``--preset`` stands in
+    for its model."""
+    from cookbook.model.config import preset
+    from recipes.pretrain import dry_run as check
+
+    sections = merge(read_toml(config_file) if config_file else {}, overrides)
+    load = sections.get("checkpoint", {}).get("load")
+    source = checkpoint.find_checkpoint(load) if load else None
+    if source is not None:
+        model = checkpoint.read_config(source)["model"]
+    elif sections.get("model", {}).get("preset"):
+        model = asdict(preset(sections["model"]["preset"]))
+        console.print(f"[yellow]--load {load} is not here (needed where the job runs): checking with preset {sections['model']['preset']}[/yellow]")
+        for key in ("load", "finetune"):
+            overrides.get("checkpoint", {}).pop(key, None)
+    else:
+        raise CookbookError(f"--load {load} holds no checkpoint here; give --preset for its model to check the job without it")
+    ext = _plan(model, sections, rope_type, interp_factor)
+    apply_extension(overrides, ext)
+    check(config_file, overrides, world_size, gpu)
+
+
+def _plan(model: dict, sections: dict, rope_type: str, interp_factor: float | None) -> Extension:
+    if interp_factor is None:
+        raise CookbookError("cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)")
+    return plan_extension(model, rope_type, interp_factor, sections.get("data", {}).get("seq_length"))
+
+
 def run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: str, interp_factor: float | None,
         no_train: bool = False) -> dict:
     from recipes.pretrain import run as train
 
-    if interp_factor is None:
-        raise CookbookError("cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)")
     ckpt_flags = overrides.setdefault("checkpoint", {})
     if not ckpt_flags.get("load"):
         raise CookbookError("cookbook extend needs --load: the checkpoint whose context to extend")
@@ -133,8 +162,8 @@ def run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: s
     source = checkpoint.find_checkpoint(load)
     if source is None:
         raise CookbookError(f"--load {load} holds no checkpoint (no 'latest' file and no step_* save)")
-    seq_length = merge(read_toml(config_file) if config_file else {}, overrides).get("data", {}).get("seq_length")
-    ext = plan_extension(checkpoint.read_config(source)["model"], rope_type, interp_factor, seq_length)
+    sections = merge(read_toml(config_file) if config_file else {}, overrides)
+    ext = _plan(checkpoint.read_config(source)["model"], sections, rope_type, interp_factor)
     main = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank gets here: one says it
     if main and ext.note:
         console.print(f"[yellow]{ext.note}[/yellow]")

@@ -1,4 +1,5 @@
-"""The scale-up recipes in scripts/pretrain validate without GPUs (--dry-run), and refuse a bad layout."""
+"""The scale-up recipes (scripts/pretrain, and the context-extension ones) validate without GPUs (--dry-run),
+and refuse a bad layout."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dry_run(script: str, **env) -> subprocess.CompletedProcess:
     e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="200", **env)
-    return subprocess.run(["bash", str(ROOT / "scripts/pretrain" / script), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
+    path = ROOT / "scripts" / script if "stretch" in script else ROOT / "scripts/pretrain" / script
+    return subprocess.run(["bash", str(path), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("size, processes", [("31b", 64), ("65b", 128), ("108b", 256), ("132b", 256)])
@@ -32,3 +34,14 @@ def test_recipe_dry_run_refuses_a_bad_layout():
     assert proc.returncode == 2 and "not a multiple of micro batch 3" in proc.stderr.strip().splitlines()[-1]
     proc = dry_run("llama-65b.sh", NNODES="1", TP="1", RECOMPUTE="none")  # 65B on one node: out of memory
     assert proc.returncode == 2 and "more than one A100-80GB holds" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script, processes, scaling, seq", [
+    ("llama2-7b-stretch-8k.sh", 8, 'rope_scaling = { rope_type = "linear", factor = 2.0 }', "seq_length = 8192"),
+    ("llama2-13b-stretch-32k.sh", 32, 'rope_scaling = { rope_type = "linear", factor = 8.0 }', "seq_length = 32768"),
+])
+def test_stretch_recipe_dry_run_is_valid(script, processes, scaling, seq):
+    proc = dry_run(script, LOAD="/nonexistent/ckpt")  # the preset stands in for a checkpoint not on this machine
+    assert proc.returncode == 0, proc.stderr
+    assert f"dry run: the job is valid for {processes} processes" in proc.stderr and "(fits)" in proc.stderr
+    assert scaling in proc.stderr and seq in proc.stderr

@@ -309,6 +309,10 @@ TRAINING_FLAGS = [
     (("--recompute-num-layers",), "training", "recompute_num_layers", int, "With full: layers per recompute unit (uniform) or recomputed layers (block)."),
     (("--compile/--no-compile",), "training", "compile", bool, "torch.compile each transformer block."),
     (("--fp8/--no-fp8",), "training", "fp8", bool, "FP8 matmuls in the blocks via torchao (H100/H200; pip install 'cookbook[fp8]')."),
+    # logit knowledge distillation
+    (("--kd-teacher",), "training", "kd_teacher", str, "Distil from this cookbook checkpoint (same vocabulary): add its logits' KL to the loss."),
+    (("--kd-ratio",), "training", "kd_ratio", float, "With --kd-teacher: loss = (1 - r) CE + r KL(teacher || student) (default 0.5)."),
+    (("--kd-temperature",), "training", "kd_temperature", float, "With --kd-teacher: softmax temperature of both distributions (default 1)."),
     # parallelism (data parallel fills what the others leave)
     (("--tensor-model-parallel-size",), "parallel", "tp", int, "Tensor-parallel degree."),
     (("--sequence-parallel/--no-sequence-parallel",), "parallel", "sequence_parallel", bool, "Shard norms and residuals by sequence across the tensor-parallel ranks."),

@@ -49,3 +49,21 @@ def test_no_fp32_copy_of_all_logits_is_kept():
     fp32_logits = logits.numel() * 4
     assert plain >= fp32_logits  # log-softmax keeps an fp32 copy of every logit
     assert chunked < fp32_logits / 100, (chunked, fp32_logits)  # only the targets and the logits themselves
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_is_the_tokens_mean_kl_and_chunks_change_nothing(temperature):
+    from cookbook.engine.loss import kd_loss
+
+    g = torch.Generator().manual_seed(1)
+    student = (torch.randn(2, 30, 53, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(2, 30, 53, generator=g) * 2
+    # torch's KL with log-target: sum over the vocabulary of p_t (log p_t - log p_s), averaged over tokens
+    want = F.kl_div(F.log_softmax(student / temperature, -1).flatten(0, 1), F.log_softmax(teacher / temperature, -1).flatten(0, 1),
+                    reduction="batchmean", log_target=True) * temperature**2
+    got = kd_loss(student, teacher, temperature, chunk_elements=53 * 7)  # 9 chunks, the last one short
+    assert abs(want.item() - got.item()) < 1e-5
+    (a,) = torch.autograd.grad(want, student)
+    (b,) = torch.autograd.grad(got, student)
+    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    assert kd_loss(teacher, teacher, temperature).abs().item() < 1e-6  # a student equal to its teacher: no loss

@@ -268,3 +268,21 @@ def test_pipeline_and_context_parallel_layout_errors_are_one_line(tmp_path, data
     assert_one_line_error(pretrain(cp + ["--dry-run", "--world-size", "3"]), "use a --seq-length divisible by 6")
     assert_one_line_error(pretrain(flags + ["--context-parallel-size", "2", "--dry-run", "--world-size", "4"]),
                           "context parallel with pipeline parallel is not supported yet")
+
+
+def test_logit_distillation_from_a_teacher(tmp_path, data, reference):
+    """--kd-teacher: with --kd-ratio 0 the run is the plain one; with 0.5 the loss changes, one process equals two
+    (the teacher is built and sharded like the student), and a teacher of another vocabulary is refused."""
+    base = dict(global_batch_size=4, hidden_size=32, ffn_hidden_size=64)  # a smaller student than the teacher
+    plain, zero, kd1, kd2 = (tmp_path / n for n in ("plain", "zero", "kd1", "kd2"))
+    check(pretrain(train_flags(data, plain, 6, **base)))
+    check(pretrain(train_flags(data, zero, 6, kd_teacher=reference, kd_ratio=0.0, **base)))
+    assert losses(zero) == pytest.approx(losses(plain), abs=1e-6)
+    check(pretrain(train_flags(data, kd1, 6, kd_teacher=reference, kd_ratio=0.5, kd_temperature=2.0, **base)))
+    check(pretrain(train_flags(data, kd2, 6, kd_teacher=reference, kd_ratio=0.5, kd_temperature=2.0, **base), nproc=2))
+    a, b = losses(kd1), losses(kd2)
+    assert all(abs(a[s] - losses(plain)[s]) > 1e-3 for s in a)
+    assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    proc = pretrain(train_flags(data, tmp_path / "x", 2, kd_teacher=reference, vocab_size=128, **base))
+    assert_one_line_error(proc, "has a vocabulary of 96, the student 128")
+    assert_one_line_error(pretrain(train_flags(data, tmp_path / "y", 2, kd_ratio=1.5)), "--kd-ratio 1.5 is not in [0, 1]")

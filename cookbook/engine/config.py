@@ -62,6 +62,10 @@ class TrainingConfig:
     recompute_num_layers: int | None = None
     compile: bool = False  # torch.compile each transformer block
     fp8: bool = False  # torchao float8 linear layers in the blocks (H100/H200)
+    # logit knowledge distillation: loss = (1 - kd_ratio) CE + kd_ratio KL(teacher || student) at kd_temperature
+    kd_teacher: str | None = None  # a cookbook checkpoint with the student's vocabulary
+    kd_ratio: float = 0.5
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp32"):
@@ -70,6 +74,10 @@ class TrainingConfig:
         _positive(self, "train_iters", "micro_batch_size", "log_interval")
         _positive(self, "global_batch_size", allow_none=True)
         _positive(self, "eval_interval", "eval_iters", allow_zero=True)
+        if not 0 <= self.kd_ratio <= 1:
+            raise CookbookError(f"--kd-ratio {self.kd_ratio} is not in [0, 1]; it weighs the distillation term against cross-entropy")
+        if not self.kd_temperature > 0:
+            raise CookbookError(f"--kd-temperature {self.kd_temperature} must be positive")
 
 
 @dataclass

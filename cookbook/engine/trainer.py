@@ -25,10 +25,10 @@ import torch.distributed as dist
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.context_parallel import check_cp, shard_batch
-from cookbook.engine.config import JobConfig
+from cookbook.engine.config import JobConfig, build_config
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
-from cookbook.engine.loss import cross_entropy
+from cookbook.engine.loss import cross_entropy, kd_loss
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
 from cookbook.engine.parallelize import Speedups, build_model, check_tp
@@ -43,18 +43,40 @@ from cookbook.engine.pipeline import (
 )
 from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError
-from cookbook.model.config import megatron_flops_per_iteration
+from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
 from cookbook.progress import console
 
 
-def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked). Under context
-    parallel, of this cp rank's share of the tokens (the same count on every rank: the mean over the cp ranks of
-    these means is the batch's)."""
+def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1):
+    """(inputs, targets, positions) for predicting ``batch[:, 1:]`` from ``batch[:, :-1]``: under context parallel
+    this cp rank's share of the tokens and their positions (the same count on every rank, so the mean over the cp
+    ranks of their mean losses is the batch's); otherwise all of them, positions None (0, 1, ...)."""
     if cp > 1:
-        inputs, targets, positions = shard_batch(batch, cp_rank, cp)
-        return cross_entropy(model(inputs, positions), targets)
-    return cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        return shard_batch(batch, cp_rank, cp)
+    return batch[:, :-1], batch[:, 1:], None
+
+
+def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked)."""
+    inputs, targets, positions = next_token_inputs(batch, cp_rank, cp)
+    return cross_entropy(model(inputs, positions), targets)
+
+
+def find_teacher(job: JobConfig) -> tuple[Path, ModelConfig] | None:
+    """``--kd-teacher``'s checkpoint and model config, refused unless its vocabulary is the student's."""
+    t = job.training
+    if not t.kd_teacher:
+        return None
+    ckpt = checkpoint.find_checkpoint(t.kd_teacher)
+    if ckpt is None:
+        raise CookbookError(f"--kd-teacher {t.kd_teacher} holds no cookbook checkpoint (convert a HF model with cookbook convert --to cookbook)")
+    cfg = build_config({"model": checkpoint.read_config(ckpt)["model"]}).model
+    if cfg.vocab_size != job.model.vocab_size:
+        raise CookbookError(
+            f"--kd-teacher {t.kd_teacher} has a vocabulary of {cfg.vocab_size}, the student {job.model.vocab_size}: logit "
+            "distillation needs one tokenizer (and padding) for both"
+        )
+    return ckpt, cfg
 
 
 def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
@@ -75,6 +97,8 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
     if t.fp8:
         check_fp8(dims.tp)
     check_cp(job.data.seq_length, dims.cp)
+    if t.kd_teacher and dims.pp > 1:
+        raise CookbookError("--kd-teacher with pipeline parallel is not supported yet; distil with data, tensor and context parallel")
     if dims.cp > 1 and dims.pp > 1:
         raise CookbookError("context parallel with pipeline parallel is not supported yet; use one of them with data and tensor parallel")
     if dims.sequence_parallel and job.data.seq_length // dims.cp % dims.tp:
@@ -101,6 +125,7 @@ class Trainer:
         self.loader = self._loader(self.splits["train"])
         self.step = 0
 
+        teacher = find_teacher(job)  # before the model: a wrong teacher fails fast
         torch.manual_seed(t.seed)
         if t.fp8:
             check_fp8(self.dims.tp, self.device)
@@ -113,6 +138,11 @@ class Trainer:
         else:
             self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.teacher = None  # --kd-teacher: the same layout, its weights loaded, no gradients
+        if teacher is not None:
+            self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed)
+            checkpoint.load(teacher[0], self.teacher)
+            self.teacher.eval().requires_grad_(False)
         # bf16 in a world of one (no FSDP): autocast; with FSDP its mixed-precision policy casts instead
         self.autocast = t.dtype == "bf16" and self.mesh.size() == 1
         self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
@@ -168,7 +198,7 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for batch in micro_batches:
                 with self._precision():
-                    loss = self._loss(batch.to(self.device, non_blocking=True)) / len(micro_batches)
+                    loss = self._loss(batch.to(self.device, non_blocking=True), distil=True) / len(micro_batches)
                 loss.backward()
                 total += loss.detach()
         self._average_over_ranks(total)
@@ -209,8 +239,17 @@ class Trainer:
         self._average_over_ranks(total)
         return total.item()
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(self.model, batch, self.cp_rank, self.dims.cp)
+    def _loss(self, batch: torch.Tensor, distil: bool = False) -> torch.Tensor:
+        """Cross-entropy; in training with a teacher, (1 - r) CE + r KL(teacher || student) (evaluation: CE alone)."""
+        inputs, targets, positions = next_token_inputs(batch, self.cp_rank, self.dims.cp)
+        logits = self.model(inputs, positions)
+        ce = cross_entropy(logits, targets)
+        if not (distil and self.teacher is not None):
+            return ce
+        t = self.job.training
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs, positions)
+        return (1 - t.kd_ratio) * ce + t.kd_ratio * kd_loss(logits, teacher_logits, t.kd_temperature)
 
     def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch

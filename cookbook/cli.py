@@ -32,6 +32,7 @@ EXAMPLES = """\
   cookbook preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer-model tok.model --append-eod
   cookbook merge --input data/ --output-prefix data/all
   cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
+  cookbook convert --from hf --to cookbook --load-dir Llama-2-7b-hf --save-dir ckpt/llama2-7b
   cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --save ckpt/tiny
   cookbook extend --load ckpt/tiny --interp-factor 2 --data-path data/corpus_text_document --train-iters 100 --save ckpt/tiny-2x
   cookbook plan --preset llama-65b --seq-length 4096 --num-gpus 128
@@ -249,6 +250,44 @@ def data_info(
             out.rule(f"document {i}")
             out.file.write(text if text.endswith("\n") else text + "\n")  # verbatim: no wrapping
             out.file.flush()
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Option("--from", help="The format of --load-dir: hf, cookbook or megatron.", rich_help_panel="Formats")],
+    target: Annotated[str, typer.Option("--to", help="The format to write: hf, cookbook or megatron.", rich_help_panel="Formats")],
+    load_dir: Annotated[str, typer.Option("--load-dir", help="A Hugging Face folder, a cookbook save (folder or step_*), or a Megatron-LM checkpoint folder.", rich_help_panel="Formats")],
+    save_dir: Annotated[str, typer.Option("--save-dir", help="The folder to write (refused if it exists, unless --overwrite).", rich_help_panel="Formats")],
+    tp: Annotated[int, typer.Option("--tp", "--target-tensor-parallel-size", help="--to megatron: tensor-parallel size.", rich_help_panel="Megatron-LM")] = 1,
+    pp: Annotated[int, typer.Option("--pp", "--target-pipeline-parallel-size", help="--to megatron: pipeline-parallel size.", rich_help_panel="Megatron-LM")] = 1,
+    make_vocab_size_divisible_by: Annotated[int, typer.Option("--make-vocab-size-divisible-by", help="--to megatron: pad the vocabulary to a multiple of this x TP.", rich_help_panel="Megatron-LM")] = 128,
+    transformer_impl: Annotated[str, typer.Option("--transformer-impl", help="--to megatron: layer names of transformer_engine (Megatron-LM's default) or local.", rich_help_panel="Megatron-LM")] = "transformer_engine",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the weights: bf16, fp16 or fp32 (default: keep the source's).")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="--to hf: the largest safetensors shard, e.g. 5GB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --save-dir if it exists (only once the new one is complete).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Convert a checkpoint between Hugging Face, cookbook and Megatron-LM, resharding TP/PP, one layer in memory.
+
+    Example: cookbook convert --from hf --to megatron --load-dir Llama-2-7b-hf --save-dir megatron/llama2-7b --tp 4 --pp 2
+    """
+    from recipes.convert import ConvertConfig, run
+
+    cfg = ConvertConfig(
+        source=source, target=target, load_dir=load_dir, save_dir=save_dir, tp=tp, pp=pp, dtype=dtype,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl=transformer_impl,
+        max_shard_size=max_shard_size, overwrite=overwrite,
+    )
+    r = run(cfg, show_progress=not quiet)
+    for note in r.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
+    out.print(
+        f"[green]converted[/green] {escape(r.source)} ({r.params / 1e6:,.1f}M parameters) to {target} in {escape(str(r.save_dir))}: "
+        f"{r.tensors:,} tensors, {r.bytes / 1e9:,.2f} GB in {r.seconds:,.1f} s"
+    )
 
 
 # --------------------------------------------------------------------------- training flags

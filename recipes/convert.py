@@ -149,7 +149,7 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
     counted = {"tensors": 0, "bytes": 0}
     progress = Progress(TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
-                        console=console, transient=True, disable=not show_progress)
+                        console=console, transient=True, disable=not (show_progress and console.is_terminal))
 
     def shown(tensors: Tensors) -> Tensors:
         for name, tensor in tensors:

@@ -282,12 +282,12 @@ def convert(
         max_shard_size=max_shard_size, overwrite=overwrite,
     )
     r = run(cfg, show_progress=not quiet)
-    for note in r.notes:
-        out.print(f"[yellow]note:[/yellow] {escape(note)}")
     out.print(
         f"[green]converted[/green] {escape(r.source)} ({r.params / 1e6:,.1f}M parameters) to {target} in {escape(str(r.save_dir))}: "
         f"{r.tensors:,} tensors, {r.bytes / 1e9:,.2f} GB in {r.seconds:,.1f} s"
     )
+    for note in r.notes:
+        out.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
 # --------------------------------------------------------------------------- training flags

@@ -32,6 +32,10 @@ from cookbook.progress import console
 
 FORMATS = ("hf", "cookbook", "megatron")
 READERS = {"hf": hf.read, "cookbook": cookbook_format.read, "megatron": megatron.read}
+HINTS = {  # the output holds no optimizer state
+    "cookbook": "it holds no optimizer state: train from it with cookbook pretrain --load {save} --finetune ...",
+    "megatron": "it holds no optimizer or RNG state: load it in Megatron-LM with --finetune (or --no-load-optim --no-load-rng)",
+}
 
 
 @dataclass
@@ -161,5 +165,8 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
     with progress, staged_dir(Path(cfg.save_dir)) as tmp:
         task = progress.add_task("convert", total=len(dtypes), name="")
         _write(cfg, tmp, ckpt, shown(stream), dtypes)
+    notes = list(ckpt.notes)
+    if cfg.target in HINTS:
+        notes.append(HINTS[cfg.target].format(save=cfg.save_dir))
     return ConvertResult(Path(cfg.save_dir), ckpt.description, ckpt.config.num_params(), counted["tensors"],
-                         counted["bytes"], time.perf_counter() - start, ckpt.notes)
+                         counted["bytes"], time.perf_counter() - start, notes)

@@ -142,7 +142,8 @@ def test_pretrain_finetunes_from_a_converted_checkpoint(tmp_path, hf_tokenizer):
     from helpers_train import check, pretrain, write_token_dataset
 
     src = make_hf(tmp_path / "hf", "llama-gqa", hf_tokenizer, vocab_size=96)
-    convert("hf", "cookbook", src, tmp_path / "ck")
+    result = convert("hf", "cookbook", src, tmp_path / "ck")
+    assert any("--finetune" in note for note in result.notes)  # the summary says how to train from it
     data = write_token_dataset(tmp_path / "data" / "tokens", vocab=96)
     proc = check(pretrain(["--load", str(tmp_path / "ck"), "--finetune", "--data-path", data, "--seq-length", "32",
                            "--train-iters", "1", "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu",

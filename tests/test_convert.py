@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cookbook.engine.checkpoint import Checkpointer, load_model
+from cookbook.formats.hf import rope_from_config
 from cookbook.model import ModelConfig, Transformer
 from helpers_convert import KINDS, VOCAB, hf_model, make_hf, read_safetensors, side_files
 from recipes.convert import ConvertConfig, run
@@ -133,6 +134,35 @@ def test_a_trained_checkpoint_converts_to_hf(tmp_path, sp_model):
     tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))  # 64 > max_seq_len 32
     with torch.no_grad():
         diff = (model(tokens) - hf_model(tmp_path / "hf")(tokens).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_extended_run_keeps_the_hf_config(models, tmp_path):
+    """A run started from a converted checkpoint (its tokenizer is the converted hf/ folder) and extended to a
+    longer context converts back with the source's config.json, rope_scaling and max_position_embeddings
+    brought up to date, every other field (token ids, architecture) kept, and the tokenizer files."""
+    src = models["llama-gqa"]
+    convert("hf", "cookbook", src, tmp_path / "ck")
+    model, sections = load_model(tmp_path / "ck", device="cpu")
+    cfg = model.config.replace(rope_scaling={"rope_type": "linear", "factor": 2.0}, max_seq_len=128)
+    opt = torch.optim.AdamW(model.parameters())
+    sections = {"model": {k: v for k, v in cfg.to_dict().items() if v is not None}, "data": sections["data"]}
+    Checkpointer(tmp_path / "extended", keep_last=0, is_main=True).save(5, model, opt, sections, {"step": 5})
+    convert("cookbook", "hf", tmp_path / "extended", tmp_path / "hf")
+    want, got = json.loads((src / "config.json").read_text()), json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert got.pop("max_position_embeddings") == 128 and want.pop("max_position_embeddings") == 64
+    assert rope_from_config(got) == (10000.0, {"rope_type": "linear", "factor": 2.0}) and rope_from_config(want) == (10000.0, None)
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):  # transformers 5 writes the first, 4 the others
+        got.pop(key, None), want.pop(key, None)
+    assert got == want
+    assert {k: v for k, v in side_files(tmp_path / "hf").items() if k != "config.json"} == \
+        {k: v for k, v in side_files(src).items() if k != "config.json"}
+    tokens = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(4))
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        diff = (ours(tokens) - hf_model(tmp_path / "hf")(tokens).logits).abs().max().item()
     assert diff < 1e-5, diff
 
 

@@ -13,7 +13,9 @@ A converted checkpoint is a save like the Trainer's, without optimizer state::
                               generation_config.json when the source was a Hugging Face model;
                               cookbook -> hf writes them back
 
-``cookbook pretrain --load SAVE --finetune`` trains from it; eval and generate load it as they are.
+``cookbook pretrain --load SAVE --finetune`` trains from it; eval and generate load it as they are. A run
+started from it names ``hf/`` as its tokenizer, so its saves convert back with the same side files
+(config.json brought up to date: an extended model's ``rope_scaling``, a pruned model's shapes).
 
 Reading loads one layer's tensors per ``dcp.load`` call (DCP reads only the requested byte ranges).
 Writing calls ``dcp.save`` once with meta tensors for the plan and a planner whose ``resolve_data``
@@ -78,11 +80,13 @@ def read(path: Path) -> Checkpoint:
     step = 0
     if (ckpt / "train_state.json").is_file():
         step = int(json.loads((ckpt / "train_state.json").read_text()).get("step", 0))
+    tok = Path(sections.get("data", {}).get("tokenizer_model") or "")
     if (ckpt / HF_DIR).is_dir():
         hf_files = hf_side_files(ckpt / HF_DIR)
+    elif tok.name == HF_DIR and (tok / "config.json").is_file():  # a run started from a converted checkpoint
+        hf_files = hf_side_files(tok)
     else:
-        tok = sections.get("data", {}).get("tokenizer_model")
-        hf_files = tokenizer_files(Path(tok)) if tok else {}
+        hf_files = tokenizer_files(tok) if str(tok) != "." else {}
     notes = [] if hf_files else [f"{ckpt} names no tokenizer that exists here; the output carries none"]
 
     def tensors() -> Tensors:

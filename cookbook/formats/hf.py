@@ -90,7 +90,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------- config.json <-> ModelConfig
 
 
-def _rope(conf: dict) -> tuple[float, dict | None]:
+def rope_from_config(conf: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 4's rope_theta/rope_scaling or 5's rope_parameters."""
     params = conf.get("rope_parameters")
     if isinstance(params, dict):
@@ -119,7 +119,7 @@ def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
     if window and window < conf.get("max_position_embeddings", 0):
         notes.append(f"{where} uses sliding-window attention ({window} tokens); cookbook attends over the whole context, "
                      f"so outputs agree up to {window} tokens")
-    theta, scaling = _rope(conf)
+    theta, scaling = rope_from_config(conf)
     try:
         cfg = ModelConfig(
             vocab_size=conf["vocab_size"], hidden_size=conf["hidden_size"], num_layers=conf["num_hidden_layers"],
@@ -142,7 +142,7 @@ def config_json(cfg: ModelConfig, carried: dict | None, dtype: torch.dtype | Non
     """config.json for ``cfg``: the carried one (from the Hugging Face source) with the fields the weights
     and our model define brought up to date, or a fresh one."""
     fresh = hf_config(cfg)
-    if carried is None:
+    if carried is None or (carried.get("model_type") == "qwen2") != cfg.qkv_bias:  # none, or another architecture's
         out = fresh
     else:
         out = dict(carried)
@@ -151,7 +151,7 @@ def config_json(cfg: ModelConfig, carried: dict | None, dtype: torch.dtype | Non
             out[key] = fresh[key]
         if "head_dim" in out or cfg.head_dim * cfg.num_heads != cfg.hidden_size:
             out["head_dim"] = cfg.head_dim
-        theta, scaling = _rope(carried)
+        theta, scaling = rope_from_config(carried)
         if theta != cfg.rope_theta or _no_none(scaling) != _no_none(cfg.rope_scaling):
             if "rope_parameters" in out:
                 out["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}

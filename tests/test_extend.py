@@ -122,6 +122,29 @@ def test_no_train_writes_the_same_weights_under_the_scaled_config(tmp_path, base
         assert not torch.allclose(original(tokens), scaled(tokens))  # the positions are scaled
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
+def test_extended_checkpoint_runs_in_transformers_at_the_long_length(tmp_path, base, rope_type):
+    """extend --no-train, then convert --to hf: config.json carries the scaling, and transformers (no code edits)
+    reproduces our logits over 64 tokens, twice the trained context."""
+    pytest.importorskip("transformers")
+    from helpers_convert import hf_model
+
+    from recipes.convert import ConvertConfig, run
+
+    scaled, hf = tmp_path / "scaled", tmp_path / "hf"
+    check(run_cli("extend", "--load", str(base), "--save", str(scaled), "--interp-factor", "2", "--rope-type", rope_type, "--no-train"))
+    run(ConvertConfig("cookbook", "hf", str(scaled), str(hf)), show_progress=False)
+    conf = json.loads((hf / "config.json").read_text())
+    scaling = conf.get("rope_scaling") or conf.get("rope_parameters")
+    assert scaling["rope_type"] == rope_type and scaling["factor"] == 2.0
+    ours, _ = load_model(scaled, device="cpu")
+    theirs = hf_model(hf)
+    tokens = torch.randint(0, 600, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
 def test_extend_bad_input_is_one_line(tmp_path, tokenized, base):
     assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--seq-length", "48")),
                           "does not match --interp-factor 2")

@@ -169,16 +169,19 @@ def test_an_extended_run_keeps_the_hf_config(models, tmp_path):
 def test_pretrain_finetunes_from_a_converted_checkpoint(tmp_path, hf_tokenizer):
     """cookbook pretrain --load CONVERTED --finetune trains from it (no optimizer state needed); with lr 0 the
     weights it saves are the Hugging Face weights, bit for bit, after converting back."""
+    from helpers_data import assert_one_line_error
     from helpers_train import check, pretrain, write_token_dataset
 
     src = make_hf(tmp_path / "hf", "llama-gqa", hf_tokenizer, vocab_size=96)
     result = convert("hf", "cookbook", src, tmp_path / "ck")
     assert any("--finetune" in note for note in result.notes)  # the summary says how to train from it
     data = write_token_dataset(tmp_path / "data" / "tokens", vocab=96)
-    proc = check(pretrain(["--load", str(tmp_path / "ck"), "--finetune", "--data-path", data, "--seq-length", "32",
-                           "--train-iters", "1", "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu",
-                           "--lr", "0", "--min-lr", "0", "--eval-interval", "0", "--log-interval", "1",
-                           "--save", str(tmp_path / "run")]))
+    flags = ["--load", str(tmp_path / "ck"), "--data-path", data, "--seq-length", "32", "--train-iters", "1",
+             "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu", "--lr", "0", "--min-lr", "0",
+             "--eval-interval", "0", "--log-interval", "1"]
+    # without --finetune there is no optimizer state to resume: one line that says what to do
+    assert_one_line_error(pretrain(flags + ["--save", str(tmp_path / "resume")]), "holds weights only", "--finetune")
+    proc = check(pretrain(flags + ["--finetune", "--save", str(tmp_path / "run")]))
     assert "finetuning from the weights of" in proc.stdout + proc.stderr
     convert("cookbook", "hf", tmp_path / "run", tmp_path / "back")
     want, got = read_safetensors(src), read_safetensors(tmp_path / "back")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -133,10 +134,14 @@ def load(ckpt: Path, model, optimizer=None) -> None:
     """Load model (and optimizer) state from a save into a model of any parallel layout."""
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        if not any(key.startswith("optimizer") for key in saved):
+            raise CookbookError(f"{ckpt} holds weights only, no optimizer state (a converted or pruned checkpoint); "
+                                "start a run from it with --finetune")
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:  # DCP reports missing keys and shape mismatches as planner errors
+    except (Exception, CheckpointException) as e:  # missing keys, shape mismatches (CheckpointException is a BaseException)
         raise CookbookError(f"cannot load {ckpt}: {str(e).splitlines()[0][:300]}") from e
     set_model_state_dict(model, state["model"])
     if optimizer is not None:

@@ -286,17 +286,18 @@ def render(results: list[PerplexityResult]) -> Table:
     return table
 
 
-def dump(results: list[PerplexityResult], dump_dir, extra: dict) -> Path:
-    """Write ``DUMP_DIR/perplexity.json`` (``extra``'s fields, then ``results``), atomically."""
+def dump_json(dump_dir, name: str, payload: dict) -> Path:
+    """Write ``DUMP_DIR/name`` (``payload`` as indented JSON), atomically; the folder is made if needed."""
     dump_dir = Path(dump_dir)
     if dump_dir.exists() and not dump_dir.is_dir():
         raise CookbookError(f"--dump-dir {dump_dir} is a file; give a folder")
     dump_dir.mkdir(parents=True, exist_ok=True)
-    path = dump_dir / DUMP_NAME
-    payload = {**(extra or {}), "results": [asdict(r) for r in results]}
-    text = json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n"
-    write_text_atomic(path, text)
-    return path
+    return write_text_atomic(dump_dir / name, json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
+
+
+def dump(results: list[PerplexityResult], dump_dir, extra: dict) -> Path:
+    """Write ``DUMP_DIR/perplexity.json``: ``extra``'s fields, then ``results``."""
+    return dump_json(dump_dir, DUMP_NAME, {**(extra or {}), "results": [asdict(r) for r in results]})
 
 
 # --------------------------------------------------------------------------- the command

@@ -13,7 +13,6 @@ Accuracy is reported per (length, depth) over ``trials`` keys; the keys come fro
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -22,7 +21,6 @@ from pathlib import Path
 from rich.table import Table
 
 from cookbook.errors import CookbookError
-from cookbook.fileio import write_text_atomic
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -110,12 +108,7 @@ def render(trials: list[PasskeyTrial]) -> Table:
 
 def dump(trials: list[PasskeyTrial], dump_dir, extra: dict) -> Path:
     """``DUMP_DIR/passkey.json``: ``extra``, the accuracy per length and depth, and every trial."""
-    dump_dir = Path(dump_dir)
-    if dump_dir.exists() and not dump_dir.is_dir():
-        raise CookbookError(f"--dump-dir {dump_dir} is a file; give a folder")
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    from recipes.eval import dump_json
+
     table = [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()]
-    payload = {**extra, "accuracy": table, "trials": [asdict(t) for t in trials]}
-    path = dump_dir / DUMP_NAME
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    return dump_json(dump_dir, DUMP_NAME, {**extra, "accuracy": table, "trials": [asdict(t) for t in trials]})

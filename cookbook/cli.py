@@ -34,6 +34,7 @@ EXAMPLES = """\
   cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
   cookbook convert --from hf --to cookbook --load-dir Llama-2-7b-hf --save-dir ckpt/llama2-7b
   cookbook pretrain --preset tiny --data-path data/corpus_text_document --tokenizer-model tok.model --save ckpt/tiny
+  cookbook prune --load ckpt/tiny --hidden-size-remain 128 --drop-layers 1 --calib-data data/corpus_text_document --save ckpt/tiny-pruned
   cookbook extend --load ckpt/tiny --interp-factor 2 --data-path data/corpus_text_document --train-iters 100 --save ckpt/tiny-2x
   cookbook plan --preset llama-65b --seq-length 4096 --num-gpus 128
   cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512
@@ -462,6 +463,52 @@ def extend(
         check(config, overrides, rope_type, interp_factor, world_size, gpu)
     else:
         run(config, overrides, rope_type, interp_factor, no_train)
+
+
+# --------------------------------------------------------------------------- prune
+
+
+@app.command()
+@training_command
+def prune(
+    config: Optional[Path],
+    overrides: dict,
+    hidden_size_remain: Annotated[Optional[int], typer.Option("--hidden-size-remain", help="Hidden channels to keep (the same in every layer, the embedding and the output layer).", rich_help_panel="Target shape")] = None,
+    intermediate_size_remain: Annotated[Optional[int], typer.Option("--intermediate-size-remain", "--ffn-hidden-size-remain", help="SwiGLU neurons to keep per layer.", rich_help_panel="Target shape")] = None,
+    num_attention_heads_remain: Annotated[Optional[int], typer.Option("--num-attention-heads-remain", help="Query heads to keep per layer (head_dim stays).", rich_help_panel="Target shape")] = None,
+    num_query_groups_remain: Annotated[Optional[int], typer.Option("--num-query-groups-remain", help="Key/value groups to keep per layer (default: MHA stays MHA, GQA keeps its groups).", rich_help_panel="Target shape")] = None,
+    drop_layers: Annotated[Optional[int], typer.Option("--drop-layers", help="Drop this many layers, the least important by --layer-importance.", rich_help_panel="Target shape")] = None,
+    drop_layer_ids: Annotated[Optional[str], typer.Option("--drop-layer-ids", help="Drop exactly these layers (0-based), e.g. 7,13,18,24.", rich_help_panel="Target shape")] = None,
+    importance: Annotated[str, typer.Option(help="Which heads, neurons and channels to keep: activation (Minitron), magnitude or random.", rich_help_panel="Importance")] = "activation",
+    layer_importance: Annotated[str, typer.Option(help="With --drop-layers N: block-influence (1 - cos(input, output)) or ppl (loss when removed).", rich_help_panel="Importance")] = "block-influence",
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="Indexed dataset prefix of calibration samples (activation importance, layer importance).", rich_help_panel="Importance")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples.", rich_help_panel="Importance")] = 1024,
+    calib_seq_length: Annotated[Optional[int], typer.Option("--calib-seq-length", help="Tokens per calibration sample (default: --seq-length, else the model's context).", rich_help_panel="Importance")] = None,
+    calib_batch_size: Annotated[int, typer.Option("--calib-batch-size", help="Samples per forward in calibration and --eval-data perplexity.", rich_help_panel="Importance")] = 8,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Perplexity before and after on these: indexed prefixes or jsonl files (comma-separate or repeat).", rich_help_panel="Report")] = None,
+    eval_seq_length: Annotated[Optional[int], typer.Option("--eval-seq-length", help="Tokens per --eval-data window (default: --seq-length, else the model's context).", rich_help_panel="Report")] = None,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="Then train the pruned model this many iterations (with the training flags; --data-path needed).", rich_help_panel="Healing")] = 0,
+    kd: Annotated[bool, typer.Option("--kd/--no-kd", help="Heal distilling from the unpruned model (its logits' KL; --kd-teacher picks another teacher).", rich_help_panel="Healing")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the target shape and flags without weights (--preset stands in for a --load that is not here).", rich_help_panel="Dry run")] = False,
+) -> None:
+    """Prune a checkpoint to a smaller shape (heads, query groups, neurons, hidden channels, layers), then optionally heal it with distillation.
+
+    Example: cookbook prune --load ckpt/llama2-13b --hidden-size-remain 4096 --intermediate-size-remain 11008 --num-attention-heads-remain 32 --drop-layers 8 --calib-data data/pile_text_document --save ckpt/pruned-7b
+    """
+    from pruner.spec import PruneSpec, parse_layer_ids
+    from recipes.prune import PruneOptions, dry_run as check, render, render_shapes, run
+
+    spec = PruneSpec(hidden_size=hidden_size_remain, intermediate_size=intermediate_size_remain,
+                     num_heads=num_attention_heads_remain, num_kv_heads=num_query_groups_remain,
+                     drop_layers=drop_layers, drop_layer_ids=parse_layer_ids(drop_layer_ids))
+    opts = PruneOptions(spec=spec, importance=importance, layer_importance=layer_importance, calib_data=calib_data,
+                        calib_samples=calib_samples, calib_seq_length=calib_seq_length, batch_size=calib_batch_size,
+                        eval_data=_split(eval_data), eval_seq_length=eval_seq_length, heal_steps=heal_steps, kd=kd)
+    if dry_run:
+        out.print(render_shapes(check(config, overrides, opts)))
+        return
+    for table in render(run(config, overrides, opts)):
+        out.print(table)
 
 
 # --------------------------------------------------------------------------- plan

@@ -11,53 +11,8 @@
 # cookbook plan recommends for a 3.4B model on 64 A100-80GB (FSDP over all, selective recompute, micro batch 2).
 # TP=N checks the pruned shape splits over N tensor-parallel ranks (heads, FFN) and heals with TP N + sequence parallel.
 # LOAD is a cookbook checkpoint: cookbook convert --from hf --to cookbook --load-dir Llama-2-7b-hf --save-dir ckpt/llama2-7b
-set -euo pipefail
-LOAD=${LOAD:-ckpt/llama2-7b}
-PRESET=llama2-7b
-SHAPE=(--hidden-size-remain 3072 --intermediate-size-remain 8192 --num-attention-heads-remain 24)
-HEALED_SHAPE=(--num-layers 28 --hidden-size 3072 --ffn-hidden-size 8192 --num-attention-heads 24 --num-query-groups 24)
-if [[ -n "${DROP_LAYER_IDS:-}" ]]; then DROP=(--drop-layer-ids "$DROP_LAYER_IDS"); else DROP=(--drop-layers 4); fi
-
-DATA_PATH=${DATA_PATH:-data/pile_text_document}
-CALIB_DATA=${CALIB_DATA:-$DATA_PATH}
-PRUNED=${PRUNED:-ckpt/llama2-7b-pruned-3.4b}
-SAVE=${SAVE:-ckpt/llama2-7b-pruned-3.4b-healed}
-NNODES=${NNODES:-8} GPUS_PER_NODE=${GPUS_PER_NODE:-8} TP=${TP:-1} MICRO_BATCH=${MICRO_BATCH:-2}
-MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
-TRAIN_ITERS=${TRAIN_ITERS:-12500}
-SP=(); if [[ "$TP" -gt 1 ]]; then SP=(--sequence-parallel); fi
-EVAL=(); if [[ -n "${EVAL_DATA:-}" ]]; then EVAL=(--eval-data "$EVAL_DATA"); fi
-
-PRUNE=(
-    --load "$LOAD" --preset "$PRESET" "${SHAPE[@]}" "${DROP[@]}"
-    --importance "${IMPORTANCE:-activation}" --layer-importance "${LAYER_IMPORTANCE:-block-influence}"
-    --calib-data "$CALIB_DATA" --calib-samples 1024 --calib-seq-length 4096 --calib-batch-size 4 "${EVAL[@]}"
-    --tensor-model-parallel-size "$TP" --device cuda --dtype bf16 --save "$PRUNED"
-)
-HEAL=(
-    --data-path $DATA_PATH --split 969,30,1 --seq-length 4096
-    --global-batch-size 1024 --micro-batch-size "$MICRO_BATCH" --train-iters "$TRAIN_ITERS"
-    --lr 2.5e-5 --min-lr 1e-5 --lr-warmup-iters 50 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 --dtype bf16
-    --kd-ratio "${KD_RATIO:-1.0}" --kd-temperature 1.0
-    --tensor-model-parallel-size "$TP" "${SP[@]}" --recompute-granularity "${RECOMPUTE:-selective}"
-    --eval-interval 500 --eval-iters 10 --log-interval 10 --save "$SAVE" --save-interval 500 --keep-last 2
-)
-
-if [[ "${1:-}" == "--dry-run" ]]; then
-    shift
-    echo "== 1. prune (one process)"
-    cookbook prune "${PRUNE[@]}" --dry-run "$@"
-    # the healing job with the pruned shape; its checkpoint and the teacher do not exist yet (the estimate leaves the
-    # teacher's memory out: the 7B's fp32 weights sharded over 64 GPUs add ~0.4 GiB each, plus its logits per micro batch)
-    echo "== 2. heal (torchrun, $((NNODES * GPUS_PER_NODE)) processes)"
-    exec cookbook pretrain --preset "$PRESET" "${HEALED_SHAPE[@]}" "${HEAL[@]}" --dry-run \
-        --world-size $((NNODES * GPUS_PER_NODE)) --gpu A100-80GB
-fi
-if [[ ! -f "$PRUNED/latest" ]]; then
-    cookbook prune "${PRUNE[@]}" "$@"
-fi
-# rerunning continues the healing from $SAVE
-if [[ -f "$SAVE/latest" ]]; then FROM=(--load "$SAVE"); else FROM=(--load "$PRUNED" --finetune); fi
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-cookbook-prune-7b}" \
-    -m cookbook pretrain "${FROM[@]}" --kd-teacher "$LOAD" "${HEAL[@]}"
+export LOAD=${LOAD:-ckpt/llama2-7b} PRESET=llama2-7b DROP_LAYERS=4
+export SHAPE="--hidden-size-remain 3072 --intermediate-size-remain 8192 --num-attention-heads-remain 24"
+export HEALED_SHAPE="--num-layers 28 --hidden-size 3072 --ffn-hidden-size 8192 --num-attention-heads 24 --num-query-groups 24"
+export PRUNED=${PRUNED:-ckpt/llama2-7b-pruned-3.4b} SAVE=${SAVE:-ckpt/llama2-7b-pruned-3.4b-healed}
+exec bash "$(dirname "$0")/prune-common.sh" "$@"

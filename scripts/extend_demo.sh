@@ -10,15 +10,7 @@ OUT=${1:-extend_out}
 STEPS=${STEPS:-300}
 EXT_STEPS=${EXT_STEPS:-100}
 L=128
-mkdir -p "$OUT/data"
-
-if [ ! -f "$OUT/data/corpus_text_document.idx" ]; then
-    echo "== 1. sample corpus, tokenizer, indexed dataset (as scripts/demo.sh)"
-    cookbook sample-corpus "$OUT/corpus.jsonl"
-    cookbook tokenizer train --input "$OUT/corpus.jsonl" --output "$OUT/tokenizer.model" --vocab-size 8000 --max-documents 600
-    cookbook preprocess --input "$OUT/corpus.jsonl" --output-prefix "$OUT/data/corpus" \
-        --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
-fi
+bash "$(dirname "$0")/sample-data.sh" "$OUT"
 DATA="$OUT/data/corpus_text_document"
 tail -n 30 "$OUT/corpus.jsonl" > "$OUT/heldout.jsonl"
 COMMON=(--data-path "$DATA" --split 98,2,0 --dtype fp32 --device cpu --log-interval 10 --eval-interval 50

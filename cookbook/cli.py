@@ -375,7 +375,7 @@ MULTI_VALUE_FLAGS = ("--data-path",)  # Megatron-LM style: --data-path 0.3 A 0.7
 def training_command(fn):
     """Give ``fn(config_file, overrides, **own)`` the ``--config`` option and every training flag;
     a flag left out is absent from ``overrides`` ({section: {field: value}})."""
-    own = list(inspect.signature(fn).parameters.values())[2:]
+    own = list(inspect.signature(fn, eval_str=True).parameters.values())[2:]
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option("--config", "-c", help="A TOML config; flags override its fields.", rich_help_panel="Config")])]
     for i, (names, section, _, kind, help) in enumerate(TRAINING_FLAGS):

@@ -12,15 +12,7 @@ OUT=${1:-prune_out}
 STEPS=${STEPS:-200}
 HEAL_STEPS=${HEAL_STEPS:-40}
 SEQ=128
-mkdir -p "$OUT/data"
-
-if [ ! -f "$OUT/data/corpus_text_document.idx" ]; then
-    echo "== 1. sample corpus, tokenizer, indexed dataset (as scripts/demo.sh)"
-    cookbook sample-corpus "$OUT/corpus.jsonl"
-    cookbook tokenizer train --input "$OUT/corpus.jsonl" --output "$OUT/tokenizer.model" --vocab-size 8000 --max-documents 600
-    cookbook preprocess --input "$OUT/corpus.jsonl" --output-prefix "$OUT/data/corpus" \
-        --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
-fi
+bash "$(dirname "$0")/sample-data.sh" "$OUT"
 DATA="$OUT/data/corpus_text_document"
 # held out: the last 5 documents (~21k tokens, inside the 2% valid split, never trained on); calibration: the first
 # 1000 documents

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,21 +55,51 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float = 1.0) -> None:
     if temperature < 0:
         raise CookbookError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
     if top_k is not None and top_k < 1:
         raise CookbookError(f"top_k {top_k} keeps no token; use 1 or more, or leave it unset")
     if top_p is not None and not 0 < top_p <= 1:
         raise CookbookError(f"top_p {top_p} is not in (0, 1]; use for example 0.9, or leave it unset")
+    if repetition_penalty <= 0:
+        raise CookbookError(f"repetition_penalty {repetition_penalty} must be positive (1 = off)")
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor | None,
+                    repetition_penalty: float, frequency_penalty: float, presence_penalty: float) -> torch.Tensor:
+    """vLLM's penalties on raw logits [batch, vocab] (in fp32), in its order. ``counts`` [batch, vocab] holds how
+    often each token was generated so far, ``in_prompt`` [batch, vocab] whether it is in the row's prompt.
+
+    repetition (CTRL, HF ``RepetitionPenaltyLogitsProcessor``): a token in the prompt or the generated tokens has
+    its logit divided by r when positive, multiplied by r otherwise; frequency and presence (OpenAI): logit -=
+    f * count + p * (count > 0), over the generated tokens only."""
+    logits = logits.float()
+    generated = counts > 0
+    if repetition_penalty != 1.0:
+        seen = generated if in_prompt is None else generated | in_prompt
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if frequency_penalty != 0.0:
+        logits = logits - frequency_penalty * counts
+    if presence_penalty != 0.0:
+        logits = logits - presence_penalty * generated.float()
+    return logits
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, seed: int = 0,
-             pad_id: int = 0) -> list[list[int]]:
-    """Returns the new tokens of each prompt (stopping at eos_id, which is included)."""
-    check_sampling(temperature, top_k, top_p)
+             pad_id: int = 0, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, stop_ids: Sequence[int] = (),
+             stop_when: Callable[[dict[int, list[int]]], Iterable[int]] | None = None,
+             stop_when_every: int = 8) -> list[list[int]]:
+    """Returns the new tokens of each prompt. A row ends at ``eos_id`` or any of ``stop_ids`` (the token is
+    included in its tokens), or when ``stop_when`` names it: every ``stop_when_every`` steps it gets
+    {row: its tokens so far} for the rows still running and returns the rows to end there (a stop string seen
+    in their text, say). Penalties (off at their defaults) act on the raw logits before temperature, top-k and
+    top-p, as in vLLM; see ``apply_penalties``."""
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     vocab = model.config.vocab_size
     for i, prompt in enumerate(prompts):
         if not prompt:
@@ -92,25 +123,45 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     generator = torch.Generator(device=device).manual_seed(seed)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    produced = torch.zeros(batch, dtype=torch.long, device=device)  # tokens each row keeps
+    ends = sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))
+    ends = torch.tensor(ends, dtype=torch.long, device=device) if ends else None
+
+    penalised = repetition_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+    if penalised:
+        counts = torch.zeros(batch, vocab, device=device)  # how often each row generated each token
+        in_prompt = None
+        if repetition_penalty != 1.0:  # the prompt's tokens, padding left out (it goes to a spare column)
+            padding = torch.arange(longest, device=device)[None] >= lengths[:, None]
+            in_prompt = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+            in_prompt = in_prompt.scatter_(1, tokens.masked_fill(padding, vocab), True)[:, :vocab]
+        ones = torch.ones(batch, 1, device=device)
 
     logits = model(tokens, cache=cache)[rows, lengths - 1]  # prefill: each row's last prompt token
     positions = lengths.clone()
     for step in range(max_new_tokens):
+        if penalised:
+            logits = apply_penalties(logits, counts, in_prompt, repetition_penalty, frequency_penalty, presence_penalty)
         token = sample_next(logits, temperature, top_k, top_p, generator)
         out[:, step] = token.masked_fill(done, pad_id)
-        if eos_id is not None:
-            done |= token == eos_id
+        produced += ~done
+        if ends is not None:
+            done |= torch.isin(token, ends)
+        if stop_when is not None and (step + 1) % stop_when_every == 0 and step < max_new_tokens - 1:
+            running = (~done).nonzero().flatten().tolist()
+            if running:
+                so_far = out[running, : step + 1].tolist()
+                ended = list(stop_when({r: row for r, row in zip(running, so_far)}))
+                if ended:
+                    done[torch.tensor(ended, dtype=torch.long, device=device)] = True
         if step == max_new_tokens - 1 or bool(done.all()):
             break
+        if penalised:
+            counts.scatter_add_(1, token[:, None], ones)
         logits = model(token[:, None], positions[:, None], cache=cache)[:, -1]
         positions += 1
 
-    results = []
-    for row in out.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        results.append(row)
-    return results
+    return [row[:n] for row, n in zip(out.tolist(), produced.tolist())]
 
 
 # --------------------------------------------------------------------------- the command

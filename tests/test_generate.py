@@ -194,3 +194,103 @@ def test_bad_sampling_settings_and_prompts_are_clear_errors():
         with pytest.raises(CookbookError):
             generate(model, prompts, 3)
     assert generate(model, [[1], [2, 3]], 0) == [[], []]
+
+
+# --------------------------------------------------------------------------- penalties and stop ids
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_equals_transformers_generate(penalty):
+    """HF's RepetitionPenaltyLogitsProcessor on a greedy run: prompt and generated tokens are penalised."""
+    transformers = pytest.importorskip("transformers")
+    from test_model import hf_model
+
+    model = tiny_model()
+    hf = hf_model(model.config, model)
+    hf.generation_config = transformers.GenerationConfig(eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (1, 7, 20)]
+    ours = generate(model, prompts, 24, temperature=0, repetition_penalty=penalty)  # one right-padded batch
+    for prompt, row in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                                 min_new_tokens=24, repetition_penalty=penalty)[0, len(prompt):].tolist()
+        assert row == theirs, f"prompt of {len(prompt)}"
+    assert ours != generate(model, prompts, 24, temperature=0)  # the penalty changed something
+
+
+def reference_penalised_greedy(model, prompt: list[int], new: int, frequency: float, presence: float,
+                               repetition: float = 1.0) -> list[int]:
+    """The penalties written out: a full forward per step, no cache, counts kept in a python dict."""
+    seq, out = list(prompt), []
+    for _ in range(new):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0, -1].float().tolist()
+        counts = {t: out.count(t) for t in set(out)}
+        for t in set(seq) if repetition != 1.0 else ():
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t, c in counts.items():
+            logits[t] -= frequency * c + presence
+        token = max(range(len(logits)), key=lambda t: logits[t])
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+@pytest.mark.parametrize("frequency,presence,repetition", [(1.5, 0.0, 1.0), (-0.3, 2.0, 1.0), (0.5, -0.5, 1.2)])
+def test_frequency_and_presence_penalties_equal_a_reference_loop(frequency, presence, repetition):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 12, 5)]
+    ours = generate(model, prompts, 20, temperature=0, frequency_penalty=frequency, presence_penalty=presence,
+                    repetition_penalty=repetition)
+    assert ours == [reference_penalised_greedy(model, p, 20, frequency, presence, repetition) for p in prompts]
+    assert ours != generate(model, prompts, 20, temperature=0)
+
+
+def test_default_penalties_change_nothing_and_penalties_apply_before_sampling():
+    model = tiny_model(init_std=0.02)
+    prompts = [[1, 2, 3], [4, 5]]
+    plain = generate(model, prompts, 16, temperature=0.9, top_p=0.9, seed=3)
+    assert generate(model, prompts, 16, temperature=0.9, top_p=0.9, seed=3, repetition_penalty=1.0,
+                    frequency_penalty=0.0, presence_penalty=0.0, stop_ids=()) == plain
+    # a strong presence penalty under sampling: no token is drawn twice within a row while others remain
+    out = generate(model, prompts, 16, temperature=1.0, seed=3, presence_penalty=2.0, frequency_penalty=2.0)
+    free = generate(model, prompts, 16, temperature=1.0, seed=3)
+    repeats = lambda rows: sum(len(r) - len(set(r)) for r in rows)  # noqa: E731
+    assert repeats(out) <= repeats(free)
+    with pytest.raises(CookbookError, match="repetition_penalty"):
+        generate(model, prompts, 3, repetition_penalty=0.0)
+
+
+def test_stop_ids_end_their_rows_like_eos():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    free = generate(model, prompts, 14, temperature=0)
+    # two stop ids: one that row 0 produces early, one that row 1 produces; row 2 produces neither
+    a = next(t for t in free[0][1:6] if t not in free[2])
+    b = next(t for t in free[1][1:8] if t not in free[2] and t != a)
+    stopped = generate(model, prompts, 14, temperature=0, stop_ids=[a, b])
+    for row, full in zip(stopped[:2], free[:2]):
+        cut = min(full.index(t) for t in (a, b) if t in full) + 1
+        assert row == full[:cut] and row[-1] in (a, b)
+    assert stopped[2] == free[2]
+    # with eos as well: whichever comes first ends the row
+    assert generate(model, prompts, 14, temperature=0, eos_id=a, stop_ids=[b]) == stopped
+
+
+def test_stop_when_ends_the_rows_it_names():
+    model = tiny_model()
+    prompts = [[3, 4, 5], [6, 7]]
+    free = generate(model, prompts, 20, temperature=0)
+    seen = []
+
+    def stop_row_0(rows: dict[int, list[int]]):
+        seen.append(sorted(rows))
+        return [0] if 0 in rows else []
+
+    out = generate(model, prompts, 20, temperature=0, stop_when=stop_row_0, stop_when_every=4)
+    assert out == [free[0][:4], free[1]]
+    assert seen == [[0, 1], [1], [1], [1]]  # asked at steps 4, 8, 12, 16 about the rows still running

@@ -55,6 +55,8 @@ data_app = typer.Typer(help="Inspect indexed datasets.", no_args_is_help=True, r
 tokenizer_app = typer.Typer(help="Train tokenizers offline.", no_args_is_help=True, rich_markup_mode="rich")
 app.add_typer(data_app, name="data", help="Inspect indexed datasets: cookbook data info PREFIX")
 app.add_typer(tokenizer_app, name="tokenizer", help="Train a tokenizer: cookbook tokenizer train --input X --output Y")
+distill_app = typer.Typer(help="Distil a teacher into a student: synthetic data, then training.", no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(distill_app, name="distill", help="Distil a teacher: cookbook distill generate ..., then cookbook distill train ...")
 
 _debug = bool(os.environ.get("COOKBOOK_DEBUG"))
 
@@ -680,6 +682,35 @@ def generate(
     records = run(cfg, on_result=None if output else show)
     if output:
         out.print(f"[green]wrote[/green] {len(records)} generations to {output}")
+
+
+# --------------------------------------------------------------------------- distill
+
+
+@distill_app.command("train")
+@training_command
+def distill_train(
+    config: Optional[Path],
+    overrides: dict,
+    synthetic: Annotated[Optional[list[str]], typer.Option("--synthetic", help="distill generate output folders (or jsonl files): comma-separate or repeat. Required.", rich_help_panel="Synthetic data")] = None,
+    synthetic_weight: Annotated[Optional[float], typer.Option("--synthetic-weight", help="Share of training samples from the synthetic data when blended with --data-path (default 0.5; alone: 1).", rich_help_panel="Synthetic data")] = None,
+    synthetic_prefix: Annotated[Optional[str], typer.Option("--synthetic-prefix", help="Where the tokenized synthetic data go (default SAVE/synthetic/synthetic).", rich_help_panel="Synthetic data")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Tokenizer threads for the synthetic data.", rich_help_panel="Synthetic data")] = max(1, min(8, os.cpu_count() or 1)),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job for --world-size processes and estimate its memory; no devices, no training (--preset stands in for a --load that is not here).", rich_help_panel="Dry run")] = False,
+    world_size: Annotated[int, typer.Option(help="With --dry-run: the number of processes the job will run on.", rich_help_panel="Dry run")] = 1,
+    gpu: Annotated[str, typer.Option(help="With --dry-run: the GPU to estimate memory for.", rich_help_panel="Dry run")] = "A100-80GB",
+) -> None:
+    """Continue training a student on a teacher's synthetic text (tokenized with the preprocess code), optionally blended with original data and with logit KD (--kd-teacher).
+
+    Example: cookbook distill train --load ckpt/llama2-13b --synthetic synth/ --data-path data/pile_text_document --synthetic-weight 0.5 --lr 1e-5 --train-iters 2000 --save ckpt/13b-distilled
+    """
+    from recipes.distill import TrainOptions, train, train_dry_run
+
+    opts = TrainOptions(synthetic=_split(synthetic), synthetic_weight=synthetic_weight, synthetic_prefix=synthetic_prefix, workers=workers)
+    if dry_run:
+        train_dry_run(config, overrides, opts, world_size, gpu)
+    else:
+        train(config, overrides, opts)
 
 
 # --------------------------------------------------------------------------- entry point

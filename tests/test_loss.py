@@ -67,3 +67,24 @@ def test_kd_loss_is_the_tokens_mean_kl_and_chunks_change_nothing(temperature):
     (b,) = torch.autograd.grad(got, student)
     torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
     assert kd_loss(teacher, teacher, temperature).abs().item() < 1e-6  # a student equal to its teacher: no loss
+
+
+def test_kd_loss_against_hand_computed_values():
+    """Two tokens of a two-word vocabulary. Teacher logits (0, ln 3) are probabilities (1/4, 3/4); the student's
+    (0, 0) are (1/2, 1/2). KL(teacher || student) = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.1308... At temperature 2 the
+    teacher's (0, ln 3 / 2) become (1, sqrt 3) / (1 + sqrt 3), and the KL is multiplied by 2^2."""
+    import math
+
+    from cookbook.engine.loss import kd_loss
+
+    teacher = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])
+    student = torch.zeros(2, 2)
+    want_t1 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert abs(want_t1 - 0.130812) < 1e-6
+    assert abs(kd_loss(student, teacher, 1.0).item() - want_t1) < 1e-6
+    p = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
+    want_t2 = 4 * sum(pi * math.log(pi / 0.5) for pi in p)
+    assert abs(kd_loss(student, teacher, 2.0).item() - want_t2) < 1e-6
+    # the distillation objective (1 - r) CE + r KL at r = 0.5, target word 1: CE of a uniform student is ln 2
+    ce = cross_entropy(student, torch.tensor([1, 1]))
+    assert abs((0.5 * ce + 0.5 * kd_loss(student, teacher, 1.0)).item() - (0.5 * math.log(2) + 0.5 * want_t1)) < 1e-6

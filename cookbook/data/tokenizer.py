@@ -161,6 +161,23 @@ class Tokenizer:
         return self.decode_ids([int(i) for i in ids])
 
 
+def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when ``a`` and ``b`` turn text into the same ids (same vocabulary, the same text for every id, the
+    same special ids and the same ids on the probe texts), else what differs: logit distillation compares
+    the two models' distributions id by id, so it needs one tokenizer."""
+    if a.vocab_size != b.vocab_size:
+        return f"vocabularies of {a.vocab_size} and {b.vocab_size} ids"
+    if (a.eod, a.bos) != (b.eod, b.bos):
+        return f"end-of-document/BOS ids {a.eod}/{a.bos} and {b.eod}/{b.bos}"
+    for i in range(a.vocab_size):
+        if a.decode_ids([i]) != b.decode_ids([i]):
+            return f"id {i} reads {a.decode_ids([i])!r} in one and {b.decode_ids([i])!r} in the other"
+    for text in PROBES:
+        if a.tokenize(text) != b.tokenize(text):
+            return f"{text[:30]!r} tokenizes differently"
+    return None
+
+
 def scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> None:
     """Copy the sequences of a flat batch into ``out`` at positions ``starts``."""
     src_starts = np.cumsum(lengths) - lengths

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.context_parallel import check_cp, shard_batch
-from cookbook.engine.config import JobConfig, build_config
+from cookbook.engine.config import DataConfig, JobConfig, build_config
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
 from cookbook.engine.loss import cross_entropy, kd_loss
@@ -70,13 +70,34 @@ def find_teacher(job: JobConfig) -> tuple[Path, ModelConfig] | None:
     ckpt = checkpoint.find_checkpoint(t.kd_teacher)
     if ckpt is None:
         raise CookbookError(f"--kd-teacher {t.kd_teacher} holds no cookbook checkpoint (convert a HF model with cookbook convert --to cookbook)")
-    cfg = build_config({"model": checkpoint.read_config(ckpt)["model"]}).model
+    sections = checkpoint.read_config(ckpt)
+    cfg = build_config({"model": sections["model"]}).model
     if cfg.vocab_size != job.model.vocab_size:
         raise CookbookError(
             f"--kd-teacher {t.kd_teacher} has a vocabulary of {cfg.vocab_size}, the student {job.model.vocab_size}: logit "
             "distillation needs one tokenizer (and padding) for both"
         )
+    check_same_tokenizer(sections.get("data", {}), job.data, t.kd_teacher)
     return ckpt, cfg
+
+
+def check_same_tokenizer(teacher_data: dict, student: DataConfig, teacher: str) -> None:
+    """Refuse a teacher whose recorded tokenizer reads ids differently from the student's (when both record one)."""
+    from cookbook.data.tokenizer import load_tokenizer, tokenizer_difference
+
+    theirs, ours = teacher_data.get("tokenizer_model"), student.tokenizer_model
+    if not theirs or not ours or Path(theirs).resolve() == Path(ours).resolve():
+        return
+    if not Path(theirs).exists():
+        console.print(f"[yellow]--kd-teacher {teacher}'s tokenizer {theirs} is not here: only its vocabulary size was checked[/yellow]")
+        return
+    difference = tokenizer_difference(load_tokenizer(theirs, teacher_data.get("tokenizer_type")),
+                                      load_tokenizer(ours, student.tokenizer_type))
+    if difference:
+        raise CookbookError(
+            f"--kd-teacher {teacher} uses another tokenizer than the student ({difference}); logit distillation needs one "
+            "tokenizer for both: distil with synthetic text instead (cookbook distill generate, then distill train without --kd-teacher)"
+        )
 
 
 def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:

@@ -1,0 +1,219 @@
+"""``cookbook distill``: teach a student what a larger teacher writes.
+
+The Megatron Cookbook distilled Qwen-72B and DeepSeek-67B into its 13B model in two steps, and so does this:
+
+1. ``distill generate``: prompt the teacher with the first tokens of pretraining documents and keep what it
+   writes (``inference_distill/``: prompts, backends, filters, resumable shards). The teacher runs in vLLM in this
+   process, behind any number of OpenAI-compatible servers (``vllm serve``, SGLang, ``cookbook serve``), or in
+   our own generator (any machine, CPU included).
+2. ``distill train``: tokenize the synthetic shards with the preprocess code and continue training the student on
+   them with the shared Trainer, blended with original data by weight if asked; ``--kd-teacher`` adds logit
+   distillation, (1 - r) CE + r KL(teacher || student), when teacher and student share a tokenizer.
+
+Both steps resume by running the same command again: generation skips the shards already written (a shard is
+a fixed block of prompts, so there are no duplicates or gaps), and training continues from ``--save``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cookbook.engine import checkpoint
+from cookbook.engine.config import merge, read_toml
+from cookbook.errors import CookbookError
+from cookbook.fileio import write_text_atomic
+from cookbook.progress import console
+
+# --------------------------------------------------------------------------- distill train
+
+SYNTHETIC_KEY = "text"  # the jsonl key distill generate writes the training text under
+
+
+@dataclass
+class TrainOptions:
+    synthetic: list[str]  # distill generate output folders, or jsonl files
+    synthetic_weight: float | None = None  # share of training samples from the synthetic data (default: all, or 0.5 with --data-path)
+    synthetic_prefix: str | None = None  # where the tokenized synthetic data go (default: SAVE/synthetic/synthetic)
+    workers: int = max(1, min(8, os.cpu_count() or 1))
+    wait_seconds: float = 3600.0  # how long other ranks wait for rank 0's preprocessing
+
+
+def synthetic_files(inputs: list[str]) -> list[Path]:
+    """The jsonl shards of ``distill generate`` output folders (complete shards only), or jsonl files given directly."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            shards = sorted(path.glob("shard_*.jsonl"))
+            if not shards:
+                raise CookbookError(f"--synthetic {path} holds no shard_*.jsonl; point it at a distill generate --output folder")
+            if not (path / "summary.json").is_file():
+                console.print(f"[yellow]{path}: generation is not finished (no summary.json); training on its {len(shards)} complete shards[/yellow]")
+            files += shards
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CookbookError(f"--synthetic {path} does not exist")
+    return files
+
+
+def blend(data_path: list[str], synthetic: str, weight: float | None) -> list[str]:
+    """Megatron-LM ``--data-path`` pairs giving ``synthetic`` the share ``weight`` of the samples and the original
+    data the rest, in their own proportions."""
+    if not data_path:
+        if weight not in (None, 1.0):
+            raise CookbookError(f"--synthetic-weight {weight:g} needs original data to blend with: add --data-path")
+        return [synthetic]
+    weight = 0.5 if weight is None else weight
+    if not 0 < weight < 1:
+        raise CookbookError(f"--synthetic-weight {weight:g} must lie strictly between 0 and 1 when blending with --data-path")
+    items = " ".join(data_path).split()
+    pairs = [(1.0, items[0])] if len(items) == 1 else list(zip(items[::2], items[1::2]))
+    try:
+        total = sum(float(w) for w, _ in pairs)
+    except ValueError:
+        raise CookbookError(f"--data-path {' '.join(items)}: give one prefix or weight-prefix pairs (0.3 A 0.7 B)") from None
+    if len(items) > 1 and (len(items) % 2 or total <= 0):
+        raise CookbookError(f"--data-path {' '.join(items)}: give one prefix or weight-prefix pairs (0.3 A 0.7 B) with a positive sum")
+    out = []
+    for w, prefix in pairs:
+        out += [f"{(1 - weight) * float(w) / total:.6g}", prefix]
+    return out + [f"{weight:.6g}", synthetic]
+
+
+def _synthetic_prefix(opts: TrainOptions, save: str) -> str:
+    return opts.synthetic_prefix or str(Path(save) / "synthetic" / "synthetic")
+
+
+def _dataset(prefix: str) -> str:
+    """The indexed dataset preprocess writes for ``prefix`` (Megatron-LM's ``PREFIX_text_document``)."""
+    from recipes.preprocess import output_prefix
+
+    return output_prefix(prefix, SYNTHETIC_KEY)
+
+
+def _stamp(files: list[Path], tokenizer: str, tokenizer_type: str | None) -> dict:
+    return {"tokenizer_model": str(Path(tokenizer).resolve()), "tokenizer_type": tokenizer_type,
+            "inputs": [[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
+
+
+def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer_type: str | None, opts: TrainOptions) -> str:
+    """The indexed dataset of the synthetic text (``PREFIX_text_document``), made by rank 0 with the preprocess
+    code and reused while the inputs and tokenizer are unchanged; other ranks wait for it."""
+    from recipes.preprocess import PreprocessConfig, run as preprocess
+
+    dataset = _dataset(prefix)
+    stamp_path = Path(dataset + ".inputs.json")
+    stamp = _stamp(files, tokenizer, tokenizer_type)
+    current = lambda: stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp  # noqa: E731
+    if int(os.environ.get("RANK", 0)) != 0:
+        deadline = time.monotonic() + opts.wait_seconds
+        while not current():
+            if time.monotonic() > deadline:
+                raise CookbookError(f"rank 0 did not tokenize the synthetic data into {dataset} within {opts.wait_seconds:.0f} s (all ranks need one shared filesystem)")
+            time.sleep(2)
+        return dataset
+    if current():
+        console.print(f"synthetic data already tokenized in {dataset}")
+        return dataset
+    summary = preprocess(PreprocessConfig(inputs=[str(f) for f in files], output_prefix=prefix, tokenizer_model=tokenizer,
+                                          tokenizer_type=tokenizer_type, json_keys=[SYNTHETIC_KEY], append_eod=True,
+                                          workers=opts.workers), show_progress=console.is_terminal)
+    write_text_atomic(stamp_path, json.dumps(stamp, indent=1) + "\n")
+    console.print(f"tokenized {summary.documents:,} synthetic documents ({summary.tokens:,} tokens) from {len(files)} files into {dataset}")
+    return dataset
+
+
+def _student(sections: dict) -> tuple[Path | None, dict]:
+    """The student's checkpoint (None when it is not here) and its recorded config sections."""
+    load = sections.get("checkpoint", {}).get("load")
+    if not load:
+        raise CookbookError("cookbook distill train needs --load: the student checkpoint to continue training")
+    ckpt = checkpoint.find_checkpoint(load)
+    return ckpt, (checkpoint.read_config(ckpt) if ckpt is not None else {})
+
+
+def _tokenizer(sections: dict, saved: dict) -> tuple[str, str | None]:
+    data = sections.get("data", {})
+    path = data.get("tokenizer_model") or saved.get("data", {}).get("tokenizer_model")
+    kind = data.get("tokenizer_type") or saved.get("data", {}).get("tokenizer_type")
+    if not path:
+        raise CookbookError("the student checkpoint names no tokenizer; pass --tokenizer-model (the student's)")
+    return path, kind
+
+
+def _check_teacher(sections: dict, tokenizer: str, tokenizer_type: str | None) -> None:
+    """A --kd-teacher with another tokenizer fails before any tokenizing (the Trainer checks it again)."""
+    from cookbook.engine.config import DataConfig
+    from cookbook.engine.trainer import check_same_tokenizer
+
+    teacher = sections.get("training", {}).get("kd_teacher")
+    ckpt = checkpoint.find_checkpoint(teacher) if teacher else None
+    if ckpt is not None:
+        check_same_tokenizer(checkpoint.read_config(ckpt).get("data", {}),
+                             DataConfig(tokenizer_model=tokenizer, tokenizer_type=tokenizer_type), teacher)
+
+
+def train(config_file: str | Path | None, overrides: dict[str, dict], opts: TrainOptions) -> dict:
+    """Tokenize the synthetic shards with the student's tokenizer and continue training the student on them."""
+    from recipes.pretrain import run as pretrain
+
+    if not opts.synthetic:
+        raise CookbookError("cookbook distill train needs --synthetic: the output folder(s) of cookbook distill generate")
+    sections = merge(read_toml(config_file) if config_file else {}, overrides)
+    ckpt_flags = overrides.setdefault("checkpoint", {})
+    save = sections.get("checkpoint", {}).get("save")
+    if not save:
+        raise CookbookError("cookbook distill train needs --save: the folder for the distilled student")
+    ckpt, saved = _student(sections)
+    if ckpt is None:
+        raise CookbookError(f"--load {ckpt_flags.get('load')} holds no checkpoint (no 'latest' file and no step_* save)")
+    tokenizer, tokenizer_type = _tokenizer(sections, saved)
+    _check_teacher(sections, tokenizer, tokenizer_type)
+    files = synthetic_files(opts.synthetic)
+    prefix = _synthetic_prefix(opts, save)
+    data_path = blend(sections.get("data", {}).get("data_path") or [], _dataset(prefix), opts.synthetic_weight)
+    tokenize_synthetic(files, prefix, tokenizer, tokenizer_type, opts)
+    overrides.setdefault("data", {})["data_path"] = data_path
+    _continue_or_start(overrides, Path(save))
+    return pretrain(config_file, overrides)
+
+
+def _continue_or_start(overrides: dict[str, dict], save: Path) -> None:
+    """The same command again continues the run in ``save``; the first time, training starts from the student's
+    weights with a fresh optimizer (``--finetune``)."""
+    ckpt_flags = overrides.setdefault("checkpoint", {})
+    if (save / "latest").is_file() and checkpoint.find_checkpoint(save) is not None:
+        ckpt_flags.update(load=str(save), finetune=False)
+        if int(os.environ.get("RANK", 0)) == 0:
+            console.print(f"continuing the distillation saved in {save}")
+    else:
+        ckpt_flags["finetune"] = True
+
+
+def train_dry_run(config_file: str | Path | None, overrides: dict[str, dict], opts: TrainOptions, world_size: int, gpu: str) -> None:
+    """Check a distill train job for ``world_size`` processes without devices; ``--preset`` stands in for a
+    student checkpoint that is not on this machine, and synthetic data need not be here yet."""
+    from recipes.pretrain import dry_run as check
+
+    sections = merge(read_toml(config_file) if config_file else {}, overrides)
+    save = sections.get("checkpoint", {}).get("save")
+    if not save:
+        raise CookbookError("cookbook distill train needs --save: the folder for the distilled student")
+    ckpt, _ = _student(sections)
+    if ckpt is None:
+        if not sections.get("model", {}).get("preset"):
+            raise CookbookError(f"--load {sections['checkpoint']['load']} holds no checkpoint here; give --preset for the student's model to check the job without it")
+        console.print(f"[yellow]--load {sections['checkpoint']['load']} is not here (needed where the job runs): checking with preset {sections['model']['preset']}[/yellow]")
+        for key in ("load", "finetune"):
+            overrides.get("checkpoint", {}).pop(key, None)
+    dataset = _dataset(_synthetic_prefix(opts, save))
+    overrides.setdefault("data", {})["data_path"] = blend(sections.get("data", {}).get("data_path") or [], dataset, opts.synthetic_weight)
+    check(config_file, overrides, world_size, gpu)
+
+
+# --------------------------------------------------------------------------- distill generate

@@ -6,8 +6,10 @@ padding out of sight (a row's padding slots are overwritten by its own generated
 queries reaches them). Under greedy decoding a prompt's tokens do not depend on which prompts share its batch.
 
 The prompt is one forward (prefill), then one token per forward. Sampling follows HF transformers' order:
-temperature, then top-k, then top-p; temperature 0 is greedy. One ``torch.Generator`` seeded from ``seed``
-draws for the whole batch, so a run is reproducible for the same prompts in the same order.
+temperature, then top-k, then top-p; temperature 0 is greedy. Before them, on the raw logits, come the penalties
+as vLLM applies them (repetition, then frequency and presence; all off by default, and then no logit changes).
+One ``torch.Generator`` seeded from ``seed`` draws for the whole batch, so a run is reproducible for the same
+prompts in the same order.
 
 Length: a prompt plus its new tokens may run past ``model.config.max_seq_len``; RoPE is computed for any
 position, and whether the model is any good there is the business of its rope scaling (``cookbook extend``).
@@ -169,7 +171,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
 
 @dataclass
 class GenerateConfig:
-    load: str
+    load: str  # a cookbook checkpoint or a Hugging Face model folder
     prompts: list[str]  # given on the command line
     prompts_file: str | None = None  # jsonl ({"text": ...} per line) or plain text (one prompt per line)
     text_key: str = "text"
@@ -208,21 +210,15 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     """Generate for every prompt, ``batch_size`` at a time; ``on_result(record)`` as each finishes."""
-    from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.engine.checkpoint import load_model
     from cookbook.fileio import write_text_atomic
     from cookbook.progress import console
+    from inference_distill.local import load_teacher
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise CookbookError("--batch-size and --max-new-tokens must be at least 1")
     prompts = read_prompts(cfg)
-    model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
-    data = sections.get("data", {})
-    path = cfg.tokenizer_model or data.get("tokenizer_model")
-    if not path:
-        raise CookbookError("the checkpoint names no tokenizer; pass --tokenizer-model")
-    tokenizer = load_tokenizer(path, cfg.tokenizer_type or (None if cfg.tokenizer_model else data.get("tokenizer_type")))
+    model, tokenizer = load_teacher(cfg.load, cfg.device, cfg.dtype, cfg.tokenizer_model, cfg.tokenizer_type)
     records = []
     with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:

@@ -23,22 +23,25 @@ PROMPTS = ["def main(", "import os\n", "class A:", "x", "for i in range(10):\n  
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, sp_model):
+def make_teacher(root, tokenizer) -> dict:
     """A random tiny model as a Hugging Face folder (tokenizer.model inside) and converted to a cookbook checkpoint."""
     from recipes.convert import ConvertConfig, run
 
-    root = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY))
     state = model.state_dict()
     names = list(expected_shapes(model.config))
     ckpt = Checkpoint(model.config, lambda: ((n, state[n]) for n in names), {n: state[n].dtype for n in names},
-                      hf_files={"tokenizer.model": sp_model})
+                      hf_files={"tokenizer.model": tokenizer})
     (root / "hf").mkdir()
     hf.write(root / "hf", ckpt, ckpt.tensors(), ckpt.dtypes)
     run(ConvertConfig("hf", "cookbook", str(root / "hf"), str(root / "ckpt")), show_progress=False)
-    return {"hf": root / "hf", "cookbook": root / "ckpt", "tokenizer": sp_model, "root": root}
+    return {"hf": root / "hf", "cookbook": root / "ckpt", "tokenizer": tokenizer, "root": root}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, sp_model) -> dict:
+    return make_teacher(tmp_path_factory.mktemp("teacher"), sp_model)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ What a prompt is, exactly:
 
 Cost and memory. Indexed data: the lengths come from the ``.idx`` alone (the ``.bin`` is read only for the prompts
 asked for), minus the special ids every document carries, which are measured once on the first documents (so a
-document with special ids inside its text may give a prompt a few tokens short); memory is about 16 bytes per
+document with special ids inside its text may give a prompt a few tokens short); memory is about 32 bytes per
 document while the order is built and 8 bytes per prompt after. Jsonl: the first ``count()`` or ``prompts()``
 tokenizes every document once to know its length and keeps each line's file, byte offset, line number and length
 (about 28 bytes per document); a prompt re-reads its line. Compressed jsonl cannot be read at random: decompress

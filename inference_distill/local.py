@@ -132,6 +132,8 @@ class LocalGenerator:
                     text = self.tokenizer.decode([t])
                     if any(s in text for s in stop):
                         found.append(t)
+            if len(self._stop_ids) >= 256:  # a server sees many stop lists: keep the cache small
+                self._stop_ids.clear()
             self._stop_ids[stop] = found
         return self._stop_ids[stop]
 

@@ -109,7 +109,7 @@ def compare(a: list[list[int]], b: list[list[int]]) -> tuple[int, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="a model preset (tiny, llama2-7b, ...); default: hidden 512, "
-                    "8 layers, 8 heads (4 kv), FFN 1376, vocab 32000 (about 45M parameters)")
+                    "8 layers, 8 heads (4 kv), FFN 1376, vocab 32000 (56M parameters)")
     ap.add_argument("--hidden-size", type=int, default=None)
     ap.add_argument("--num-layers", type=int, default=None)
     ap.add_argument("--vocab-size", type=int, default=None)

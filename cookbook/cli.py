@@ -39,6 +39,9 @@ EXAMPLES = """\
   cookbook plan --preset llama-65b --seq-length 4096 --num-gpus 128
   cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512
   cookbook generate --load ckpt/tiny --prompt "def main(" --temperature 0
+  cookbook serve --load ckpt/tiny --port 8000
+  cookbook distill generate --teacher ckpt/big --prompts-from data/corpus_text_document --max-tokens 512 --output synth/
+  cookbook distill train --load ckpt/tiny --synthetic synth/ --data-path data/corpus_text_document --save ckpt/tiny-distilled
   cookbook plot ckpt/tiny ckpt/tiny-2x --label base --label extended -o loss.png
 """
 
@@ -685,6 +688,98 @@ def generate(
 
 
 # --------------------------------------------------------------------------- distill
+
+
+@app.command()
+def serve(
+    load: Annotated[str, typer.Option("--load", help="A cookbook checkpoint or a Hugging Face model folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the API (default: the folder's name).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward (prompts x n).")] = 16,
+    max_prompts: Annotated[int, typer.Option(help="Prompts per request at most (and the largest n).", rich_help_panel="Limits")] = 64,
+    max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask for.", rich_help_panel="Limits")] = 4096,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Prompt + max_tokens at most (default: the model's context).", rich_help_panel="Limits")] = None,
+    max_request_bytes: Annotated[int, typer.Option(help="Request bodies larger than this are refused (413).", rich_help_panel="Limits")] = 1_000_000,
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.")] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request.")] = False,
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health), as Megatron-LM's text generation server does.
+
+    Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ...)
+    """
+    from inference_distill.server import ServeConfig, serve as run
+
+    run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, batch_size=batch_size, model_name=served_model_name,
+                    max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_tokens_limit=max_tokens_limit,
+                    max_model_len=max_model_len, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, log_requests=not quiet))
+
+
+@distill_app.command("generate")
+def distill_generate(
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the sharded jsonl (rerun the same command to resume into it).")],
+    prompts_from: Annotated[str, typer.Option("--prompts-from", help="Pretraining documents: an indexed dataset prefix, a .jsonl file or a folder of them.", rich_help_panel="Prompts")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="A Hugging Face folder or cookbook checkpoint (cookbook, vllm; openai: its tokenizer counts prompt tokens).", rich_help_panel="Teacher")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="cookbook (our generator, here), vllm (in this process, GPUs) or openai (OpenAI-compatible servers at --endpoint).", rich_help_panel="Teacher")] = "cookbook",
+    endpoint: Annotated[Optional[list[str]], typer.Option("--endpoint", help="openai: server URLs (comma-separate or repeat), e.g. http://node1:8000.", rich_help_panel="Teacher")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="openai: the model name to ask for (default: the server's first).", rich_help_panel="Teacher")] = None,
+    concurrency: Annotated[int, typer.Option(help="openai: requests in flight per endpoint.", rich_help_panel="Teacher")] = 64,
+    timeout: Annotated[float, typer.Option(help="openai: seconds per request.", rich_help_panel="Teacher")] = 600.0,
+    retries: Annotated[int, typer.Option(help="openai: retries of a failed request (connection errors, 429, 5xx).", rich_help_panel="Teacher")] = 5,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", "--tp", help="vllm: GPUs per model.", rich_help_panel="Teacher")] = 1,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vllm: share of GPU memory vLLM may take.", rich_help_panel="Teacher")] = 0.9,
+    device: Annotated[str, typer.Option(help="cookbook: auto, cpu or cuda.", rich_help_panel="Teacher")] = "auto",
+    dtype: Annotated[str, typer.Option(help="cookbook: fp32, bf16 or fp16; vllm: its own names (auto, bfloat16, ...).", rich_help_panel="Teacher")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="cookbook: sequences per batch.", rich_help_panel="Teacher")] = 16,
+    prefix_tokens: Annotated[Optional[int], typer.Option("--prefix-tokens", help="Prompt = the first N tokens of a document (default 128).", rich_help_panel="Prompts")] = None,
+    prefix_fraction: Annotated[Optional[float], typer.Option("--prefix-fraction", help="Or: that share of each document's tokens.", rich_help_panel="Prompts")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="At most this many prompts (default: every long enough document).", rich_help_panel="Prompts")] = None,
+    min_doc_tokens: Annotated[Optional[int], typer.Option("--min-doc-tokens", help="Skip documents shorter than this (default: longer than the prefix).", rich_help_panel="Prompts")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the document order and sampling.", rich_help_panel="Prompts")] = 1234,
+    json_key: Annotated[str, typer.Option("--json-key", help="jsonl: the key holding a document's text.", rich_help_panel="Prompts")] = "text",
+    tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Counts prompt tokens and decodes indexed data (default: the teacher's).", rich_help_panel="Prompts")] = None,
+    tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Prompts")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "--max-new-tokens", help="New tokens per completion at most.", rich_help_panel="Sampling")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel="Sampling")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).", rich_help_panel="Sampling")] = 0.9,
+    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = off).", rich_help_panel="Sampling")] = 0,
+    n: Annotated[int, typer.Option("--n", "--samples-per-prompt", help="Completions per prompt.", rich_help_panel="Sampling")] = 1,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="A string that ends a completion (repeatable).", rich_help_panel="Sampling")] = None,
+    frequency_penalty: Annotated[float, typer.Option(help="OpenAI's: logit -= f x count in the completion.", rich_help_panel="Sampling")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option(help="OpenAI's: logit -= p if in the completion.", rich_help_panel="Sampling")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="vLLM/HF's: tokens seen in prompt or completion are penalised (1 = off).", rich_help_panel="Sampling")] = 1.0,
+    prompts_per_shard: Annotated[int, typer.Option(help="Prompts per output shard (the unit of resume).", rich_help_panel="Output")] = 2048,
+    continuation_only: Annotated[bool, typer.Option("--continuation-only", help="text = the continuation alone (default: prefix + continuation).", rich_help_panel="Output")] = False,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", help="Drop completions shorter than this many tokens.", rich_help_panel="Filters")] = 0,
+    max_repeat_ratio: Annotated[Optional[float], typer.Option("--max-repeat-ratio", help="Drop texts whose word n-grams repeat more than this share (e.g. 0.5).", rich_help_panel="Filters")] = None,
+    ngram: Annotated[int, typer.Option(help="n of the repeat ratio, in words.", rich_help_panel="Filters")] = 3,
+    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Drop exact duplicate continuations.", rich_help_panel="Filters")] = True,
+) -> None:
+    """Synthetic data: prompt a teacher with the first tokens of pretraining documents and write its continuations as sharded jsonl.
+
+    Example: cookbook distill generate --teacher /models/Qwen-72B --backend vllm --tp 8 --prompts-from data/pile.jsonl --prefix-tokens 128 --max-tokens 4096 --output synthetic/
+    """
+    from inference_distill.filters import FilterConfig
+    from inference_distill.sampling import SamplingParams
+    from recipes.distill import GenerateOptions, generate
+
+    if prefix_tokens is None and prefix_fraction is None:
+        prefix_tokens = 128
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n, stop=tuple(stop or ()),
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
+    generate(GenerateOptions(
+        output=output, prompts_from=prompts_from, backend=backend, teacher=teacher, served_model_name=served_model_name,
+        prefix_tokens=prefix_tokens, prefix_fraction=prefix_fraction, num_prompts=num_prompts, min_doc_tokens=min_doc_tokens,
+        seed=seed, text_key=json_key, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, sampling=sampling,
+        prompts_per_shard=prompts_per_shard, continuation_only=continuation_only,
+        filters=FilterConfig(min_tokens=min_tokens, max_repeat_ratio=max_repeat_ratio, ngram=ngram, dedup=dedup),
+        endpoints=_split(endpoint), concurrency=concurrency, timeout=timeout, retries=retries,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, device=device,
+        dtype=dtype, batch_size=batch_size,
+    ))
 
 
 @distill_app.command("train")

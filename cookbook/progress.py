@@ -47,3 +47,43 @@ def rate_progress(description: str, total: int, enabled: bool = True) -> Iterato
         task = progress.add_task(description, total=total, rates="")
         yield RateBar(progress, task)
         progress.update(task, completed=total)
+
+
+class GenerationBar:
+    """Prompts done of a generation run, with this run's prompts/s and generated tokens/s. ``advance(prompts,
+    tokens)`` as a backend finishes work (from any thread); ``shard_done(prompts)`` sets the count to what is
+    written, so the bar never claims more than the output holds."""
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True):
+        self.total, self.done, self.enabled = total, done, enabled
+        self.prompts = self.tokens = 0
+        self.progress: Progress | None = None
+
+    def __enter__(self) -> "GenerationBar":
+        self.start = time.perf_counter()
+        if self.enabled:
+            self.progress = Progress(TextColumn("[bold]generate"), BarColumn(), TaskProgressColumn(),
+                                     TextColumn("{task.completed:,.0f}/{task.total:,.0f} prompts  {task.fields[rates]}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("generate", total=self.total, completed=self.done, rates="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def rates(self) -> str:
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        return f"{self.prompts / dt:,.2f} prompts/s  {self.tokens / dt:,.0f} tokens/s"
+
+    def advance(self, prompts: int, tokens: int) -> None:
+        self.prompts += prompts
+        self.tokens += tokens
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(self.done + self.prompts, self.total), rates=self.rates())
+
+    def shard_done(self, written: int) -> None:
+        """All prompts before ``written`` are in the output."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=written, rates=self.rates())

@@ -435,24 +435,29 @@ class VLLMBackend:
 # --------------------------------------------------------------------------- choosing one
 
 
+def check_backend(kind: str, teacher: str | None, endpoints: list[str]) -> None:
+    """The flags a backend needs, checked before any work (``make_backend`` checks them again)."""
+    if kind not in BACKENDS:
+        raise CookbookError(f"unknown --backend {kind!r}; use {', '.join(BACKENDS)}")
+    if kind != "openai" and endpoints:
+        raise CookbookError(f"--endpoint is for --backend openai, not {kind}; drop it or pass --backend openai")
+    if kind == "openai" and not endpoints:
+        raise CookbookError("--backend openai needs at least one --endpoint URL of an OpenAI-compatible server "
+                            "(e.g. http://HOST:8000 of a vllm serve or cookbook serve)")
+    if kind != "openai" and not teacher:
+        raise CookbookError(f"--backend {kind} needs --teacher: a Hugging Face folder"
+                            + (" or a cookbook checkpoint" if kind == "cookbook" else ""))
+
+
 def make_backend(kind: str, *, teacher: str | None, endpoints: list[str], tensor_parallel_size: int, concurrency: int,
                  timeout: float, retries: int, device: str, dtype: str, batch_size: int,
                  tokenizer_model: str | None, gpu_memory_utilization: float = 0.9) -> Backend:
     """The backend ``distill generate --backend KIND`` runs. ``teacher``: a checkpoint or HF folder (cookbook, vllm),
     or the served model's name (openai; None asks the server); ``dtype``: cookbook's names (fp32, bf16, fp16), or
     vLLM's own ("auto", ...) for vllm."""
-    if kind not in BACKENDS:
-        raise CookbookError(f"unknown --backend {kind!r}; use {', '.join(BACKENDS)}")
-    if kind != "openai" and endpoints:
-        raise CookbookError(f"--endpoint is for --backend openai, not {kind}; drop it or pass --backend openai")
+    check_backend(kind, teacher, endpoints)
     if kind == "openai":
-        if not endpoints:
-            raise CookbookError("--backend openai needs at least one --endpoint URL of an OpenAI-compatible server "
-                                "(e.g. http://HOST:8000 of a vllm serve or cookbook serve)")
         return OpenAIBackend(endpoints, model=teacher, concurrency=concurrency, timeout=timeout, retries=retries)
-    if not teacher:
-        raise CookbookError(f"--backend {kind} needs --teacher: a Hugging Face folder"
-                            + (" or a cookbook checkpoint" if kind == "cookbook" else ""))
     if kind == "vllm":
         return VLLMBackend(teacher, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                            gpu_memory_utilization=gpu_memory_utilization)

@@ -27,6 +27,8 @@ from cookbook.engine.config import merge, read_toml
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
+from inference_distill.filters import FilterConfig
+from inference_distill.sampling import Completion, SamplingParams
 
 # --------------------------------------------------------------------------- distill train
 
@@ -217,3 +219,134 @@ def train_dry_run(config_file: str | Path | None, overrides: dict[str, dict], op
 
 
 # --------------------------------------------------------------------------- distill generate
+
+
+@dataclass
+class GenerateOptions:
+    output: str  # folder of shards
+    prompts_from: str  # indexed dataset prefix, jsonl file or folder of jsonl
+    backend: str = "cookbook"  # cookbook | openai | vllm
+    teacher: str | None = None  # HF folder or cookbook checkpoint (cookbook, vllm; openai: only its tokenizer is read)
+    served_model_name: str | None = None  # openai: the model to ask the servers for (default: their first)
+    # prompts
+    prefix_tokens: int | None = 128
+    prefix_fraction: float | None = None
+    num_prompts: int | None = None
+    min_doc_tokens: int | None = None
+    seed: int = 1234
+    text_key: str = "text"
+    tokenizer_model: str | None = None  # counts prefix tokens / decodes indexed data (default: the teacher's)
+    tokenizer_type: str | None = None
+    # sampling, in OpenAI / vLLM names
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # output
+    prompts_per_shard: int = 2048
+    continuation_only: bool = False  # text = the continuation, not prefix + continuation
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    # backends
+    endpoints: list[str] = field(default_factory=list)
+    concurrency: int = 64
+    timeout: float = 600.0
+    retries: int = 5
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    device: str = "auto"
+    dtype: str = "bf16"
+    batch_size: int = 16
+
+
+def prompt_tokenizer(opts: GenerateOptions):
+    """The tokenizer prompts are measured and (for indexed data) decoded with: --tokenizer-model, else the
+    teacher's own (a cookbook checkpoint's recorded tokenizer, a Hugging Face folder's tokenizer files)."""
+    from cookbook.data.tokenizer import load_tokenizer
+    from cookbook.formats.stream import hf_side_files, tokenizer_path
+
+    path, kind = opts.tokenizer_model, opts.tokenizer_type
+    if path is None and opts.teacher and Path(opts.teacher).exists():
+        ckpt = checkpoint.find_checkpoint(opts.teacher)
+        if ckpt is not None:
+            data = checkpoint.read_config(ckpt).get("data", {})
+            path, kind = data.get("tokenizer_model"), kind or data.get("tokenizer_type")
+        elif (Path(opts.teacher) / "config.json").is_file():
+            path = tokenizer_path(Path(opts.teacher), hf_side_files(Path(opts.teacher)))
+    if path is None:
+        raise CookbookError("no tokenizer for the prompts: pass --tokenizer-model (the teacher's tokenizer; for an indexed "
+                            "dataset, the one it was preprocessed with)")
+    return load_tokenizer(path, kind)
+
+
+def _identity(opts: GenerateOptions, source, teacher: str) -> dict:
+    """What decides the output: a run resumes only into a folder made with the same values."""
+    return {"prompts_from": str(Path(opts.prompts_from).resolve()), **source.identity(), "backend": opts.backend,
+            "teacher": teacher, "sampling": opts.sampling.to_dict(), "continuation_only": opts.continuation_only,
+            "filters": asdict(opts.filters)}
+
+
+def _record(prompt, j: int, completion: Completion, text: str, teacher: str, sampling: dict) -> dict:
+    return {"text": text, "prefix": prompt.text, "doc_id": prompt.doc_id, "prompt_index": prompt.index, "sample": j,
+            "teacher": teacher, "prefix_tokens": prompt.tokens, "generated_tokens": completion.tokens,
+            "finish_reason": completion.finish_reason, "sampling": sampling}
+
+
+def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
+    """Prompt the teacher with document prefixes and write what it writes, shard by shard; returns the summary.
+    Run it again after an interruption: the shards already written are kept and the rest are made."""
+    from inference_distill.backends import check_backend, make_backend
+    from inference_distill.filters import Filter
+    from inference_distill.prompts import PromptSource
+    from inference_distill.shards import ShardWriter
+
+    teacher = opts.served_model_name if opts.backend == "openai" else opts.teacher
+    check_backend(opts.backend, teacher, opts.endpoints)
+    opts.sampling.check()
+    opts.filters.check()
+    if opts.prompts_per_shard < 1:
+        raise CookbookError(f"--prompts-per-shard {opts.prompts_per_shard} must be at least 1")
+    source = PromptSource(opts.prompts_from, prompt_tokenizer(opts), opts.prefix_tokens, opts.prefix_fraction,
+                          opts.min_doc_tokens, opts.num_prompts, opts.seed, opts.text_key)
+    total = source.count()
+    if opts.backend == "cookbook" and opts.dtype == "auto":  # bf16 where it is fast
+        import torch
+
+        opts.dtype = "bf16" if opts.device != "cpu" and torch.cuda.is_available() else "fp32"
+    backend = make_backend(opts.backend, teacher=teacher, endpoints=opts.endpoints, tensor_parallel_size=opts.tensor_parallel_size,
+                           concurrency=opts.concurrency, timeout=opts.timeout, retries=opts.retries, device=opts.device,
+                           dtype=opts.dtype, batch_size=opts.batch_size, tokenizer_model=opts.tokenizer_model,
+                           gpu_memory_utilization=opts.gpu_memory_utilization)
+    try:
+        with ShardWriter(opts.output, _identity(opts, source, backend.teacher), total, opts.prompts_per_shard) as writer:
+            if writer.done_stats():
+                done = writer.totals()
+                console.print(f"resuming {opts.output}: {done['shards']} of {writer.num_shards} shards already written "
+                              f"({done['prompts']:,} prompts)")
+            _generate_shards(opts, source, backend, writer, Filter(opts.filters, writer.seen_hashes()), show_progress)
+            summary = writer.finish()
+    finally:
+        backend.close()
+    filtered = ", ".join(f"{n:,} {why}" for why, n in summary.get("filtered", {}).items() if n) or "none"
+    console.print(f"[green]wrote[/green] {summary['records']:,} records from {summary['prompts']:,} prompts "
+                  f"({summary.get('generated_tokens', 0):,} generated tokens) in {writer.num_shards} shards to {opts.output}; "
+                  f"filtered: {filtered}")
+    return summary
+
+
+def _generate_shards(opts: GenerateOptions, source, backend, writer, keep, show_progress: bool | None) -> None:
+    from cookbook.progress import GenerationBar
+
+    sampling = opts.sampling.to_dict()
+    done = writer.totals()["prompts"]
+    with GenerationBar(writer.total, done, enabled=console.is_terminal if show_progress is None else show_progress) as bar:
+        for k in writer.pending():
+            start, stop = writer.bounds(k)
+            prompts = source.prompts(start, stop)
+            seeds = [opts.seed * 1_000_003 + p.index for p in prompts]  # per prompt: a resumed shard is the same shard
+            results = backend.generate([p.text for p in prompts], opts.sampling, seeds, on_progress=bar.advance)
+            records = []
+            for prompt, completions in zip(prompts, results):
+                for j, completion in enumerate(completions):
+                    text = completion.text if opts.continuation_only else prompt.text + completion.text
+                    if keep.keep(text, completion) is None:
+                        records.append(_record(prompt, j, completion, text, backend.teacher, sampling))
+            stats, hashes = keep.end_shard()
+            writer.write(k, records, stats, hashes)
+            bar.shard_done(stop)

@@ -139,7 +139,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             in_prompt = in_prompt.scatter_(1, tokens.masked_fill(padding, vocab), True)[:, :vocab]
         ones = torch.ones(batch, 1, device=device)
 
-    logits = model(tokens, cache=cache)[rows, lengths - 1]  # prefill: each row's last prompt token
+    logits = model(tokens, cache=cache, last=lengths - 1)[:, -1]  # prefill: logits of each row's last prompt token only
     positions = lengths.clone()
     for step in range(max_new_tokens):
         if penalised:

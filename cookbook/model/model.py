@@ -122,10 +122,11 @@ class KVCache:
         """Each layer's view for a forward over tokens at ``positions`` [batch or 1, seq]. A query sees the slots
         at or before its own position: the causal mask, which also hides stale slots beyond it (a right-padded
         prompt's padding is overwritten by its generated tokens before any query could see it)."""
-        slots = torch.arange(self.max_len, device=positions.device)
-        mask = (slots <= positions[..., None]).unsqueeze(1)  # [batch or 1, 1, seq, max_len]
+        end = int(positions.max()) + 1  # no query looks past the furthest position: attend over slots 0..end-1 only
+        slots = torch.arange(end, device=positions.device)
+        mask = (slots <= positions[..., None]).unsqueeze(1)  # [batch or 1, 1, seq, end]
         rows = torch.arange(self.batch, device=positions.device)[:, None]
-        return {name: LayerCache(k, v, rows, positions, mask) for name, (k, v) in self.buffers.items()}
+        return {name: LayerCache(k, v, rows, positions, mask, end) for name, (k, v) in self.buffers.items()}
 
 
 @dataclass
@@ -136,14 +137,16 @@ class LayerCache:
     v: torch.Tensor
     rows: torch.Tensor  # [batch, 1]
     positions: torch.Tensor  # [batch or 1, seq]
-    mask: torch.Tensor  # [batch or 1, 1, seq, max_len], True where a query may look
+    mask: torch.Tensor  # [batch or 1, 1, seq, end], True where a query may look
+    end: int  # slots in use: 0 .. end-1
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k, v [batch, kv_heads, seq, head_dim]; return all keys, all values and the mask over them."""
+        """Store k, v [batch, kv_heads, seq, head_dim]; return the keys and values of the slots in use and the
+        mask over them."""
         # indexed by [rows, :, positions], the buffer reads [batch, seq, kv_heads, head_dim]
         self.k[self.rows, :, self.positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[self.rows, :, self.positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k, self.v, self.mask
+        return self.k[:, :, : self.end], self.v[:, :, : self.end], self.mask
 
 
 # --------------------------------------------------------------------------- layers
@@ -265,10 +268,11 @@ class Transformer(nn.Module):
         return torch.normal(0.0, std, tuple(shape), generator=generator, device=device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; ``positions`` [batch or 1, seq] default to 0..seq-1.
         With a ``cache`` (generation), the tokens' keys and values are stored at their positions and attention
-        reads every cached position at or before each token's: a prompt, then one token at a time."""
+        reads every cached position at or before each token's: a prompt, then one token at a time. ``last``
+        [batch] (a prompt's prefill) keeps only position ``last[i]`` of row i: logits [batch, 1, vocab]."""
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
@@ -276,5 +280,7 @@ class Transformer(nn.Module):
         caches = cache.at(positions) if cache is not None else {}
         for name, layer in self.layers.items():
             x = layer(x, cos, sin, cache=caches.get(name))
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         x = self.norm(x) if self.norm is not None else x
         return self.output(x) if self.output is not None else x

@@ -757,6 +757,7 @@ def distill_generate(
     max_repeat_ratio: Annotated[Optional[float], typer.Option("--max-repeat-ratio", help="Drop texts whose word n-grams repeat more than this share (e.g. 0.5).", rich_help_panel="Filters")] = None,
     ngram: Annotated[int, typer.Option(help="n of the repeat ratio, in words.", rich_help_panel="Filters")] = 3,
     dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Drop exact duplicate continuations.", rich_help_panel="Filters")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the flags (and count the prompts where the data are here) without the teacher.")] = False,
 ) -> None:
     """Synthetic data: prompt a teacher with the first tokens of pretraining documents and write its continuations as sharded jsonl.
 
@@ -764,13 +765,13 @@ def distill_generate(
     """
     from inference_distill.filters import FilterConfig
     from inference_distill.sampling import SamplingParams
-    from recipes.distill import GenerateOptions, generate
+    from recipes.distill import GenerateOptions, generate, generate_dry_run
 
     if prefix_tokens is None and prefix_fraction is None:
         prefix_tokens = 128
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n, stop=tuple(stop or ()),
                               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
-    generate(GenerateOptions(
+    (generate_dry_run if dry_run else generate)(GenerateOptions(
         output=output, prompts_from=prompts_from, backend=backend, teacher=teacher, served_model_name=served_model_name,
         prefix_tokens=prefix_tokens, prefix_fraction=prefix_fraction, num_prompts=num_prompts, min_doc_tokens=min_doc_tokens,
         seed=seed, text_key=json_key, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, sampling=sampling,

@@ -350,3 +350,40 @@ def _generate_shards(opts: GenerateOptions, source, backend, writer, keep, show_
             stats, hashes = keep.end_shard()
             writer.write(k, records, stats, hashes)
             bar.shard_done(stop)
+
+
+def generate_dry_run(opts: GenerateOptions) -> None:
+    """Check a generation job without the teacher: the flags, and the prompts where their data are here."""
+    import importlib.util
+
+    from inference_distill.backends import check_backend
+    from inference_distill.prompts import PromptSource
+
+    check_backend(opts.backend, opts.served_model_name if opts.backend == "openai" else opts.teacher, opts.endpoints)
+    opts.sampling.check()
+    opts.filters.check()
+    if opts.prompts_per_shard < 1:
+        raise CookbookError(f"--prompts-per-shard {opts.prompts_per_shard} must be at least 1")
+    console.print(f"[bold]teacher[/bold] {opts.teacher or opts.served_model_name or '(the servers’ model)'} via {opts.backend}"
+                  + (f" at {', '.join(opts.endpoints)}" if opts.endpoints else "")
+                  + (f", tensor parallel {opts.tensor_parallel_size}" if opts.backend == "vllm" else ""))
+    console.print(f"[bold]sampling[/bold] {json.dumps(opts.sampling.to_dict())}")
+    console.print(f"[bold]filters[/bold] {json.dumps(asdict(opts.filters))}")
+    if opts.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        console.print("[yellow]vLLM is not installed here (needed where the job runs: pip install 'cookbook\\[vllm]')[/yellow]")
+    if opts.teacher and opts.backend != "openai" and not Path(opts.teacher).exists():
+        console.print(f"[yellow]--teacher {opts.teacher} is not here (needed where the job runs)[/yellow]")
+    if not Path(opts.prompts_from).exists() and not Path(opts.prompts_from + ".idx").exists():
+        console.print(f"[yellow]--prompts-from {opts.prompts_from} is not here (needed where the job runs)[/yellow]")
+    else:
+        try:
+            tokenizer = prompt_tokenizer(opts)
+        except CookbookError as e:
+            console.print(f"[yellow]prompts not counted: {e}[/yellow]")
+        else:
+            source = PromptSource(opts.prompts_from, tokenizer, opts.prefix_tokens, opts.prefix_fraction, opts.min_doc_tokens,
+                                  opts.num_prompts, opts.seed, opts.text_key)
+            total = source.count()
+            console.print(f"[bold]prompts[/bold] {total:,} of {source.documents:,} documents, {-(-total // opts.prompts_per_shard):,} "
+                          f"shards; the first: {source.prompts(0, 1)[0].text[:80]!r}")
+    console.print("[green]dry run: the generation job is valid[/green]")

@@ -1,4 +1,4 @@
-"""The scale-up recipes (scripts/pretrain, and the context-extension ones) validate without GPUs (--dry-run),
+"""The scale-up recipes (scripts/pretrain, the context-extension and distillation ones) validate without GPUs (--dry-run),
 and refuse a bad layout."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dry_run(script: str, **env) -> subprocess.CompletedProcess:
     e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="200", **env)
-    path = ROOT / "scripts" / script if "stretch" in script else ROOT / "scripts/pretrain" / script
+    path = ROOT / "scripts" / script if "stretch" in script or "distill" in script else ROOT / "scripts/pretrain" / script
     return subprocess.run(["bash", str(path), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
 
 
@@ -45,3 +45,20 @@ def test_stretch_recipe_dry_run_is_valid(script, processes, scaling, seq):
     assert proc.returncode == 0, proc.stderr
     assert f"dry run: the job is valid for {processes} processes" in proc.stderr and "(fits)" in proc.stderr
     assert scaling in proc.stderr and seq in proc.stderr
+
+
+def test_distill_recipes_dry_run(tmp_path):
+    """distill-generate.sh: the Megatron Cookbook's sampling settings, vLLM TP 8 (or the servers of ENDPOINTS);
+    distill-train-13b.sh: a valid 32-GPU job blending synthetic with original data."""
+    proc = dry_run("distill-generate.sh")
+    assert proc.returncode == 0, proc.stderr
+    assert "via vllm, tensor parallel 8" in proc.stderr and "dry run: the generation job is valid" in proc.stderr
+    for setting in ('"max_tokens": 4096', '"temperature": 0.7', '"top_p": 0.9', '"frequency_penalty": 0.5',
+                    '"repetition_penalty": 2.0', '"stop": ["<|endoftext|>"]'):
+        assert setting in proc.stderr, setting
+    proc = dry_run("distill-generate.sh", ENDPOINTS="http://node1:8000,http://node2:8000")
+    assert proc.returncode == 0 and "via openai at http://node1:8000, http://node2:8000" in proc.stderr, proc.stderr
+    proc = dry_run("distill-train-13b.sh", LOAD="/nonexistent/ckpt", SAVE=str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: the job is valid for 32 processes" in proc.stderr and "(fits)" in proc.stderr
+    assert f'"0.5", "data/pile_text_document", "0.5", "{tmp_path}/out/synthetic/synthetic_text_document"' in " ".join(proc.stderr.split())

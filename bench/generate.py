@@ -25,14 +25,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.train import OtherLoad  # noqa: E402
+from bench.train import OtherLoad, timed  # noqa: E402
 from cookbook.errors import CookbookError  # noqa: E402
 from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 from cookbook.model import ModelConfig, Transformer  # noqa: E402
@@ -80,19 +79,6 @@ def build_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
     hf.generation_config.pad_token_id = 0
     return ours, hf
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
 
 
 def compare(a: list[list[int]], b: list[list[int]]) -> tuple[int, list[int]]:

@@ -113,3 +113,19 @@ def gpt2_files(tok_dir, hf_tokenizer) -> tuple[Path, Path]:
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return tok_dir / "vocab.json", tok_dir / "merges.txt"
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, sp_model) -> dict:
+    """The distillation tests' random tiny teacher (helpers_distill.make_teacher): HF folder and cookbook checkpoint."""
+    from helpers_distill import make_teacher
+
+    return make_teacher(tmp_path_factory.mktemp("teacher"), sp_model)
+
+
+@pytest.fixture(scope="session")
+def local(teacher):
+    """The teacher loaded in our generator (inference_distill.local.LocalGenerator), on CPU."""
+    from inference_distill.local import LocalGenerator
+
+    return LocalGenerator.load(teacher["cookbook"], device="cpu")

@@ -6,47 +6,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 from cookbook.errors import CookbookError
-from cookbook.formats import hf
-from cookbook.formats.stream import Checkpoint, expected_shapes
-from cookbook.model import ModelConfig, Transformer
 from inference_distill.local import CookbookBackend, LocalGenerator, load_teacher
 from inference_distill.sampling import SamplingParams, cut_at_stop
 from recipes.generate import generate
 
-# a vocabulary padded past the tokenizer's 600 pieces, as pretraining pads it
-TINY = dict(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-            max_seq_len=128, init_std=0.2)
 PROMPTS = ["def main(", "import os\n", "class A:", "x", "for i in range(10):\n    print(i)"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
-
-
-def make_teacher(root, tokenizer) -> dict:
-    """A random tiny model as a Hugging Face folder (tokenizer.model inside) and converted to a cookbook checkpoint."""
-    from recipes.convert import ConvertConfig, run
-
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY))
-    state = model.state_dict()
-    names = list(expected_shapes(model.config))
-    ckpt = Checkpoint(model.config, lambda: ((n, state[n]) for n in names), {n: state[n].dtype for n in names},
-                      hf_files={"tokenizer.model": tokenizer})
-    (root / "hf").mkdir()
-    hf.write(root / "hf", ckpt, ckpt.tensors(), ckpt.dtypes)
-    run(ConvertConfig("hf", "cookbook", str(root / "hf"), str(root / "ckpt")), show_progress=False)
-    return {"hf": root / "hf", "cookbook": root / "ckpt", "tokenizer": tokenizer, "root": root}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, sp_model) -> dict:
-    return make_teacher(tmp_path_factory.mktemp("teacher"), sp_model)
-
-
-@pytest.fixture(scope="module")
-def local(teacher) -> LocalGenerator:
-    return LocalGenerator.load(teacher["cookbook"], device="cpu")
 
 
 def test_cookbook_and_hf_teachers_give_the_generators_completions(teacher, local):

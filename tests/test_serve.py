@@ -16,22 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from inference_distill.local import LocalGenerator
 from inference_distill.sampling import SamplingParams
 from inference_distill.server import ServeConfig, make_server
-from test_distill_local import make_teacher
 
 LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_model_len=64, log_requests=False)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, sp_model) -> dict:
-    return make_teacher(tmp_path_factory.mktemp("teacher"), sp_model)
-
-
-@pytest.fixture(scope="module")
-def local(teacher) -> LocalGenerator:
-    return LocalGenerator.load(teacher["cookbook"], device="cpu")
 
 
 @pytest.fixture(scope="module")

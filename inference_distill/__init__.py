@@ -1,1 +1,2 @@
-"""Synthetic-data generation from a teacher for distillation (a later issue)."""
+"""Synthetic data from a teacher for ``cookbook distill generate``: prompts from pretraining documents, the
+vllm / openai / cookbook backends behind one interface, ``cookbook serve``, quality filters and resumable shards."""

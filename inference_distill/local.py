@@ -57,37 +57,45 @@ def _hf_model(folder: Path, device: str, dtype: str):
     return model.eval()
 
 
-def load_teacher(path: str | Path, device: str = "auto", dtype: str = "fp32", tokenizer_model: str | None = None,
-                 tokenizer_type: str | None = None):
-    """(model in eval mode, tokenizer) from a cookbook checkpoint (a save folder or one step_* directory; its
-    tokenizer is the one its config.toml names) or a Hugging Face model folder (config.json + safetensors; its
-    tokenizer is the folder's own tokenizer.json or tokenizer.model). ``tokenizer_model`` overrides either."""
-    from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.engine.checkpoint import find_checkpoint, load_model
-    from cookbook.engine.parallelize import DTYPES
+def teacher_tokenizer(path: str | Path, tokenizer_model: str | None = None,
+                      tokenizer_type: str | None = None) -> tuple[str, str | None]:
+    """(tokenizer path, Megatron-LM type or None) of a teacher: ``tokenizer_model`` if given, else a cookbook
+    checkpoint's recorded tokenizer, else a Hugging Face folder's own tokenizer.json / tokenizer.model."""
+    from cookbook.engine.checkpoint import find_checkpoint, read_config
     from cookbook.formats.stream import hf_side_files, tokenizer_path
 
-    if dtype not in DTYPES:
-        raise CookbookError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    if tokenizer_model:
+        return str(tokenizer_model), tokenizer_type
     where = Path(path)
     if not where.exists():
         raise CookbookError(f"{path} does not exist; pass a cookbook checkpoint or a Hugging Face model folder")
-    if find_checkpoint(where) is not None:
-        model, sections = load_model(where, device, dtype)
-        data = sections.get("data", {})
-        tok = tokenizer_model or data.get("tokenizer_model")
-        kind = tokenizer_type or (None if tokenizer_model else data.get("tokenizer_type"))
-        if not tok:
+    ckpt = find_checkpoint(where)
+    if ckpt is not None:
+        data = read_config(ckpt).get("data", {})
+        if not data.get("tokenizer_model"):
             raise CookbookError(f"the checkpoint {path} names no tokenizer; pass --tokenizer-model")
-    elif (where / "config.json").is_file():
-        tok = tokenizer_model or tokenizer_path(where, hf_side_files(where))
-        kind = tokenizer_type
-        if tok is None:  # before the weights: a missing tokenizer is found at once
+        return data["tokenizer_model"], tokenizer_type or data.get("tokenizer_type")
+    if (where / "config.json").is_file():
+        tok = tokenizer_path(where, hf_side_files(where))
+        if tok is None:
             raise CookbookError(f"{path} holds no tokenizer.json or tokenizer.model; pass --tokenizer-model")
-        model = _hf_model(where, device, dtype)
-    else:
-        raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
-                            "is no Hugging Face model folder (no config.json); pass one of those")
+        return str(tok), tokenizer_type
+    raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
+                        "is no Hugging Face model folder (no config.json); pass one of those")
+
+
+def load_teacher(path: str | Path, device: str = "auto", dtype: str = "fp32", tokenizer_model: str | None = None,
+                 tokenizer_type: str | None = None):
+    """(model in eval mode, tokenizer) from a cookbook checkpoint (a save folder or one step_* directory) or a
+    Hugging Face model folder (config.json + safetensors), with the tokenizer ``teacher_tokenizer`` finds."""
+    from cookbook.data.tokenizer import load_tokenizer
+    from cookbook.engine.checkpoint import find_checkpoint, load_model
+    from cookbook.engine.parallelize import DTYPES
+
+    if dtype not in DTYPES:
+        raise CookbookError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    tok, kind = teacher_tokenizer(path, tokenizer_model, tokenizer_type)  # before the weights: found at once
+    model = load_model(path, device, dtype)[0] if find_checkpoint(path) is not None else _hf_model(Path(path), device, dtype)
     return model, load_tokenizer(tok, kind)
 
 

@@ -259,20 +259,12 @@ def prompt_tokenizer(opts: GenerateOptions):
     """The tokenizer prompts are measured and (for indexed data) decoded with: --tokenizer-model, else the
     teacher's own (a cookbook checkpoint's recorded tokenizer, a Hugging Face folder's tokenizer files)."""
     from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.formats.stream import hf_side_files, tokenizer_path
+    from inference_distill.local import teacher_tokenizer
 
-    path, kind = opts.tokenizer_model, opts.tokenizer_type
-    if path is None and opts.teacher and Path(opts.teacher).exists():
-        ckpt = checkpoint.find_checkpoint(opts.teacher)
-        if ckpt is not None:
-            data = checkpoint.read_config(ckpt).get("data", {})
-            path, kind = data.get("tokenizer_model"), kind or data.get("tokenizer_type")
-        elif (Path(opts.teacher) / "config.json").is_file():
-            path = tokenizer_path(Path(opts.teacher), hf_side_files(Path(opts.teacher)))
-    if path is None:
+    if not opts.tokenizer_model and not (opts.teacher and Path(opts.teacher).exists()):
         raise CookbookError("no tokenizer for the prompts: pass --tokenizer-model (the teacher's tokenizer; for an indexed "
                             "dataset, the one it was preprocessed with)")
-    return load_tokenizer(path, kind)
+    return load_tokenizer(*teacher_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
 
 
 def _identity(opts: GenerateOptions, source, teacher: str) -> dict:

@@ -188,6 +188,9 @@ class Attention(nn.Module):
         mask = None
         if cache is not None:  # generation: keep these keys/values, attend over every cached one the mask allows
             k, v, mask = cache.update(k, v)
+            if q.shape[2] == 1:  # a decode step: SDPA reads the kv heads in place (no copy of the cache per step)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        # longer forwards repeat the kv heads, so that every SDPA kernel (flash, memory-efficient) applies
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 

@@ -19,13 +19,16 @@ NUM_PROMPTS=${NUM_PROMPTS:-2500000}  # ~10B tokens of continuations at ~4k token
 ARGS=(
     --teacher "$TEACHER" --prompts-from "$PROMPTS" --prefix-tokens 128 --num-prompts "$NUM_PROMPTS" --seed 1234
     --temperature 0.7 --top-p 0.9 --max-tokens 4096 --frequency-penalty 0.5 --repetition-penalty 2 --stop '<|endoftext|>'
-    --prompts-per-shard 2048 --min-tokens 64 --max-repeat-ratio 0.5
+    --min-tokens 64 --max-repeat-ratio 0.5
     --output "$OUTPUT"
 )
 if [[ -n "${ENDPOINTS:-}" ]]; then
-    ARGS+=(--backend openai --endpoint "$ENDPOINTS" --served-model-name "${SERVED_MODEL_NAME:-$TEACHER}" --concurrency 256)
+    # 256 requests in flight per server (vLLM's default max_num_seqs); shards of 8192 prompts keep several waves in
+    # each, so the servers seldom wait for a shard's slowest completions
+    ARGS+=(--backend openai --endpoint "$ENDPOINTS" --served-model-name "${SERVED_MODEL_NAME:-$TEACHER}" --concurrency 256
+           --prompts-per-shard "${PROMPTS_PER_SHARD:-8192}")
 else
-    ARGS+=(--backend vllm --tensor-parallel-size "${TP:-8}" --gpu-memory-utilization 0.9)
+    ARGS+=(--backend vllm --tensor-parallel-size "${TP:-8}" --gpu-memory-utilization 0.9 --prompts-per-shard 2048)
 fi
 
 exec cookbook distill generate "${ARGS[@]}" "$@"

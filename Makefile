@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+WORKERS ?= 2   # pytest-xdist processes; each test file runs whole in one of them (--dist loadfile)
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh demo_out

@@ -251,7 +251,7 @@ class GenerateOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # cookbook: bf16 on GPU, fp32 on CPU; vllm: its own choice
     batch_size: int = 16
 
 
@@ -301,20 +301,29 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
         import torch
 
         opts.dtype = "bf16" if opts.device != "cpu" and torch.cuda.is_available() else "fp32"
-    backend = make_backend(opts.backend, teacher=teacher, endpoints=opts.endpoints, tensor_parallel_size=opts.tensor_parallel_size,
-                           concurrency=opts.concurrency, timeout=opts.timeout, retries=opts.retries, device=opts.device,
-                           dtype=opts.dtype, batch_size=opts.batch_size, tokenizer_model=opts.tokenizer_model,
-                           gpu_memory_utilization=opts.gpu_memory_utilization)
+
+    def start_backend():
+        return make_backend(opts.backend, teacher=teacher, endpoints=opts.endpoints, tensor_parallel_size=opts.tensor_parallel_size,
+                            concurrency=opts.concurrency, timeout=opts.timeout, retries=opts.retries, device=opts.device,
+                            dtype=opts.dtype, batch_size=opts.batch_size, tokenizer_model=opts.tokenizer_model,
+                            gpu_memory_utilization=opts.gpu_memory_utilization)
+
+    # the output folder is checked before a teacher is loaded (minutes for a 70B); the servers' model name is cheap
+    backend = start_backend() if opts.backend == "openai" else None
     try:
-        with ShardWriter(opts.output, _identity(opts, source, backend.teacher), total, opts.prompts_per_shard) as writer:
+        name = backend.teacher if backend is not None else str(teacher)
+        with ShardWriter(opts.output, _identity(opts, source, name), total, opts.prompts_per_shard) as writer:
             if writer.done_stats():
                 done = writer.totals()
                 console.print(f"resuming {opts.output}: {done['shards']} of {writer.num_shards} shards already written "
                               f"({done['prompts']:,} prompts)")
-            _generate_shards(opts, source, backend, writer, Filter(opts.filters, writer.seen_hashes()), show_progress)
+            if writer.pending():
+                backend = backend or start_backend()
+                _generate_shards(opts, source, backend, writer, Filter(opts.filters, writer.seen_hashes()), show_progress)
             summary = writer.finish()
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
     filtered = ", ".join(f"{n:,} {why}" for why, n in summary.get("filtered", {}).items() if n) or "none"
     console.print(f"[green]wrote[/green] {summary['records']:,} records from {summary['prompts']:,} prompts "
                   f"({summary.get('generated_tokens', 0):,} generated tokens) in {writer.num_shards} shards to {opts.output}; "

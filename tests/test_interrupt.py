@@ -23,6 +23,9 @@ def test_interrupted_run_leaves_no_output(tmp_path, sp_model, sig):
         [sys.executable, "-m", "cookbook", "preprocess", "-i", str(jsonl), "-o", str(out / "ds"), "-t", str(sp_model),
          "--workers", "1", "--tokenizer-backend", "reference", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a shell without job control starts background jobs with SIGINT ignored, and so would this child: give it
+        # the default disposition, as a terminal's foreground process has, so that Ctrl-C is what it receives
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while not any(out.iterdir()) and time.time() < deadline and proc.poll() is None:

@@ -36,12 +36,13 @@ import http.client
 import itertools
 import json
 import os
+import queue
 import random
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 from cookbook.errors import CookbookError
@@ -150,6 +151,44 @@ class _Endpoints:
             self.ready.notify_all()
 
 
+class DaemonPool:
+    """``submit`` runs calls on worker threads that never hold the process at exit: Ctrl-C or SIGTERM (a cluster's
+    preemption) stops a run at once, abandoning requests in flight, where ``ThreadPoolExecutor`` would wait for
+    every one of them (minutes for long completions). The results are ``concurrent.futures.Future``s."""
+
+    def __init__(self, workers: int, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to whoever waits on the future
+                    future.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Queued calls are cancelled; calls running end on their own; the workers then stop."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._workers:
+            self._tasks.put(None)
+
+
 class OpenAIBackend:
     """Completions from OpenAI-compatible servers (see the module's docstring for the scheduling and retries).
 
@@ -172,7 +211,7 @@ class OpenAIBackend:
         self.backoff, self.max_backoff = backoff, max_backoff
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._pick = _Endpoints(urls, concurrency, backoff, max_backoff)
-        self._pool = ThreadPoolExecutor(concurrency * len(urls), thread_name_prefix="openai-backend")
+        self._pool = DaemonPool(concurrency * len(urls), "openai-backend")
         self.teacher = model or self._served_model()
 
     # --- HTTP
@@ -318,7 +357,7 @@ class OpenAIBackend:
 
     def close(self) -> None:
         """Stops the pool: queued requests are dropped, requests in flight end on their own (within --timeout)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def __enter__(self):
         return self

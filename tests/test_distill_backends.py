@@ -444,3 +444,54 @@ def test_make_backend(servers, checkpoint, fake_vllm):
     backend = make("cookbook", teacher=checkpoint)
     assert backend.name == "cookbook" and backend.teacher == checkpoint and backend.batch_size == 4
     backend.close()
+
+
+class Slow(BaseHTTPRequestHandler):
+    """An endpoint whose completions never come in time: it lists a model, then holds every POST."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        data = json.dumps({"object": "list", "data": [{"id": "slow"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        self.server.posts += 1
+        time.sleep(60)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_sigterm_stops_an_openai_run_at_once(tmp_path, checkpoint):
+    """Preemption (SIGTERM) or Ctrl-C ends `distill generate --backend openai` in seconds, abandoning requests in
+    flight (a completion may take minutes), with exit code 130 and no shard written."""
+    import signal
+    import subprocess
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads, server.posts = True, 0
+    url = start(server)
+    prompts = tmp_path / "docs.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n" * 3}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "distill", "generate", "--backend", "openai", "--endpoint", url,
+                             "--teacher", checkpoint, "--prompts-from", str(prompts), "--prefix-tokens", "4", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while server.posts == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode() if proc.poll() is not None else "no request"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        start_wait = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - start_wait < 10
+        assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+        assert not list(out.glob("shard_*"))
+    finally:
+        proc.kill()
+        stop(server)

@@ -10,10 +10,8 @@
 # Rerunning the same command continues from $SAVE.
 set -euo pipefail
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-4}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 LOAD=${LOAD:-ckpt/llama2-13b}
 SYNTHETIC=${SYNTHETIC:-synthetic/Qwen-72B}
 DATA_PATH=${DATA_PATH:-data/pile_text_document}
@@ -35,8 +33,6 @@ fi
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     shift
-    exec cookbook distill train "${ARGS[@]}" "$@" --dry-run --world-size $((NNODES * GPUS_PER_NODE)) --gpu A100-80GB
+    check_here distill train "${ARGS[@]}" "$@"
 fi
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-cookbook-distill}" \
-    -m cookbook distill train "${ARGS[@]}" "$@"
+launch cookbook-distill distill train "${ARGS[@]}" "$@"

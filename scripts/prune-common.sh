@@ -15,8 +15,8 @@ DATA_PATH=${DATA_PATH:-data/pile_text_document}
 CALIB_DATA=${CALIB_DATA:-$DATA_PATH}
 PRUNED=${PRUNED:-ckpt/llama2-7b-pruned-3.4b}
 SAVE=${SAVE:-ckpt/llama2-7b-pruned-3.4b-healed}
-NNODES=${NNODES:-8} GPUS_PER_NODE=${GPUS_PER_NODE:-8} TP=${TP:-1} MICRO_BATCH=${MICRO_BATCH:-2}
-MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${NNODES:-8} TP=${TP:-1} MICRO_BATCH=${MICRO_BATCH:-2}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 TRAIN_ITERS=${TRAIN_ITERS:-12500}
 SP=(); if [[ "$TP" -gt 1 ]]; then SP=(--sequence-parallel); fi
 EVAL=(); if [[ -n "${EVAL_DATA:-}" ]]; then EVAL=(--eval-data "$EVAL_DATA"); fi
@@ -43,14 +43,11 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     # the healing job with the pruned shape; its checkpoint and the teacher do not exist yet (the estimate leaves the
     # teacher's memory out: its fp32 weights sharded over all GPUs, e.g. ~0.4 GiB each for a 7B on 64, and its logits)
     echo "== 2. heal (torchrun, $((NNODES * GPUS_PER_NODE)) processes)"
-    exec cookbook pretrain --preset "$PRESET" "${HEALED_SHAPE[@]}" "${HEAL[@]}" --dry-run \
-        --world-size $((NNODES * GPUS_PER_NODE)) --gpu A100-80GB
+    check_here pretrain --preset "$PRESET" "${HEALED_SHAPE[@]}" "${HEAL[@]}"
 fi
 if [[ ! -f "$PRUNED/latest" ]]; then
     cookbook prune "${PRUNE[@]}" "$@"
 fi
 # rerunning continues the healing from $SAVE
 if [[ -f "$SAVE/latest" ]]; then FROM=(--load "$SAVE"); else FROM=(--load "$PRUNED" --finetune); fi
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-cookbook-prune-$PRESET}" \
-    -m cookbook pretrain "${FROM[@]}" --kd-teacher "$LOAD" "${HEAL[@]}"
+launch "cookbook-prune-$PRESET" pretrain "${FROM[@]}" --kd-teacher "$LOAD" "${HEAL[@]}"

@@ -10,9 +10,7 @@
 # sequence parallel. Override anything through the environment or extra flags.
 set -euo pipefail
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 DATA_PATH=${DATA_PATH:-data/pile_text_document}
 SAVE=${SAVE:-ckpt/$(basename "$LOAD")-$((SEQ / 1024))k}
 TRAIN_ITERS=${TRAIN_ITERS:-1000}
@@ -30,9 +28,7 @@ ARGS=(
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     shift
-    exec cookbook extend "${ARGS[@]}" "$@" --dry-run --world-size $((NNODES * GPUS_PER_NODE)) --gpu A100-80GB
+    check_here extend "${ARGS[@]}" "$@"
 fi
 # rerunning the same command continues from $SAVE (cookbook extend resumes its own run)
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-cookbook-stretch}" \
-    -m cookbook extend "${ARGS[@]}" "$@"
+launch cookbook-stretch extend "${ARGS[@]}" "$@"

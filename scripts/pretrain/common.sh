@@ -11,9 +11,7 @@
 # 8 x A100-80GB per node (docs/training.md). Override anything through the environment or extra flags.
 set -euo pipefail
 
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/../launch.sh"
 DATA_PATH=${DATA_PATH:-data/all_text_document}
 TOKENIZER=${TOKENIZER:-tokenizer.model}
 SAVE=${SAVE:-ckpt/$PRESET}
@@ -33,8 +31,6 @@ ARGS=(
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     shift
-    exec cookbook pretrain "${ARGS[@]}" "$@" --dry-run --world-size $((NNODES * GPUS_PER_NODE)) --gpu A100-80GB
+    check_here pretrain "${ARGS[@]}" "$@"
 fi
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-cookbook-$PRESET}" \
-    -m cookbook pretrain "${ARGS[@]}" "$@"
+launch "cookbook-$PRESET" pretrain "${ARGS[@]}" "$@"

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cookbook.data.loader import parse_data_path
 from cookbook.engine import checkpoint
 from cookbook.engine.config import merge, read_toml
 from cookbook.errors import CookbookError
@@ -73,17 +74,11 @@ def blend(data_path: list[str], synthetic: str, weight: float | None) -> list[st
     weight = 0.5 if weight is None else weight
     if not 0 < weight < 1:
         raise CookbookError(f"--synthetic-weight {weight:g} must lie strictly between 0 and 1 when blending with --data-path")
-    items = " ".join(data_path).split()
-    pairs = [(1.0, items[0])] if len(items) == 1 else list(zip(items[::2], items[1::2]))
-    try:
-        total = sum(float(w) for w, _ in pairs)
-    except ValueError:
-        raise CookbookError(f"--data-path {' '.join(items)}: give one prefix or weight-prefix pairs (0.3 A 0.7 B)") from None
-    if len(items) > 1 and (len(items) % 2 or total <= 0):
-        raise CookbookError(f"--data-path {' '.join(items)}: give one prefix or weight-prefix pairs (0.3 A 0.7 B) with a positive sum")
+    pairs = parse_data_path(data_path, check_files=False)  # the data may live only where the job runs (--dry-run)
+    total = sum(w for w, _ in pairs)
     out = []
     for w, prefix in pairs:
-        out += [f"{(1 - weight) * float(w) / total:.6g}", prefix]
+        out += [f"{(1 - weight) * w / total:.6g}", prefix]
     return out + [f"{weight:.6g}", synthetic]
 
 

@@ -22,8 +22,9 @@ from cookbook.data.indexed import IndexedDataset, bin_path, idx_path
 from cookbook.errors import CookbookError
 
 
-def parse_data_path(values: list[str] | str) -> list[tuple[float, str]]:
-    """``["A"]`` -> [(1, A)]; ``["0.3", "A", "0.7", "B"]`` -> [(0.3, A), (0.7, B)]. Strings split on whitespace."""
+def parse_data_path(values: list[str] | str, check_files: bool = True) -> list[tuple[float, str]]:
+    """``["A"]`` -> [(1, A)]; ``["0.3", "A", "0.7", "B"]`` -> [(0.3, A), (0.7, B)]. Strings split on whitespace.
+    ``check_files``: each prefix's .bin/.idx must exist (off for a job checked away from its data)."""
     if isinstance(values, str):
         values = [values]
     items = [v for value in values for v in str(value).split()]
@@ -45,7 +46,7 @@ def parse_data_path(values: list[str] | str) -> list[tuple[float, str]]:
             pairs.append((weight, prefix))
         if sum(w for w, _ in pairs) <= 0:
             raise CookbookError("--data-path: the weights sum to zero")
-    for _, prefix in pairs:
+    for _, prefix in pairs if check_files else []:
         if not (idx_path(prefix).is_file() and bin_path(prefix).is_file()):
             raise CookbookError(f"--data-path: {prefix}.bin/.idx not found (give the prefix without the extension)")
     return pairs

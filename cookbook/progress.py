@@ -1,4 +1,10 @@
-"""Rich progress bars and the console every command prints to."""
+"""The consoles every command prints to, and rich progress bars.
+
+On a terminal, output is rich: colours, tables, progress bars. Anywhere else (a pipe, a log file, CI, ``nohup``)
+every message is one plain line: nothing is wrapped, truncated or padded, whatever the line width, so paths and
+numbers stay whole and logs can be grepped; a table becomes a line per row, a rule a short title line, and
+progress bars and spinners are not drawn.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,60 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
-console = Console(stderr=True, highlight=False)  # progress, status and errors
-out = Console(highlight=False)  # results: summaries, tables, decoded text
+
+class PlainWhenPiped(Console):
+    """A rich ``Console`` that prints plain lines when its stream is not a terminal (see the module's docstring)."""
+
+    def print(self, *objects, **kwargs) -> None:
+        if self.is_terminal:
+            return super().print(*objects, **kwargs)
+        kwargs["soft_wrap"] = True  # never wrap a message to the (unknown) width of a pipe
+        kwargs.pop("width", None)
+        parts = []
+        for obj in objects:
+            if isinstance(obj, Table):
+                if parts:
+                    super().print(*parts, **kwargs)
+                    parts = []
+                for line in self.table_lines(obj):
+                    super().print(line, **{**kwargs, "markup": False, "highlight": False})
+            else:
+                parts.append(obj)
+        if parts or not objects:
+            super().print(*parts, **kwargs)
+
+    def rule(self, title="", **kwargs) -> None:
+        if self.is_terminal:
+            return super().rule(title, **kwargs)
+        super().print(f"--- {self.plain(title)}" if title else "---", soft_wrap=True, markup=False, highlight=False)
+
+    def plain(self, cell) -> str:
+        """A cell's text without markup or styles."""
+        if isinstance(cell, Text):
+            return cell.plain
+        if isinstance(cell, str):
+            return self.render_str(cell).plain
+        return str(cell)
+
+    def table_lines(self, table: Table) -> list[str]:
+        """One line per row: ``key: value`` for a table without headers, else a header line, then
+        cells separated by `` | ``; the title first."""
+        columns = [[self.plain(c) for c in column.cells] for column in table.columns]
+        rows = [[col[i] if i < len(col) else "" for col in columns] for i in range(table.row_count)]
+        lines = [self.plain(table.title)] if table.title else []
+        if table.show_header:
+            lines.append(" | ".join(self.plain(c.header) for c in table.columns))
+            lines += [" | ".join(row) for row in rows]
+        else:
+            lines += [f"{row[0]}: {' | '.join(row[1:])}" if len(row) > 1 else row[0] for row in rows]
+        return [line.rstrip() for line in lines]
+
+
+console = PlainWhenPiped(stderr=True, highlight=False)  # progress, status and errors
+out = PlainWhenPiped(highlight=False)  # results: summaries, tables, decoded text
 
 
 class RateBar:

@@ -6,6 +6,7 @@
       step_000000/
         .metadata, *.distcp   {"model": the pruned state dict} in torch.distributed.checkpoint, one process
         config.toml           [model] the pruned shape (head_dim explicit), [data] the source's (its tokenizer)
+        hf/                   the source's tokenizer (and Hugging Face side files), as every save carries it
         train_state.json      step 0, and the checkpoint it was pruned from
 
 Written as ``.step_000000.tmp`` and renamed; ``latest`` last. No optimizer state: train from it with ``--finetune``.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from cookbook.engine.checkpoint import step_name
+from cookbook.engine.checkpoint import step_name, store_tokenizer
 from cookbook.engine.config import dumps_toml
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
@@ -42,7 +43,7 @@ def write_checkpoint(save: str | Path, model: nn.Module, sections: dict[str, dic
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
     model_section = {k: v for k, v in model.config.to_dict().items() if v is not None}
-    config = {"model": model_section, "data": dict(sections.get("data", {}))}
+    config = {"model": model_section, "data": store_tokenizer(tmp, sections.get("data", {}))}
     write_text_atomic(tmp / "config.toml", dumps_toml(config))
     write_text_atomic(tmp / "train_state.json", json.dumps({"step": 0, "consumed_samples": 0, **train_state}, indent=1))
     if final.exists():  # a stale save without ``latest`` (a run killed between rename and latest)

@@ -112,6 +112,7 @@ def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
     sections["model"] = {**sections["model"], "rope_scaling": ext.rope_scaling, "max_seq_len": ext.max_seq_len}
     sections.setdefault("data", {})["seq_length"] = ext.seq_length
     sections.setdefault("checkpoint", {})["save"] = str(save)
+    sections["data"] = checkpoint.store_tokenizer(tmp, sections["data"])
     write_text_atomic(tmp / "config.toml", dumps_toml(sections))
     tmp.rename(final)
     write_text_atomic(save / "latest", final.name + "\n")

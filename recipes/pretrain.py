@@ -63,12 +63,25 @@ def resolve(config_file: str | Path | None, overrides: dict[str, dict]) -> tuple
     continuing = ckpt is not None and not ckpt_cfg.get("finetune") and Path(save or "").resolve() == ckpt.parent.resolve()
     if save and (Path(save) / "latest").is_file() and not continuing:
         raise CookbookError(f"--save {save} already holds a run; pass --load {save} to continue it, or choose another --save")
-    data = sections.setdefault("data", {})
-    model = sections.setdefault("model", {})
-    if ckpt is None and data.get("tokenizer_model") and "vocab_size" not in model:
-        tokenizer = load_tokenizer(data["tokenizer_model"], data.get("tokenizer_type"))
-        model["vocab_size"] = padded_vocab_size(tokenizer.vocab_size, data.get("make_vocab_size_divisible_by", 128))
+    _check_vocabulary(sections, ckpt)
     return build_config(sections), ckpt
+
+
+def _check_vocabulary(sections: dict[str, dict], ckpt: Path | None) -> None:
+    """The tokenizer, before any work: it must exist and fit the model's vocabulary (which it sizes by default)."""
+    data, model = sections.setdefault("data", {}), sections.setdefault("model", {})
+    if not data.get("tokenizer_model"):
+        return
+    tokenizer = load_tokenizer(data["tokenizer_model"], data.get("tokenizer_type"))
+    vocab = model.get("vocab_size")
+    if vocab is None and ckpt is None:
+        model["vocab_size"] = padded_vocab_size(tokenizer.vocab_size, data.get("make_vocab_size_divisible_by", 128))
+    elif vocab is not None and vocab < tokenizer.vocab_size:
+        whose = f"the checkpoint {ckpt}'s vocabulary" if ckpt is not None else f"--vocab-size {vocab}"
+        fix = ("pass the tokenizer the checkpoint was trained with" if ckpt is not None else
+               f"drop --vocab-size (by default it is the tokenizer's, padded) or give at least {tokenizer.vocab_size}")
+        raise CookbookError(f"{whose} has {vocab} ids, fewer than the tokenizer {data['tokenizer_model']}'s "
+                            f"{tokenizer.vocab_size}: {fix}")
 
 
 def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_size: int, gpu: str = "A100-80GB") -> None:

@@ -55,7 +55,6 @@ def train_sp(folder: Path, texts: list[str], vocab_size: int = 400, model_type: 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("COOKBOOK_DEBUG", None)
-    env.setdefault("COLUMNS", "200")
     return env
 
 

@@ -51,7 +51,7 @@ def train_flags(data: str, save: Path | None, iters: int, **extra) -> list[str]:
 def env(threads: int = 1) -> dict:
     e = dict(os.environ)
     e.pop("COOKBOOK_DEBUG", None)
-    e.update(OMP_NUM_THREADS=str(threads), COLUMNS="200", PYTHONUNBUFFERED="1")
+    e.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     return e
 
 

@@ -4,6 +4,7 @@ real tokenizer: the loaded model is the trained one, and the commands equal thei
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,10 @@ def test_checkpoint_records_the_padded_tokenizer_vocab(trained):
     model, sections = load_model(trained["save"], device="cpu")
     vocab = load_tokenizer(trained["tokenizer"]).vocab_size
     assert model.config.vocab_size == -(-vocab // 128) * 128
-    assert sections["data"]["tokenizer_model"] == str(trained["tokenizer"])
+    # the save carries the tokenizer it was trained with, and names it inside itself
+    carried = Path(sections["data"]["tokenizer_model"])
+    assert carried.is_relative_to(find_checkpoint(trained["save"]).absolute())
+    assert carried.read_bytes() == Path(trained["tokenizer"]).read_bytes()
 
 
 def test_loaded_model_reproduces_the_logged_valid_loss(trained):

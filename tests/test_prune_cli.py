@@ -137,7 +137,7 @@ def test_bad_input_is_one_line(tmp_path, data, base):
     ("prune-llama2-7b-to-3.4b.sh", "6.74B -> 3.37B parameters", "model 3.37B parameters"),
 ])
 def test_the_real_recipes_validate_with_dry_run(script, shape, params):
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="200",
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                LOAD="/nonexistent/ckpt")
     proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

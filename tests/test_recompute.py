@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.profiler import ProfilerActivity, profile
 
+from cookbook.engine.metrics import activation_memory
 from cookbook.engine.recompute import (
     Recomputed,
     apply_activation_checkpointing,
@@ -130,22 +130,8 @@ def test_parameter_and_state_dict_names_do_not_change():
 
 
 def memory_profile(model, batch) -> tuple[int, int]:
-    """(bytes allocated and still held when forward ends: what is kept for backward; peak bytes over
-    forward + backward), from the profiler's CPU allocation events. Parameters exist before and are
-    not counted; gradients are, the same in every mode."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = next_token_loss(model, batch)
-        with torch.profiler.record_function("cookbook_backward"):
-            loss.backward()
-    events = list(prof.profiler.kineto_results.events())
-    backward_at = min(e.start_ns() for e in events if e.name() == "cookbook_backward")
-    held, now, peak = None, 0, 0
-    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-        if held is None and e.start_ns() >= backward_at:
-            held = now
-        now += e.nbytes()
-        peak = max(peak, now)
-    return held, peak
+    """(bytes held for backward when forward ends, peak bytes over forward + backward) of one training step."""
+    return activation_memory(lambda: next_token_loss(model, batch))
 
 
 def test_recompute_lowers_activation_memory():

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run(script: str, **env) -> subprocess.CompletedProcess:
-    e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", COLUMNS="200", **env)
+    e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env)
     path = ROOT / "scripts" / script if "stretch" in script or "distill" in script else ROOT / "scripts/pretrain" / script
     return subprocess.run(["bash", str(path), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
 

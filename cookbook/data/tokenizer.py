@@ -553,7 +553,7 @@ def load_tokenizer(
         raise CookbookError("no tokenizer given; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
     path = Path(path)
     if not path.exists():
-        raise CookbookError(f"tokenizer {path} does not exist")
+        raise CookbookError(f"tokenizer {path} does not exist; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
     tokenizer_type = tokenizer_type or infer_tokenizer_type(path)
     if tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         if tokenizer_type == "GPTSentencePieceTokenizer":

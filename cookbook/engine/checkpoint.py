@@ -5,8 +5,13 @@
       step_000100/
         .metadata, *.distcp   torch.distributed.checkpoint shards: model and optimizer state,
                               keyed by parameter name, so a save loads under any parallel layout
-        config.toml           the resolved job config (model, data, optimizer, training, ...)
+        config.toml           the resolved job config (model, data, optimizer, training, ...); its
+                              [data] tokenizer_model names the tokenizer in hf/, relative to the save
         train_state.json      step, consumed samples (the data position), RNG state
+        hf/                   the tokenizer the run was trained with (a SentencePiece tokenizer.model,
+                              or Hugging Face tokenizer files), and the Hugging Face side files of a
+                              model converted from one (config.json, ...): a save is self-contained and
+                              works wherever it is copied
 
 A save is written as ``.step_000100.tmp`` by every rank, completed by rank 0 (config, train
 state), then renamed; ``latest`` is replaced atomically after the rename, and only then are saves
@@ -39,8 +44,10 @@ from cookbook.engine.config import dumps_toml, read_toml
 from cookbook.engine.distributed import barrier
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
+from cookbook.formats.stream import hf_side_files, tokenizer_files, tokenizer_path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+SIDE_DIR = "hf"  # inside every save: its tokenizer and Hugging Face side files
 
 
 def step_name(step: int) -> str:
@@ -70,7 +77,47 @@ def read_train_state(ckpt: Path) -> dict:
 
 
 def read_config(ckpt: Path) -> dict[str, dict]:
-    return read_toml(ckpt / "config.toml")
+    """A save's config sections, its tokenizer named by a path that works from here (see ``saved_tokenizer``)."""
+    sections = read_toml(ckpt / "config.toml")
+    data = sections.get("data")
+    if isinstance(data, dict) and data.get("tokenizer_model"):
+        data["tokenizer_model"] = saved_tokenizer(ckpt, data["tokenizer_model"])
+    return sections
+
+
+def saved_tokenizer(ckpt: Path, recorded: str) -> str:
+    """The tokenizer a save records, as a path that exists here: inside the save (saves record it relative to
+    themselves), else as recorded (saves of earlier versions: relative to the folder training ran in, or
+    absolute); else the recorded path unchanged, so that loading it fails with one line naming --tokenizer-model."""
+    for candidate in (ckpt / recorded, Path(recorded)):
+        if candidate.exists():
+            return str(candidate.absolute())
+    return recorded
+
+
+def side_files(tokenizer: str | Path | None) -> dict[str, Path]:
+    """The files a save carries in hf/ for a tokenizer: a SentencePiece .model, or a Hugging Face tokenizer file
+    or folder; a converted model's hf/ folder comes whole (config.json too, so convert --to hf can restore it)."""
+    if not tokenizer:
+        return {}
+    path = Path(tokenizer)
+    if path.is_dir() and path.name == SIDE_DIR and (path / "config.json").is_file():
+        return hf_side_files(path)
+    return tokenizer_files(path)
+
+
+def store_tokenizer(step_dir: Path, data: dict, files: dict[str, bytes] | None = None) -> dict:
+    """Copy the tokenizer ``data`` names (or ``files``: name -> bytes, read earlier) into ``step_dir/hf``; returns
+    ``data`` naming it there, relative to the save."""
+    if files is None:
+        files = {name: path.read_bytes() for name, path in side_files(data.get("tokenizer_model")).items()}
+    inside = tokenizer_path(Path(SIDE_DIR), files)
+    if not files or inside is None:
+        return dict(data)
+    (step_dir / SIDE_DIR).mkdir(exist_ok=True)
+    for name, blob in files.items():
+        (step_dir / SIDE_DIR / name).write_bytes(blob)
+    return {**data, "tokenizer_model": str(inside)}
 
 
 def rng_state() -> dict:
@@ -94,6 +141,7 @@ class Checkpointer:
 
     def __init__(self, root: str | Path, keep_last: int, is_main: bool):
         self.root, self.keep_last, self.is_main = Path(root), keep_last, is_main
+        self._tokenizer: tuple[str, dict[str, bytes]] | None = None  # (path, its files), read at the first save
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".step_*.tmp"):  # a save cut short by a crash
@@ -104,6 +152,16 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
 
+    def _tokenizer_files(self, config: dict[str, dict]) -> dict[str, bytes]:
+        """The tokenizer's files, read once: a run continued from a save names the tokenizer inside that save,
+        which a later save may remove (--keep-last)."""
+        path = config.get("data", {}).get("tokenizer_model")
+        if not path:
+            return {}
+        if self._tokenizer is None or self._tokenizer[0] != path:
+            self._tokenizer = path, {name: p.read_bytes() for name, p in side_files(path).items()}
+        return self._tokenizer[1]
+
     def save(self, step: int, model, optimizer, config: dict[str, dict], train_state: dict) -> Path:
         final = self.root / step_name(step)
         tmp = self.root / f".{step_name(step)}.tmp"
@@ -111,6 +169,7 @@ class Checkpointer:
         dcp.save(state, checkpoint_id=str(tmp))
         barrier()
         if self.is_main:
+            config = {**config, "data": store_tokenizer(tmp, config.get("data", {}), self._tokenizer_files(config))}
             write_text_atomic(tmp / "config.toml", dumps_toml(config))
             write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
             if final.exists():  # the same step saved again (a resumed run): swap, never lose both

@@ -81,6 +81,28 @@ class MetricsLogger:
             self.tb.close()
 
 
+def activation_memory(forward) -> tuple[int, int]:
+    """Bytes of CPU memory ``forward()`` (which returns a loss) allocates and still holds when it ends (what is kept
+    for backward), and the peak over forward + backward, from the profiler's allocation events. Memory that exists
+    before (the parameters) is not counted; gradients are. ``cookbook plan``'s activation model is checked against
+    it (tests/test_plan.py, bench/plan.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = forward()
+        with torch.profiler.record_function("cookbook_backward"):
+            loss.backward()
+    events = list(prof.profiler.kineto_results.events())
+    backward_at = min(e.start_ns() for e in events if e.name() == "cookbook_backward")
+    held, now, peak = None, 0, 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if held is None and e.start_ns() >= backward_at:
+            held = now
+        now += e.nbytes()
+        peak = max(peak, now)
+    return held, peak
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl; a step logged twice (a resumed run redoing steps) keeps the last."""
     records = {}

@@ -7,7 +7,7 @@ A converted checkpoint is a save like the Trainer's, without optimizer state::
       step_000000/
         .metadata, *.distcp   {"model": {our parameter names}} in torch.distributed.checkpoint, one
                               file per tensor
-        config.toml           [model] and [data] (tokenizer_model: the tokenizer in hf/ below)
+        config.toml           [model] and [data] (tokenizer_model: the tokenizer in hf/ below, relative)
         train_state.json      step, and where the weights came from
         hf/                   the Hugging Face side files: tokenizer, and config.json /
                               generation_config.json when the source was a Hugging Face model;
@@ -34,7 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from cookbook.engine.checkpoint import find_checkpoint, read_config, step_name
+from cookbook.engine.checkpoint import SIDE_DIR, find_checkpoint, read_config, side_files, step_name
 from cookbook.engine.config import build_config, dumps_toml
 from cookbook.errors import CookbookError
 from cookbook.formats.stream import (
@@ -43,12 +43,11 @@ from cookbook.formats.stream import (
     expected_shapes,
     hf_side_files,
     layer_names,
-    tokenizer_files,
     tokenizer_path,
 )
 from cookbook.model.config import ModelConfig
 
-HF_DIR = "hf"
+HF_DIR = SIDE_DIR
 
 
 def _groups(cfg: ModelConfig) -> list[list[str]]:
@@ -80,13 +79,10 @@ def read(path: Path) -> Checkpoint:
     step = 0
     if (ckpt / "train_state.json").is_file():
         step = int(json.loads((ckpt / "train_state.json").read_text()).get("step", 0))
-    tok = Path(sections.get("data", {}).get("tokenizer_model") or "")
     if (ckpt / HF_DIR).is_dir():
         hf_files = hf_side_files(ckpt / HF_DIR)
-    elif tok.name == HF_DIR and (tok / "config.json").is_file():  # a run started from a converted checkpoint
-        hf_files = hf_side_files(tok)
-    else:
-        hf_files = tokenizer_files(tok) if str(tok) != "." else {}
+    else:  # a save of an earlier version: the tokenizer it names, where that is here
+        hf_files = side_files(sections.get("data", {}).get("tokenizer_model"))
     notes = [] if hf_files else [f"{ckpt} names no tokenizer that exists here; the output carries none"]
 
     def tensors() -> Tensors:
@@ -155,9 +151,9 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
         hf_dir.mkdir()
         for name, path in ckpt.hf_files.items():
             shutil.copyfile(path, hf_dir / name)
-        tok = tokenizer_path(final / step_name(step) / HF_DIR, ckpt.hf_files)
+        tok = tokenizer_path(Path(HF_DIR), ckpt.hf_files)  # relative to the save: it travels with it
         if tok is not None:
-            data = {"tokenizer_model": str(tok.absolute()),
+            data = {"tokenizer_model": str(tok),
                     "tokenizer_type": "Llama2Tokenizer" if tok.suffix == ".model" else "HuggingFaceTokenizer"}
     model = {k: v for k, v in cfg.to_dict().items() if v is not None}
     (step_dir / "config.toml").write_text(dumps_toml({"model": model, "data": data}))

@@ -1,7 +1,8 @@
 """The ``cookbook`` command line: one command per recipe, each a thin call into ``recipes/``.
 
-A ``CookbookError`` is printed as one red line and exits with code 2 (``--debug`` shows the
-traceback); Ctrl-C exits with 130. Commands are registered only when they work.
+A ``CookbookError`` is printed as one red line and exits with code 2 (``--debug``, before or after the command,
+shows the traceback); so is an output the system cannot write (a read-only or full disk). Ctrl-C and SIGTERM exit
+with 130 and one line saying what was kept. Commands are registered only when they work.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args, get_origin
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from cookbook import __version__
-from cookbook.errors import CookbookError
+from cookbook.checks import check_number
+from cookbook.errors import CookbookError, Interrupted, interrupt_note
 from cookbook.progress import console, out
 
 EXAMPLES = """\
@@ -435,7 +437,8 @@ def pretrain(
 
     Many processes: torchrun --nproc-per-node 8 -m cookbook pretrain --config run.toml
     """
-    from recipes.pretrain import dry_run as check, run
+    from recipes.pretrain import dry_run as check
+    from recipes.pretrain import run
 
     if dry_run:
         check(config, overrides, world_size, gpu)
@@ -462,7 +465,8 @@ def extend(
 
     Example: cookbook extend --load ckpt/llama2-7b --interp-factor 2 --seq-length 8192 --data-path data/pile_text_document --lr 2e-5 --train-iters 1000 --save ckpt/llama2-7b-8k
     """
-    from recipes.extend import dry_run as check, run
+    from recipes.extend import dry_run as check
+    from recipes.extend import run
 
     if dry_run:
         check(config, overrides, rope_type, interp_factor, world_size, gpu)
@@ -501,7 +505,8 @@ def prune(
     Example: cookbook prune --load ckpt/llama2-13b --hidden-size-remain 4096 --intermediate-size-remain 11008 --num-attention-heads-remain 32 --drop-layers 8 --calib-data data/pile_text_document --save ckpt/pruned-7b
     """
     from pruner.spec import PruneSpec, parse_layer_ids
-    from recipes.prune import PruneOptions, dry_run as check, render, render_shapes, run
+    from recipes.prune import PruneOptions, render, render_shapes, run
+    from recipes.prune import dry_run as check
 
     spec = PruneSpec(hidden_size=hidden_size_remain, intermediate_size=intermediate_size_remain,
                      num_heads=num_attention_heads_remain, num_kv_heads=num_query_groups_remain,
@@ -711,7 +716,8 @@ def serve(
 
     Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ...)
     """
-    from inference_distill.server import ServeConfig, serve as run
+    from inference_distill.server import ServeConfig
+    from inference_distill.server import serve as run
 
     run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, batch_size=batch_size, model_name=served_model_name,
                     max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_tokens_limit=max_tokens_limit,
@@ -809,45 +815,116 @@ def distill_train(
         train(config, overrides, opts)
 
 
+# --------------------------------------------------------------------------- numbers
+# Every number a flag takes is finite and, but for these, not negative (OpenAI's penalties are signed); what else a
+# value must be (positive, at most 1, ...) its config checks.
+SIGNED_FLAGS = {"--frequency-penalty", "--presence-penalty"}
+
+
+def numeric_flags(fn) -> dict[str, str]:
+    """Parameter name -> its flag (the first long name), for every int and float option of the command ``fn``."""
+    flags = {}
+    for p in inspect.signature(fn, eval_str=True).parameters.values():
+        if get_origin(p.annotation) is not Annotated:
+            continue
+        kind, *meta = get_args(p.annotation)
+        if not {kind, *get_args(kind)} & {int, float}:
+            continue
+        info = next((m for m in meta if isinstance(m, typer.models.ParameterInfo)), None)
+        # in Annotated, typer keeps the first name where a default would go
+        decls = ([info.default] if isinstance(info.default, str) else []) + list(info.param_decls or ()) if info else []
+        names = [d.split("/")[0] for d in decls if d.startswith("--")]
+        flags[p.name] = names[0] if names else "--" + p.name.replace("_", "-")
+    return flags
+
+
+def guarded(fn):
+    """The command ``fn``, refusing NaN, infinity and negative numbers in its flags before it runs, and turning an
+    interrupt into ``Interrupted`` (which keeps what the command says it kept)."""
+    flags = numeric_flags(fn)
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        for name, flag in flags.items():
+            value = kwargs.get(name)
+            if value is not None and not isinstance(value, bool):
+                check_number(flag, value, low=None if flag in SIGNED_FLAGS else 0)
+        try:
+            return fn(**kwargs)
+        except KeyboardInterrupt as e:
+            raise Interrupted(interrupt_note(e)) from None
+
+    return command
+
+
+def _guard_every_command(group: typer.Typer) -> None:
+    for info in group.registered_commands:
+        info.callback = guarded(info.callback)
+    for sub in group.registered_groups:
+        _guard_every_command(sub.typer_instance)
+
+
+_guard_every_command(app)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
-def _click_errors() -> tuple[type[Exception], ...]:
-    """ClickException from the click typer runs on: its own bundled copy (typer >= 0.29) or click."""
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """The exception ``name`` of the click typer runs on: its own bundled copy (typer >= 0.29) or click."""
     found = []
-    for name in ("typer._click.exceptions", "click.exceptions"):
+    for module in ("typer._click.exceptions", "click.exceptions"):
         try:
-            found.append(importlib.import_module(name).ClickException)
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
     return tuple(found)
 
 
-_CLICK_ERRORS = _click_errors()
+_CLICK_ERRORS = _click_exceptions("ClickException")
+_CLICK_ABORT = _click_exceptions("Abort")
 
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # so that partial outputs are removed on SIGTERM as on Ctrl-C
 
 
+def _take_debug(args: list[str]) -> list[str]:
+    """``--debug`` anywhere before ``--`` (``cookbook --debug eval ...`` or ``cookbook eval ... --debug``)."""
+    global _debug
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        _debug = True
+        args = [a for i, a in enumerate(args) if a != "--debug" or i >= end]
+    return args
+
+
+def _fail(message: str, code: int) -> None:
+    if _debug:
+        traceback.print_exc()
+    console.print(message, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user-facing errors become one red line and exit code 2."""
     signal.signal(signal.SIGTERM, _terminate)
-    command = typer.main.get_command(app)
     try:
-        args = join_multi_value_flags(sys.argv[1:] if argv is None else list(argv))
+        args = join_multi_value_flags(_take_debug(sys.argv[1:] if argv is None else list(argv)))
+        command = typer.main.get_command(app)
         code = command.main(args=args, prog_name="cookbook", standalone_mode=False)
     except CookbookError as e:
-        if _debug:
-            traceback.print_exc()
-        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("[red]interrupted[/red]")
-        sys.exit(130)
+        _fail(f"[bold red]error:[/bold red] {escape(str(e))}", e.exit_code)
+    except (Interrupted, KeyboardInterrupt, *_CLICK_ABORT) as e:  # in a command, while parsing, in a prompt
+        _fail(f"[red]interrupted:[/red] {escape(interrupt_note(e))}", 130)
     except _CLICK_ERRORS as e:  # usage errors: click's own message and exit code (2)
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:  # an output the system refuses (read-only, full, a folder where a file goes): no traceback
+        where = f" {e.filename}" if e.filename else ""
+        _fail(f"[bold red]error:[/bold red] cannot write or read{escape(where)}: {escape(e.strerror or str(e))}", 2)
+    if code == 130:  # typer turned an interrupt outside a command into its exit code
+        _fail("[red]interrupted:[/red] nothing written", 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

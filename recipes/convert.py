@@ -25,6 +25,7 @@ from typing import Iterator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cookbook.errors import CookbookError
+from cookbook.fileio import check_writable
 from cookbook.formats import cookbook as cookbook_format
 from cookbook.formats import hf, megatron
 from cookbook.formats.stream import DTYPES, Checkpoint, Tensors, cast, checked
@@ -97,6 +98,7 @@ def check(cfg: ConvertConfig) -> None:
         raise CookbookError(f"--save-dir {save} is or lies inside --load-dir {load}; choose a folder elsewhere")
     if save.exists() and not cfg.overwrite:
         raise CookbookError(f"--save-dir {save} already exists; pass --overwrite to replace it, or choose another folder")
+    check_writable(save.parent, "--save-dir", folder=True)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from cookbook.data.indexed import IndexedDataset
 from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
 from cookbook.data.tokenizer import Tokenizer
 from cookbook.errors import CookbookError
-from cookbook.fileio import write_text_atomic
+from cookbook.fileio import check_writable, write_text_atomic
 from cookbook.progress import console
 from recipes.preprocess import encode_documents
 
@@ -213,7 +213,7 @@ def file_stream(path, tokenizer: Tokenizer, text_key: str = "text", *, append_eo
     documents = 0
     for file in files:
         for first, lines, _ in read_lines(file):
-            values = parse_lines(file, first, lines, [text_key], skip_bad=False)[0][text_key]
+            values = parse_lines(file, first, lines, [text_key], skip_bad=False, fix="fix it")[0][text_key]
             if not values:
                 continue
             documents += len(values)
@@ -289,8 +289,7 @@ def render(results: list[PerplexityResult]) -> Table:
 def dump_json(dump_dir, name: str, payload: dict) -> Path:
     """Write ``DUMP_DIR/name`` (``payload`` as indented JSON), atomically; the folder is made if needed."""
     dump_dir = Path(dump_dir)
-    if dump_dir.exists() and not dump_dir.is_dir():
-        raise CookbookError(f"--dump-dir {dump_dir} is a file; give a folder")
+    check_writable(dump_dir, "--dump-dir", folder=True)
     dump_dir.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(dump_dir / name, json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
 
@@ -342,6 +341,8 @@ def run_passkey(cfg: EvalConfig):
     from cookbook.engine.checkpoint import load_model
     from recipes import passkey
 
+    if cfg.dump_dir:
+        check_writable(cfg.dump_dir, "--dump-dir", folder=True)
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     tokenizer = _tokenizer(cfg, sections, "--passkey")
     lengths = cfg.seq_lengths or [model.config.max_seq_len]
@@ -362,6 +363,8 @@ def run(cfg: EvalConfig, show_progress: bool = True) -> tuple[list[PerplexityRes
         raise CookbookError("nothing to evaluate; pass --ppl-files FILES or --data-path PREFIX (or --passkey)")
     for length in cfg.seq_lengths:
         check_window(length, cfg.stride)
+    if cfg.dump_dir:
+        check_writable(cfg.dump_dir, "--dump-dir", folder=True)
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     sources: dict[str, torch.Tensor] = {}
     if cfg.ppl_files:

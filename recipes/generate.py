@@ -210,13 +210,15 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     """Generate for every prompt, ``batch_size`` at a time; ``on_result(record)`` as each finishes."""
-    from cookbook.fileio import write_text_atomic
+    from cookbook.fileio import check_writable, write_text_atomic
     from cookbook.progress import console
     from inference_distill.local import load_teacher
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise CookbookError("--batch-size and --max-new-tokens must be at least 1")
+    if cfg.output:
+        check_writable(cfg.output, "--output")
     prompts = read_prompts(cfg)
     model, tokenizer = load_teacher(cfg.load, cfg.device, cfg.dtype, cfg.tokenizer_model, cfg.tokenizer_type)
     records = []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, dataset_prefixes
 from cookbook.errors import CookbookError
+from cookbook.fileio import check_writable
 
 
 @dataclass
@@ -39,6 +40,7 @@ def resolve_prefixes(inputs: list[str]) -> list[str]:
 
 
 def run(inputs: list[str], output_prefix: str) -> MergeSummary:
+    check_writable(Path(output_prefix).parent, "--output-prefix", folder=True)
     prefixes = resolve_prefixes(inputs)
     out = str(Path(output_prefix))
     for p in prefixes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cookbook.engine.metrics import read_metrics
 from cookbook.errors import CookbookError
-from cookbook.fileio import atomic_paths
+from cookbook.fileio import atomic_paths, check_writable
 
 SPLITS = ("train", "valid", "both")
 
@@ -53,6 +53,7 @@ def plot(runs: list[str], output: str | Path, labels: list[str] | None = None, m
     """Draw the runs' curves into ``output`` (PNG), written under a temporary name and renamed."""
     if not runs:
         raise CookbookError("cookbook plot needs at least one run (a save folder or a metrics.jsonl)")
+    check_writable(output, "--output")
     if labels and len(labels) != len(runs):
         raise CookbookError(f"{len(labels)} --label for {len(runs)} runs; give one label per run, or none")
     if split not in SPLITS:

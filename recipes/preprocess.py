@@ -24,6 +24,7 @@ from cookbook.data.indexed import IndexedDatasetWriter, optimal_dtype
 from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
 from cookbook.data.tokenizer import Tokenizer, load_tokenizer, scatter
 from cookbook.errors import CookbookError
+from cookbook.fileio import check_writable
 from cookbook.progress import rate_progress
 
 
@@ -141,6 +142,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
         raise CookbookError("--json-keys needs at least one key")
     if cfg.workers < 1:
         raise CookbookError(f"--workers must be at least 1, got {cfg.workers}")
+    check_writable(Path(cfg.output_prefix).parent, "--output-prefix", folder=True)
     files = expand_inputs(cfg.inputs)
     tok = load_tokenizer(
         cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,

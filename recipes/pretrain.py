@@ -16,6 +16,7 @@ from cookbook.engine.config import JobConfig, build_config, dumps_toml, merge, r
 from cookbook.engine.distributed import shutdown
 from cookbook.engine.trainer import Trainer
 from cookbook.errors import CookbookError
+from cookbook.fileio import check_writable
 from cookbook.model.config import describe
 from cookbook.progress import console
 
@@ -45,8 +46,9 @@ def _model_from_checkpoint(sections: dict, ckpt: Path) -> None:
             data[key] = saved["data"][key]
 
 
-def resolve(config_file: str | Path | None, overrides: dict[str, dict]) -> tuple[JobConfig, Path | None]:
-    """The job config and the checkpoint to start from (None: from scratch)."""
+def resolve(config_file: str | Path | None, overrides: dict[str, dict], here: bool = True) -> tuple[JobConfig, Path | None]:
+    """The job config and the checkpoint to start from (None: from scratch). ``here=False`` (a dry run away from
+    the cluster) lets the tokenizer be missing."""
     sections = merge(read_toml(config_file) if config_file else {}, overrides)
     ckpt_cfg = sections.get("checkpoint", {})
     ckpt = None
@@ -63,25 +65,31 @@ def resolve(config_file: str | Path | None, overrides: dict[str, dict]) -> tuple
     continuing = ckpt is not None and not ckpt_cfg.get("finetune") and Path(save or "").resolve() == ckpt.parent.resolve()
     if save and (Path(save) / "latest").is_file() and not continuing:
         raise CookbookError(f"--save {save} already holds a run; pass --load {save} to continue it, or choose another --save")
-    _check_vocabulary(sections, ckpt)
+    if save and here:
+        check_writable(save, "--save", folder=True)
+    _check_vocabulary(sections, ckpt, here)
     return build_config(sections), ckpt
 
 
-def _check_vocabulary(sections: dict[str, dict], ckpt: Path | None) -> None:
-    """The tokenizer, before any work: it must exist and fit the model's vocabulary (which it sizes by default)."""
+def _check_vocabulary(sections: dict[str, dict], ckpt: Path | None, here: bool = True) -> None:
+    """The tokenizer, before any work: it must exist, and a new model's vocabulary (the tokenizer's, padded, unless
+    --vocab-size says otherwise) must hold every id it makes."""
     data, model = sections.setdefault("data", {}), sections.setdefault("model", {})
     if not data.get("tokenizer_model"):
         return
+    if not here and not Path(data["tokenizer_model"]).exists():
+        console.print(f"[yellow]tokenizer {data['tokenizer_model']} not found here (needed where the job runs)[/yellow]")
+        return
     tokenizer = load_tokenizer(data["tokenizer_model"], data.get("tokenizer_type"))
+    if ckpt is not None:  # the checkpoint's vocabulary is fixed by its weights; the data's ids are checked as read
+        return
     vocab = model.get("vocab_size")
-    if vocab is None and ckpt is None:
+    if vocab is None:
         model["vocab_size"] = padded_vocab_size(tokenizer.vocab_size, data.get("make_vocab_size_divisible_by", 128))
-    elif vocab is not None and vocab < tokenizer.vocab_size:
-        whose = f"the checkpoint {ckpt}'s vocabulary" if ckpt is not None else f"--vocab-size {vocab}"
-        fix = ("pass the tokenizer the checkpoint was trained with" if ckpt is not None else
-               f"drop --vocab-size (by default it is the tokenizer's, padded) or give at least {tokenizer.vocab_size}")
-        raise CookbookError(f"{whose} has {vocab} ids, fewer than the tokenizer {data['tokenizer_model']}'s "
-                            f"{tokenizer.vocab_size}: {fix}")
+    elif vocab < tokenizer.vocab_size:
+        raise CookbookError(f"--vocab-size {vocab} is smaller than the tokenizer {data['tokenizer_model']}'s "
+                            f"{tokenizer.vocab_size} ids: drop --vocab-size (by default it is the tokenizer's, padded) "
+                            f"or give at least {tokenizer.vocab_size}")
 
 
 def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_size: int, gpu: str = "A100-80GB") -> None:
@@ -92,7 +100,7 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     from cookbook.engine.trainer import check_layout
     from recipes.plan import GPUS, estimate
 
-    job, ckpt = resolve(config_file, overrides)
+    job, ckpt = resolve(config_file, overrides, here=False)
     dims = job.parallel.resolve(world_size)
     global_batch, accumulation = check_layout(job, dims)
     console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)

@@ -285,4 +285,4 @@ def test_logit_distillation_from_a_teacher(tmp_path, data, reference):
     assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     proc = pretrain(train_flags(data, tmp_path / "x", 2, kd_teacher=reference, vocab_size=128, **base))
     assert_one_line_error(proc, "has a vocabulary of 96, the student 128")
-    assert_one_line_error(pretrain(train_flags(data, tmp_path / "y", 2, kd_ratio=1.5)), "--kd-ratio 1.5 is not in [0, 1]")
+    assert_one_line_error(pretrain(train_flags(data, tmp_path / "y", 2, kd_ratio=1.5)), "--kd-ratio must be in [0, 1], not 1.5")

@@ -124,9 +124,11 @@ def _valid_text(value) -> str | None:
 
 
 def parse_lines(
-    path: Path, first_line: int, lines: list[bytes], keys: Sequence[str], skip_bad: bool
+    path: Path, first_line: int, lines: list[bytes], keys: Sequence[str], skip_bad: bool,
+    fix: str = "fix it or pass --skip-bad-lines",
 ) -> tuple[dict[str, list], list[str]]:
-    """Parse jsonl lines into one value per key and document; blank lines are ignored."""
+    """Parse jsonl lines into one value per key and document; blank lines are ignored. A bad line is skipped
+    (and reported) with ``skip_bad``, else it ends the run with one line saying ``fix``."""
     texts: dict[str, list] = {k: [] for k in keys}
     columns = [texts[k] for k in keys]
     skipped: list[str] = []
@@ -155,7 +157,7 @@ def parse_lines(
         if problem is not None:
             where = f"{path}:{n}: {problem}"
             if not skip_bad:
-                raise CookbookError(f"bad input line {where}; fix it or pass --skip-bad-lines")
+                raise CookbookError(f"bad input line {where}; {fix}")
             skipped.append(where)
             continue
         for k, col in zip(keys, columns):

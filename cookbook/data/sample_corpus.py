@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cookbook.data.jsonl import dumps
 from cookbook.errors import CookbookError
-from cookbook.fileio import atomic_paths
+from cookbook.fileio import atomic_paths, check_writable
 
 
 def stdlib_sources() -> list[Path]:
@@ -27,6 +27,7 @@ def write_sample_corpus(out: str | os.PathLike, max_mb: float | None = None) -> 
     out = Path(out)
     if out.parent and not out.parent.exists():
         raise CookbookError(f"the folder {out.parent} does not exist; create it first")
+    check_writable(out, "OUTPUT")
     files = stdlib_sources()
     if not files:
         raise CookbookError("found no standard-library sources to build the sample corpus from")

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
 from cookbook.errors import CookbookError
+from cookbook.fileio import check_writable
 
 KINDS = ("sentencepiece", "hf-bpe")
 
@@ -58,6 +59,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         raise CookbookError(f"unknown tokenizer kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.vocab_size < 64:
         raise CookbookError(f"--vocab-size {cfg.vocab_size} is too small; use at least 64")
+    check_writable(Path(cfg.output).parent, "--output", folder=True)
     docs = list(_documents(cfg))
     if not any(docs):
         raise CookbookError(f"no text under key {cfg.json_key!r} in {', '.join(map(str, cfg.inputs))}")

@@ -22,6 +22,7 @@ stale temporary directory is removed at the next start.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cookbook.engine.config import dumps_toml, read_toml
 from cookbook.engine.distributed import barrier
-from cookbook.errors import CookbookError
+from cookbook.errors import CookbookError, interrupts_deferred
 from cookbook.fileio import write_text_atomic
 from cookbook.formats.stream import hf_side_files, tokenizer_files, tokenizer_path
 
@@ -73,7 +74,11 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def read_train_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "train_state.json").read_text())
+    path = ckpt / "train_state.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(ckpt, path, f"unreadable ({e})") from None
 
 
 def read_config(ckpt: Path) -> dict[str, dict]:
@@ -142,13 +147,14 @@ class Checkpointer:
     def __init__(self, root: str | Path, keep_last: int, is_main: bool):
         self.root, self.keep_last, self.is_main = Path(root), keep_last, is_main
         self._tokenizer: tuple[str, dict[str, bytes]] | None = None  # (path, its files), read at the first save
-        if is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
+        if is_main and self.root.is_dir():  # the folder itself is made at the first save
             for stale in self.root.glob(".step_*.tmp"):  # a save cut short by a crash
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
 
     def saves(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
 
@@ -163,8 +169,15 @@ class Checkpointer:
         return self._tokenizer[1]
 
     def save(self, step: int, model, optimizer, config: dict[str, dict], train_state: dict) -> Path:
+        with interrupts_deferred():  # Ctrl-C or SIGTERM during a save acts once the save is complete
+            return self._save(step, model, optimizer, config, train_state)
+
+    def _save(self, step: int, model, optimizer, config: dict[str, dict], train_state: dict) -> Path:
         final = self.root / step_name(step)
         tmp = self.root / f".{step_name(step)}.tmp"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+        barrier()
         state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=str(tmp))
         barrier()
@@ -193,18 +206,94 @@ def load(ckpt: Path, model, optimizer=None) -> None:
     """Load model (and optimizer) state from a save into a model of any parallel layout."""
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        saved = read_metadata(ckpt).state_dict_metadata
         if not any(key.startswith("optimizer") for key in saved):
             raise CookbookError(f"{ckpt} holds weights only, no optimizer state (a converted or pruned checkpoint); "
                                 "start a run from it with --finetune")
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=str(ckpt))
-    except (Exception, CheckpointException) as e:  # missing keys, shape mismatches (CheckpointException is a BaseException)
-        raise CookbookError(f"cannot load {ckpt}: {str(e).splitlines()[0][:300]}") from e
+    read_state(state, ckpt)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+# --------------------------------------------------------------------------- damaged saves
+
+
+def read_metadata(ckpt: Path):
+    """A save's DCP metadata, after checking that every file it names is there and long enough."""
+    damage = find_damage(ckpt)
+    if damage is not None:
+        raise damaged(ckpt, *damage)
+    return dcp.FileSystemReader(str(ckpt)).read_metadata()
+
+
+def read_state(state: dict, ckpt: Path, single_process: bool = False) -> None:
+    """``dcp.load`` of ``state`` from a save; a damaged file becomes one line naming it (and an intact earlier save)."""
+    read_metadata(ckpt)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(ckpt), **({"no_dist": True} if single_process else {}))
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        damage = find_damage(ckpt, read_all=True)
+        if damage is not None:
+            raise damaged(ckpt, *damage) from e
+        raise CookbookError(f"cannot load {ckpt}: {_last_line(e)}") from e  # missing keys, shape mismatches
+
+
+def _last_line(e: BaseException) -> str:
+    """The message of an error DCP raised on some rank (it wraps each rank's traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def find_damage(ckpt: Path, read_all: bool = False) -> tuple[Path, str] | None:
+    """(file, what is wrong) when a save is damaged: .metadata unreadable, a file missing or shorter than .metadata
+    says; with ``read_all``, also an item whose bytes do not load back (read one at a time)."""
+    try:
+        metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
+        storage = list(metadata.storage_data.items())
+    except Exception as e:
+        return ckpt / ".metadata", f"unreadable ({_last_line(e)})"
+    ends: dict[str, int] = {}
+    for _, info in storage:
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in ends.items():
+        path = ckpt / name
+        if not path.is_file():
+            return path, "missing"
+        size = path.stat().st_size
+        if size < end:
+            return path, f"truncated ({size:,} of {end:,} bytes)"
+    if not read_all:
+        return None
+    for index, info in sorted(storage, key=lambda item: (item[1].relative_path, item[1].offset)):
+        if getattr(info, "transform_descriptors", None):
+            continue  # stored transformed (compressed): DCP alone reads it
+        with open(ckpt / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception:
+            return ckpt / info.relative_path, f"corrupt (the bytes of {index.fqn} do not read back)"
+    return None
+
+
+def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
+    """One line: the damaged file, and the newest other save of the run that is intact, with how to use it."""
+    others = sorted((int(m.group(1)), p) for p in ckpt.parent.iterdir()
+                    if (m := STEP_DIR.match(p.name)) and p != ckpt and is_checkpoint(p)) if ckpt.parent.is_dir() else []
+    intact = next((p for _, p in reversed(others) if find_damage(p) is None), None)
+    if intact is not None:
+        hint = (f"the save {intact} is intact: load it with --load {intact}, or continue the run from it by writing "
+                f"{intact.name} into {ckpt.parent / 'latest'}")
+    elif others:
+        hint = f"no other save in {ckpt.parent} is intact either"
+    else:
+        hint = "the run folder holds no other save; copy the checkpoint again from where it came"
+    return CookbookError(f"checkpoint {ckpt} is damaged: {path} is {what}; {hint}")
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
@@ -226,11 +315,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     model.to_empty(device=pick_device(device, 0))
     model.tie_weights()
     state = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
-    except Exception as e:
-        raise CookbookError(f"cannot load {ckpt}: {str(e).splitlines()[0][:300]}") from e
+    read_state(state, ckpt, single_process=not dist.is_initialized())
     model.load_state_dict(state["model"])
     return model.to(DTYPES[dtype]).eval(), sections

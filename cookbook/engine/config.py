@@ -24,10 +24,12 @@ The same file, fully resolved, is saved as ``config.toml`` in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
+
+from cookbook.checks import check_number, check_types
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.optim import OptimizerConfig
 from cookbook.errors import CookbookError
@@ -42,6 +44,10 @@ class DataConfig:
     tokenizer_model: str | None = None  # kept with the checkpoint for eval and generate
     tokenizer_type: str | None = None
     make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        check_types(self, "[data]")
+        _positive(self, "seq_length", "make_vocab_size_divisible_by", allow_none=True)
 
 
 @dataclass
@@ -68,16 +74,15 @@ class TrainingConfig:
     kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        check_types(self, "[training]")
         if self.dtype not in ("bf16", "fp32"):
             hint = " (fp16 needs loss scaling, which bf16 makes unnecessary)" if self.dtype == "fp16" else ""
             raise CookbookError(f"unknown --dtype {self.dtype!r}; use bf16 or fp32{hint}")
         _positive(self, "train_iters", "micro_batch_size", "log_interval")
         _positive(self, "global_batch_size", allow_none=True)
         _positive(self, "eval_interval", "eval_iters", allow_zero=True)
-        if not 0 <= self.kd_ratio <= 1:
-            raise CookbookError(f"--kd-ratio {self.kd_ratio} is not in [0, 1]; it weighs the distillation term against cross-entropy")
-        if not self.kd_temperature > 0:
-            raise CookbookError(f"--kd-temperature {self.kd_temperature} must be positive")
+        check_number("--kd-ratio", self.kd_ratio, low=0, high=1)
+        check_number("--kd-temperature", self.kd_temperature, low=0, low_open=True)
 
 
 @dataclass
@@ -89,6 +94,7 @@ class CheckpointConfig:
     keep_last: int = 3  # 0 = keep every save
 
     def __post_init__(self) -> None:
+        check_types(self, "[checkpoint]")
         _positive(self, "save_interval", "keep_last", allow_zero=True)
 
 

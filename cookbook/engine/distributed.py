@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from cookbook.checks import check_types
 from cookbook.errors import CookbookError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -46,6 +47,9 @@ class ParallelDims:
     pp: int = 1
     sequence_parallel: bool = False
     layers_per_virtual_stage: int | None = None  # interleaved 1F1B when set (pp > 1)
+
+    def __post_init__(self) -> None:
+        check_types(self, "[parallel]")
 
     def resolve(self, world_size: int) -> "ParallelDims":
         fixed = self.dp_replicate * self.cp * self.tp * self.pp

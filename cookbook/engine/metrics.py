@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cookbook.errors import CookbookError
+from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets; SXM parts)
@@ -43,18 +44,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Rank 0 prints a line per record and appends it to ``metrics.jsonl`` (and TensorBoard)."""
+    """Rank 0 prints a line per record and appends it to ``metrics.jsonl`` (and TensorBoard). The file is opened at
+    the first record, so a run that fails before it logs anything leaves no empty file behind."""
 
     def __init__(self, folder: str | Path | None, enabled: bool, tensorboard_dir: str | None = None):
         self.enabled = enabled
+        self.path = Path(folder) / "metrics.jsonl" if enabled and folder is not None else None
         self.file = None
         self.tb = None
-        if not enabled:
-            return
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(folder) / "metrics.jsonl", "a", encoding="utf-8")
-        if tensorboard_dir:
+        if enabled and tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
@@ -65,7 +63,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         console.print(line, highlight=False, soft_wrap=True)
-        if self.file is not None:
+        if self.path is not None:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()  # a killed run keeps every line it printed
         if self.tb is not None:
@@ -103,11 +104,32 @@ def activation_memory(forward) -> tuple[int, int]:
     return held, peak
 
 
+def metrics_records(path: str | Path) -> list[dict]:
+    """Every complete record of a metrics.jsonl in file order. A line that is not a JSON object is skipped: a killed
+    run can leave its last line half-written."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl; a step logged twice (a resumed run redoing steps) keeps the last."""
-    records = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            records[(r.get("split", "train"), r["step"])] = r
-    return [records[k] for k in sorted(records, key=lambda k: (k[0], k[1]))]
+    """Records of a metrics.jsonl, sorted by split and step. A step logged twice (a run resumed from an earlier save,
+    written by a version that did not trim the file on resume) keeps its last record; a partial line is skipped."""
+    records = {(r.get("split", "train"), r["step"]): r for r in metrics_records(path)}
+    return [records[k] for k in sorted(records)]
+
+
+def trim_metrics(folder: str | Path, step: int) -> None:
+    """On resume from the save of ``step``: drop the records of later steps (they will be logged again) and any
+    partial last line, so that metrics.jsonl reads as one run."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [r for r in metrics_records(path) if r["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

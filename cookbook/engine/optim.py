@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from cookbook.checks import check_number, check_types
 from cookbook.errors import CookbookError
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -50,6 +51,15 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 = no clipping
+
+    def __post_init__(self) -> None:
+        check_types(self, "[optimizer]")
+        for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad"):
+            check_number("--" + name.replace("_", "-"), getattr(self, name), low=0)
+        check_number("--lr-warmup-fraction", self.lr_warmup_fraction, low=0, high=1)
+        check_number("--adam-beta1", self.adam_beta1, low=0, high=1, high_open=True)
+        check_number("--adam-beta2", self.adam_beta2, low=0, high=1, high_open=True)
+        check_number("--adam-eps", self.adam_eps, low=0, low_open=True)
 
 
 class LRSchedule:

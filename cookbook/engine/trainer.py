@@ -24,12 +24,12 @@ import torch.distributed as dist
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
-from cookbook.engine.context_parallel import check_cp, shard_batch
 from cookbook.engine.config import DataConfig, JobConfig, build_config
+from cookbook.engine.context_parallel import check_cp, shard_batch
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
 from cookbook.engine.loss import cross_entropy, kd_loss
-from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops
+from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops, trim_metrics
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
 from cookbook.engine.parallelize import Speedups, build_model, check_tp
 from cookbook.engine.pipeline import (
@@ -42,7 +42,7 @@ from cookbook.engine.pipeline import (
     pipeline_step,
 )
 from cookbook.engine.recompute import check_recompute
-from cookbook.errors import CookbookError
+from cookbook.errors import CookbookError, on_interrupt
 from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
 from cookbook.progress import console
 
@@ -199,6 +199,8 @@ class Trainer:
         self.loader.load_state_dict(state)
         checkpoint.set_rng_state(state["rng"])
         if self.dist.is_main:
+            if self.job.checkpoint.save:  # the steps after this save are trained again: their records go
+                trim_metrics(self.job.checkpoint.save, self.step)
             console.print(f"resumed from {ckpt} at step {self.step} ({self.loader.consumed_samples:,} samples consumed)")
 
     def save(self) -> Path | None:
@@ -295,8 +297,24 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True
 
+    def interrupt_note(self) -> str:
+        """What an interrupt keeps, and how to continue."""
+        if not self.checkpointer:
+            return f"after step {self.step}; nothing saved (no --save)"
+        saves = self.checkpointer.saves()
+        if not saves:
+            return f"after step {self.step}, before the first save: nothing saved"
+        save = self.job.checkpoint.save
+        same = self.job.checkpoint.load and Path(self.job.checkpoint.load).resolve() == Path(save).resolve()
+        how = "run the same command to continue" if same else f"continue with --load {save} --save {save}"
+        return f"after step {self.step}; the last save is {saves[-1]}; {how}"
+
     def train(self) -> dict:
-        """Train to ``train_iters``; returns the last logged record."""
+        """Train to ``train_iters``; returns the last logged record. Ctrl-C ends it with a line saying what was kept."""
+        with on_interrupt(self.interrupt_note):
+            return self._train()
+
+    def _train(self) -> dict:
         t = self.job.training
         main = self.dist.is_main
         logger = MetricsLogger(self.job.checkpoint.save, enabled=main, tensorboard_dir=t.tensorboard_dir)

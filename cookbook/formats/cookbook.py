@@ -34,7 +34,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from cookbook.engine.checkpoint import SIDE_DIR, find_checkpoint, read_config, side_files, step_name
+from cookbook.engine.checkpoint import (
+    SIDE_DIR,
+    find_checkpoint,
+    read_config,
+    read_metadata,
+    read_state,
+    side_files,
+    step_name,
+)
 from cookbook.engine.config import build_config, dumps_toml
 from cookbook.errors import CookbookError
 from cookbook.formats.stream import (
@@ -66,7 +74,7 @@ def read(path: Path) -> Checkpoint:
     if "model" not in sections:
         raise CookbookError(f"{ckpt / 'config.toml'} has no [model] section")
     cfg = build_config({"model": sections["model"]}).model
-    metadata = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    metadata = read_metadata(ckpt).state_dict_metadata
     shapes = expected_shapes(cfg)
     dtypes = {}
     for name, shape in shapes.items():
@@ -88,9 +96,7 @@ def read(path: Path) -> Checkpoint:
     def tensors() -> Tensors:
         for group in _groups(cfg):
             state = {"model": {n: torch.empty(shapes[n], dtype=dtypes[n]) for n in group}}
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+            read_state(state, ckpt, single_process=True)
             yield from state["model"].items()
 
     return Checkpoint(cfg, tensors, dtypes, iteration=step, hf_files=hf_files, notes=notes,

@@ -14,6 +14,7 @@ and then writes each tensor as it arrives, so neither holds more than one tensor
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -103,6 +104,11 @@ def rope_from_config(conf: dict) -> tuple[float, dict | None]:
     return float(theta), (dict(scaling) if scaling else None)
 
 
+HF_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "head_dim", "max_position_embeddings")
+HF_NUMBERS = ("rope_theta", "rms_norm_eps", "initializer_range")
+
+
 def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
     """Our ModelConfig from a config.json, refusing what the model cannot represent; (config, notes)."""
     model_type = conf.get("model_type")
@@ -119,6 +125,14 @@ def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
     if window and window < conf.get("max_position_embeddings", 0):
         notes.append(f"{where} uses sliding-window attention ({window} tokens); cookbook attends over the whole context, "
                      f"so outputs agree up to {window} tokens")
+    for key in HF_INTEGERS + HF_NUMBERS:
+        value = conf.get(key)
+        integer = key in HF_INTEGERS
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))):
+            raise CookbookError(f"{where}: {key} is {value!r}, not {'an integer' if integer else 'a number'}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if conf.get(key) is not None and not isinstance(conf[key], dict):
+            raise CookbookError(f"{where}: {key} is {conf[key]!r}, not an object")
     theta, scaling = rope_from_config(conf)
     try:
         cfg = ModelConfig(
@@ -131,6 +145,8 @@ def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
         )
     except KeyError as e:
         raise CookbookError(f"{where} lacks {e.args[0]!r}; is it a transformers config.json?") from None
+    except CookbookError as e:
+        raise CookbookError(f"{where}: {e}") from None
     return cfg, notes
 
 
@@ -169,15 +185,40 @@ def config_json(cfg: ModelConfig, carried: dict | None, dtype: torch.dtype | Non
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header without __metadata__, byte offset of the data)."""
+    """(header without __metadata__, byte offset of the data), every entry checked against the file's size."""
+    size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header length {n:,} exceeds the file's {size:,} bytes")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            _check_entry(name, entry, size - 8 - n)
     except (OSError, struct.error, ValueError) as e:
-        raise CookbookError(f"{path} is not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
+        raise CookbookError(f"{path} is not a safetensors file, or is damaged ({e})") from e
     return header, 8 + n
+
+
+def _counts(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+def _check_entry(name: str, entry, data_bytes: int) -> None:
+    """A header entry names a known dtype, a shape and byte offsets that fit the shape and lie within the file."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ValueError(f"the entry of {name} is not a tensor's")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not _counts(shape) or not _counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise ValueError(f"the entry of {name} has a bad shape or offsets")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is not None and (offsets[1] - offsets[0]) != math.prod(shape) * torch.empty(0, dtype=dtype).element_size():
+        raise ValueError(f"{name}'s bytes do not match its shape {shape} and dtype {entry['dtype']}")
+    if offsets[1] > data_bytes:
+        raise ValueError(f"{name} ends at byte {offsets[1]:,} of {data_bytes:,}: the file is truncated")
 
 
 def read_tensor(f, entry: dict, data_start: int) -> torch.Tensor:
@@ -282,9 +323,11 @@ def read(folder: Path) -> Checkpoint:
     if not (folder / "config.json").is_file():
         raise CookbookError(f"{folder} has no config.json; --from hf needs a Hugging Face model folder")
     try:
-        conf = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
+        conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise CookbookError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
+    if not isinstance(conf, dict):
+        raise CookbookError(f"{folder / 'config.json'} holds a JSON {type(conf).__name__}, not an object; is it a transformers config.json?")
     cfg, notes = model_config(conf, str(folder / "config.json"))
     files = _weights(folder)
     names = {name: hf_name(name) for name in expected_shapes(cfg)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from cookbook.checks import check_number, check_types
 from cookbook.errors import CookbookError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -33,6 +34,12 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_types(self, "[model]")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "head_dim", "max_seq_len"):
+            check_number(f"[model] {name}", getattr(self, name), low=1)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            check_number(f"[model] {name}", getattr(self, name), low=0, low_open=True)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:

@@ -460,6 +460,8 @@ def _huggingface_tokenizer(path: Path, backend: str) -> Tokenizer:
         settings = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
     except ValueError as e:
         raise CookbookError(f"{config} is not valid JSON ({e})") from e
+    if not isinstance(settings, dict):
+        raise CookbookError(f"{config} is not a JSON object")
     declares = "add_bos_token" in settings or "add_eos_token" in settings
     specials = _transformers_specials(folder, probe) if declares else None
     # split_special_tokens: AutoTokenizer keeps the special tokens' strings in a text as text

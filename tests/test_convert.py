@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine.checkpoint import Checkpointer, load_model
 from cookbook.formats.hf import rope_from_config
 from cookbook.model import ModelConfig, Transformer
@@ -36,8 +37,9 @@ def models(tmp_path_factory, hf_tokenizer, sp_model) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_hf_cookbook_hf_is_exact(models, kind, tmp_path):
-    """HF -> cookbook -> HF: every tensor bitwise equal, config.json and tokenizer files byte for byte,
-    and transformers loads the result with no code edits and gives the same logits."""
+    """HF -> cookbook -> HF: every tensor bitwise equal, config.json and tokenizer files byte for byte (a
+    SentencePiece-only source gains the tokenizer.json AutoTokenizer loads), and transformers loads the result
+    with no code edits and gives the same logits."""
     src = models[kind]
     convert("hf", "cookbook", src, tmp_path / "ck")
     convert("cookbook", "hf", tmp_path / "ck", tmp_path / "hf")
@@ -45,7 +47,10 @@ def test_hf_cookbook_hf_is_exact(models, kind, tmp_path):
     assert sorted(want) == sorted(got)
     for name in want:
         assert want[name].dtype == got[name].dtype and torch.equal(want[name], got[name]), name
-    assert side_files(tmp_path / "hf") == side_files(src)  # config.json, tokenizer, generation_config.json
+    files, carried = side_files(tmp_path / "hf"), side_files(src)
+    assert {name: files[name] for name in carried} == carried  # config.json, tokenizer, generation_config.json
+    added = set() if "tokenizer.json" in carried else {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert set(files) - set(carried) == added
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(hf_model(tmp_path / "hf")(tokens).logits, hf_model(src)(tokens).logits)
@@ -116,7 +121,8 @@ def test_transformers_4_config_and_pytorch_bin(models, tmp_path):
 def test_a_trained_checkpoint_converts_to_hf(tmp_path, sp_model):
     """A save the Trainer's Checkpointer wrote (optimizer state, tied output stored under both names, a
     SentencePiece tokenizer named in config.toml) becomes a transformers model with the same logits, a
-    fresh config.json, and the tokenizer as tokenizer.model; the rope scaling of an extended model is in config.json."""
+    fresh config.json, and the tokenizer as tokenizer.model plus the tokenizer.json AutoTokenizer loads (Llama2Tokenizer's
+    ids: config.toml names no type); the rope scaling of an extended model is in config.json."""
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
                       max_seq_len=32, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 4.0})
     torch.manual_seed(0)
@@ -130,6 +136,9 @@ def test_a_trained_checkpoint_converts_to_hf(tmp_path, sp_model):
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["rope_scaling"] == {"rope_type": "linear", "factor": 4.0} and conf["tie_word_embeddings"] is True
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(sp_model, "Llama2Tokenizer")
+    assert tokenizer.is_fast and all(tokenizer(t).input_ids == ours.tokenize(t) for t in ("  two <s> words", "", "x\n"))
     assert "lm_head.weight" not in read_safetensors(tmp_path / "hf")
     tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))  # 64 > max_seq_len 32
     with torch.no_grad():

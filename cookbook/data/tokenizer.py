@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
@@ -138,6 +138,7 @@ class Tokenizer:
     needs_exact: Callable[[str], bool]  # texts ``plain`` cannot do: they go through ``exact``
     decode_ids: Callable[[list[int]], str]
     backend: str = "reference"
+    special: dict[str, int] = field(default_factory=dict)  # strings split out of the text first (SentencePieceTokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         """Exactly Megatron-LM's ``tokenizer.tokenize(text)``."""
@@ -250,8 +251,9 @@ def _load_sentencepiece(path: Path):
         raise CookbookError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]})") from e
 
 
-def _protobuf_fields(buf: bytes):
-    """(field number, value) of a protobuf message's top level; value is bytes or an int."""
+def protobuf_fields(buf: bytes):
+    """(field number, value) of a protobuf message's top level: an int for a varint, bytes otherwise
+    (a length-delimited field's payload, or a fixed64/fixed32 field's 8/4 little-endian bytes)."""
     i = 0
 
     def varint():
@@ -271,12 +273,14 @@ def _protobuf_fields(buf: bytes):
         if wire == 0:
             yield number, varint()
         elif wire == 1:
+            yield number, buf[i : i + 8]
             i += 8
         elif wire == 2:
             n = varint()
             yield number, buf[i : i + n]
             i += n
         elif wire == 5:
+            yield number, buf[i : i + 4]
             i += 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
@@ -293,7 +297,7 @@ def gigatoken_scope(path: Path) -> str:
     ``none``  any other combination (they differ even on ASCII whitespace).
     """
     try:
-        spec = dict(_protobuf_fields(next((v for n, v in _protobuf_fields(path.read_bytes()) if n == 3), b"")))
+        spec = dict(protobuf_fields(next((v for n, v in protobuf_fields(path.read_bytes()) if n == 3), b"")))
     except (ValueError, IndexError):
         return "none"
     table = len(spec.get(2, b"")) > 0
@@ -389,7 +393,7 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
     return Tokenizer(
         type=kind, path=str(path), vocab_size=len(vocab), eod=eod, bos=None, prefix=[], suffix=[],
         plain=plain, exact=exact, needs_exact=_contains_any(tuple(special)), decode_ids=decode_special,
-        backend="gigatoken" if fast else "sentencepiece",
+        backend="gigatoken" if fast else "sentencepiece", special=special,
     )
 
 
@@ -452,8 +456,16 @@ def _huggingface_tokenizer(path: Path, backend: str) -> Tokenizer:
     # transformers' Llama-style classes rebuild the post-processor from add_bos_token/add_eos_token
     # in tokenizer_config.json; only then is transformers (slow to import) asked what it adds.
     config = folder / "tokenizer_config.json"
-    declares = config.exists() and any(k in config.read_text(encoding="utf-8", errors="replace") for k in ("add_bos_token", "add_eos_token"))
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+    except ValueError as e:
+        raise CookbookError(f"{config} is not valid JSON ({e})") from e
+    if not isinstance(settings, dict):
+        raise CookbookError(f"{config} is not a JSON object")
+    declares = "add_bos_token" in settings or "add_eos_token" in settings
     specials = _transformers_specials(folder, probe) if declares else None
+    # split_special_tokens: AutoTokenizer keeps the special tokens' strings in a text as text
+    tok.encode_special_tokens = bool(settings.get("split_special_tokens"))
     if specials is None:  # without transformers: tokenizer.json's post-processor and the config files
         names = _special_token_names(folder)
         template = _template(tok.encode(probe).ids, tok.encode(probe, add_special_tokens=False).ids)

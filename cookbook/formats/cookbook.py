@@ -100,7 +100,7 @@ def read(path: Path) -> Checkpoint:
             yield from state["model"].items()
 
     return Checkpoint(cfg, tensors, dtypes, iteration=step, hf_files=hf_files, notes=notes,
-                      description=f"cookbook {ckpt.name}")
+                      tokenizer_type=sections.get("data", {}).get("tokenizer_type"), description=f"cookbook {ckpt.name}")
 
 
 class _StreamPlanner(DefaultSavePlanner):

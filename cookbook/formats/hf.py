@@ -23,6 +23,7 @@ import torch
 
 from cookbook.errors import CookbookError
 from cookbook.formats import pickles
+from cookbook.formats.hf_tokenizer import write_tokenizer_files
 from cookbook.formats.stream import Checkpoint, Tensors, expected_shapes, hf_side_files
 from cookbook.model.config import ModelConfig
 
@@ -394,7 +395,8 @@ def write(folder: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, to
 
 
 def write_side_files(folder: Path, ckpt: Checkpoint, dtype: torch.dtype) -> None:
-    """config.json (the carried one, brought up to date) and every other carried file, byte for byte."""
+    """config.json (the carried one, brought up to date), every other carried file byte for byte, and the
+    tokenizer files transformers needs that were not carried (``hf_tokenizer.write_tokenizer_files``)."""
     carried = None
     if "config.json" in ckpt.hf_files:
         raw = ckpt.hf_files["config.json"].read_bytes()
@@ -407,3 +409,5 @@ def write_side_files(folder: Path, ckpt: Checkpoint, dtype: torch.dtype) -> None
     for name, path in ckpt.hf_files.items():
         if name != "config.json":
             (folder / name).write_bytes(path.read_bytes())
+    # what AutoTokenizer needs beside them: tokenizer.json and its config for a SentencePiece tokenizer.model
+    ckpt.notes += write_tokenizer_files(folder, ckpt.hf_files, ckpt.tokenizer_type, ckpt.config.max_seq_len)

@@ -43,6 +43,7 @@ class Checkpoint:
     iteration: int = 0  # training step / iteration of the source (0 when unknown)
     # Hugging Face side files to carry (name -> path): tokenizer files, and config.json when the source was HF
     hf_files: dict[str, Path] = field(default_factory=dict)
+    tokenizer_type: str | None = None  # how the tokenizer was used (Megatron's --tokenizer-type), when recorded
     notes: list[str] = field(default_factory=list)  # what the user should know (printed, not fatal)
     description: str = ""
 

@@ -116,7 +116,7 @@ def store_tokenizer(step_dir: Path, data: dict, files: dict[str, bytes] | None =
     ``data`` naming it there, relative to the save."""
     if files is None:
         files = {name: path.read_bytes() for name, path in side_files(data.get("tokenizer_model")).items()}
-    inside = tokenizer_path(Path(SIDE_DIR), files)
+    inside = tokenizer_path(Path(SIDE_DIR), files, data.get("tokenizer_type"))
     if not files or inside is None:
         return dict(data)
     (step_dir / SIDE_DIR).mkdir(exist_ok=True)

@@ -157,10 +157,11 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
         hf_dir.mkdir()
         for name, path in ckpt.hf_files.items():
             shutil.copyfile(path, hf_dir / name)
-        tok = tokenizer_path(Path(HF_DIR), ckpt.hf_files)  # relative to the save: it travels with it
+        tok = tokenizer_path(Path(HF_DIR), ckpt.hf_files, ckpt.tokenizer_type)  # relative to the save: it travels
         if tok is not None:
-            data = {"tokenizer_model": str(tok),
-                    "tokenizer_type": "Llama2Tokenizer" if tok.suffix == ".model" else "HuggingFaceTokenizer"}
+            sentencepiece = ckpt.tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer")
+            kind = (ckpt.tokenizer_type if sentencepiece else "Llama2Tokenizer") if tok.suffix == ".model" else "HuggingFaceTokenizer"
+            data = {"tokenizer_model": str(tok), "tokenizer_type": kind}
     model = {k: v for k, v in cfg.to_dict().items() if v is not None}
     (step_dir / "config.toml").write_text(dumps_toml({"model": model, "data": data}))
     state = {"step": step, "consumed_samples": 0, "converted_from": ckpt.description}

@@ -137,9 +137,12 @@ def tokenizer_files(path: Path | None) -> dict[str, Path]:
     return {k: v for k, v in hf_side_files(path).items() if k != "config.json"}
 
 
-def tokenizer_path(folder: Path, files: dict[str, Path]) -> Path | None:
-    """What --tokenizer-model should name for the tokenizer carried in ``folder``."""
-    if "tokenizer.json" in files:
+def tokenizer_path(folder: Path, files, tokenizer_type: str | None = None) -> Path | None:
+    """What --tokenizer-model should name for the tokenizer carried in ``folder`` (``files``: the names there): the
+    Hugging Face tokenizer when there is one, unless the recorded type says the model was trained on the
+    SentencePiece file beside it."""
+    sentencepiece = tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer")
+    if "tokenizer.json" in files and not (sentencepiece and "tokenizer.model" in files):
         return folder
     if "tokenizer.model" in files:
         return folder / "tokenizer.model"

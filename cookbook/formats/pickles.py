@@ -145,6 +145,48 @@ def _read(file, offset: int, buf: torch.Tensor) -> None:
         raise CookbookError(f"{file.name} is truncated")
 
 
+def _dcp_class(module: str, name: str):
+    """What a DCP ``.metadata`` pickle may name: torch's checkpoint dataclasses and enums, ``torch.Size`` and
+    dtypes; megatron-core's old ``MCoreMetadata`` (a ``Metadata`` with one more field) reads as a ``Metadata``;
+    anything else becomes an inert placeholder."""
+    import dataclasses
+    import enum
+    import importlib
+
+    if module == "megatron.core.dist_checkpointing.strategies.torch" and name == "MCoreMetadata":
+        module, name = "torch.distributed.checkpoint.metadata", "Metadata"
+    if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+        return getattr(torch, name)
+    if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
+        return getattr(importlib.import_module(module), name)
+    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                  "torch.distributed.checkpoint.filesystem"):
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is not None and (dataclasses.is_dataclass(obj) or (isinstance(obj, type) and issubclass(obj, enum.Enum))):
+            return obj
+    return type(name, (Opaque,), {"__module__": "cookbook.opaque"})
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _dcp_class(module, name)
+
+
+def read_dcp_metadata(path: Path):
+    """A torch.distributed.checkpoint ``.metadata`` file, unpickled without running code (torch's own reader
+    unpickles it with plain ``pickle``, and megatron-core's older files name its classes)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path, "rb") as f:
+            metadata = _DcpUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise CookbookError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+        raise CookbookError(f"{path} is not a torch.distributed.checkpoint metadata file")
+    return metadata
+
+
 class TorchFileWriter:
     """``torch.save(obj, path)`` for an ``obj`` whose tensors are written one by one beforehand:
     ``ref = writer.add(tensor)`` stores the bytes now and returns a placeholder to put in ``obj``;

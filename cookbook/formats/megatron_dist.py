@@ -197,12 +197,12 @@ def _check(top: dict[str, Region], layers: dict[int, dict[str, Region]], cfg: Mo
                                 f"{cfg.num_heads}, groups {cfg.num_kv_heads}, head_dim {d}, FFN {ffn}); the args do not match the weights")
 
 
-def _check_files(it_dir: Path, metadata: Metadata, fqns: set[str]) -> None:
-    """Each chunk of ``fqns`` lies inside its file: a missing or truncated .distcp is refused before anything is written."""
+def _check_files(it_dir: Path, metadata: Metadata) -> None:
+    """Every record the index names lies inside its file: a missing or truncated .distcp is refused before anything
+    is written (whichever part it cuts short: a copy cut short is not to be trusted)."""
     ends: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        if index.fqn in fqns:
-            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     for name, end in sorted(ends.items()):
         path = it_dir / name
         if not path.is_file():
@@ -287,7 +287,7 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
     if cfg.tie_embeddings and "output" in top:
         raise CookbookError(f"{where} holds {top['output'].fqn} but its args tie the embeddings to the output layer; "
                             "the args do not match the weights")
-    _check_files(it_dir, metadata, {r.fqn for r in top.values()} | {r.fqn for layer in layers.values() for r in layer.values()})
+    _check_files(it_dir, metadata)
     dtype = {fqn: md.properties.dtype for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
     role_dtypes = {role: dtype[region.fqn] for role, region in [*top.items(), *layers[0].items()]}
     role_dtypes["fc1"] = role_dtypes["gate"]

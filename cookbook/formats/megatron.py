@@ -255,6 +255,14 @@ def side_files(path: Path, args, notes: list[str]) -> tuple[dict[str, Path], Pat
     return files, Path(named) if files else None
 
 
+def left_behind(where: str, optimizer: list, others: set[str]) -> list[str]:
+    """The note that says what a checkpoint holds besides the model's weights: a conversion leaves it behind.
+    ``optimizer``: its optimizer tensors (or their metadata: anything with ``numel`` and ``element_size``)."""
+    size = sum(t.numel() * t.element_size() for t in optimizer)
+    parts = ([f"optimizer state ({len(optimizer)} tensors, {size / 1e9:,.2f} GB)"] if optimizer else []) + sorted(others)
+    return [f"{where} also holds {', '.join(parts)}: left behind, only the model's weights are converted"] if parts else []
+
+
 def vocabulary(args, rows: int, tokenizer: Path | None, where: str, notes: list[str]) -> int:
     """The vocabulary before Megatron-LM padded it to ``rows``: args.vocab_size when recorded (cookbook writes it;
     Megatron-LM's --vocab-size), else the run's tokenizer's size as Megatron-LM counts it, else all ``rows``."""
@@ -386,6 +394,9 @@ def read(path: Path) -> Checkpoint:
         return megatron_dist.read(path, it_dir, iteration)
     ranks, files = _open(it_dir)
     args = files[0, 0]["args"]
+    notes = left_behind(str(it_dir), [t for f in files.values() for t in pickles.tensors_in(f.get("optimizer"))],
+                        {"RNG state" for f in files.values() if f.get("rng_state") is not None}
+                        | {"distributed optimizer state (distrib_optim.pt)" for p in ranks.values() if (p.parent / "distrib_optim.pt").exists()})
     tp, pp = 1 + max(t for t, _ in ranks), 1 + max(s for _, s in ranks)
     # stages[s][t] = ({top role: meta tensor}, {local layer: {role: meta tensor}})
     stages = [[_roles(files[t, s]["model"], str(ranks[t, s])) for t in range(tp)] for s in range(pp)]
@@ -394,7 +405,6 @@ def read(path: Path) -> Checkpoint:
     if any(e is None for e in embedding):
         raise CookbookError(f"{ranks[0, 0]} holds no word embeddings")
     qkv_bias = any("qkv_bias" in layer for layer in stages[0][0][1].values())
-    notes = []
     hf_files, tokenizer = side_files(path, args, notes)
     vocab = vocabulary(args, sum(e.shape[0] for e in embedding), tokenizer, str(it_dir), notes)
     cfg = model_config(args, vocab, qkv_bias, str(it_dir))

@@ -113,35 +113,20 @@ def _common(it_dir: Path) -> dict:
     return common
 
 
-class _Skipped:
-    """What a checkpoint holds besides the model, counted for the summary."""
-
-    def __init__(self):
-        self.optimizer, self.optimizer_bytes, self.objects = 0, 0, set()
-
-    def note(self, where: str) -> str | None:
-        parts = []
-        if self.optimizer:
-            parts.append(f"optimizer state ({self.optimizer} tensors, {self.optimizer_bytes / 1e9:,.2f} GB)")
-        parts += sorted(self.objects)
-        return f"{where} also holds {', '.join(parts)}: left behind, only the model's weights are converted" if parts else None
-
-
-def _roles(metadata: Metadata, num_layers: int, where: str) -> tuple[dict[str, Region], dict[int, dict[str, Region]], _Skipped]:
-    """The checkpoint's keys -> ({top role: region}, {layer: {role: region}}, what is not the model)."""
+def _roles(metadata: Metadata, num_layers: int, where: str) -> tuple[dict[str, Region], dict[int, dict[str, Region]], list[str]]:
+    """The checkpoint's keys -> ({top role: region}, {layer: {role: region}}, the note on what is not the model)."""
     top_names = {n: role for role, names in megatron.TOP_KEYS.items() for n in names}
     layer_names = {n: role for role, names in megatron.LAYER_KEYS.items() for n in names}
     layer_names.update({megatron.LAYER_KEYS["fc1"][0] + "_w": "gate", megatron.LAYER_KEYS["fc1"][0] + "_v": "up"})
-    top, layers, skipped = {}, {}, _Skipped()
+    top, layers, optimizer, objects = {}, {}, [], set()
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("optimizer"):
-            skipped.optimizer += 1
             if isinstance(md, TensorStorageMetadata):
-                skipped.optimizer_bytes += md.size.numel() * torch.empty(0, dtype=md.properties.dtype).element_size()
+                optimizer.append(torch.empty(md.size, dtype=md.properties.dtype, device="meta"))
             continue
         if isinstance(md, BytesStorageMetadata):  # pickled objects: TE extra state, RNG state, ...
             if "._extra_state" not in key:
-                skipped.objects.add({"rng_state": "RNG state"}.get(key.split("/")[0], key.split("/")[0]))
+                objects.add({"rng_state": "RNG state"}.get(key.split("/")[0], key.split("/")[0]))
             continue
         shape = tuple(md.size)
         if key in top_names:
@@ -170,7 +155,7 @@ def _roles(metadata: Metadata, num_layers: int, where: str) -> tuple[dict[str, R
             half = fc1.shape[0] // 2
             layer["gate"] = dataclasses.replace(fc1, rows=(0, half))
             layer["up"] = dataclasses.replace(fc1, rows=(half, 2 * half))
-    return top, layers, skipped
+    return top, layers, megatron.left_behind(where, optimizer, objects)
 
 
 def _check(top: dict[str, Region], layers: dict[int, dict[str, Region]], cfg: ModelConfig, where: str) -> None:
@@ -273,10 +258,9 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
     num_layers = megatron._arg(args, "num_layers")
     if not isinstance(num_layers, int):
         raise CookbookError(f"{it_dir / COMMON}: args lacks num_layers; is it a Megatron-LM GPT checkpoint?")
-    top, layers, skipped = _roles(metadata, num_layers, where)
+    top, layers, notes = _roles(metadata, num_layers, where)
     if "embedding" not in top:
         raise CookbookError(f"{where} has no {megatron.TOP_KEYS['embedding'][0]}; the checkpoint is incomplete or not a GPT model")
-    notes = []
     hf_files, tokenizer = megatron.side_files(path, args, notes)
     vocab = megatron.vocabulary(args, top["embedding"].shape[0], tokenizer, where, notes)
     cfg = megatron.model_config(args, vocab, any("qkv_bias" in layer for layer in layers.values()), where)
@@ -302,8 +286,6 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
         if not cfg.tie_embeddings:
             yield "output.weight", _load(it_dir, metadata, {"x": top["output"]})["x"]
 
-    note = skipped.note(where)
-    notes += [note] if note else []
     tp, pp = (megatron._arg(args, k) or 1 for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
     return Checkpoint(cfg, tensors, dtypes, iteration=iteration, hf_files=hf_files, notes=notes,
                       description=f"Megatron-LM torch_dist iteration {iteration} (saved at TP {tp}, PP {pp})")

@@ -93,7 +93,7 @@ def load_structure(path: Path) -> tuple[object, bool]:
 
                 with FakeTensorMode():
                     obj = torch.load(path, weights_only=True)
-            lazy = all(_lazy(t) for t in _tensors(obj))
+            lazy = all(_lazy(t) for t in tensors_in(obj))
             if not lazy:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -105,15 +105,16 @@ def load_structure(path: Path) -> tuple[object, bool]:
     return obj, lazy
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every tensor inside nested dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def materialize(tensor: torch.Tensor, file) -> torch.Tensor:

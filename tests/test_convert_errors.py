@@ -45,7 +45,8 @@ def edited_copy(src: Path, dst: Path, **config) -> Path:
 def test_cli_errors_are_one_line(src, tmp_path):
     proc = run_cli("convert", "--help")
     assert proc.returncode == 0 and all(f in proc.stdout for f in ("--from", "--to", "--load-dir", "--save-dir", "--tp", "--pp",
-                                                                     "--dtype", "--make-vocab-size-divisible-by", "--overwrite"))
+                                                                     "--dtype", "--make-vocab-size-divisible-by", "--overwrite",
+                                                                     "--ckpt-format"))
     proc = run_cli("convert", "--from", "gguf", "--to", "hf", "--load-dir", src, "--save-dir", tmp_path / "x")
     assert_one_line_error(proc, "--from 'gguf' is not a format", "hf, cookbook, megatron")
     proc = run_cli("convert", "--from", "hf", "--to", "megatron", "--load-dir", src, "--save-dir", tmp_path / "x", "--tp", "4")

@@ -221,6 +221,27 @@ def test_an_iteration_folder_and_release_read_too(saved, tmp_path):
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_local_spec_names_read_too(hf_models, tmp_path):
+    """A torch_dist checkpoint with the local spec's own norm names (input_layernorm, pre_mlp_layernorm, as
+    megatron-core stored them before it mapped them to TransformerEngine's) converts to the same model."""
+    import torch.distributed.checkpoint as dcp
+
+    src = hf_models["gqa"]
+    convert("hf", "megatron", src, tmp_path / "te", tp=2, ckpt_format="torch_dist")
+    renamed = {k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+                .replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"): v
+               for k, v in dist_tensors(tmp_path / "te").items()}
+    assert "decoder.layers.input_layernorm.weight" in renamed
+    local = tmp_path / "local" / "iter_0000001"
+    dcp.save(renamed, checkpoint_id=str(local), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copyfile(dist_dir(tmp_path / "te") / name, local / name)
+    (tmp_path / "local" / "latest_checkpointed_iteration.txt").write_text("1")
+    convert("megatron", "hf", tmp_path / "local", tmp_path / "hf")
+    want, got = read_safetensors(src), read_safetensors(tmp_path / "hf")
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
 BLOCK_MEGATRON = """
 import json, sys
 class Block:

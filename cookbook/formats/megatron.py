@@ -527,7 +527,7 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
     if ckpt_format == "torch_dist":
         from cookbook.formats import megatron_dist
 
-        written = megatron_dist.write(it_dir, cfg, args, tensors, dtypes, tp)
+        written = megatron_dist.write(it_dir, cfg, args, tensors, tp)
         finish(folder, iteration, ckpt)
         return written
     paths = {(t, s): it_dir / rank_dir(t, s, pp) / FILE for t in range(tp) for s in range(pp)}

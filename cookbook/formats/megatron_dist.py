@@ -371,7 +371,7 @@ class _ChunkWriter:
             pickle.dump(metadata, f)
 
 
-def write(it_dir: Path, cfg: ModelConfig, args, tensors: Tensors, dtypes: dict[str, torch.dtype], tp: int) -> list[Path]:
+def write(it_dir: Path, cfg: ModelConfig, args, tensors: Tensors, tp: int) -> list[Path]:
     """An iteration folder Megatron-LM loads with --ckpt-format torch_dist, chunks cut for TP ``tp``."""
     it_dir.mkdir(parents=True)
     h, rows = cfg.hidden_size, args.padded_vocab_size

@@ -83,9 +83,8 @@ class Region:
     rows: tuple[int, int] | None = None
 
     def chunk(self) -> ChunkStorageMetadata:
-        lo, hi = self.rows or (0, self.shape[0] if self.shape else 0)
-        offsets = (lo,) + (0,) * (len(self.shape) - 1) if self.shape else ()
-        sizes = (hi - lo,) + self.shape[1:] if self.shape else ()
+        lo, hi = self.rows or (0, self.shape[0])
+        offsets, sizes = (lo, *[0] * (len(self.shape) - 1)), (hi - lo, *self.shape[1:])
         if self.layer is not None:
             offsets, sizes = (self.layer, *offsets), (1, *sizes)
         return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))

@@ -1,6 +1,6 @@
 """megatron-core's GPTModel as the oracle for Megatron-LM checkpoints, on CPU.
 
-    python tests/megatron_gpt.py torch CASES.json                      one JSON line per case
+    python tests/megatron_gpt.py [torch] CASES.json                    one JSON line per case
     torchrun --nproc-per-node 2 tests/megatron_gpt.py save-dist CASES.json
     torchrun --nproc-per-node 2 tests/megatron_gpt.py load-dist CASES.json
 
@@ -248,7 +248,8 @@ def load_dist(case: dict) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
     setup()
-    mode, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    mode, path = ("torch", sys.argv[1]) if len(sys.argv) == 2 else sys.argv[1:3]  # the mode defaults to torch
+    cases = json.loads(open(path).read())
     if mode == "torch":
         parallel(1)
     for case in cases:

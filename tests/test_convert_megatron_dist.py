@@ -242,6 +242,50 @@ def test_local_spec_names_read_too(hf_models, tmp_path):
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_the_index_is_unpickled_without_running_code(hf_models, tmp_path, monkeypatch):
+    """megatron-core 0.15's index (an MCoreMetadata with mcore_data) reads as torch's Metadata, without importing
+    megatron-core; an index whose pickle would run code is refused with one line, and the code never runs."""
+    import dataclasses
+    import pickle
+
+    import megatron.core.dist_checkpointing.strategies.torch as mcore_torch
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from cookbook.errors import CookbookError
+
+    src = hf_models["gqa"]
+    convert("hf", "megatron", src, tmp_path / "mg", ckpt_format="torch_dist")
+    index = dist_dir(tmp_path / "mg") / ".metadata"
+    metadata = pickle.loads(index.read_bytes())
+
+    @dataclasses.dataclass
+    class MCoreMetadata(Metadata):  # what megatron-core 0.15 pickled
+        mcore_data: dict | None = None
+
+    MCoreMetadata.__module__, MCoreMetadata.__qualname__ = mcore_torch.__name__, "MCoreMetadata"
+    monkeypatch.setattr(mcore_torch, "MCoreMetadata", MCoreMetadata)
+    index.write_bytes(pickle.dumps(MCoreMetadata(**vars(metadata), mcore_data={})))
+    assert b"MCoreMetadata" in index.read_bytes()
+    convert("megatron", "hf", tmp_path / "mg", tmp_path / "hf")
+    want, got = read_safetensors(src), read_safetensors(tmp_path / "hf")
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    metadata.planner_data = Evil()
+    index.write_bytes(pickle.dumps(metadata))
+    convert("megatron", "hf", tmp_path / "mg", tmp_path / "hf2")  # the placeholder is inert, the index still reads
+    assert not marker.exists()
+    index.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CookbookError, match="is not a torch.distributed.checkpoint metadata file"):
+        convert("megatron", "hf", tmp_path / "mg", tmp_path / "hf3")
+    assert not marker.exists() and not (tmp_path / "hf3").exists()
+
+
 BLOCK_MEGATRON = """
 import json, sys
 class Block:

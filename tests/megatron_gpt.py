@@ -10,11 +10,12 @@
 transformers on the same tokens. With ``stages``, each pipeline stage's file is loaded with ``strict=True``
 into the GPTModel stage megatron-core builds for it (pre_process on the first, post_process on the last).
 
-``save-dist``: each case (``spec``: the model's shape and RoPE, ``tp``) is a random GPTModel, built at that TP
-and saved by ``dist_checkpointing.save`` as Megatron-LM saves a run with ``--ckpt-format torch_dist``: the
-model's ``sharded_state_dict()`` (optionally with ``singleton_local_shards``), ``args`` as Megatron-LM records
-them, Adam's moments as optimizer state, the RNG state and the scheduler; then its logits on ``tokens``
-(gathered over TP, unpadded) go to ``logits``.
+``save-dist``: each case (``spec``: the model's shape and RoPE, ``tp``, ``pp``) is a random GPTModel, built at
+that TP (or as that PP's stages) and saved by ``dist_checkpointing.save`` as Megatron-LM saves a run with
+``--ckpt-format torch_dist``: the model's ``sharded_state_dict()`` (optionally with ``singleton_local_shards``),
+``args`` as Megatron-LM records them, Adam's moments as optimizer state, the RNG state and the scheduler; then
+its logits on ``tokens`` (gathered over TP, unpadded; with PP, of the whole model megatron-core loads back from
+the stages' checkpoint) go to ``logits``.
 
 ``load-dist``: each case names a torch_dist checkpoint (``megatron``); the GPTModel built at ``tp`` from the
 args in its common.pt asks ``dist_checkpointing.load`` for its ``sharded_state_dict()`` with strict checking
@@ -22,8 +23,9 @@ args in its common.pt asks ``dist_checkpointing.load`` for its ``sharded_state_d
 writes its logits on ``tokens`` to ``logits``.
 
 megatron-core runs here on CPU with gloo; its CUDA assumptions are sidestepped: ``torch.cuda.current_device``
-answers "cpu" (RoPE frequencies), ``torch.cuda.synchronize`` does nothing (checkpoint saving), the causal mask
-is passed in (the default builds it on "cuda"), and the CUDA RNG tracker's fork (dropout, 0 here) is a no-op.
+answers "cpu" (RoPE frequencies), ``torch.cuda.synchronize`` does nothing (checkpoint saving), ``Tensor.cuda``
+keeps a tensor where it is (the tied embedding's all-reduce between pipeline stages), the causal mask is passed
+in (the default builds it on "cuda"), and the CUDA RNG tracker's fork (dropout, 0 here) is a no-op.
 dist_checkpointing.save starts a helper process with ``spawn``, hence the ``__main__`` guard.
 """
 
@@ -52,14 +54,15 @@ def setup():
     dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the tied output layer's copy at PP > 1 is all-reduced "on cuda"
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
-def parallel(tp: int) -> None:
+def parallel(tp: int, pp: int = 1) -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tp, 1)
+    parallel_state.initialize_model_parallel(tp, pp)
 
 
 def gpt(args, num_layers: int, pre_process: bool = True, post_process: bool = True):
@@ -75,7 +78,7 @@ def gpt(args, num_layers: int, pre_process: bool = True, post_process: bool = Tr
         add_qkv_bias=args.add_qkv_bias, use_cpu_initialization=True, bias_activation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, attention_dropout=0.0, hidden_dropout=0.0,
-        tensor_model_parallel_size=_tp(),
+        tensor_model_parallel_size=_tp(), pipeline_model_parallel_size=_pp(), pipeline_dtype=torch.float32,
     )
     return GPTModel(
         config, get_gpt_layer_local_spec(normalization=args.normalization), vocab_size=args.padded_vocab_size,
@@ -91,6 +94,12 @@ def _tp() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _pp() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
 
 
 def logits(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -143,7 +152,7 @@ def check(case: dict) -> dict:
 # --------------------------------------------------------------------------- torch_dist checkpoints
 
 
-def run_args(spec: dict, tp: int) -> argparse.Namespace:
+def run_args(spec: dict, tp: int, pp: int) -> argparse.Namespace:
     """The args a Megatron-LM run of this model records (as its arguments.py names them): no vocab_size (the
     tokenizer decides it), the vocabulary padded to 128 x TP, and an enum as real args hold."""
     from megatron.core.transformer.enums import AttnBackend
@@ -163,7 +172,7 @@ def run_args(spec: dict, tp: int) -> argparse.Namespace:
         untie_embeddings_and_output_weights=not spec.get("tied", False), num_experts=None, vocab_size=None,
         padded_vocab_size=-(-vocab // multiple) * multiple, make_vocab_size_divisible_by=128,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=spec.get("tokenizer"),
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, ckpt_format="torch_dist",
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, ckpt_format="torch_dist",
         transformer_impl="local", params_dtype=torch.float32, attention_backend=AttnBackend.auto,
         use_distributed_optimizer=False, consumed_train_samples=640, iteration=spec.get("iteration", 20),
     )
@@ -188,11 +197,11 @@ def save_dist(case: dict) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-    tp = case["tp"]
-    parallel(tp)
-    args = run_args(case["spec"], tp)
+    tp, pp = case["tp"], case.get("pp", 1)
+    parallel(tp, pp)
+    args = run_args(case["spec"], tp, pp)
     torch.manual_seed(case.get("seed", 0))
-    model = gpt(args, args.num_layers)
+    model = gpt(args, args.num_layers, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
     randomize(model, case.get("seed", 0))
     metadata = {"singleton_local_shards": bool(case.get("singleton")), "chained_optim_avoid_prefix": True}
     model_sd = model.sharded_state_dict(metadata=dict(metadata))
@@ -202,9 +211,9 @@ def save_dist(case: dict) -> dict:
             k: make_sharded_optimizer_tensor(v, torch.zeros_like(v.data), prefix=f"optimizer.state.{moment}")
             for k, v in model_sd.items() if hasattr(v, "data") and isinstance(v.data, torch.Tensor) and not k.endswith("_extra_state")
         }
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    ranks = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
     rng = ShardedObject("rng_state", [{"random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}],
-                        (1, tp), (0, rank), replica_id=parallel_state.get_data_parallel_rank())
+                        (pp, tp), ranks, replica_id=parallel_state.get_data_parallel_rank())
     state = {"model": model_sd, "optimizer": optimizer, "rng_state": rng, "args": args, "checkpoint_version": 3.0,
              "iteration": args.iteration, "opt_param_scheduler": {"num_steps": 640, "max_lr": 3e-4},
              "num_floating_point_operations_so_far": 1.5e12}
@@ -214,6 +223,11 @@ def save_dist(case: dict) -> dict:
         it_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(state, str(it_dir), content_metadata=metadata)
+    if pp > 1:  # no pipeline schedule here: megatron-core itself reads the stages back into one model
+        parallel(tp)
+        model = gpt(args, args.num_layers)
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=dict(metadata))}, str(it_dir))
+        model.load_state_dict(loaded["model"], strict=True)
     out = logits(model, torch.tensor(case["tokens"]), case["spec"]["vocab"])
     if torch.distributed.get_rank() == 0:
         (root / "latest_checkpointed_iteration.txt").write_text(str(args.iteration))

@@ -34,11 +34,12 @@ pytest.importorskip("megatron.core")
 ORACLE = Path(__file__).with_name("megatron_gpt.py")
 # megatron-core models: 2 layers, hidden 64, FFN 96, the vocabulary of the hf_tokenizer fixture (700, padded to 768)
 SPEC = dict(layers=2, hidden=64, ffn=96, heads=4, groups=2, vocab=700)
-SAVED = {  # name: (TP, spec changes, singleton_local_shards)
-    "gqa": (1, {}, False),
-    "tied-interpolation": (1, {"groups": 4, "tied": True, "interpolation": 2.0}, False),
-    "gqa-bias-tp2": (2, {"qkv_bias": True}, False),
-    "per-layer-tp2": (2, {"tied": True, "head_dim": 32, "eps": 1e-6, "theta": 500000, "interpolation": 4.0}, True),
+SAVED = {  # name: (TP, PP, spec changes, singleton_local_shards)
+    "gqa": (1, 1, {}, False),
+    "tied-interpolation": (1, 1, {"groups": 4, "tied": True, "interpolation": 2.0}, False),
+    "gqa-bias-tp2": (2, 1, {"qkv_bias": True}, False),
+    "per-layer-tp2": (2, 1, {"tied": True, "head_dim": 32, "eps": 1e-6, "theta": 500000, "interpolation": 4.0}, True),
+    "tied-pp2": (1, 2, {"tied": True, "layers": 4}, False),
 }
 
 
@@ -64,16 +65,16 @@ def tokens(vocab: int) -> list[list[int]]:
 def saved(tmp_path_factory, hf_tokenizer) -> dict[str, dict]:
     """megatron-core GPTModels saved as torch_dist checkpoints, with their logits."""
     root = tmp_path_factory.mktemp("megatron_dist")
-    cases = [dict(name=name, tp=tp, singleton=singleton, spec={**SPEC, "tokenizer": str(hf_tokenizer), **spec}, seed=i,
+    cases = [dict(name=name, tp=tp, pp=pp, singleton=singleton, spec={**SPEC, "tokenizer": str(hf_tokenizer), **spec}, seed=i,
                   tokens=tokens(SPEC["vocab"]), megatron=str(root / name), logits=str(root / f"{name}.pt"))
-             for i, (name, (tp, spec, singleton)) in enumerate(SAVED.items())]
+             for i, (name, (tp, pp, spec, singleton)) in enumerate(SAVED.items())]
     oracle("save-dist", cases, root)
     return {c["name"]: c for c in cases}
 
 
 @pytest.mark.parametrize("name", list(SAVED))
 def test_megatron_core_torch_dist_to_transformers(saved, name, tmp_path):
-    """A run megatron-core saved (stacked or per-layer keys, SwiGLU fc1 through its sharded factory, TP 1 or 2,
+    """A run megatron-core saved (stacked or per-layer keys, SwiGLU fc1 through its sharded factory, TP 1 or 2, PP 2,
     GQA, tied or untied, q/k/v biases, rotary interpolation) converts to a model transformers loads with the same
     logits within 1e-4 (fp32); its settings come from args alone, the vocabulary from the run's tokenizer (args
     record none) with the padded rows dropped, and the optimizer and RNG state are left behind, as a note says."""
@@ -96,7 +97,7 @@ def test_megatron_core_torch_dist_to_transformers(saved, name, tmp_path):
     notes = " ".join(result.notes)
     assert "optimizer state (" in notes and "RNG state" in notes and "left behind" in notes
     assert "the vocabulary is 700" in notes and "68 padded rows are dropped" in notes
-    assert result.source == f"Megatron-LM torch_dist iteration 20 (saved at TP {case['tp']}, PP 1)"
+    assert result.source == f"Megatron-LM torch_dist iteration 20 (saved at TP {case['tp']}, PP {case['pp']})"
     assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the run's tokenizer travels along
 
 

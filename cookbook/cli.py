@@ -273,6 +273,7 @@ def convert(
     pp: Annotated[int, typer.Option("--pp", "--target-pipeline-parallel-size", help="--to megatron: pipeline-parallel size.", rich_help_panel="Megatron-LM")] = 1,
     make_vocab_size_divisible_by: Annotated[int, typer.Option("--make-vocab-size-divisible-by", help="--to megatron: pad the vocabulary to a multiple of this x TP.", rich_help_panel="Megatron-LM")] = 128,
     transformer_impl: Annotated[str, typer.Option("--transformer-impl", help="--to megatron: layer names of transformer_engine (Megatron-LM's default) or local.", rich_help_panel="Megatron-LM")] = "transformer_engine",
+    ckpt_format: Annotated[str, typer.Option("--ckpt-format", help="--to megatron: torch (mp_rank_* files) or torch_dist (Megatron-LM's default, resharded when loaded); --from megatron reads either.", rich_help_panel="Megatron-LM")] = "torch",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the weights: bf16, fp16 or fp32 (default: keep the source's).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="--to hf: the largest safetensors shard, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --save-dir if it exists (only once the new one is complete).")] = False,
@@ -287,7 +288,7 @@ def convert(
     cfg = ConvertConfig(
         source=source, target=target, load_dir=load_dir, save_dir=save_dir, tp=tp, pp=pp, dtype=dtype,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by, transformer_impl=transformer_impl,
-        max_shard_size=max_shard_size, overwrite=overwrite,
+        ckpt_format=ckpt_format, max_shard_size=max_shard_size, overwrite=overwrite,
     )
     r = run(cfg, show_progress=not quiet)
     out.print(

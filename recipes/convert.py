@@ -35,7 +35,8 @@ FORMATS = ("hf", "cookbook", "megatron")
 READERS = {"hf": hf.read, "cookbook": cookbook_format.read, "megatron": megatron.read}
 HINTS = {  # the output holds no optimizer state
     "cookbook": "it holds no optimizer state: train from it with cookbook pretrain --load {save} --finetune ...",
-    "megatron": "it holds no optimizer or RNG state: load it in Megatron-LM with --finetune (or --no-load-optim --no-load-rng)",
+    "megatron": "it holds no optimizer or RNG state: load it in Megatron-LM with --ckpt-format {ckpt_format} --load {save} "
+                "--finetune (or --no-load-optim --no-load-rng to keep its iteration)",
 }
 
 
@@ -50,6 +51,7 @@ class ConvertConfig:
     dtype: str | None = None  # bf16 | fp16 | fp32; None keeps the source's
     make_vocab_size_divisible_by: int = 128
     transformer_impl: str = "transformer_engine"  # Megatron target: transformer_engine or local layer names
+    ckpt_format: str = "torch"  # Megatron target: torch (mp_rank_* files) or torch_dist (megatron-core's distributed format)
     max_shard_size: str = "5GB"  # Hugging Face target: the largest safetensors shard
     overwrite: bool = False
 
@@ -90,6 +92,11 @@ def check(cfg: ConvertConfig) -> None:
         raise CookbookError("--tp, --pp and --make-vocab-size-divisible-by must be positive integers")
     if cfg.transformer_impl not in megatron.IMPLS:
         raise CookbookError(f"unknown --transformer-impl {cfg.transformer_impl!r}; use {' or '.join(megatron.IMPLS)}")
+    if cfg.ckpt_format not in megatron.CKPT_FORMATS:
+        raise CookbookError(f"unknown --ckpt-format {cfg.ckpt_format!r}; use {' or '.join(megatron.CKPT_FORMATS)}")
+    if cfg.target != "megatron" and cfg.ckpt_format != "torch":
+        raise CookbookError(f"--ckpt-format chooses the Megatron-LM format written; --to {cfg.target} takes none "
+                            "(--from megatron reads either format as it finds it)")
     parse_size(cfg.max_shard_size)
     load, save = Path(cfg.load_dir), Path(cfg.save_dir)
     if not load.exists():
@@ -130,7 +137,8 @@ def _write(cfg: ConvertConfig, tmp: Path, ckpt: Checkpoint, tensors: Tensors, dt
     elif cfg.target == "cookbook":
         cookbook_format.write(tmp, final, ckpt, tensors, dtypes)
     else:
-        megatron.write(tmp, final, ckpt, tensors, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by, cfg.transformer_impl)
+        megatron.write(tmp, final, ckpt, tensors, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
+                       cfg.ckpt_format)
 
 
 def return_freed_memory() -> None:
@@ -169,6 +177,6 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
         _write(cfg, tmp, ckpt, shown(stream), dtypes)
     notes = list(ckpt.notes)
     if cfg.target in HINTS:
-        notes.append(HINTS[cfg.target].format(save=cfg.save_dir))
+        notes.append(HINTS[cfg.target].format(save=cfg.save_dir, ckpt_format=cfg.ckpt_format))
     return ConvertResult(Path(cfg.save_dir), ckpt.description, ckpt.config.num_params(), counted["tensors"],
                          counted["bytes"], time.perf_counter() - start, notes)

@@ -124,3 +124,35 @@ def reassemble(files: dict[tuple[int, int], dict], ffn: int) -> dict[str, torch.
                 assert torch.equal(out[name], out["embedding.word_embeddings.weight"])  # the last stage's tied copy
                 del out[name]
     return out
+
+
+def dist_dir(root: Path) -> Path:
+    """The iteration folder of a torch_dist checkpoint that ``latest_checkpointed_iteration.txt`` names."""
+    return root / f"iter_{int((root / 'latest_checkpointed_iteration.txt').read_text()):07d}"
+
+
+def dist_tensors(root: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a torch_dist checkpoint, global and whole (optimizer state left out)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    it_dir = dist_dir(root)
+    metadata = dcp.FileSystemReader(str(it_dir)).read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in metadata.items()
+           if isinstance(md, TensorStorageMetadata) and not k.startswith("optimizer.")}
+    dcp.load(out, checkpoint_id=str(it_dir), no_dist=True)
+    return out
+
+
+def dist_objects(root: Path) -> set[str]:
+    """The keys of a torch_dist checkpoint's pickled objects (TransformerEngine extra state, RNG state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(dist_dir(root))).read_metadata().state_dict_metadata
+    return {k for k, md in metadata.items() if isinstance(md, BytesStorageMetadata)}
+
+
+def dist_common(root: Path) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(dist_dir(root) / "common.pt", weights_only=True)

@@ -45,7 +45,8 @@ def edited_copy(src: Path, dst: Path, **config) -> Path:
 def test_cli_errors_are_one_line(src, tmp_path):
     proc = run_cli("convert", "--help")
     assert proc.returncode == 0 and all(f in proc.stdout for f in ("--from", "--to", "--load-dir", "--save-dir", "--tp", "--pp",
-                                                                     "--dtype", "--make-vocab-size-divisible-by", "--overwrite"))
+                                                                     "--dtype", "--make-vocab-size-divisible-by", "--overwrite",
+                                                                     "--ckpt-format"))
     proc = run_cli("convert", "--from", "gguf", "--to", "hf", "--load-dir", src, "--save-dir", tmp_path / "x")
     assert_one_line_error(proc, "--from 'gguf' is not a format", "hf, cookbook, megatron")
     proc = run_cli("convert", "--from", "hf", "--to", "megatron", "--load-dir", src, "--save-dir", tmp_path / "x", "--tp", "4")
@@ -117,3 +118,80 @@ def test_a_failure_midway_leaves_nothing(src, tmp_path):
     assert struct.unpack("<Q", data[:8])[0] > 0
     for target in ("hf", "cookbook", "megatron"):
         refused("is truncated", "hf", target, bad, tmp_path / target)
+
+
+def dist_copy(src: Path, dst: Path, **args) -> Path:
+    """A copy of a torch_dist checkpoint with ``args`` changed in its common.pt."""
+    import argparse
+
+    import torch
+
+    shutil.copytree(src, dst)
+    common_pt = next(dst.glob("iter_*")) / "common.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(common_pt, weights_only=True)
+    vars(common["args"]).update(args)
+    torch.save(common, common_pt)
+    return dst
+
+
+def test_bad_torch_dist_checkpoints(src, tmp_path):
+    """A torch_dist checkpoint cut short, without common.pt or its index, of another backend, whose args disagree
+    with its tensors, or of a model cookbook cannot hold (mixture of experts, LayerNorm, no SwiGLU, linear biases):
+    one line, nothing at --save-dir; a chunk that reads as garbage fails midway and leaves nothing either."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from helpers_convert import dist_tensors
+
+    good = tmp_path / "good"
+    run(ConvertConfig("hf", "megatron", str(src), str(good), tp=2, ckpt_format="torch_dist"), show_progress=False)
+    it = "iter_0000001"
+    out = tmp_path / "o"
+
+    cut = dist_copy(good, tmp_path / "cut")
+    layer_file = cut / it / "__0_2.distcp"
+    layer_file.write_bytes(layer_file.read_bytes()[:-1000])
+    refused("__0_2.distcp is truncated", "megatron", "hf", cut, out)
+    proc = run_cli("convert", "--from", "megatron", "--to", "hf", "--load-dir", cut, "--save-dir", out)
+    assert_one_line_error(proc, "is truncated")
+    assert nothing_written(out)
+
+    garbage = dist_copy(good, tmp_path / "garbage")
+    data = bytearray((garbage / it / "__0_3.distcp").read_bytes())
+    data[: len(data) // 2] = b"\x00" * (len(data) // 2)
+    (garbage / it / "__0_3.distcp").write_bytes(bytes(data))
+    for target in ("hf", "cookbook", "megatron"):
+        refused("cannot read decoder.layers", "megatron", target, garbage, out)
+
+    for name in ("common.pt", ".metadata"):
+        missing = dist_copy(good, tmp_path / f"no{name}")
+        (missing / it / name).unlink()
+        refused(f"has no {name}; the checkpoint is incomplete", "megatron", "hf", missing, out)
+    zarr = dist_copy(good, tmp_path / "zarr")
+    (zarr / it / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
+    refused("names the 'zarr' backend", "megatron", "hf", zarr, out)
+
+    refused(r"has shape \(256, 64\), which does not match the args \(hidden 128.*the args do not match the weights", "megatron", "hf",
+            dist_copy(good, tmp_path / "wide", hidden_size=128), out)
+    refused("not \\[3 layers", "megatron", "hf", dist_copy(good, tmp_path / "deep", num_layers=3), out)
+    refused("holds output_layer.weight but its args tie the embeddings", "megatron", "hf",
+            dist_copy(good, tmp_path / "tied", untie_embeddings_and_output_weights=False), out)
+    refused("vocabulary \\(300, args.vocab_size\\) is larger than the embedding's 256 rows", "megatron", "hf",
+            dist_copy(good, tmp_path / "vocab", vocab_size=300), out)
+    refused("mixture-of-experts", "megatron", "hf", dist_copy(good, tmp_path / "moe", num_experts=8), out)
+    refused("uses LayerNorm", "megatron", "hf", dist_copy(good, tmp_path / "layernorm", normalization="LayerNorm"), out)
+    refused("without --swiglu", "megatron", "hf", dist_copy(good, tmp_path / "gelu", swiglu=False), out)
+    refused("biases on linear layers", "megatron", "hf", dist_copy(good, tmp_path / "bias", add_bias_linear=True), out)
+
+    experts = dist_copy(good, tmp_path / "experts")  # the tensors of a mixture-of-experts layer
+    tensors = dist_tensors(good)
+    tensors["decoder.layers.mlp.experts.linear_fc1.weight"] = torch.zeros(4, 8, 192, 64)
+    shutil.rmtree(experts / it)
+    dcp.save(tensors, checkpoint_id=str(experts / it), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copyfile(good / it / name, experts / it / name)
+    refused("mixture-of-experts model", "megatron", "hf", experts, out)
+
+    refused("--ckpt-format chooses the Megatron-LM format written; --to hf takes none", "hf", "hf", src, out, ckpt_format="torch_dist")
+    refused("unknown --ckpt-format 'zarr'", "hf", "megatron", src, out, ckpt_format="zarr")

@@ -55,7 +55,7 @@ def test_megatron_core_gpt_model_is_the_oracle(models, tp1, tmp_path):
         convert("hf", "megatron", models[name], tmp_path / f"{name}-pp2", pp=2, transformer_impl="local")
         cases.append({"name": f"{name}-pp2", "megatron": str(tmp_path / f"{name}-pp2"), "stages": True})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), str(tmp_path / "cases.json")],
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), "torch", str(tmp_path / "cases.json")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     results = {r["name"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}

@@ -79,9 +79,10 @@ def measure(code: str, *args, limit: int | None = None) -> tuple[int, int, int, 
     return proc.returncode, hwm, vm, proc.stdout + proc.stderr
 
 
-CHAIN = [  # every reader and every writer once: hf -> megatron -> cookbook -> hf
+CHAIN = [  # every reader and every writer once: hf -> megatron (torch) -> megatron (torch_dist) -> cookbook -> hf
     ("hf", "megatron", "hf", "megatron", ["--tp", "2", "--pp", "2"]),
-    ("megatron", "cookbook", "megatron", "cookbook", []),
+    ("megatron", "megatron", "megatron", "megatron_dist", ["--ckpt-format", "torch_dist", "--tp", "2"]),
+    ("megatron", "cookbook", "megatron_dist", "cookbook", []),
     ("cookbook", "hf", "cookbook", "hf_back", []),
 ]
 
@@ -91,8 +92,8 @@ def convert_args(root: Path, source: str, target: str, load: str, save: str, ext
 
 
 def test_a_model_larger_than_the_memory_limit_converts(tmp_path):
-    """A 300 MB model converts hf -> megatron (TP 2, PP 2) -> cookbook -> hf with 150 MB of address space
-    beyond what a tiny model's conversion needs, and comes back bit for bit."""
+    """A 300 MB model converts hf -> megatron (torch, TP 2, PP 2) -> megatron (torch_dist) -> cookbook -> hf with
+    150 MB of address space beyond what a tiny model's conversion needs, and comes back bit for bit."""
     cfg = big_config()
     size = write_random_hf(tmp_path / "big" / "hf", cfg)
     write_random_hf(tmp_path / "tiny" / "hf", TINY)
@@ -125,11 +126,14 @@ def main() -> None:
         size = write_random_hf(root / name / "hf", cfg)
         layer = sum(torch.Size(s).numel() * 4 for n, s in expected_shapes(cfg).items() if n.startswith("layers.0."))
         for step in CHAIN + [("hf", "cookbook", "hf", "cookbook_direct", []), ("megatron", "hf", "megatron", "hf_from_megatron", []),
-                             ("megatron", "megatron", "megatron", "megatron_tp1", [])]:
+                             ("megatron", "megatron", "megatron", "megatron_tp1", []),
+                             ("hf", "megatron", "hf", "dist_direct", ["--ckpt-format", "torch_dist", "--tp", "2"]),
+                             ("megatron", "hf", "megatron_dist", "hf_from_dist", [])]:
             start = time.perf_counter()
             rc, hwm, vm, out = measure(CONVERT, *convert_args(root / name, *step))
             assert rc == 0, out
-            rows.append(dict(model=name, direction=f"{step[0]} -> {step[1]} {' '.join(step[4])}".strip(), model_mb=size / 1e6,
+            direction = f"{step[0]}{' (torch_dist)' if step[2] == 'megatron_dist' else ''} -> {step[1]} {' '.join(step[4])}".strip()
+            rows.append(dict(model=name, direction=direction, model_mb=size / 1e6,
                              layer_mb=layer / 1e6, peak_rss_mb=hwm / 1e6, peak_vm_mb=vm / 1e6, seconds=time.perf_counter() - start))
     base = {r["direction"]: r for r in rows if r["model"] == "tiny"}
     print("| direction | model | one layer | peak RSS | RSS over the tiny model's | seconds |")

@@ -51,6 +51,7 @@ from cookbook.model.config import ModelConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 IMPLS = ("transformer_engine", "local")
+CKPT_FORMATS = ("torch", "torch_dist")  # Megatron-LM's --ckpt-format values cookbook reads and writes
 CHECKPOINT_VERSION = 3.0
 
 # Per-layer tensors by role: the names we write first (local spec), then every name we read.
@@ -86,6 +87,7 @@ LAYER_ROLES = {"input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2"}
 LAYER_KEY = re.compile(r"(?:decoder|language_model\.encoder|language_model\.transformer)\.layers\.(\d+)\.(.+)")
 IGNORED = re.compile(r".*(\._extra_state|rotary_pos_emb\.inv_freq)$")
 RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+DIST_MARKER = "metadata.json"  # megatron-core's distributed checkpoints: {"sharded_backend": "torch_dist", ...}
 # Megatron-LM's Llama 3 RoPE scaling has these fixed (megatron.core RotaryEmbedding._apply_scaling)
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -161,14 +163,14 @@ def _rope_args(cfg: ModelConfig) -> dict:
 
 
 def megatron_args(cfg: ModelConfig, tp: int, pp: int, divisible_by: int, impl: str, dtype: torch.dtype,
-                  iteration: int, tokenizer: Path | None) -> argparse.Namespace:
+                  iteration: int, tokenizer: Path | None, ckpt_format: str = "torch") -> argparse.Namespace:
     """The ``args`` Megatron-LM would have had training this model (its flag names)."""
     args = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_heads, num_query_groups=cfg.num_kv_heads,
         group_query_attention=cfg.num_kv_heads != cfg.num_heads, kv_channels=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len, seq_length=cfg.max_seq_len,
-        position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=False,
+        position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=True,
         rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         rotary_percent=1.0, rotary_interleaved=False, rotary_seq_len_interpolation_factor=None,
         use_rope_scaling=False, rope_scaling_factor=8.0,
@@ -178,46 +180,56 @@ def megatron_args(cfg: ModelConfig, tp: int, pp: int, divisible_by: int, impl: s
         vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=divisible_by,
         padded_vocab_size=padded_vocab_size(cfg.vocab_size, divisible_by, tp),
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
-        transformer_impl=impl, use_mcore_models=True, ckpt_format="torch",
+        transformer_impl=impl, use_mcore_models=True, ckpt_format=ckpt_format,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tokenizer_type=None if tokenizer is None else ("Llama2Tokenizer" if tokenizer.suffix == ".model" else "HuggingFaceTokenizer"),
         tokenizer_model=None if tokenizer is None else str(tokenizer),
         iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
     )
+    if ckpt_format == "torch_dist":  # and it holds no optimizer or RNG state (Megatron-LM then asks for neither)
+        args.update(use_dist_ckpt=True, no_save_optim=True, no_save_rng=True)
     args.update(_rope_args(cfg))
     return argparse.Namespace(**args)
 
 
-def model_config(args, vocab_rows: int, tensors_have_qkv_bias: bool, where: str) -> tuple[ModelConfig, list[str]]:
-    """Our ModelConfig from Megatron-LM's args, refusing what our model cannot represent."""
+def _arg(args, name: str, default=None):
+    """``args.name``, or ``default`` when absent or an inert placeholder (an enum we did not rebuild)."""
+    value = getattr(args, name, default)
+    return default if isinstance(value, pickles.Opaque) else value
+
+
+def model_config(args, vocab: int, tensors_have_qkv_bias: bool, where: str) -> ModelConfig:
+    """Our ModelConfig from Megatron-LM's args (``vocab``: the vocabulary before padding), refusing what our
+    model cannot represent."""
     def arg(name, default=None):
-        value = getattr(args, name, default)
-        return default if isinstance(value, pickles.Opaque) else value
+        return _arg(args, name, default)
 
     if arg("num_experts"):
         raise CookbookError(f"{where} is a mixture-of-experts model (num_experts {arg('num_experts')}); cookbook converts dense Llama-family models only")
+    if arg("mtp_num_layers"):
+        raise CookbookError(f"{where} has {arg('mtp_num_layers')} multi-token prediction layers, which cookbook's model does not have")
     if not arg("swiglu", False):
         raise CookbookError(f"{where} was trained without --swiglu; cookbook converts Llama-family models (SwiGLU, RMSNorm, RoPE)")
     if arg("normalization", "LayerNorm") != "RMSNorm":
         raise CookbookError(f"{where} uses {arg('normalization', 'LayerNorm')}; cookbook converts Llama-family models (RMSNorm)")
-    if arg("position_embedding_type") != "rope" and not arg("use_rotary_position_embeddings", False):
+    kind = arg("position_embedding_type")
+    if kind not in (None, "rope", "learned_absolute"):
+        raise CookbookError(f"{where} uses position_embedding_type {kind!r}; cookbook converts plain RoPE (with linear or Llama 3 scaling)")
+    if kind != "rope" and not arg("use_rotary_position_embeddings", False):
         raise CookbookError(f"{where} does not use rotary position embeddings; cookbook converts Llama-family models (RoPE)")
     if arg("rotary_percent", 1.0) != 1.0 or arg("rotary_interleaved", False) or arg("apply_layernorm_1p", False):
         raise CookbookError(f"{where} uses partial/interleaved RoPE or layernorm-1p, which cookbook's model does not have")
+    if arg("add_bias_linear", False) or arg("qk_layernorm", False):
+        raise CookbookError(f"{where} has {'biases on linear layers (add_bias_linear)' if arg('add_bias_linear', False) else 'q/k layernorms (qk_layernorm)'}, "
+                            "which cookbook's model does not have")
     heads = args.num_attention_heads
     scaling = None
     if arg("use_rope_scaling", False):
         scaling = {"rope_type": "llama3", "factor": float(arg("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3}
     elif arg("rotary_seq_len_interpolation_factor"):
         scaling = {"rope_type": "linear", "factor": float(arg("rotary_seq_len_interpolation_factor"))}
-    notes = []
-    vocab = arg("vocab_size")
-    if not vocab:
-        vocab = vocab_rows
-        notes.append(f"{where} does not record the tokenizer's vocabulary size (args.vocab_size); "
-                     f"the {vocab_rows} padded rows are kept")
     try:
-        cfg = ModelConfig(
+        return ModelConfig(
             vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads,
             num_kv_heads=arg("num_query_groups") if arg("group_query_attention", False) else heads,
             intermediate_size=args.ffn_hidden_size, head_dim=arg("kv_channels"),
@@ -228,25 +240,86 @@ def model_config(args, vocab_rows: int, tensors_have_qkv_bias: bool, where: str)
         )
     except AttributeError as e:
         raise CookbookError(f"{where}: args lacks {e.name or e}; is it a Megatron-LM GPT checkpoint?") from None
-    return cfg, notes
+
+
+def side_files(path: Path, args, notes: list[str]) -> tuple[dict[str, Path], Path | None]:
+    """The Hugging Face side files a Megatron-LM checkpoint carries (its hf/ folder, written by cookbook convert)
+    or names (args.tokenizer_model), and the tokenizer among them."""
+    if (path / "hf").is_dir() and hf_side_files(path / "hf"):
+        files = hf_side_files(path / "hf")
+        return files, tokenizer_path(path / "hf", files)
+    named = _arg(args, "tokenizer_model")
+    files = tokenizer_files(Path(named)) if isinstance(named, str) and named else {}
+    if not files:
+        notes.append(f"no tokenizer found ({path / 'hf'} or args.tokenizer_model); the output carries none")
+    return files, Path(named) if files else None
+
+
+def left_behind(where: str, optimizer: list, others: set[str]) -> list[str]:
+    """The note that says what a checkpoint holds besides the model's weights: a conversion leaves it behind.
+    ``optimizer``: its optimizer tensors (or their metadata: anything with ``numel`` and ``element_size``)."""
+    size = sum(t.numel() * t.element_size() for t in optimizer)
+    parts = ([f"optimizer state ({len(optimizer)} tensors, {size / 1e9:,.2f} GB)"] if optimizer else []) + sorted(others)
+    return [f"{where} also holds {', '.join(parts)}: left behind, only the model's weights are converted"] if parts else []
+
+
+def vocabulary(args, rows: int, tokenizer: Path | None, where: str, notes: list[str]) -> int:
+    """The vocabulary before Megatron-LM padded it to ``rows``: args.vocab_size when recorded (cookbook writes it;
+    Megatron-LM's --vocab-size), else the run's tokenizer's size as Megatron-LM counts it, else all ``rows``."""
+    vocab = _arg(args, "vocab_size")
+    source = "args.vocab_size"
+    if not vocab and tokenizer is not None:
+        from cookbook.data.tokenizer import load_tokenizer
+
+        kind = _arg(args, "tokenizer_type")
+        try:
+            vocab = load_tokenizer(tokenizer, kind if isinstance(kind, str) else None, backend="reference",
+                                   vocab_file=_arg(args, "vocab_file"), merge_file=_arg(args, "merge_file")).vocab_size
+            source = f"the size of its tokenizer {tokenizer}"
+        except (CookbookError, OSError, ValueError, RuntimeError):
+            vocab = None
+    if not vocab:
+        notes.append(f"{where} records no vocabulary size (args.vocab_size) and no readable tokenizer; "
+                     f"the {rows} padded rows are kept")
+        return rows
+    if vocab > rows:
+        raise CookbookError(f"{where}: the vocabulary ({vocab}, {source}) is larger than the embedding's {rows} rows; "
+                            "the args do not match the weights")
+    if vocab < rows and source != "args.vocab_size":
+        notes.append(f"{where} records no args.vocab_size; the vocabulary is {vocab}, {source}, "
+                     f"and the {rows - vocab} padded rows are dropped")
+    return vocab
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _iteration_dir(path: Path) -> tuple[Path, int]:
+def iteration_dir(path: Path) -> tuple[Path, int]:
+    """The iteration folder ``path`` names (a run folder's latest_checkpointed_iteration.txt, or one iter_* /
+    release folder of either format) and its iteration."""
+    if not path.is_dir():
+        raise CookbookError(f"{path} does not exist or is not a folder")
     tracker = path / TRACKER
     if tracker.is_file():
         text = tracker.read_text().strip()
         if text == "release":
-            return path / "release", 0
-        if not text.isdigit():
+            it_dir, iteration = path / "release", 0
+        elif not text.isdigit():
             raise CookbookError(f"{tracker} holds {text!r}, not an iteration number or 'release'")
-        return path / f"iter_{int(text):07d}", int(text)
+        else:
+            it_dir, iteration = path / f"iter_{int(text):07d}", int(text)
+        if not it_dir.is_dir():
+            raise CookbookError(f"{tracker} names {it_dir.name}, which is missing")
+        return it_dir, iteration
     m = re.fullmatch(r"iter_(\d+)|release", path.name)
-    if m and any(RANK_DIR.match(p.name) for p in path.iterdir()):
+    if m and (is_dist(path) or any(RANK_DIR.match(p.name) for p in path.iterdir())):
         return path, int(m.group(1) or 0)
-    raise CookbookError(f"{path} holds no Megatron-LM checkpoint (no {TRACKER} and no mp_rank_* folders)")
+    raise CookbookError(f"{path} holds no Megatron-LM checkpoint (no {TRACKER}, no mp_rank_* folders and no {DIST_MARKER})")
+
+
+def is_dist(it_dir: Path) -> bool:
+    """Whether an iteration folder holds a distributed (``torch_dist``) checkpoint rather than mp_rank_* files."""
+    return (it_dir / DIST_MARKER).is_file()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -281,13 +354,8 @@ def _roles(model: dict, where: str) -> tuple[dict, dict[int, dict]]:
     return top, layers
 
 
-def _open(path: Path) -> tuple[Path, int, dict[tuple[int, int], Path], dict[tuple[int, int], dict]]:
-    """(iteration folder, iteration, {(tp rank, pp rank): file}, {(tp rank, pp rank): its structure})."""
-    if not path.is_dir():
-        raise CookbookError(f"{path} does not exist or is not a folder")
-    it_dir, iteration = _iteration_dir(path)
-    if not it_dir.is_dir():
-        raise CookbookError(f"{path / TRACKER} names {it_dir.name}, which is missing")
+def _open(it_dir: Path) -> tuple[dict[tuple[int, int], Path], dict[tuple[int, int], dict]]:
+    """({(tp rank, pp rank): file}, {(tp rank, pp rank): its structure}) of a legacy iteration folder."""
     ranks = {}
     for p in it_dir.iterdir():
         m = RANK_DIR.match(p.name)
@@ -313,13 +381,22 @@ def _open(path: Path) -> tuple[Path, int, dict[tuple[int, int], Path], dict[tupl
             if (t, s) not in ranks or not ranks[t, s].is_file():
                 raise CookbookError(f"{it_dir} lacks {rank_dir(t, s, pp)}/{FILE}; the checkpoint is incomplete")
     ranks = {(t, s): ranks[t, s] for t in range(tp) for s in range(pp)}
-    return it_dir, iteration, ranks, {key: first if key == (0, 0) else pickles.load_structure(p)[0] for key, p in ranks.items()}
+    return ranks, {key: first if key == (0, 0) else pickles.load_structure(p)[0] for key, p in ranks.items()}
 
 
 def read(path: Path) -> Checkpoint:
+    """A Megatron-LM checkpoint of either format: ``torch`` (mp_rank_* files) or ``torch_dist`` (megatron_dist)."""
     path = Path(path)
-    it_dir, iteration, ranks, files = _open(path)
+    it_dir, iteration = iteration_dir(path)
+    if is_dist(it_dir):
+        from cookbook.formats import megatron_dist
+
+        return megatron_dist.read(path, it_dir, iteration)
+    ranks, files = _open(it_dir)
     args = files[0, 0]["args"]
+    notes = left_behind(str(it_dir), [t for f in files.values() for t in pickles.tensors_in(f.get("optimizer"))],
+                        {"RNG state" for f in files.values() if f.get("rng_state") is not None}
+                        | {"distributed optimizer state (distrib_optim.pt)" for p in ranks.values() if (p.parent / "distrib_optim.pt").exists()})
     tp, pp = 1 + max(t for t, _ in ranks), 1 + max(s for _, s in ranks)
     # stages[s][t] = ({top role: meta tensor}, {local layer: {role: meta tensor}})
     stages = [[_roles(files[t, s]["model"], str(ranks[t, s])) for t in range(tp)] for s in range(pp)]
@@ -328,7 +405,9 @@ def read(path: Path) -> Checkpoint:
     if any(e is None for e in embedding):
         raise CookbookError(f"{ranks[0, 0]} holds no word embeddings")
     qkv_bias = any("qkv_bias" in layer for layer in stages[0][0][1].values())
-    cfg, notes = model_config(args, sum(e.shape[0] for e in embedding), qkv_bias, str(it_dir))
+    hf_files, tokenizer = side_files(path, args, notes)
+    vocab = vocabulary(args, sum(e.shape[0] for e in embedding), tokenizer, str(it_dir), notes)
+    cfg = model_config(args, vocab, qkv_bias, str(it_dir))
     if sum(counts) != cfg.num_layers:
         raise CookbookError(f"{it_dir} holds {sum(counts)} layers but args.num_layers is {cfg.num_layers}")
     last = stages[-1][0][0]
@@ -361,11 +440,6 @@ def read(path: Path) -> Checkpoint:
                     h.close()
             layer += counts[s]
 
-    hf_files = hf_side_files(path / "hf") if (path / "hf").is_dir() else {}
-    if not hf_files and getattr(args, "tokenizer_model", None):
-        hf_files = tokenizer_files(Path(args.tokenizer_model))
-    if not hf_files:
-        notes.append(f"no tokenizer found ({path / 'hf'} or args.tokenizer_model); the output carries none")
     return Checkpoint(cfg, tensors, dtypes, iteration=iteration, hf_files=hf_files, notes=notes,
                       description=f"Megatron-LM iteration {iteration} (TP {tp}, PP {pp})")
 
@@ -436,15 +510,26 @@ def _layer_tensors(i: int, parts: list[dict], get, cfg: ModelConfig) -> Tensors:
 
 
 def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, torch.dtype],
-          tp: int = 1, pp: int = 1, divisible_by: int = 128, impl: str = "transformer_engine") -> list[Path]:
+          tp: int = 1, pp: int = 1, divisible_by: int = 128, impl: str = "transformer_engine",
+          ckpt_format: str = "torch") -> list[Path]:
+    """A Megatron-LM checkpoint under ``folder`` (renamed to ``final`` by the caller) in ``ckpt_format``:
+    ``torch`` (mp_rank_* files, here) or ``torch_dist`` (megatron_dist)."""
     cfg = ckpt.config
     check(cfg, tp, pp)
     if impl not in IMPLS:
         raise CookbookError(f"unknown --transformer-impl {impl!r}; use {' or '.join(IMPLS)}")
+    if ckpt_format not in CKPT_FORMATS:
+        raise CookbookError(f"unknown --ckpt-format {ckpt_format!r}; use {' or '.join(CKPT_FORMATS)}")
     iteration = max(ckpt.iteration, 1)  # Megatron-LM refuses iteration 0 (it is not 'release')
     tokenizer = tokenizer_path((final / "hf").absolute(), ckpt.hf_files)
-    args = megatron_args(cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer)
+    args = megatron_args(cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer, ckpt_format)
     it_dir = folder / f"iter_{iteration:07d}"
+    if ckpt_format == "torch_dist":
+        from cookbook.formats import megatron_dist
+
+        written = megatron_dist.write(it_dir, cfg, args, tensors, tp)
+        finish(folder, iteration, ckpt)
+        return written
     paths = {(t, s): it_dir / rank_dir(t, s, pp) / FILE for t in range(tp) for s in range(pp)}
     writers, models = {}, {key: {} for key in paths}
     names = {role: candidates[0] for role, candidates in LAYER_KEYS.items()}  # the local spec's
@@ -484,12 +569,17 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
             writers.pop(key).close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model})
     finally:
         writers.clear()  # after a failure: drop the open files (the caller removes the folder)
+    finish(folder, iteration, ckpt)
+    return list(paths.values())
+
+
+def finish(folder: Path, iteration: int, ckpt: Checkpoint) -> None:
+    """What both formats write beside the iteration folder: the tracker file and hf/ (tokenizer, config.json)."""
     (folder / TRACKER).write_text(f"{iteration}\n")
     if ckpt.hf_files:
         (folder / "hf").mkdir()
         for name, path in ckpt.hf_files.items():
             shutil.copyfile(path, folder / "hf" / name)
-    return list(paths.values())
 
 
 def _write_layer(put, stage: int, prefix: str, group: dict, names: dict, cfg: ModelConfig, tp: int, impl: str) -> None:

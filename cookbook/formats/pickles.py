@@ -93,7 +93,7 @@ def load_structure(path: Path) -> tuple[object, bool]:
 
                 with FakeTensorMode():
                     obj = torch.load(path, weights_only=True)
-            lazy = all(_lazy(t) for t in _tensors(obj))
+            lazy = all(_lazy(t) for t in tensors_in(obj))
             if not lazy:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -105,15 +105,16 @@ def load_structure(path: Path) -> tuple[object, bool]:
     return obj, lazy
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every tensor inside nested dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def materialize(tensor: torch.Tensor, file) -> torch.Tensor:
@@ -143,6 +144,48 @@ def _read(file, offset: int, buf: torch.Tensor) -> None:
     file.seek(offset)
     if file.readinto(buf.numpy()) != buf.numel():
         raise CookbookError(f"{file.name} is truncated")
+
+
+def _dcp_class(module: str, name: str):
+    """What a DCP ``.metadata`` pickle may name: torch's checkpoint dataclasses and enums, ``torch.Size`` and
+    dtypes; megatron-core's old ``MCoreMetadata`` (a ``Metadata`` with one more field) reads as a ``Metadata``;
+    anything else becomes an inert placeholder."""
+    import dataclasses
+    import enum
+    import importlib
+
+    if module == "megatron.core.dist_checkpointing.strategies.torch" and name == "MCoreMetadata":
+        module, name = "torch.distributed.checkpoint.metadata", "Metadata"
+    if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+        return getattr(torch, name)
+    if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
+        return getattr(importlib.import_module(module), name)
+    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                  "torch.distributed.checkpoint.filesystem"):
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is not None and (dataclasses.is_dataclass(obj) or (isinstance(obj, type) and issubclass(obj, enum.Enum))):
+            return obj
+    return type(name, (Opaque,), {"__module__": "cookbook.opaque"})
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _dcp_class(module, name)
+
+
+def read_dcp_metadata(path: Path):
+    """A torch.distributed.checkpoint ``.metadata`` file, unpickled without running code (torch's own reader
+    unpickles it with plain ``pickle``, and megatron-core's older files name its classes)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path, "rb") as f:
+            metadata = _DcpUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise CookbookError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+        raise CookbookError(f"{path} is not a torch.distributed.checkpoint metadata file")
+    return metadata
 
 
 class TorchFileWriter:

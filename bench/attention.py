@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.train import OtherLoad, timed  # noqa: E402
-from cookbook.engine.attention import AttentionMask, installed_flash  # noqa: E402
+from cookbook.engine.attention import AttentionMask, Flex, installed_flash  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,12 +46,17 @@ def packed_documents(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 
 def mask_bytes(mask: AttentionMask) -> int:
+    """The bytes a prepared mask holds: SDPA's booleans, FlexAttention's block indices, flash-attn's cu_seqlens."""
     total = 0
     for prepared in mask.prepared.values():
-        tensors = [prepared] if isinstance(prepared, torch.Tensor) else [
-            v for v in getattr(prepared, "__dict__", {}).values() if isinstance(v, torch.Tensor)]
-        if hasattr(prepared, "kv_num_blocks"):  # a FlexAttention BlockMask
-            tensors = [t for t in prepared.as_tuple() if isinstance(t, torch.Tensor)]
+        if prepared is None:
+            continue
+        if isinstance(prepared, torch.Tensor):
+            tensors = [prepared]
+        elif isinstance(prepared, Flex):
+            tensors = [t for t in prepared.block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = [t for t in vars(prepared).values() if isinstance(t, torch.Tensor)]
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 

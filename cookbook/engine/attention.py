@@ -140,10 +140,23 @@ def _flex_block_mask(documents: torch.Tensor | None, start: int, q_len: int, bat
                              _compile=torch.device(device).type == "cuda")
 
 
-def _flex(q, k, v, block_mask):
-    with warnings.catch_warnings():  # CPU: the unfused kernel is expected there
+@dataclass
+class Flex:
+    block_mask: object  # torch's BlockMask
+    kernel: object  # flex_attention, compiled on GPU
+
+
+def _prepare_flex(documents, start, q_len, batch, device) -> Flex:
+    return Flex(_flex_block_mask(documents, start, q_len, batch, device), _flex_kernel(torch.device(device).type))
+
+
+def _flex(q, k, v, flex: Flex):
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type != "cpu":
+        return flex.kernel(q, k, v, block_mask=flex.block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():  # CPU: the unfused kernel is the one torch has there
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return flex.kernel(q, k, v, block_mask=flex.block_mask, enable_gqa=gqa)
 
 
 @dataclass
@@ -156,6 +169,16 @@ class Varlen:
     max_seqlen_q: int
     max_seqlen_k: int
     keys: torch.Tensor | None  # flat key indices to gather (context parallel: keys no query sees are left out)
+    kernel: object = None  # flash-attn's flash_attn_varlen_func
+
+
+def _prepare_flash(version: int):
+    """The flash-attn kernel is looked up here, once per forward and outside any compiled block."""
+    def prepare(documents, start, q_len, batch, device) -> Varlen:
+        varlen = _varlen(documents, start, q_len, batch, device)
+        varlen.kernel = flash_function(version)
+        return varlen
+    return prepare
 
 
 def _varlen(documents: torch.Tensor | None, start: int, q_len: int, batch: int, device) -> Varlen:
@@ -186,30 +209,28 @@ def _varlen(documents: torch.Tensor | None, start: int, q_len: int, batch: int, 
     return Varlen(cu_q.to(torch.int32), cu_k.to(torch.int32), int(q_lens.max()), int(k_lens.max()), keys)
 
 
-def _flash(version: int):
-    def attend(q, k, v, varlen: Varlen):
-        b, heads, q_len, d = q.shape
-        q = q.transpose(1, 2).reshape(b * q_len, heads, d)  # [tokens, heads, d], as flash-attn packs them
-        k = k.transpose(1, 2).reshape(-1, k.shape[1], d)
-        v = v.transpose(1, 2).reshape(-1, v.shape[1], d)
-        if varlen.keys is not None:
-            k, v = k[varlen.keys], v[varlen.keys]
-        out = flash_function(version)(q, k, v, cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
-                                      max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k, causal=True)
-        out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
-        return out.view(b, q_len, heads, d).transpose(1, 2)
-    return attend
+def _flash(q, k, v, varlen: Varlen):
+    b, heads, q_len, d = q.shape
+    q = q.transpose(1, 2).reshape(b * q_len, heads, d)  # [tokens, heads, d], as flash-attn packs them
+    k = k.transpose(1, 2).reshape(-1, k.shape[1], d)
+    v = v.transpose(1, 2).reshape(-1, v.shape[1], d)
+    if varlen.keys is not None:
+        k, v = k[varlen.keys], v[varlen.keys]
+    out = varlen.kernel(q, k, v, cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
+                        max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k, causal=True)
+    out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
+    return out.view(b, q_len, heads, d).transpose(1, 2)
 
 
 def _prepare_sdpa(documents, start, q_len, batch, device):
     return None if documents is None and start == 0 else visible(documents, start, q_len, device)
 
 
-KERNELS = {  # backend -> (prepare once per forward and query chunk, attend)
+KERNELS = {  # backend -> (prepare once per forward and query chunk, outside compiled blocks; attend, in every layer)
     "sdpa": (_prepare_sdpa, _sdpa),
-    "flex": (_flex_block_mask, _flex),
-    "flash2": (_varlen, _flash(2)),
-    "flash3": (_varlen, _flash(3)),
+    "flex": (_prepare_flex, _flex),
+    "flash2": (_prepare_flash(2), _flash),
+    "flash3": (_prepare_flash(3), _flash),
 }
 
 

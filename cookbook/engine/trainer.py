@@ -51,6 +51,8 @@ from cookbook.progress import console
 
 
 class NextTokens(NamedTuple):
+    """One micro batch as the model and the loss take it (``next_token_inputs``)."""
+
     inputs: torch.Tensor
     targets: torch.Tensor  # IGNORE where the loss is masked
     positions: torch.Tensor | None  # None: 0, 1, ...
@@ -77,7 +79,10 @@ def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, docume
             tokens = keep.sum().clamp(min=1) / cp
     if cp == 1:
         return NextTokens(inputs, targets, positions, ids, tokens)
-    positions = shard_positions(inputs.shape[1], cp_rank, cp, inputs.device) if positions is None else shard_sequence(positions, cp_rank, cp)
+    if positions is None:
+        positions = shard_positions(inputs.shape[1], cp_rank, cp, inputs.device)
+    else:
+        positions = shard_sequence(positions, cp_rank, cp)
     return NextTokens(shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp), positions, ids, tokens)
 
 

@@ -67,6 +67,14 @@ def test_a_rung_that_hangs_is_its_row_and_the_budget_skips_the_rest(tmp_path):
     assert "timed out" in proc.stdout
 
 
+def test_an_isolated_rung_reports_from_its_own_process(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = bench("--smoke", "--isolate", "--rungs", "docs flex", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = json.loads(out.read_text())["rungs"]["docs flex"]
+    assert row["status"] == "skipped" and "cannot train on CPU" in row["note"] and row["seconds"] > 0
+
+
 def test_unknown_rung_is_one_line():
     proc = bench("--smoke", "--rungs", "sdpa,warp")
     assert proc.returncode == 2 and proc.stderr.strip() == (

@@ -194,12 +194,11 @@ class Attention(nn.Module):
         it with its kernel."""
         if mask is not None:
             return mask.attend(q, k, v)
-        if cache is not None:  # generation: keep these keys/values, attend over every cached one the mask allows
+        seen = None  # generation: which cached keys each query sees
+        if cache is not None:  # generation: keep these keys/values, attend over every cached one it may see
             k, v, seen = cache.update(k, v)
             if q.shape[2] == 1:  # a decode step: SDPA reads the kv heads in place (no copy of the cache per step)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=k.shape[1] != q.shape[1])
-        else:
-            seen = None
         # longer forwards repeat the kv heads, so that every SDPA kernel (flash, memory-efficient) applies
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, is_causal=seen is None)

@@ -14,7 +14,7 @@ says so; the others go on), on a ~1B Llama (16 layers, hidden 2048, 16 heads / 8
 - ``memory``: the ``sdpa`` rung's peak allocated memory against ``cookbook plan``'s estimate for that layout;
 - ``loss`` / ``docs loss``: 20 steps of a small model on learnable data, bf16 on the GPU against fp32 on the CPU from
   the same weights and batches (``docs``: the GPU's attention kernel against SDPA on the CPU);
-- ``generate``: bench/generate.py on the same shape of model: cookbook's generator against HF ``generate``.
+- ``generate``: bench/generate.py at hidden 2048 and 16 layers: cookbook's generator against HF ``generate``.
 
 It prints one table (plain text, one line per rung) and writes the JSON (``--out``), rewritten after every rung.
 The whole run keeps to ``--budget`` (420 s): rungs that would start later are skipped, with the ``--rungs`` to rerun.

@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -329,14 +330,19 @@ def run_isolated(rung: Rung, smoke: bool, timeout: float) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", rung.name, "--out", str(out)]
         cmd += ["--smoke"] if smoke else []
         start = time.perf_counter()
+        # a session of its own: on a timeout the rung's whole process group goes (bench/generate.py's too)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+            _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return {"status": "failed", "note": f"timed out after {timeout:g} s", "seconds": time.perf_counter() - start}
         if out.is_file():
             return json.loads(out.read_text())
-        return {"status": "failed", "note": f"the process died (exit {proc.returncode}): {last_line(proc.stderr)}",
-                "seconds": time.perf_counter() - start, "stderr": proc.stderr[-4000:]}
+        return {"status": "failed", "note": f"the process died (exit {proc.returncode}): {last_line(stderr)}",
+                "seconds": time.perf_counter() - start, "stderr": stderr[-4000:]}
 
 
 def machine(device: str) -> dict:

@@ -57,15 +57,27 @@ from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 from cookbook.errors import CookbookError  # noqa: E402
 
 
-def write_random_tokens(prefix: Path, tokens: int, vocab: int, seed: int = 0) -> str:
-    """Documents of 100-1,000 uniformly random tokens, ``tokens`` in all (at least)."""
+def write_random_tokens(prefix: Path, tokens: int, vocab: int, seed: int = 0, eod: int | None = None,
+                        counting: bool = False) -> str:
+    """Documents of 100-1,000 uniformly random tokens, ``tokens`` in all (at least). ``eod``: each document ends
+    with it (and holds it nowhere else), as ``preprocess --append-eod`` writes them. ``counting``: a learnable
+    rule instead of noise (next = previous + 1, or + 2 one time in four), so that a loss falls."""
     rng = np.random.default_rng(seed)
     lengths = []
     while sum(lengths) < tokens:
         lengths.append(int(rng.integers(100, 1000)))
     dtype = np.uint16 if vocab <= 65535 else np.int32
+    ids = vocab if eod is None else vocab - 1  # the tokens a document draws from: every id but the EOD
+    if counting:
+        steps = rng.choice([1, 1, 1, 2], size=sum(lengths))
+        data = (rng.integers(0, ids) + np.cumsum(steps)) % ids
+    else:
+        data = rng.integers(0, ids, size=sum(lengths))
+    if eod is not None:
+        data = np.where(data >= eod, data + 1, data)  # skip the EOD id, then end every document with it
+        data[np.cumsum(lengths) - 1] = eod
     with IndexedDatasetWriter(prefix, dtype) as w:
-        w.add_documents(rng.integers(0, vocab, size=sum(lengths)).astype(dtype), np.asarray(lengths))
+        w.add_documents(data.astype(dtype), np.asarray(lengths))
     return str(prefix)
 
 

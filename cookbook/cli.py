@@ -325,6 +325,10 @@ TRAINING_FLAGS = [
     (("--tokenizer-model", "--tokenizer"), "data", "tokenizer_model", str, "The tokenizer the data was made with (kept with checkpoints)."),
     (("--tokenizer-type",), "data", "tokenizer_type", str, "Megatron-LM tokenizer type (default: from the file)."),
     (("--make-vocab-size-divisible-by",), "data", "make_vocab_size_divisible_by", int, "Pad the tokenizer's vocabulary to a multiple of this."),
+    (("--reset-position-ids/--no-reset-position-ids",), "data", "reset_position_ids", bool, "Packed documents: positions restart after each end-of-document token."),
+    (("--reset-attention-mask/--no-reset-attention-mask",), "data", "reset_attention_mask", bool, "Packed documents: a token attends only within its own document."),
+    (("--eod-mask-loss/--no-eod-mask-loss",), "data", "eod_mask_loss", bool, "Packed documents: no loss on predicting the token after an end-of-document token."),
+    (("--eod-id",), "data", "eod_id", int, "The end-of-document token id for the three flags above (default: the tokenizer's)."),
     # optimizer
     (("--lr",), "optimizer", "lr", float, "Peak learning rate."),
     (("--min-lr",), "optimizer", "min_lr", float, "Learning rate at the end of decay."),
@@ -357,6 +361,7 @@ TRAINING_FLAGS = [
     (("--recompute-num-layers",), "training", "recompute_num_layers", int, "With full: layers per recompute unit (uniform) or recomputed layers (block)."),
     (("--compile/--no-compile",), "training", "compile", bool, "torch.compile each transformer block."),
     (("--fp8/--no-fp8",), "training", "fp8", bool, "FP8 matmuls in the blocks via torchao (H100/H200; pip install 'cookbook[fp8]')."),
+    (("--attention-backend",), "training", "attention_backend", str, "auto, sdpa, flex or flash (flash-attn varlen: pip install 'cookbook[gpu]')."),
     # logit knowledge distillation
     (("--kd-teacher",), "training", "kd_teacher", str, "Distil from this cookbook checkpoint (same vocabulary): add its logits' KL to the loss."),
     (("--kd-ratio",), "training", "kd_ratio", float, "With --kd-teacher: loss = (1 - r) CE + r KL(teacher || student) (default 0.5)."),

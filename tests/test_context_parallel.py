@@ -2,7 +2,8 @@
 
 ``tp_train.py --cp C`` trains its tiny model (hidden 64, 4 heads, 2 kv heads, QKV bias, 2 layers, vocab 96,
 sequence 16) for 12 clipped AdamW steps on a fixed global batch under a given layout, each cp rank on its share of
-every sequence; the same script in one process, on the plain model, is the oracle. In-process tests cover the load-balanced sharding and the
+every sequence, on plain rows and on rows packed from documents (Megatron-LM's three document flags); the same
+script in one process, on the plain model, is the oracle. In-process tests cover the load-balanced sharding and the
 attention over a split sequence, rank by rank.
 """
 
@@ -43,30 +44,34 @@ def run(out: Path, nproc: int, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("cp") / "one.pt", 1, "--variants", "base")
+    return run(tmp_path_factory.mktemp("cp") / "one.pt", 1, "--variants", "base,docs")
 
 
 @pytest.fixture(scope="module")
 def cp2(tmp_path_factory):
-    """2 processes, CP=2: FSDP2 over the flattened (dp_shard = 1, cp = 2) mesh."""
-    return run(tmp_path_factory.mktemp("cp") / "cp2.pt", 2, "--cp", "2", "--variants", "base")
+    """2 processes, CP=2: FSDP2 over the flattened (dp_shard = 1, cp = 2) mesh; plain rows and packed documents."""
+    return run(tmp_path_factory.mktemp("cp") / "cp2.pt", 2, "--cp", "2", "--variants", "base,docs")
 
 
 @pytest.fixture(scope="module")
 def cp2_tp2(tmp_path_factory):
-    """4 processes, CP=2 x TP=2, without and with sequence parallel (FSDP2 over dp_shard_cp, TP inside)."""
-    return run(tmp_path_factory.mktemp("cp") / "cp2_tp2.pt", 4, "--cp", "2", "--tp", "2", "--variants", "base,sp")
+    """4 processes, CP=2 x TP=2, without and with sequence parallel (FSDP2 over dp_shard_cp, TP inside), and packed
+    documents under sequence parallel."""
+    return run(tmp_path_factory.mktemp("cp") / "cp2_tp2.pt", 4, "--cp", "2", "--tp", "2", "--variants", "base,sp,docs")
 
 
 @pytest.fixture(scope="module")
 def dp2_cp2(tmp_path_factory):
     """4 processes, 2 data-parallel ranks x CP=2: rows split over dp, each row's tokens over cp."""
-    return run(tmp_path_factory.mktemp("cp") / "dp2_cp2.pt", 4, "--cp", "2", "--variants", "base")
+    return run(tmp_path_factory.mktemp("cp") / "dp2_cp2.pt", 4, "--cp", "2", "--variants", "base,docs")
 
 
-@pytest.mark.parametrize("layout, variant", [("cp2", "base"), ("cp2_tp2", "base"), ("cp2_tp2", "sp"), ("dp2_cp2", "base")])
+@pytest.mark.parametrize("layout, variant", [("cp2", "base"), ("cp2_tp2", "base"), ("cp2_tp2", "sp"), ("dp2_cp2", "base"),
+                                             ("cp2", "docs"), ("cp2_tp2", "docs"), ("dp2_cp2", "docs")])
 def test_context_parallel_run_equals_one_process(request, one_process, layout, variant):
-    assert_same_run(one_process["base"], request.getfixturevalue(layout)[variant])
+    """``docs``: rows packed from documents with --reset-position-ids --reset-attention-mask --eod-mask-loss; the
+    documents cross the load-balanced chunks, and the cp ranks score different numbers of tokens."""
+    assert_same_run(one_process["docs" if variant == "docs" else "base"], request.getfixturevalue(layout)[variant])
 
 
 # --------------------------------------------------------------------------- sharding

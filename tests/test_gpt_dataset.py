@@ -26,10 +26,12 @@ class StubTokenizer:
     unique_identifiers = {"class": "StubTokenizer"}
 
 
-def megatron_dataset(prefix, lo, hi, seq_len, num_samples, seed):
+def megatron_dataset(prefix, lo, hi, seq_len, num_samples, seed, reset_position_ids=False, reset_attention_mask=False,
+                     eod_mask_loss=False):
     config = gpt.GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_len, split="1,0,0", tokenizer=StubTokenizer(),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, path_to_cache=None,
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
+        path_to_cache=None,
     )
     return gpt.GPTDataset(MegatronIndexed(prefix), prefix, np.arange(lo, hi, dtype=np.int32), num_samples, Split.train, config)
 
@@ -58,6 +60,37 @@ def test_indices_and_tokens_equal_megatron(prefix, seq_len, num_samples, seed, s
         assert len(sample) == seq_len + 1
         assert np.array_equal(sample[:-1], tokens)
         assert np.array_equal(sample[1:], theirs[i]["labels"].numpy())
+
+
+@pytest.fixture(scope="module")
+def documents_prefix(tmp_path_factory):
+    """Documents that end with the EOD (StubTokenizer.eod = 0), as preprocess --append-eod writes them."""
+    rng = np.random.default_rng(1)
+    docs = [[list(rng.integers(1, 1000, rng.integers(0, 40))) + [StubTokenizer.eod]] for _ in range(120)]
+    return megatron_build(tmp_path_factory.mktemp("gpt_eod") / "ds", docs)
+
+
+@pytest.mark.parametrize("flags", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_document_flags_equal_megatron(documents_prefix, flags):
+    """--reset-position-ids, --reset-attention-mask and --eod-mask-loss: our samples put through ``document_inputs``
+    give megatron-core's position ids, attention mask (True where it masks) and loss mask, sample by sample."""
+    import torch
+
+    from cookbook.data.gpt_dataset import DocumentFlags, document_inputs
+
+    ours = GPTSamples(IndexedDataset(documents_prefix), 0, 120, 48, 300, 5)
+    theirs = megatron_dataset(documents_prefix, 0, 120, 48, 300, 5, *flags)
+    positions, documents, keep = document_inputs(torch.from_numpy(np.stack([ours[i] for i in range(len(ours))]))[:, :-1],
+                                                 DocumentFlags(StubTokenizer.eod, *flags))
+    causal = torch.ones(48, 48, dtype=torch.bool).tril()
+    for i in range(len(ours)):
+        want = theirs[i]
+        assert torch.equal(torch.from_numpy(ours[i][:-1]), want["tokens"])
+        assert torch.equal(positions[i] if flags[0] else torch.arange(48), want["position_ids"])
+        allowed = causal & (documents[i][:, None] == documents[i][None, :]) if flags[1] else causal
+        assert torch.equal(~want["attention_mask"][0], allowed)
+        assert torch.equal(keep[i].float() if flags[2] else torch.ones(48), want["loss_mask"])
+    assert flags[1] is False or any(len(set(documents[i].tolist())) > 2 for i in range(len(ours)))  # documents packed
 
 
 def test_split_matches_megatron():

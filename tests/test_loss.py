@@ -88,3 +88,23 @@ def test_kd_loss_against_hand_computed_values():
     # the distillation objective (1 - r) CE + r KL at r = 0.5, target word 1: CE of a uniform student is ln 2
     ce = cross_entropy(student, torch.tensor([1, 1]))
     assert abs((0.5 * ce + 0.5 * kd_loss(student, teacher, 1.0)).item() - (0.5 * math.log(2) + 0.5 * want_t1)) < 1e-6
+
+
+def test_ignored_targets_carry_no_loss_and_the_mean_is_over_the_scored():
+    """--eod-mask-loss: targets set to IGNORE drop out of cross-entropy and KD alike (chunked or not); ``tokens``
+    divides by another count (a context-parallel rank's share of the whole sequence's); none scored gives 0."""
+    from cookbook.engine.loss import IGNORE, kd_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(2, 30, 41, generator=g), torch.randn(2, 30, 41, generator=g)
+    targets = torch.randint(0, 41, (2, 30), generator=g)
+    keep = torch.rand(2, 30, generator=g) > 0.3
+    masked = targets.masked_fill(~keep, IGNORE)
+    want = F.cross_entropy(logits[keep], targets[keep])
+    for chunk in (41 * 7, 1 << 25):
+        torch.testing.assert_close(cross_entropy(logits, masked, chunk_elements=chunk), want, rtol=0, atol=1e-6)
+        want_kd = kd_loss(logits[keep][None], teacher[keep][None], 2.0)
+        torch.testing.assert_close(kd_loss(logits, teacher, 2.0, chunk_elements=chunk, targets=masked), want_kd, rtol=0, atol=1e-6)
+    n = int(keep.sum())
+    torch.testing.assert_close(cross_entropy(logits, masked, tokens=2 * n), want / 2, rtol=0, atol=1e-6)
+    assert cross_entropy(logits, torch.full_like(targets, IGNORE)).item() == 0.0

@@ -40,11 +40,16 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_run_equals_one_process(tmp_path, one_process, layout):
+    """On plain rows, and on rows packed from documents (Megatron-LM's three document flags: positions and
+    document ids reach every stage, the masked targets the last)."""
     nproc, *args = LAYOUTS[layout]
-    got, want = run(tmp_path / f"{layout}.pt", nproc, *args), one_process
-    assert_same_run(want, got)  # every parameter once, under its global name
-    for a, b in zip(want["evals"], got["evals"], strict=True):  # forward-only eval mid-run and at the end
-        assert abs(a - b) <= 1e-5, (a, b)
+    runs = run(tmp_path / f"{layout}.pt", nproc, *args)
+    for variant, got in runs.items():
+        want = one_process[variant]
+        assert_same_run(want, got)  # every parameter once, under its global name
+        for a, b in zip(want["evals"], got["evals"], strict=True):  # forward-only eval mid-run and at the end
+            assert abs(a - b) <= 1e-5, (variant, a, b)
+    assert sorted(runs) == ["docs", "plain"]
 
 
 def test_stage_layers_split_evenly_in_pipeline_order():

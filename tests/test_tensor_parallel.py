@@ -2,7 +2,8 @@
 
 ``tp_train.py`` trains a tiny model (hidden 64, 4 heads, 2 kv heads, QKV bias, 2 layers, vocab 96,
 sequence 16) for 12 clipped AdamW steps on a fixed global batch under a given layout; the same script in one
-process is the oracle. For each layout: the initial weights are identical, the first step's gradients equal to
+process is the oracle (also for rows packed from documents under Megatron-LM's three document flags). For each
+layout: the initial weights are identical, the first step's gradients equal to
 fp32 rounding, every step's loss and gradient norm equal within 1e-5, and so do the weights at the end.
 """
 
@@ -27,34 +28,35 @@ def run(out: Path, nproc: int, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("tp") / "one.pt", 1, "--variants", "base,tied")
+    return run(tmp_path_factory.mktemp("tp") / "one.pt", 1, "--variants", "base,tied,docs")
 
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    """2 processes, TP=2: without and with sequence parallel, and tied embeddings (with SP)."""
-    return run(tmp_path_factory.mktemp("tp") / "tp2.pt", 2, "--tp", "2", "--variants", "base,sp,tied")
+    """2 processes, TP=2: without and with sequence parallel, tied embeddings (with SP), packed documents (with SP)."""
+    return run(tmp_path_factory.mktemp("tp") / "tp2.pt", 2, "--tp", "2", "--variants", "base,sp,tied,docs")
 
 
 @pytest.fixture(scope="module")
 def fsdp2_tp2(tmp_path_factory):
     """4 processes: FSDP2 over 2 data-parallel ranks x TP=2 (2-D parameters on the (dp_shard, tp) mesh)."""
-    return run(tmp_path_factory.mktemp("tp") / "fsdp2_tp2.pt", 4, "--tp", "2", "--variants", "base,sp")
+    return run(tmp_path_factory.mktemp("tp") / "fsdp2_tp2.pt", 4, "--tp", "2", "--variants", "base,sp,docs")
 
 
 @pytest.fixture(scope="module")
 def hsdp(tmp_path_factory):
     """4 processes, HSDP: FSDP2 sharding over 2 ranks, replicated twice (the 2-D (dp_replicate, dp_shard) mesh)."""
-    return run(tmp_path_factory.mktemp("tp") / "hsdp.pt", 4, "--dp-replicate", "2", "--variants", "base,tied")
+    return run(tmp_path_factory.mktemp("tp") / "hsdp.pt", 4, "--dp-replicate", "2", "--variants", "base,tied,docs")
 
 
 @pytest.mark.parametrize("layout, variant", [
     ("tp2", "base"), ("tp2", "sp"), ("tp2", "tied"), ("fsdp2_tp2", "base"), ("fsdp2_tp2", "sp"),
-    ("hsdp", "base"), ("hsdp", "tied"),
+    ("hsdp", "base"), ("hsdp", "tied"), ("tp2", "docs"), ("fsdp2_tp2", "docs"), ("hsdp", "docs"),
 ])
 def test_tensor_parallel_run_equals_one_process(request, one_process, layout, variant):
+    """``docs``: rows packed from documents, Megatron-LM's three document flags, sequence parallel where tp > 1."""
     got = request.getfixturevalue(layout)[variant]
-    want = one_process["tied" if variant == "tied" else "base"]
+    want = one_process[variant if variant in ("tied", "docs") else "base"]
     assert_same_run(want, got)  # initial weights: each rank's shard of the layout-independent value
 
 

@@ -15,13 +15,21 @@ samples N:
 ``tokens = sample[:-1]`` and ``labels = sample[1:]``. Several datasets blend by weight with
 Megatron-LM's greedy interleave. Proven equal to megatron-core's GPTDataset and blending helper in
 tests/test_gpt_dataset.py.
+
+A sample spans several documents, each ended by the tokenizer's EOD. Megatron-LM's three flags treat them
+apart (``document_inputs``, equal to megatron-core's masks and position ids for the same flags):
+``--reset-position-ids`` restarts positions after each EOD, ``--reset-attention-mask`` lets a token attend
+only within its document, ``--eod-mask-loss`` scores no prediction made from an EOD (the next document's
+first token). The engine computes them per micro batch from the tokens, on the device.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from cookbook.data.indexed import IndexedDataset
 from cookbook.errors import CookbookError
@@ -177,3 +185,38 @@ class BlendedSamples:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+
+
+# --------------------------------------------------------------------------- packed documents
+
+
+@dataclass(frozen=True)
+class DocumentFlags:
+    """Megatron-LM's flags for samples packed from documents that each end with ``eod``."""
+
+    eod: int
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+def document_inputs(tokens: torch.Tensor, flags: DocumentFlags):
+    """Megatron-LM's ``get_ltor_masks_and_position_ids`` for input tokens [b, s] (``sample[:-1]``), in the form
+    the engine takes them: (positions [b, s] or None, documents [b, s] or None, loss mask [b, s] or None).
+
+    - positions (``reset_position_ids``): 0, 1, ... restarting after each EOD (an EOD ends its document);
+    - documents (``reset_attention_mask``): the number of EODs before each token; token i may attend to token
+      j <= i of the same document (megatron-core's boolean mask, inverted: True where it masks);
+    - loss mask (``eod_mask_loss``): False where the input token is an EOD."""
+    is_eod = tokens == flags.eod
+    positions = documents = keep = None
+    if flags.reset_position_ids:
+        index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        after_eod = torch.zeros_like(is_eod)
+        after_eod[:, 1:] = is_eod[:, :-1]
+        positions = index - torch.where(after_eod, index, 0).cummax(dim=1).values
+    if flags.reset_attention_mask:
+        documents = (is_eod.cumsum(dim=1) - is_eod.long()).to(torch.int32)
+    if flags.eod_mask_loss:
+        keep = ~is_eod
+    return positions, documents, keep

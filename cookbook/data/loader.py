@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cookbook.data.gpt_dataset import BlendedSamples, GPTSamples, parse_split, samples_per_dataset, split_ranges
+from cookbook.data.gpt_dataset import (
+    BlendedSamples,
+    DocumentFlags,
+    GPTSamples,
+    parse_split,
+    samples_per_dataset,
+    split_ranges,
+)
 from cookbook.data.indexed import IndexedDataset, bin_path, idx_path
 from cookbook.errors import CookbookError
 
@@ -87,6 +94,26 @@ def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: Split
             parts = [GPTSamples(ds, lo, hi, seq_length, n, seed) for ds, (lo, hi), n in zip(datasets, ranges, counts)]
             out[name] = BlendedSamples(parts, weights, target)
     return out
+
+
+def document_flags(data, vocab_size: int) -> DocumentFlags | None:
+    """The packed-document flags of a job's ``[data]`` section (``DataConfig``) with their end-of-document id
+    (``eod_id``, else the tokenizer's); None when all three are off."""
+    if not (data.reset_position_ids or data.reset_attention_mask or data.eod_mask_loss):
+        return None
+    eod = data.eod_id
+    if eod is None:
+        if not data.tokenizer_model:
+            raise CookbookError("--reset-position-ids, --reset-attention-mask and --eod-mask-loss need the end-of-document "
+                                "token: give --tokenizer-model (its EOD) or --eod-id")
+        from cookbook.data.tokenizer import load_tokenizer
+
+        eod = load_tokenizer(data.tokenizer_model, data.tokenizer_type).eod
+        if eod is None:
+            raise CookbookError(f"the tokenizer {data.tokenizer_model} has no end-of-document token; give --eod-id")
+    if not 0 <= eod < vocab_size:
+        raise CookbookError(f"--eod-id {eod} is not a token of the model's vocabulary of {vocab_size}")
+    return DocumentFlags(eod, data.reset_position_ids, data.reset_attention_mask, data.eod_mask_loss)
 
 
 class BatchLoader:

@@ -24,12 +24,12 @@ The same file, fully resolved, is saved as ``config.toml`` in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
-
 from cookbook.checks import check_number, check_types
+from cookbook.engine.attention import BACKENDS
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.optim import OptimizerConfig
 from cookbook.errors import CookbookError
@@ -44,6 +44,11 @@ class DataConfig:
     tokenizer_model: str | None = None  # kept with the checkpoint for eval and generate
     tokenizer_type: str | None = None
     make_vocab_size_divisible_by: int = 128
+    # samples packed from documents (Megatron-LM's flags, cookbook/data/gpt_dataset.py: document_inputs)
+    reset_position_ids: bool = False  # positions restart after each end-of-document token
+    reset_attention_mask: bool = False  # a token attends only within its document
+    eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document token
+    eod_id: int | None = None  # the end-of-document id for those flags (None: the tokenizer's)
 
     def __post_init__(self) -> None:
         check_types(self, "[data]")
@@ -68,6 +73,7 @@ class TrainingConfig:
     recompute_num_layers: int | None = None
     compile: bool = False  # torch.compile each transformer block
     fp8: bool = False  # torchao float8 linear layers in the blocks (H100/H200)
+    attention_backend: str = "auto"  # auto | sdpa | flex | flash (cookbook/engine/attention.py)
     # logit knowledge distillation: loss = (1 - kd_ratio) CE + kd_ratio KL(teacher || student) at kd_temperature
     kd_teacher: str | None = None  # a cookbook checkpoint with the student's vocabulary
     kd_ratio: float = 0.5
@@ -83,6 +89,8 @@ class TrainingConfig:
         _positive(self, "eval_interval", "eval_iters", allow_zero=True)
         check_number("--kd-ratio", self.kd_ratio, low=0, high=1)
         check_number("--kd-temperature", self.kd_temperature, low=0, low_open=True)
+        if self.attention_backend not in BACKENDS:
+            raise CookbookError(f"unknown --attention-backend {self.attention_backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @dataclass

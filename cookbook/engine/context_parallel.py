@@ -20,24 +20,33 @@ rank. In a block, per rank (b batch, s = S / cp local tokens, kv key/value heads
 
     x [b, s, h] -> q, k, v; RoPE at the tokens' global positions
     k, v [b, kv, s, d] -> all-gather over cp (one collective for both) -> back to global order [b, kv, S, d]
-    GQA repeat -> SDPA per local chunk j against keys 0 .. (j + 1) c, masked causally by global position
+    attention per local chunk j against keys 0 .. (j + 1) c, masked causally by global position
     -> wo; the all-gather's backward is a reduce-scatter of the gradients of K and V
+
+Packed documents (``--reset-attention-mask``) survive the split: every cp rank holds the whole batch before it
+shards it, so the document ids of the whole sequence are known on each rank without communication; each chunk's
+mask compares its queries' documents with its keys' by global position (``attention.AttentionMask``, whose
+kernel, SDPA, FlexAttention or flash-attn varlen, runs each chunk). Positions reset per document are sharded
+like the tokens.
 
 Under tensor parallel q, k, v are local tensors of the rank's heads, so the all-gather moves only those
 heads and only over the cp group; tensor and sequence parallel compose unchanged.
 
 Exactness and speed. Masking by global position gives the single-process causal attention to fp32
-rounding (the keys in global order, as one process sums them). The price is on GPU: SDPA's flash
+rounding (the keys in global order, as one process sums them). With SDPA the price is on GPU: its flash
 kernel takes no mask (only ``is_causal``, a square triangle), so the boolean mask sends SDPA to the
 memory-efficient kernel (math on CPU), slower than flash, and the mask itself is materialised, [c, (j + 1) c]
 booleans per chunk shared by the batch and heads: 128 MiB at 32k tokens over cp = 4, 1 GiB at 128k over
-cp = 8. Ring attention (``torch.distributed.tensor.experimental.context_parallel``) keeps flash by merging
-per-block log-sum-exps; the all-gather here trades that for one simple collective that gloo runs too.
+cp = 8. flash-attn's varlen kernel (``--attention-backend flash``) takes the chunk as it is (queries aligned
+to the bottom right of their keys) and FlexAttention a block mask, neither materialised. Ring attention
+(``torch.distributed.tensor.experimental.context_parallel``) keeps flash by merging per-block log-sum-exps;
+the all-gather here trades that for one simple collective that gloo runs too.
 
 Loss and gradients. Each cp rank scores its own tokens: inputs ``batch[:, :-1]`` and targets
 ``batch[:, 1:]``, both sharded the same way, RoPE positions from ``shard_positions`` (``shard_batch``
 does all three). Every rank holds the same number of tokens, so the mean of the cp ranks' mean losses
-is the sequence's mean loss. Parameters are replicated over cp, so their gradients must be averaged
+is the sequence's mean loss; with ``--eod-mask-loss`` the ranks score different numbers of tokens, so each
+divides its sum by the whole sequence's count over cp (Megatron-LM's loss x cp), known on every rank. Parameters are replicated over cp, so their gradients must be averaged
 over cp as over data parallel: FSDP2 shards over the flattened (dp_shard, cp) mesh (torchtitan's
 ``dp_shard_cp``, ``parallelize.dp_mesh``), whose reduce-scatter averages over both.
 """
@@ -48,12 +57,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from cookbook.engine.attention import AttentionMask, query_chunks
 from cookbook.errors import CookbookError
-from cookbook.model.model import repeat_kv
 
 # torch 2.13 renames the tensor collectives (the old names warn); torch 2.11 has only the old ones
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -133,17 +141,19 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
     return unshard_sequence(_AllGather.apply(x, group).unbind(0), dim=dim)
 
 
-def causal_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_rank: int, cp: int) -> torch.Tensor:
+def causal_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_rank: int, cp: int,
+                        mask: AttentionMask | None = None) -> torch.Tensor:
     """Causal attention of rank ``cp_rank``'s queries q [b, heads, S / cp, d] (its two chunks) over the whole
-    sequence's keys and values k, v [b, heads, S, d] in global order: each chunk j attends to keys 0 .. (j + 1) c,
-    the last c of them causally (a query at global position p sees the keys at positions <= p)."""
+    sequence's keys and values k, v [b, kv_heads, S, d] in global order: each chunk j attends to keys 0 .. (j + 1) c,
+    the last c of them causally (a query at global position p sees the keys at positions <= p), and with a ``mask``
+    only those of its own document, run by the mask's kernel (default: SDPA, masked by global position)."""
     c = q.shape[2] // 2
+    if mask is None:
+        mask = AttentionMask("sdpa", None, query_chunks(k.shape[2], (cp_rank, cp)), q.shape[0], q.device)
     out = []
     for j, q_chunk in zip(chunk_ids(cp_rank, cp), q.split(c, dim=2)):
         seen = (j + 1) * c
-        # row i is position j * c + i: it sees columns 0 .. j * c + i (a lower-right aligned triangle)
-        mask = torch.ones(c, seen, dtype=torch.bool, device=q.device).tril(diagonal=seen - c)
-        out.append(F.scaled_dot_product_attention(q_chunk, k[:, :, :seen], v[:, :, :seen], attn_mask=mask))
+        out.append(mask.attend(q_chunk, k[:, :, :seen], v[:, :, :seen], start=j * c))
     return torch.cat(out, dim=2)
 
 
@@ -164,14 +174,13 @@ def _context_parallel_class(cls: type) -> type:
     swap keeps every parameter and state-dict name."""
     if cls not in _CLASSES:
 
-        def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None) -> torch.Tensor:
+        def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
             # q [b, heads, s, d], k and v [b, kv_heads, s, d]: this rank's tokens, RoPE'd at their global positions
             if cache is not None:
                 raise CookbookError("generation with a KV cache does not run under context parallel; generate with a context parallel size of 1")
+            # the kv heads travel, not their grouped-query copies (the kernel repeats them, or reads them in place)
             k, v = gather_sequence(torch.stack([k, v]), self.cp_group, dim=3).unbind(0)  # [b, kv_heads, S, d]
-            # grouped-query attention after the gather: the kv heads travel, not their copies
-            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-            return causal_attention_cp(q, k, v, self.cp_rank, self.cp_size)
+            return causal_attention_cp(q, k, v, self.cp_rank, self.cp_size, mask)
 
         _CLASSES[cls] = type(f"ContextParallel{cls.__name__}", (ContextParallel, cls), {"attend": attend})
     return _CLASSES[cls]

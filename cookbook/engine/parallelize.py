@@ -6,8 +6,8 @@ from its own generator seeded by (seed, parameter name) (``Transformer.initial_v
 weights are the same under every parallel layout and world size.
 
 The order of ``parallelize`` is fixed: float8 linears (``--fp8``) -> tensor parallel -> context
-parallel (cookbook/engine/context_parallel.py) -> activation checkpointing -> compile per block ->
-FSDP (cookbook/engine/recompute.py holds those two).
+parallel (cookbook/engine/context_parallel.py) -> the attention kernel (cookbook/engine/attention.py) ->
+activation checkpointing -> compile per block -> FSDP (cookbook/engine/recompute.py holds those two).
 Under pipeline parallel each stage's chunk goes through the same steps (cookbook/engine/pipeline.py
 cuts the model first).
 
@@ -39,6 +39,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from cookbook.engine.attention import apply_attention
 from cookbook.engine.context_parallel import apply_cp
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.float8 import apply_fp8
@@ -187,6 +188,7 @@ class Speedups:
     recompute_num_layers: int | None = None
     compile: bool = False
     fp8: bool = False  # torchao float8 linear layers (cookbook/engine/float8.py)
+    attention: str = "sdpa"  # the attention kernel (attention.resolve_backend): sdpa, flex, flash2, flash3
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
@@ -201,14 +203,19 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_
     # 2. context parallel: attention gathers the keys and values of the whole sequence over mesh["cp"]
     if dims.cp > 1:
         apply_cp(model, mesh["cp"])
-    # 3. activation checkpointing per block (selective or full)
+    # 3. attention: ``model(..., documents=ids)`` -> the mask every block attends with, made once per forward;
+    #    the sequence a forward covers is its input's times cp (and tp for a later pipeline stage under SP)
+    cp = (mesh.get_local_rank("cp"), dims.cp) if dims.cp > 1 else None
+    sp_shard = dims.tp if dims.sequence_parallel and model.tok_embeddings is None else 1
+    apply_attention(model, speedups.attention, cp, dims.cp * sp_shard)
+    # 4. activation checkpointing per block (selective or full)
     if speedups.recompute_granularity != "none":
         apply_activation_checkpointing(model, speedups.recompute_granularity, speedups.recompute_method,
                                        speedups.recompute_num_layers)
-    # 4. torch.compile per block (the FSDP hooks stay outside the compiled graphs)
+    # 5. torch.compile per block (the FSDP hooks stay outside the compiled graphs)
     if speedups.compile:
         apply_compile(model)
-    # 5. data parallel: FSDP2 over the dp dims (over the TP shards when tp > 1). A world of one keeps
+    # 6. data parallel: FSDP2 over the dp dims (over the TP shards when tp > 1). A world of one keeps
     #    the plain module: FSDP would only copy (3-4% of a CPU step); the Trainer then runs bf16 under autocast.
     if mesh.size() > 1:
         apply_fsdp(model, dp_mesh(mesh, dims), param_dtype)

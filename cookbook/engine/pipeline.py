@@ -12,9 +12,12 @@ A chunk is a ``Transformer`` that lost the layers it does not own (the ``layers`
 so parameter names, checkpoint keys and ``Transformer.initial_value`` are those of the whole model), the
 embedding unless it is the first stage, and the final norm and output layer unless it is the last. Its
 forward takes tokens on the first stage and hidden states [b, s, h] elsewhere (RoPE positions come from
-``shape[1]``, the sequence length either way) and returns hidden states, or logits on the last stage.
+``shape[1]``, the sequence length either way, unless packed documents reset them: then ``positions``, like the
+``documents`` attention stays within, reach every stage as keyword arguments) and returns hidden states, or
+logits on the last stage.
 
-The loss is the single-process Trainer's: each micro batch's mean token cross-entropy; the schedule
+The loss is the single-process Trainer's: each micro batch's mean token cross-entropy (over its scored tokens
+under ``--eod-mask-loss``: the masked targets travel as ``IGNORE``); the schedule
 back-propagates each and divides the gradients by the number of micro batches at the end (``scale_grads=True``),
 so the gradient is that of the mean over micro batches. Only the last stage sees the losses (``pipeline_step``
 returns their mean there, None elsewhere); the gradient norm must include every stage (``clip_grad_norm_pp``).
@@ -176,16 +179,18 @@ def build_schedule(chunks: list[torch.nn.Module], pp_mesh: DeviceMesh, n_microba
 
 
 def pipeline_step(schedule, tokens: torch.Tensor | None, targets: torch.Tensor | None, is_first: bool,
-                  is_last: bool) -> torch.Tensor | None:
+                  is_last: bool, **inputs: torch.Tensor | None) -> torch.Tensor | None:
     """Forward and backward over the micro batches of one global batch on this rank's stages.
 
     ``tokens`` [batch, seq] are read on the rank holding the first stage, ``targets`` on the one holding the
-    last (the schedule splits both into its micro batches along dim 0). Returns the mean of the micro batches'
-    losses on the last stage's rank, None elsewhere. Gradients accumulate into the chunks' ``.grad``."""
+    last (the schedule splits both into its micro batches along dim 0). ``inputs`` (``positions``, ``documents``
+    [batch, seq]; None ones are left out) reach every stage's forward as keyword arguments, split alike. Returns the
+    mean of the micro batches' losses on the last stage's rank, None elsewhere. Gradients accumulate into the
+    chunks' ``.grad``."""
     losses: list[torch.Tensor] = []
     args = (tokens,) if is_first else ()
     schedule.step(*args, target=targets if is_last else None, losses=losses if is_last else None,
-                  return_outputs=False)
+                  return_outputs=False, **{k: v for k, v in inputs.items() if v is not None})
     if not is_last:
         return None
     return torch.stack([loss.detach().float() for loss in losses]).mean()
@@ -193,11 +198,12 @@ def pipeline_step(schedule, tokens: torch.Tensor | None, targets: torch.Tensor |
 
 @torch.no_grad()
 def pipeline_eval(schedule, tokens: torch.Tensor | None, targets: torch.Tensor | None, is_first: bool,
-                  is_last: bool) -> torch.Tensor | None:
+                  is_last: bool, **inputs: torch.Tensor | None) -> torch.Tensor | None:
     """Forward only (``schedule.eval``); the mean micro-batch loss on the last stage's rank, None elsewhere."""
     losses: list[torch.Tensor] = []
     args = (tokens,) if is_first else ()
-    schedule.eval(*args, target=targets if is_last else None, losses=losses if is_last else None)
+    schedule.eval(*args, target=targets if is_last else None, losses=losses if is_last else None,
+                  **{k: v for k, v in inputs.items() if v is not None})
     if not is_last:
         return None
     return torch.stack([loss.float() for loss in losses]).mean()

@@ -53,13 +53,15 @@ def _aten_ops(*names: str) -> frozenset:
 
 
 # Ops whose outputs selective recompute keeps: matmuls (Linear is mm, or addmm with a bias) and attention
-# on every SDPA backend, CPU's included. Everything else in a block is recomputed in backward.
+# on every SDPA backend, CPU's included, FlexAttention and flash-attn. Everything else in a block is recomputed in backward.
 SAVED_OPS = _aten_ops(
     "mm", "addmm", "bmm",
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_fused_attention_overrideable",
 )
+# the other attention kernels (cookbook/engine/attention.py), by name: flash-attn registers its ops when imported
+SAVED_KERNELS = frozenset({"flex_attention", "flash_attn::_flash_attn_varlen_forward", "flash_attn_3::_flash_attn_forward"})
 
 
 def check_recompute(granularity: str, method: str | None, num_layers: int | None, model_layers: int) -> None:
@@ -83,7 +85,8 @@ def check_recompute(granularity: str, method: str | None, num_layers: int | None
 def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     # decides on the op alone, so forward and recompute agree on every torch version (older ones ask the
     # policy again during recompute, newer ones only in forward)
-    return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = func in SAVED_OPS or getattr(func, "name", lambda: None)() in SAVED_KERNELS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():

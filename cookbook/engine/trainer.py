@@ -18,20 +18,23 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from cookbook.data.loader import BatchLoader, build_splits, split_sizes
+from cookbook.data.gpt_dataset import DocumentFlags, document_inputs
+from cookbook.data.loader import BatchLoader, build_splits, document_flags, split_sizes
 from cookbook.engine import checkpoint
+from cookbook.engine.attention import resolve_backend
 from cookbook.engine.config import DataConfig, JobConfig, build_config
-from cookbook.engine.context_parallel import check_cp, shard_batch
+from cookbook.engine.context_parallel import check_cp, shard_positions, shard_sequence
 from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
-from cookbook.engine.loss import cross_entropy, kd_loss
+from cookbook.engine.loss import IGNORE, cross_entropy, kd_loss
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops, trim_metrics
 from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
-from cookbook.engine.parallelize import Speedups, build_model, check_tp
+from cookbook.engine.parallelize import DTYPES, Speedups, build_model, check_tp
 from cookbook.engine.pipeline import (
     broadcast_from_last_stage,
     build_pipeline_model,
@@ -47,19 +50,46 @@ from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
 from cookbook.progress import console
 
 
-def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1):
-    """(inputs, targets, positions) for predicting ``batch[:, 1:]`` from ``batch[:, :-1]``: under context parallel
-    this cp rank's share of the tokens and their positions (the same count on every rank, so the mean over the cp
-    ranks of their mean losses is the batch's); otherwise all of them, positions None (0, 1, ...)."""
-    if cp > 1:
-        return shard_batch(batch, cp_rank, cp)
-    return batch[:, :-1], batch[:, 1:], None
+class NextTokens(NamedTuple):
+    """One micro batch as the model and the loss take it (``next_token_inputs``)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor  # IGNORE where the loss is masked
+    positions: torch.Tensor | None  # None: 0, 1, ...
+    documents: torch.Tensor | None  # the whole sequence's document ids [b, S], also under context parallel
+    tokens: torch.Tensor | None  # what this rank divides its loss sum by; None: its scored tokens
+
+    def model_kwargs(self) -> dict:
+        """The model's keyword arguments (``documents`` only when given: a plain model takes none)."""
+        return {"documents": self.documents} if self.documents is not None else {}
 
 
-def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1) -> torch.Tensor:
+def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None) -> NextTokens:
+    """Predicting ``batch[:, 1:]`` from ``batch[:, :-1]``, with Megatron-LM's packed-document flags when given
+    (``document_inputs``). Under context parallel this cp rank's share of the tokens, targets and positions
+    (as ``shard_batch``); each rank then divides its loss sum by the batch's scored tokens / cp, so that the mean over
+    the cp ranks is the batch's mean (the ranks score equally many tokens unless the loss is masked)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    positions = ids = keep = tokens = None
+    if documents is not None:
+        positions, ids, keep = document_inputs(inputs, documents)
+    if keep is not None:
+        targets = targets.masked_fill(~keep, IGNORE)
+        if cp > 1:
+            tokens = keep.sum().clamp(min=1) / cp
+    if cp == 1:
+        return NextTokens(inputs, targets, positions, ids, tokens)
+    if positions is None:
+        positions = shard_positions(inputs.shape[1], cp_rank, cp, inputs.device)
+    else:
+        positions = shard_sequence(positions, cp_rank, cp)
+    return NextTokens(shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp), positions, ids, tokens)
+
+
+def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None) -> torch.Tensor:
     """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked)."""
-    inputs, targets, positions = next_token_inputs(batch, cp_rank, cp)
-    return cross_entropy(model(inputs, positions), targets)
+    x = next_token_inputs(batch, cp_rank, cp, documents)
+    return cross_entropy(model(x.inputs, x.positions, **x.model_kwargs()), x.targets, tokens=x.tokens)
 
 
 def find_teacher(job: JobConfig) -> tuple[Path, ModelConfig] | None:
@@ -144,13 +174,16 @@ class Trainer:
         sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
         self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
         self.loader = self._loader(self.splits["train"])
+        self.documents = document_flags(data, job.model.vocab_size)  # packed-document flags, None when off
+        self.attention = self._attention_backend(job.model)
         self.step = 0
 
         teacher = find_teacher(job)  # before the model: a wrong teacher fails fast
         torch.manual_seed(t.seed)
         if t.fp8:
             check_fp8(self.dims.tp, self.device)
-        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile, t.fp8)
+        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile, t.fp8,
+                            self.attention)
         self.pipeline = None  # the pipeline schedule when pp > 1: it runs forward and backward over the micro batches
         if self.dims.pp > 1:
             self.model = build_pipeline_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
@@ -161,7 +194,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.teacher = None  # --kd-teacher: the same layout, its weights loaded, no gradients
         if teacher is not None:
-            self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed)
+            self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed,
+                                       Speedups(attention=self._attention_backend(teacher[1])))
             checkpoint.load(teacher[0], self.teacher)
             self.teacher.eval().requires_grad_(False)
         # bf16 in a world of one (no FSDP): autocast; with FSDP its mixed-precision policy casts instead
@@ -172,6 +206,12 @@ class Trainer:
             self._load(load, finetune=job.checkpoint.finetune)
         self.checkpointer = checkpoint.Checkpointer(job.checkpoint.save, job.checkpoint.keep_last, self.dist.is_main) if job.checkpoint.save else None
         self._stop_signal = False
+
+    def _attention_backend(self, cfg: ModelConfig) -> str:
+        """The kernel ``--attention-backend`` resolves to for this device, precision and model (``attention.py``)."""
+        within = self.documents is not None and self.documents.reset_attention_mask
+        return resolve_backend(self.job.training.attention_backend, self.device, DTYPES[self.job.training.dtype],
+                               cfg.head_dim, documents=within)
 
     def _loader(self, samples, consumed: int = 0) -> BatchLoader:
         t = self.job.training
@@ -264,21 +304,23 @@ class Trainer:
 
     def _loss(self, batch: torch.Tensor, distil: bool = False) -> torch.Tensor:
         """Cross-entropy; in training with a teacher, (1 - r) CE + r KL(teacher || student) (evaluation: CE alone)."""
-        inputs, targets, positions = next_token_inputs(batch, self.cp_rank, self.dims.cp)
-        logits = self.model(inputs, positions)
-        ce = cross_entropy(logits, targets)
+        x = next_token_inputs(batch, self.cp_rank, self.dims.cp, self.documents)
+        logits = self.model(x.inputs, x.positions, **x.model_kwargs())
+        ce = cross_entropy(logits, x.targets, tokens=x.tokens)
         if not (distil and self.teacher is not None):
             return ce
         t = self.job.training
         with torch.no_grad():
-            teacher_logits = self.teacher(inputs, positions)
-        return (1 - t.kd_ratio) * ce + t.kd_ratio * kd_loss(logits, teacher_logits, t.kd_temperature)
+            teacher_logits = self.teacher(x.inputs, x.positions, **x.model_kwargs())
+        kd = kd_loss(logits, teacher_logits, t.kd_temperature, targets=x.targets, tokens=x.tokens)
+        return (1 - t.kd_ratio) * ce + t.kd_ratio * kd
 
     def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
         dimension; the mean micro-batch loss, sent from the last stage to every pipeline rank."""
-        batch = torch.cat(micro_batches).to(self.device, non_blocking=True)
-        loss = run(self.pipeline, batch[:, :-1], batch[:, 1:], self.model.is_first, self.model.is_last)
+        x = next_token_inputs(torch.cat(micro_batches).to(self.device, non_blocking=True), documents=self.documents)
+        loss = run(self.pipeline, x.inputs, x.targets, self.model.is_first, self.model.is_last, positions=x.positions,
+                   **x.model_kwargs())
         return broadcast_from_last_stage(loss, self.mesh["pp"], self.device)
 
     def _precision(self):
@@ -347,6 +389,7 @@ class Trainer:
                         "tflops_megatron": megatron_flops * iters / elapsed / self.dist.world_size / 1e12,
                         "mfu": tflops / peak if peak else None, "memory_gib": peak_memory_gib(self.device),
                         "consumed_samples": self.loader.consumed_samples, "seconds_per_step": elapsed / iters,
+                        "attention": self.attention,
                     }
                     mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
                     logger.log(record, (

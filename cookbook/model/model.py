@@ -12,6 +12,10 @@ inv_freq (linear = Position Interpolation, dynamic NTK, YaRN, Llama 3) with HF t
 into the residual stream (attention output, MLP down) with init_std / sqrt(2 * num_layers), as
 Megatron-LM does. Nothing here knows about parallelism: cookbook.engine applies it from outside.
 
+Attention is causal over the whole row unless a ``mask`` comes in from outside: packed training samples then
+attend only within their own document (Megatron-LM's ``--reset-attention-mask``), and the mask carries the
+kernel that runs it (SDPA, FlexAttention or flash-attn: cookbook/engine/attention.py prepares it once per forward).
+
 For generation only, an optional ``KVCache`` keeps each layer's keys and values so that a forward over
 new tokens attends over everything before them; training never passes one and never pays for it.
 """
@@ -174,25 +178,30 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, mask=None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, d]
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attend(q, k, v, cache)
+        y = self.attend(q, k, v, cache, mask)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """Causal attention of q [b, heads, s, d] over k, v [b, kv_heads, s, d] -> [b, heads, s, d]."""
-        mask = None
-        if cache is not None:  # generation: keep these keys/values, attend over every cached one the mask allows
-            k, v, mask = cache.update(k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None = None,
+               mask=None) -> torch.Tensor:
+        """Causal attention of q [b, heads, s, d] over k, v [b, kv_heads, s, d] -> [b, heads, s, d]. A ``mask``
+        from outside (``cookbook.engine.attention.AttentionMask``) narrows it to each token's own document and runs
+        it with its kernel."""
+        if mask is not None:
+            return mask.attend(q, k, v)
+        seen = None  # generation: which cached keys each query sees
+        if cache is not None:  # generation: keep these keys/values, attend over every cached one it may see
+            k, v, seen = cache.update(k, v)
             if q.shape[2] == 1:  # a decode step: SDPA reads the kv heads in place (no copy of the cache per step)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=k.shape[1] != q.shape[1])
         # longer forwards repeat the kv heads, so that every SDPA kernel (flash, memory-efficient) applies
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, is_causal=seen is None)
 
 
 def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -220,8 +229,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache)
+                cache: LayerCache | None = None, mask=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, mask=mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -271,8 +280,10 @@ class Transformer(nn.Module):
         return torch.normal(0.0, std, tuple(shape), generator=generator, device=device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]; ``positions`` [batch or 1, seq] default to 0..seq-1.
+                cache: KVCache | None = None, last: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; ``positions`` [batch or 1, seq] default to 0..seq-1
+        (packed documents restart them at each document: Megatron-LM's ``--reset-position-ids``); ``mask`` keeps
+        attention within documents (``Attention.attend``).
         With a ``cache`` (generation), the tokens' keys and values are stored at their positions and attention
         reads every cached position at or before each token's: a prompt, then one token at a time. ``last``
         [batch] (a prompt's prefill) keeps only position ``last[i]`` of row i: logits [batch, 1, vocab]."""
@@ -282,7 +293,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)
         caches = cache.at(positions) if cache is not None else {}
         for name, layer in self.layers.items():
-            x = layer(x, cos, sin, cache=caches.get(name))
+            x = layer(x, cos, sin, cache=caches.get(name), mask=mask)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         x = self.norm(x) if self.norm is not None else x

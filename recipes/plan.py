@@ -59,7 +59,8 @@ from rich.table import Table
 from cookbook.engine.loss import CHUNK_ELEMENTS
 from cookbook.engine.metrics import PEAK_TFLOPS
 from cookbook.errors import CookbookError
-from cookbook.model.config import PRESETS, ModelConfig
+from cookbook.model.config import ModelConfig
+from cookbook.model.config import preset as preset_config
 
 GIB = 2**30
 MODES = ("none", "selective", "full")
@@ -276,9 +277,7 @@ def resolve_model(preset: str | None, overrides: dict | None) -> ModelConfig:
         if not overrides:
             raise CookbookError("name a --preset or give the model's shapes (--num-layers, --hidden-size, ...)")
         return ModelConfig(**overrides)
-    if preset not in PRESETS:
-        raise CookbookError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset].replace(**overrides)
+    return preset_config(preset, **overrides)
 
 
 def run(preset: str | None = None, seq_length: int | None = None, global_batch: int = 1024, gpu: str = "A100-80GB",

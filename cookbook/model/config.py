@@ -111,30 +111,35 @@ def megatron_flops_per_iteration(cfg: ModelConfig, global_batch: int, seq_len: i
 # family's proportions (head_dim 128, FFN ~ 8h/3 rounded to a multiple of 256, MHA as the cookbook
 # trained them) to land on those sizes with a 32,000-token vocabulary. num_params() gives the exact count.
 
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+PRESET_FIELDS: dict[str, dict] = {
+    "tiny": dict(vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=688, max_seq_len=256),
-    "llama2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                              intermediate_size=11008, max_seq_len=4096),
-    "llama2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
+    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                               intermediate_size=13824, max_seq_len=4096),
-    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                              intermediate_size=14336, max_seq_len=8192, rope_theta=500000.0),
-    "llama-31b": ModelConfig(vocab_size=32000, hidden_size=6656, num_layers=58, num_heads=52,
+    "llama-31b": dict(vocab_size=32000, hidden_size=6656, num_layers=58, num_heads=52,
                              intermediate_size=17920, max_seq_len=4096),
-    "llama-65b": ModelConfig(vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64,
+    "llama-65b": dict(vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64,
                              intermediate_size=22016, max_seq_len=4096),
-    "llama-108b": ModelConfig(vocab_size=32000, hidden_size=10240, num_layers=85, num_heads=80,
+    "llama-108b": dict(vocab_size=32000, hidden_size=10240, num_layers=85, num_heads=80,
                               intermediate_size=27392, max_seq_len=4096),
-    "llama-132b": ModelConfig(vocab_size=32000, hidden_size=11264, num_layers=86, num_heads=88,
+    "llama-132b": dict(vocab_size=32000, hidden_size=11264, num_layers=86, num_heads=88,
                               intermediate_size=30208, max_seq_len=4096),
 }
 
 
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**fields) for name, fields in PRESET_FIELDS.items()}
+
+
 def preset(name: str, **overrides) -> ModelConfig:
+    """A preset with some fields changed. What the preset leaves to be derived (head_dim, MHA's query groups) is
+    derived again from the changed fields: ``tiny`` with ``hidden_size=64, num_heads=4`` has head_dim 16."""
     if name not in PRESETS:
         raise CookbookError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    return ModelConfig(**{**PRESET_FIELDS[name], **overrides})
 
 
 def describe(cfg: ModelConfig) -> str:

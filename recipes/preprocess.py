@@ -1,30 +1,41 @@
-"""``cookbook preprocess``: jsonl in, Megatron indexed dataset out, byte-identical to Megatron-LM.
+"""``cookbook preprocess``: a corpus in, Megatron indexed dataset out, byte-identical to Megatron-LM.
 
 Megatron-LM's ``tools/preprocess_data.py`` sends every line through a process pool that calls
 ``json.loads`` and ``tokenizer.tokenize`` once per document. Here the main work is batched: a reader
-thread parses blocks of lines with orjson while the tokenizer encodes the previous block in its
-native threads (``--workers`` of them), and token arrays are written in large sequential writes.
-The ids, the dtype, the document order, the handling of empty documents and ``--append-eod`` are
-Megatron-LM's, so the ``.bin``/``.idx`` bytes are the same.
+thread parses blocks of documents (orjson for jsonl; pyarrow for parquet and Arrow) while the tokenizer
+encodes the previous block in its native threads (``--workers`` of them), and token arrays are written in
+large sequential writes. The ids, the dtype, the document order, the handling of empty documents and
+``--append-eod`` are Megatron-LM's, so the ``.bin``/``.idx`` bytes are the same.
+
+``--partitions N`` cuts the inputs, laid end to end, into N contiguous byte ranges (``cookbook.data.sources``)
+and writes each to ``PREFIX_KEY_document.parts/IIIII-of-NNNNN.bin/.idx``; a partition is done once its
+``.json`` record is there, so a run started again after a crash redoes only the others. Merged in order,
+the partitions are the one-pass dataset byte for byte. ``--partition-index i`` does partition i alone (one
+task of a SLURM array); ``cookbook merge`` of the parts folder then gives the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import shutil
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cookbook.data.indexed import IndexedDatasetWriter, optimal_dtype
-from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
+from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
+from cookbook.data.sources import Input, Partition, check_inputs, expand, partition, read_partition
 from cookbook.data.tokenizer import Tokenizer, load_tokenizer, scatter
 from cookbook.errors import CookbookError
+from cookbook.fileio import write_text_atomic
 from cookbook.progress import rate_progress
+
+SKIPPED_KEPT = 100  # locations of skipped rows kept for the summary; the rest are counted
 
 
 @dataclass
@@ -41,6 +52,15 @@ class PreprocessConfig:
     skip_bad_lines: bool = False
     tokenizer_backend: str = "auto"
     block_mb: float = 8.0
+    partitions: int = 1
+    partition_index: int | None = None  # do only this partition (of ``partitions``), and merge nothing
+
+
+@dataclass
+class InputCounts:
+    documents: int = 0
+    skipped: int = 0
+    bytes: int = 0
 
 
 @dataclass
@@ -50,10 +70,23 @@ class PreprocessSummary:
     sequences: int = 0
     tokens: int = 0
     empty: int = 0  # documents that tokenized to nothing (kept in the index, as Megatron-LM does)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # the first SKIPPED_KEPT skipped rows: "location: why"
+    skipped_rows: int = 0
     bytes: int = 0
     seconds: float = 0.0
     tokenizer: str = ""
+    inputs: dict[str, InputCounts] = field(default_factory=dict)  # per --input argument
+    partitions_reused: int = 0
+    partitions_done: int = 0
+
+    def add(self, other: "PreprocessSummary") -> None:
+        """Add a partition's counts."""
+        for name in ("documents", "sequences", "tokens", "empty", "skipped_rows", "bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.extend(other.skipped[: max(0, SKIPPED_KEPT - len(self.skipped))])
+        for given, c in other.inputs.items():
+            mine = self.inputs.setdefault(given, InputCounts())
+            mine.documents, mine.skipped, mine.bytes = mine.documents + c.documents, mine.skipped + c.skipped, mine.bytes + c.bytes
 
 
 def output_prefix(prefix: str, key: str) -> str:
@@ -88,17 +121,6 @@ def encode_documents(tok: Tokenizer, values: list, append_eod: bool):
         out[ends[last] - 1] = tok.eod
         flat, seq_lengths = out, new_lengths
     return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
-
-
-def _batches(cfg: PreprocessConfig, files: list[Path]):
-    """Yield (texts per key, skipped, bytes of JSON, position on disk) per block of lines."""
-    block = max(1 << 16, int(cfg.block_mb * (1 << 20)))
-    done = 0
-    for path in files:
-        for first, lines, pos in read_lines(path, block):
-            texts, skipped = parse_lines(path, first, lines, cfg.json_keys, cfg.skip_bad_lines)
-            yield texts, skipped, sum(map(len, lines)) + len(lines), done + pos
-        done += path.stat().st_size
 
 
 def _prefetch(iterator, depth: int = 2):
@@ -136,45 +158,188 @@ def _prefetch(iterator, depth: int = 2):
         stop.set()
 
 
-def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
+def parts_folder(prefix: str) -> Path:
+    """Where ``--partitions`` writes a dataset's partitions: ``PREFIX.parts/``."""
+    return Path(f"{prefix}.parts")
+
+
+def part_name(index: int, count: int) -> str:
+    return f"{index:05d}-of-{count:05d}"
+
+
+def _check(cfg: PreprocessConfig) -> None:
     if not cfg.json_keys:
         raise CookbookError("--json-keys needs at least one key")
     if cfg.workers < 1:
         raise CookbookError(f"--workers must be at least 1, got {cfg.workers}")
-    files = expand_inputs(cfg.inputs)
+    if cfg.partitions < 1:
+        raise CookbookError(f"--partitions must be at least 1, got {cfg.partitions}")
+    if cfg.partition_index is not None and not 0 <= cfg.partition_index < cfg.partitions:
+        raise CookbookError(f"--partition-index must be in [0, {cfg.partitions}) for --partitions {cfg.partitions}, got {cfg.partition_index}")
+
+
+def _fingerprint(cfg: PreprocessConfig, inputs: list[Input], tok: Tokenizer) -> dict:
+    """What decides a partition's bytes: the inputs (names, sizes, times), the tokenizer and the flags."""
+
+    def stamp(path) -> list:
+        p = Path(path)
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        return [str(p), sum(f.stat().st_size for f in files if f.is_file()), max((f.stat().st_mtime_ns for f in files if f.is_file()), default=0)]
+
+    return {
+        "inputs": [stamp(i.path) for i in inputs],
+        "partitions": cfg.partitions,
+        "json_keys": cfg.json_keys,
+        "append_eod": cfg.append_eod,
+        "skip_bad_lines": cfg.skip_bad_lines,
+        "tokenizer": [tok.type, *(stamp(f) for f in (cfg.tokenizer_model, cfg.vocab_file, cfg.merge_file) if f)],
+    }
+
+
+def _claim_parts(prefixes: dict[str, str], plan: dict) -> None:
+    """Create the parts folders with the run's plan, or check that those there belong to this run."""
+    text = json.dumps(plan, indent=1) + "\n"
+    for prefix in prefixes.values():
+        folder = parts_folder(prefix)
+        folder.mkdir(parents=True, exist_ok=True)
+        f = folder / "plan.json"
+        if f.exists():
+            if json.loads(f.read_text(encoding="utf-8")) != json.loads(text):
+                raise CookbookError(
+                    f"{folder} holds partitions of another run (its inputs, tokenizer or flags differ); "
+                    "remove it, or choose another --output-prefix"
+                )
+        else:
+            write_text_atomic(f, text)
+
+
+def _finished(prefixes: dict[str, str], name: str) -> PreprocessSummary | None:
+    """A partition's summary if every key's dataset and record are complete, else None."""
+    found = None
+    for key, prefix in prefixes.items():
+        folder = parts_folder(prefix)
+        record = folder / f"{name}.json"
+        if not (record.exists() and bin_path(folder / name).exists() and idx_path(folder / name).exists()):
+            return None
+        if found is None:
+            data = json.loads(record.read_text(encoding="utf-8"))
+            data["inputs"] = {k: InputCounts(**v) for k, v in data["inputs"].items()}
+            found = PreprocessSummary(**data)
+    return found
+
+
+def _clear_leftovers(prefixes: dict[str, str], name: str) -> None:
+    """Remove what a killed run left of this partition (its temporary files)."""
+    for prefix in prefixes.values():
+        for f in parts_folder(prefix).glob(f".{name}.*.tmp-*"):
+            f.unlink(missing_ok=True)
+
+
+def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
+    _check(cfg)
+    inputs = expand(cfg.inputs)
+    if cfg.partitions > 1 and any(i.is_stdin for i in inputs):
+        raise CookbookError("--partitions cannot split standard input; give files")
+    check_inputs(inputs, cfg.json_keys, cfg.skip_bad_lines)
     tok = load_tokenizer(
         cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,
         threads=cfg.workers, backend=cfg.tokenizer_backend,
     )
     dtype = optimal_dtype(tok.vocab_size)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    summary = PreprocessSummary(
-        outputs={k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys},
-        tokenizer=f"{tok.type} ({tok.backend})",
-    )
-    total = sum(p.stat().st_size for p in files)
+    outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
+    summary = PreprocessSummary(outputs=outputs, tokenizer=f"{tok.type} ({tok.backend})")
     start = time.perf_counter()
+    if cfg.partitions == 1:
+        total = sum(i.size for i in inputs) if not any(i.is_stdin for i in inputs) else None
+        with rate_progress("preprocess", total, enabled=show_progress) as bar:
+            summary.add(_write(cfg, tok, dtype, inputs, None, outputs, bar, require_documents=True))
+        summary.partitions_done = 1
+    else:
+        _partitioned(cfg, tok, dtype, inputs, summary, show_progress)
+    if summary.documents == 0 and cfg.partition_index is None:
+        raise CookbookError(
+            f"no documents in {', '.join(i.name for i in inputs)}"
+            + (f" ({summary.skipped_rows} bad rows skipped)" if summary.skipped_rows else "")
+        )
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:
+    """Write the partitions not yet done; without --partition-index, merge them all into the outputs."""
+    parts = {k: str(parts_folder(p) / "x")[:-1] for k, p in summary.outputs.items()}  # folder + "/"
+    _claim_parts(summary.outputs, _fingerprint(cfg, inputs, tok))
+    todo = [cfg.partition_index] if cfg.partition_index is not None else list(range(cfg.partitions))
+    plans = {i: partition(inputs, i, cfg.partitions) for i in todo}
+    total = sum(sum(_range_bytes(inputs, r) for r in plans[i].ranges) for i in todo)
+    with rate_progress("preprocess", total, enabled=show_progress) as bar:
+        for i in todo:
+            name = part_name(i, cfg.partitions)
+            done = _finished(summary.outputs, name)
+            if done is not None:
+                summary.add(done)
+                summary.partitions_reused += 1
+                bar.advance(done.bytes, done.documents)
+                continue
+            _clear_leftovers(summary.outputs, name)
+            prefixes = {k: parts[k] + name for k in parts}
+            part = _write(cfg, tok, dtype, inputs, plans[i], prefixes, bar)
+            record = asdict(part)
+            record.update(outputs=prefixes, seconds=0.0)
+            for prefix in summary.outputs.values():
+                write_text_atomic(parts_folder(prefix) / f"{name}.json", json.dumps(record) + "\n")
+            summary.add(part)
+            summary.partitions_done += 1
+    if cfg.partition_index is not None:
+        summary.outputs = {k: p + part_name(cfg.partition_index, cfg.partitions) for k, p in parts.items()}
+        return
+    if summary.documents == 0:
+        return
+    for key, prefix in summary.outputs.items():
+        with IndexedDatasetWriter(prefix, dtype) as writer:
+            for i in range(cfg.partitions):
+                writer.add_dataset(parts[key] + part_name(i, cfg.partitions))
+    for prefix in summary.outputs.values():
+        shutil.rmtree(parts_folder(prefix))
+
+
+def _range_bytes(inputs: list[Input], r: tuple[int, int, int | None]) -> int:
+    n, start, end = r
+    return (inputs[n].size if end is None else end) - start
+
+
+def _write(cfg, tok, dtype, inputs: list[Input], part: Partition | None, prefixes: dict[str, str], bar,
+           require_documents: bool = False) -> PreprocessSummary:
+    """Tokenize every input (or one partition of them) into datasets at ``prefixes``; return the counts."""
+    s = PreprocessSummary(outputs=prefixes)
+    block = max(1 << 16, int(cfg.block_mb * (1 << 20)))
+    first = cfg.json_keys[0]
     with ExitStack() as stack:
-        writers = {k: stack.enter_context(IndexedDatasetWriter(p, dtype)) for k, p in summary.outputs.items()}
-        bar = stack.enter_context(rate_progress("preprocess", total, enabled=show_progress))
-        for texts, skipped, nbytes, pos in _prefetch(_batches(cfg, files)):
-            summary.skipped.extend(skipped)
-            for key, values in texts.items():
+        writers = {k: stack.enter_context(IndexedDatasetWriter(p, dtype)) for k, p in prefixes.items()}
+        for n, batch in _prefetch(read_partition(inputs, part, cfg.json_keys, cfg.skip_bad_lines, block)):
+            docs, tokens = s.documents, s.tokens
+            counts = s.inputs.setdefault(inputs[n].given, InputCounts())
+            s.skipped.extend(batch.skipped[: max(0, SKIPPED_KEPT - len(s.skipped))])
+            s.skipped_rows += batch.n_skipped
+            counts.skipped += batch.n_skipped
+            for key, values in batch.texts.items():
                 flat, lengths, per_doc = encode_documents(tok, values, cfg.append_eod)
                 if dtype == np.uint16 and len(flat) and int(flat.max()) > 65535:
                     raise CookbookError(f"token id {int(flat.max())} does not fit uint16; the tokenizer's vocab size is wrong")
                 writers[key].add_documents(flat, lengths, per_doc)
-                if key == cfg.json_keys[0]:
-                    summary.documents += len(values)
-                    summary.sequences += len(lengths)
-                    summary.tokens += len(flat)
-                    summary.empty += int((per_doc == 0).sum())
-            summary.bytes += nbytes
-            bar.update(pos, docs=summary.documents, tokens=summary.tokens, nbytes=summary.bytes)
-        if summary.documents == 0:
+                if key == first:
+                    s.documents += len(values)
+                    s.sequences += len(lengths)
+                    s.tokens += len(flat)
+                    s.empty += int((per_doc == 0).sum())
+                    counts.documents += len(values)
+            s.bytes += batch.nbytes
+            counts.bytes += batch.nbytes
+            bar.advance(batch.nbytes, s.documents - docs, s.tokens - tokens)
+        if require_documents and s.documents == 0:  # before the writers rename anything into place
             raise CookbookError(
-                f"no documents in {', '.join(map(str, files))}"
-                + (f" ({len(summary.skipped)} bad lines skipped)" if summary.skipped else "")
+                f"no documents in {', '.join(i.name for i in inputs)}"
+                + (f" ({s.skipped_rows} bad rows skipped)" if s.skipped_rows else "")
             )
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return s

@@ -107,6 +107,8 @@ def _arrow_files(folder: Path) -> list[Path]:
 
 def _listing(folder: Path) -> list[Path]:
     """A folder's corpus files and saved datasets, sorted by name."""
+    if (folder / "dataset_dict.json").is_file():
+        raise CookbookError(f"{folder} is a DatasetDict; give one split's folder, e.g. {folder / 'train'}")
     if is_arrow_dataset(folder):
         return [folder]
     return sorted(p for p in folder.iterdir() if (p.is_file() and p.name.endswith(CORPUS_SUFFIXES)) or (p.is_dir() and is_arrow_dataset(p)))
@@ -206,8 +208,6 @@ def _byte_lengths(pa, column) -> np.ndarray:
     """Bytes of text per row of a string or list-of-strings column."""
     import pyarrow.compute as pc
 
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
     if _text_type(pa, column.type) == "list":
         flat = pc.binary_length(pc.list_flatten(column)).fill_null(0).to_numpy(zero_copy_only=False)
         parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
@@ -230,15 +230,16 @@ def _slices(lengths: np.ndarray, block: int) -> list[tuple[int, int]]:
 
 def _table_batches(pa, table, keys, name: str, first_row: int, skip_bad: bool, block: int, nbytes: int) -> Iterator[Batch]:
     """Documents of an Arrow table of text columns, in slices of about ``block`` bytes; rows numbered from 1."""
-    lengths = sum(_byte_lengths(pa, table.column(k)) for k in keys)
+    whole = {}
+    for k in keys:
+        col = table.column(k).combine_chunks()
+        whole[k] = col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
+    lengths = sum(_byte_lengths(pa, whole[k]) for k in keys)
     cuts = _slices(lengths, block)
     for j, (lo, hi) in enumerate(cuts):
-        part = table.slice(lo, hi - lo)
         columns = {}
         for k in keys:
-            col = part.column(k)
-            if pa.types.is_dictionary(col.type):
-                col = col.dictionary_decode()
+            col = whole[k].slice(lo, hi - lo)
             try:
                 columns[k] = col.to_pylist()
             except UnicodeDecodeError:

@@ -228,11 +228,11 @@ def _finished(prefixes: dict[str, str], name: str) -> PreprocessSummary | None:
     return found
 
 
-def _clear_leftovers(prefixes: dict[str, str], name: str) -> None:
-    """Remove what a killed run left of this partition (its temporary files)."""
-    for prefix in prefixes.values():
-        for f in parts_folder(prefix).glob(f".{name}.*.tmp-*"):
-            f.unlink(missing_ok=True)
+def _clear_leftovers(prefix: str | Path) -> None:
+    """Remove the temporary files a killed run left of dataset ``prefix`` (``fileio.temporary_path`` names)."""
+    prefix = Path(prefix)
+    for f in prefix.parent.glob(f".{prefix.name}.*.tmp-*"):
+        f.unlink(missing_ok=True)
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
@@ -282,8 +282,9 @@ def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:
                 summary.partitions_reused += 1
                 bar.advance(done.bytes, done.documents)
                 continue
-            _clear_leftovers(summary.outputs, name)
             prefixes = {k: parts[k] + name for k in parts}
+            for prefix in prefixes.values():
+                _clear_leftovers(prefix)
             part = _write(cfg, tok, dtype, inputs, plans[i], prefixes, bar)
             record = asdict(part)
             record.update(outputs=prefixes, seconds=0.0)
@@ -297,6 +298,7 @@ def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:
     if summary.documents == 0:
         return
     for key, prefix in summary.outputs.items():
+        _clear_leftovers(prefix)
         with IndexedDatasetWriter(prefix, dtype) as writer:
             for i in range(cfg.partitions):
                 writer.add_dataset(parts[key] + part_name(i, cfg.partitions))

@@ -57,30 +57,30 @@ def optional(module: str, what: str):
 
 class _Zstd:
     """A zstd stream read frame by frame. A frame cut short is an error (python-zstandard's stream reader would
-    return what it had and stop); input is fed 128 KiB at a time, so each call's output stays small."""
+    return what it had and stop). Input is fed 16 KiB at a time and output handed on ``n`` bytes at a time, so
+    memory stays bounded however well the text compresses."""
 
     def __init__(self, raw):
         self.raw = raw
         self.dctx = optional("zstandard", "reading .zst files").ZstdDecompressor()
         self.obj, self.fed, self.pending = self.dctx.decompressobj(), False, b""
+        self.out = bytearray()
 
     def read(self, n: int) -> bytes:
-        out: list[bytes] = []
-        size = 0
-        while size < n:
-            data = self.pending or self.raw.read(1 << 17)
+        while len(self.out) < n:
+            data = self.pending or self.raw.read(1 << 14)
             self.pending = b""
             if not data:
                 if self.fed and not self.obj.eof:
                     raise EOFError("the last zstd frame is cut short")
                 break
             self.fed = True
-            piece = self.obj.decompress(data)
-            out.append(piece)
-            size += len(piece)
+            self.out += self.obj.decompress(data)
             if self.obj.eof:  # a frame ended: the rest of the data starts the next one
                 self.pending, self.obj, self.fed = self.obj.unused_data, self.dctx.decompressobj(), False
-        return b"".join(out)
+        chunk = bytes(self.out[:n])
+        del self.out[:n]
+        return chunk
 
     def close(self) -> None:
         pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,46 +343,73 @@ def _first_line(e: BaseException) -> str:
 
 
 def _open_arrow(path: Path, keys, skip_bad: bool):
-    """(pyarrow, reader over the memory-mapped file's record batches, schema problem or None)."""
+    """(pyarrow, iterator of (start, end) in the file and record batch, schema problem or None).
+
+    The file is memory-mapped, so a batch is read only when it is used. Pages of the batches already handed on
+    are released (``madvise(MADV_DONTNEED)``), so resident memory stays that of one batch however large the file.
+    """
     pa = optional("pyarrow", "reading Arrow datasets")
     try:
-        source = pa.memory_map(str(path))
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        source = pa.BufferReader(pa.py_buffer(mm))
         try:
             reader = pa.ipc.open_stream(source)
-            batches = iter(reader)
-        except pa.ArrowInvalid:
-            source.seek(0)
-            reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            batches = _stream_batches(reader, source, mm)
+        except pa.ArrowInvalid:  # the IPC file format (datasets writes streams; others may not)
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mm)))
+            batches = _file_batches(reader)
         schema = reader.schema
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise CookbookError(f"{path}: cannot read as Arrow ({_first_line(e)}); is the file complete?") from e
     return pa, batches, _check_schema(pa, schema, keys, str(path), 0, skip_bad)
 
 
+def _stream_batches(reader, source, mm) -> Iterator[tuple[int, int, object]]:
+    offset = released = 0
+    page = mmap.PAGESIZE
+    while True:
+        try:
+            rb = reader.read_next_batch()
+        except StopIteration:
+            return
+        yield offset, source.tell(), rb
+        offset = source.tell()
+        upto = offset // page * page
+        if hasattr(mm, "madvise") and upto > released:
+            mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+            released = upto
+
+
+def _file_batches(reader) -> Iterator[tuple[int, int, object]]:
+    offset = 0
+    for i in range(reader.num_record_batches):
+        rb = reader.get_batch(i)
+        yield offset, offset + rb.nbytes, rb
+        offset += rb.nbytes
+
+
 def _arrow_batches(inp: Input, keys, skip_bad, block, start, end) -> Iterator[Batch]:
-    """Record batches of a saved dataset's files (memory-mapped, so never read whole); a batch's offset is where
-    its data starts in the files laid end to end, counted by the batches' own sizes. Rows are numbered through
-    the whole dataset from 1, as ``dataset[row - 1]``."""
+    """Record batches of a saved dataset's files; a batch's offset is where it starts in the files laid end to
+    end. Rows are numbered through the whole dataset from 1, as ``dataset[row - 1]``."""
     files = _arrow_files(inp.path) if inp.path.is_dir() else [inp.path]
     offset, row = 0, 0
     for f in files:
+        size = f.stat().st_size
         pa, batches, problem = _open_arrow(f, keys, skip_bad)
-        here = offset
         try:
-            for rb in batches:
-                rows = rb.num_rows
-                if start <= here and (end is None or here < end) and rows:
+            for here, there, rb in batches:
+                rows, nbytes = rb.num_rows, there - here
+                if start <= offset + here and (end is None or offset + here < end) and rows:
                     if problem:
-                        yield Batch({k: [] for k in keys}, [f"{inp.name} rows {row + 1}-{row + rows}: {problem}"], rb.nbytes, rows - 1)
+                        yield Batch({k: [] for k in keys}, [f"{inp.name} rows {row + 1}-{row + rows}: {problem}"], nbytes, rows - 1)
                     else:
                         table = pa.Table.from_batches([rb.select(list(keys))])
-                        yield from _table_batches(pa, table, keys, inp.name, row + 1, skip_bad, block, rb.nbytes)
-                here += rb.nbytes
+                        yield from _table_batches(pa, table, keys, inp.name, row + 1, skip_bad, block, nbytes)
                 row += rows
         except (OSError, pa.ArrowException) as e:
             raise CookbookError(f"{f} row {row + 1}: cannot read ({_first_line(e)}); is the file complete?") from e
-        offset += f.stat().st_size
+        offset += size
 
 
 # --------------------------------------------------------------------------- one entry point

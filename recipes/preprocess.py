@@ -94,25 +94,26 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def encode_documents(tok: Tokenizer, values: list, append_eod: bool):
-    """Tokenize documents as Megatron-LM does -> (flat ids, sequence lengths, sequences per document).
+def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.int64):
+    """Tokenize documents as Megatron-LM does -> (flat ids in ``dtype``, sequence lengths, sequences per document).
 
     A value is a string (one sequence) or a list of strings (one sequence per string). Empty
     sequences are dropped; with ``append_eod`` the EOD goes after each non-empty document's last
     sequence.
     """
+    if append_eod and tok.eod is None:
+        raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
     n_docs = len(values)
-    if all(type(v) is str for v in values):
-        texts, sentence_doc = values, np.arange(n_docs)
-    else:
-        texts = [s for v in values for s in ([v] if isinstance(v, str) else v)]
-        sentence_doc = np.repeat(np.arange(n_docs), [1 if isinstance(v, str) else len(v) for v in values])
-    flat, lengths = tok.encode_batch(texts)
+    if all(type(v) is str for v in values):  # one sequence per document: the EOD is appended with the ids
+        flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype)
+        keep = lengths > 0
+        return flat, lengths[keep], keep.astype(np.int64)
+    texts = [s for v in values for s in ([v] if isinstance(v, str) else v)]
+    sentence_doc = np.repeat(np.arange(n_docs), [1 if isinstance(v, str) else len(v) for v in values])
+    flat, lengths = tok.encode_batch(texts, dtype=dtype)
     keep = lengths > 0
     seq_lengths, seq_doc = lengths[keep], sentence_doc[keep]
     if append_eod and len(seq_lengths):
-        if tok.eod is None:
-            raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
         last = np.append(seq_doc[1:] != seq_doc[:-1], True)
         new_lengths = seq_lengths + last
         ends = np.cumsum(new_lengths)
@@ -326,9 +327,7 @@ def _write(cfg, tok, dtype, inputs: list[Input], part: Partition | None, prefixe
             s.skipped_rows += batch.n_skipped
             counts.skipped += batch.n_skipped
             for key, values in batch.texts.items():
-                flat, lengths, per_doc = encode_documents(tok, values, cfg.append_eod)
-                if dtype == np.uint16 and len(flat) and int(flat.max()) > 65535:
-                    raise CookbookError(f"token id {int(flat.max())} does not fit uint16; the tokenizer's vocab size is wrong")
+                flat, lengths, per_doc = encode_documents(tok, values, cfg.append_eod, dtype)
                 writers[key].add_documents(flat, lengths, per_doc)
                 if key == first:
                     s.documents += len(values)

@@ -145,3 +145,20 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path, tok):
     m = re.search(r"partitions\W+(\d+) written, (\d+) reused", proc.stdout)  # the rerun wrote only what was missing
     assert m and (int(m.group(1)), int(m.group(2))) == (12 - finished, finished), proc.stdout
     assert files_under(tmp_path / "out") == [out.parent / "c_text_document.bin", out.parent / "c_text_document.idx"]
+
+
+def test_slurm_array_script(tmp_path, corpus, tok, one_pass):
+    """scripts/preprocess-slurm-array.sh: --dry-run shows the array and the merge; --local runs every task and the
+    merge, which gives the one-pass bytes."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "preprocess-slurm-array.sh"
+    env = {**cli_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "INPUT": str(corpus), "OUTPUT_PREFIX": str(tmp_path / "c"), "TOKENIZER": str(tok), "PARTITIONS": "3", "WORKERS": "1"}
+    proc = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--array=0-2" in proc.stdout and "--partition-index $SLURM_ARRAY_TASK_ID" in proc.stdout
+    assert "--dependency=afterok:" in proc.stdout and "cookbook merge" in proc.stdout
+    proc = subprocess.run(["bash", str(script), "--local"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(tmp_path / "c_text_document") == one_pass

@@ -211,3 +211,33 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tok):
     for name, words in cases.items():
         assert_one_line_error(procs[name].result(), *words)
         assert files_under(tmp_path / "out" / name) == [], name
+
+
+def test_progress_on_a_terminal_only(tmp_path, tok):
+    """On a terminal the bar shows bytes of the total, documents, MB/s, tokens/s and the time left; into a pipe,
+    nothing but the summary."""
+    import os
+    import pty
+
+    texts = make_texts(3000, seed=6)
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    args = [sys.executable, "-m", "cookbook", "preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
+            "--tokenizer-model", str(tok), "-w", "1"]
+    piped = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={**cli_env(), "TERM": "xterm"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    size = src.stat().st_size / 1e6
+    assert f"/{size:,.0f} MB" in text and "docs" in text and "tokens/s" in text and "MB/s" in text, text[-2000:]

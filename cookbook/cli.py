@@ -153,6 +153,7 @@ def preprocess(
     tokenizer_backend: Annotated[str, typer.Option(help="auto (gigatoken where it is exact), gigatoken, or reference (sentencepiece/tokenizers only).", rich_help_panel="Performance")] = "auto",
     partitions: Annotated[int, typer.Option("--partitions", help="Split the inputs into N contiguous partitions, written one by one to PREFIX_<key>_document.parts/ and merged; a rerun of the same command reuses the finished ones.", rich_help_panel="Partitions")] = 1,
     partition_index: Annotated[Optional[int], typer.Option("--partition-index", help="Do only partition I of --partitions N (one SLURM array task); then cookbook merge the parts folder.", rich_help_panel="Partitions")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Partitions written at once, each in its own process with --workers/--jobs tokenizer threads (for many cores).", rich_help_panel="Partitions")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Tokenize a corpus (jsonl, parquet, Arrow) into a Megatron indexed dataset, byte-identical to Megatron-LM's preprocess_data.py.
@@ -166,7 +167,7 @@ def preprocess(
         tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
         json_keys=_split(json_keys) or ["text"], append_eod=append_eod, workers=workers,
         skip_bad_lines=skip_bad_lines, tokenizer_backend=tokenizer_backend, partitions=partitions,
-        partition_index=partition_index,
+        partition_index=partition_index, jobs=jobs,
     )
     s = run(cfg, show_progress=not quiet)
     table = Table(title="preprocess", show_header=False, title_justify="left")

@@ -17,11 +17,13 @@ task of a SLURM array); ``cookbook merge`` of the parts folder then gives the sa
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import queue
 import shutil
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +56,7 @@ class PreprocessConfig:
     block_mb: float = 8.0
     partitions: int = 1
     partition_index: int | None = None  # do only this partition (of ``partitions``), and merge nothing
+    jobs: int = 1  # partitions written at once, each in its own process
 
 
 @dataclass
@@ -175,6 +178,8 @@ def _check(cfg: PreprocessConfig) -> None:
         raise CookbookError(f"--workers must be at least 1, got {cfg.workers}")
     if cfg.partitions < 1:
         raise CookbookError(f"--partitions must be at least 1, got {cfg.partitions}")
+    if cfg.jobs < 1:
+        raise CookbookError(f"--jobs must be at least 1, got {cfg.jobs}")
     if cfg.partition_index is not None and not 0 <= cfg.partition_index < cfg.partitions:
         raise CookbookError(f"--partition-index must be in [0, {cfg.partitions}) for --partitions {cfg.partitions}, got {cfg.partition_index}")
 
@@ -242,10 +247,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
     if cfg.partitions > 1 and any(i.is_stdin for i in inputs):
         raise CookbookError("--partitions cannot split standard input; give files")
     check_inputs(inputs, cfg.json_keys, cfg.skip_bad_lines)
-    tok = load_tokenizer(
-        cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,
-        threads=cfg.workers, backend=cfg.tokenizer_backend,
-    )
+    tok = _load_tokenizer(cfg, cfg.workers)
     dtype = optimal_dtype(tok.vocab_size)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
@@ -268,43 +270,75 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
 
 
 def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:
-    """Write the partitions not yet done; without --partition-index, merge them all into the outputs."""
-    parts = {k: str(parts_folder(p) / "x")[:-1] for k, p in summary.outputs.items()}  # folder + "/"
+    """Write the partitions not yet done (``--jobs`` at a time); without --partition-index, merge them all."""
     _claim_parts(summary.outputs, _fingerprint(cfg, inputs, tok))
     todo = [cfg.partition_index] if cfg.partition_index is not None else list(range(cfg.partitions))
     plans = {i: partition(inputs, i, cfg.partitions) for i in todo}
     total = sum(sum(_range_bytes(inputs, r) for r in plans[i].ranges) for i in todo)
+    results: dict[int, PreprocessSummary] = {}
     with rate_progress("preprocess", total, enabled=show_progress) as bar:
+        pending = []
         for i in todo:
-            name = part_name(i, cfg.partitions)
-            done = _finished(summary.outputs, name)
-            if done is not None:
-                summary.add(done)
-                summary.partitions_reused += 1
-                bar.advance(done.bytes, done.documents)
+            done = _finished(summary.outputs, part_name(i, cfg.partitions))
+            if done is None:
+                pending.append(i)
                 continue
-            prefixes = {k: parts[k] + name for k in parts}
-            for prefix in prefixes.values():
-                _clear_leftovers(prefix)
-            part = _write(cfg, tok, dtype, inputs, plans[i], prefixes, bar)
-            record = asdict(part)
-            record.update(outputs=prefixes, seconds=0.0)
-            for prefix in summary.outputs.values():
-                write_text_atomic(parts_folder(prefix) / f"{name}.json", json.dumps(record) + "\n")
-            summary.add(part)
-            summary.partitions_done += 1
+            results[i] = done
+            summary.partitions_reused += 1
+            bar.advance(done.bytes, done.documents, done.tokens)
+        if cfg.jobs > 1 and len(pending) > 1:
+            # spawn, not fork: the tokenizers' native thread pools do not survive a fork
+            with ProcessPoolExecutor(min(cfg.jobs, len(pending)), mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_job, cfg, i): i for i in pending}
+                for f in as_completed(futures):
+                    results[futures[f]] = part = f.result()
+                    bar.advance(part.bytes, part.documents, part.tokens)
+        else:
+            for i in pending:
+                results[i] = _write_partition(cfg, tok, dtype, inputs, plans[i], summary.outputs, bar)
+        summary.partitions_done += len(pending)
+    for i in sorted(results):
+        summary.add(results[i])
     if cfg.partition_index is not None:
-        summary.outputs = {k: p + part_name(cfg.partition_index, cfg.partitions) for k, p in parts.items()}
+        summary.outputs = {k: str(parts_folder(p) / part_name(cfg.partition_index, cfg.partitions)) for k, p in summary.outputs.items()}
         return
     if summary.documents == 0:
         return
-    for key, prefix in summary.outputs.items():
+    for prefix in summary.outputs.values():
         _clear_leftovers(prefix)
         with IndexedDatasetWriter(prefix, dtype) as writer:
             for i in range(cfg.partitions):
-                writer.add_dataset(parts[key] + part_name(i, cfg.partitions))
+                writer.add_dataset(parts_folder(prefix) / part_name(i, cfg.partitions))
     for prefix in summary.outputs.values():
         shutil.rmtree(parts_folder(prefix))
+
+
+def _write_partition(cfg, tok, dtype, inputs, plan: Partition, outputs: dict[str, str], bar) -> PreprocessSummary:
+    """Write one partition into the parts folders, then its record (which marks it done); return its counts."""
+    name = part_name(plan.index, cfg.partitions)
+    prefixes = {k: str(parts_folder(p) / name) for k, p in outputs.items()}
+    for prefix in prefixes.values():
+        _clear_leftovers(prefix)
+    part = _write(cfg, tok, dtype, inputs, plan, prefixes, bar)
+    record = asdict(part)
+    record.update(outputs=prefixes, seconds=0.0)
+    for prefix in outputs.values():
+        write_text_atomic(parts_folder(prefix) / f"{name}.json", json.dumps(record) + "\n")
+    return part
+
+
+def _job(cfg: PreprocessConfig, index: int) -> PreprocessSummary:
+    """Partition ``index`` in a worker process of ``--jobs``, with ``--workers / --jobs`` tokenizer threads."""
+    inputs = expand(cfg.inputs)
+    tok = _load_tokenizer(cfg, max(1, cfg.workers // cfg.jobs))
+    outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
+    with rate_progress("", None, enabled=False) as bar:
+        return _write_partition(cfg, tok, optimal_dtype(tok.vocab_size), inputs, partition(inputs, index, cfg.partitions), outputs, bar)
+
+
+def _load_tokenizer(cfg: PreprocessConfig, threads: int) -> Tokenizer:
+    return load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,
+                          threads=threads, backend=cfg.tokenizer_backend)
 
 
 def _range_bytes(inputs: list[Input], r: tuple[int, int, int | None]) -> int:

@@ -162,3 +162,10 @@ def test_slurm_array_script(tmp_path, corpus, tok, one_pass):
     proc = subprocess.run(["bash", str(script), "--local"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert snapshot(tmp_path / "c_text_document") == one_pass
+
+
+def test_jobs_write_partitions_in_processes(tmp_path, corpus, tok, one_pass):
+    s = run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=4, jobs=2, workers=2),
+            show_progress=False)
+    assert snapshot(s.outputs["text"]) == one_pass
+    assert (s.partitions_done, s.documents) == (4, 600 + 2 + 80 + 120 + 90)

@@ -137,15 +137,14 @@ def read_lines(path: Path, block: int = 1 << 23, start: int = 0, end: int | None
                 break
             if left is not None:
                 left -= len(chunk)
-            cut = chunk.rfind(b"\n")
-            if cut < 0:
+            if chunk.rfind(b"\n") < 0:
                 parts.append(chunk)
                 continue
-            head = chunk[:cut]
+            lines = chunk.split(b"\n")
+            tail = lines.pop()  # after the last newline: the start of a line the next block ends
             if parts:
-                head = b"".join([*parts, head])
-            lines = head.split(b"\n")
-            parts = [chunk[cut + 1 :]] if cut + 1 < len(chunk) else []
+                lines[0] = b"".join([*parts, lines[0]])
+            parts = [tail] if tail else []
             pos = last + len(chunk) if stdin else raw.tell()
             yield line_no, lines, pos - last
             last = pos

@@ -107,15 +107,28 @@ def ours(tok_path: str, corpus: str, prefix: str, workers: int, backend: str):
 
 
 def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """Run a command; (wall seconds, peak RSS in bytes of the process, its output)."""
+    """Run a command; (wall seconds, its peak RSS in bytes, its output).
+
+    The peak is the kernel's high-water mark (VmHWM), read every 10 ms while it runs: getrusage's ru_maxrss
+    would include this (large) benchmark process, which a child's RSS counts from the fork until the exec.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    out = proc.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    peak = max(peak, *(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")))
+            except (OSError, ValueError, TypeError):
+                pass
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        out = log.read().decode(errors="replace")
+    if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} ... failed:\n{out[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    return wall, peak, out
 
 
 def cookbook_process(corpus, prefix, tok: str, workers: int, extra=()) -> tuple[float, float, int]:
@@ -254,20 +267,22 @@ def main() -> None:
                 [str(corpus)], str(out), kind="sentencepiece" if sp else "hf-bpe", vocab_size=args.vocab_size,
                 max_documents=600, normalization="nmt_nfkc" if kind == "sentencepiece-nfkc" else "identity",
             ))
-        if args.profile:
-            profile(str(out), corpus, args.workers)
         if args.fast_path and not sp:
             why = fast_path_missing(args.megatron_python, args.megatron_lm)
             if why:
                 print(f"{kind:14s} fast path not run: {why}")
             else:
-                fp = [fast_path(args.megatron_python, args.megatron_lm, corpus, work / "fast", str(out)) for _ in range(args.repeats)]
-                cb = [cookbook_process(corpus, work / "cb", str(out), args.workers) for _ in range(args.repeats)]
-                (fw, fo, fr), (cw, co, cr) = min(fp), min(cb)
+                fp, cb = [], []
+                for _ in range(args.repeats):  # alternating, so that both sides see the machine's load alike
+                    fp.append(fast_path(args.megatron_python, args.megatron_lm, corpus, work / "fast", str(out)))
+                    cb.append(cookbook_process(corpus, work / "cb", str(out), args.workers))
+                (fw, fo, fr), (cw, co, cr) = min(fp), min(cb)  # best of N by wall time
                 same = all(Path(f"{work}/fast_text_document{e}").read_bytes() == Path(f"{work}/cb_text_document{e}").read_bytes() for e in (".bin", ".idx"))
                 print(f"{kind:14s} fast path: wall {fw:6.1f} s (own {fo:6.1f} s, {size / 1e6 / fo:6.1f} MB/s), peak {fr / 2**30:5.2f} GiB | "
                       f"cookbook: wall {cw:6.1f} s (own {co:6.1f} s, {size / 1e6 / co:6.1f} MB/s), peak {cr / 2**30:5.2f} GiB | "
                       f"own-time ratio {fo / co:4.2f}x, wall ratio {fw / cw:4.2f}x | same bytes: {same}")
+        if args.profile:  # after the processes above: it holds the corpus in this process
+            profile(str(out), corpus, args.workers)
         if args.no_baseline:
             continue
         t_ours, s = min((ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers, args.tokenizer_backend) for _ in range(args.repeats)), key=lambda r: r[0])

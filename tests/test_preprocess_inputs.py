@@ -241,3 +241,17 @@ def test_progress_on_a_terminal_only(tmp_path, tok):
     text = seen.decode(errors="replace")
     size = src.stat().st_size / 1e6
     assert f"/{size:,.0f} MB" in text and "docs" in text and "tokens/s" in text and "MB/s" in text, text[-2000:]
+
+
+def test_summary_counts_per_input(tmp_path, tok):
+    (tmp_path / "j").mkdir()
+    write_jsonl(tmp_path / "j" / "a.jsonl", make_texts(7, seed=1))
+    (tmp_path / "j" / "b.jsonl").write_bytes(jsonl_bytes(make_texts(5, seed=2)) + b"not json\n")
+    write_parquet(tmp_path / "p.parquet", {"text": make_texts(4, seed=3) + [None]})
+    proc = run_cli("preprocess", "--input", str(tmp_path / "j" / "*.jsonl"), "--input", tmp_path / "p.parquet",
+                   "--output-prefix", tmp_path / "o", "--tokenizer-model", tok, "--skip-bad-lines", "-q")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    row = {name: next(line for line in lines if name in line and "documents," in line) for name in ("*.jsonl", "p.parquet")}
+    assert "12 documents, 1 skipped" in row["*.jsonl"] and "4 documents, 1 skipped" in row["p.parquet"], proc.stdout
+    assert "b.jsonl:6" in proc.stdout and "p.parquet row 5" in proc.stdout

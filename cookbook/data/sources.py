@@ -304,14 +304,14 @@ class _ParquetInput:
             raise CookbookError(f"{inp.name}: cannot read as parquet ({_first_line(e)}); is the file complete?") from e
         self.rows = meta.num_rows
         self.problem = _check_schema(self.pa, self.file.schema_arrow, keys, inp.name, self.rows, skip_bad)
-        self.groups = []  # (file offset, first row, rows, compressed bytes)
+        self.groups = []  # (file offset, first row, rows, compressed bytes, uncompressed bytes)
         row = 0
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
             col = rg.column(0)
             offset = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
             size = sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
-            self.groups.append((offset, row, rg.num_rows, size))
+            self.groups.append((offset, row, rg.num_rows, size, rg.total_byte_size))
             row += rg.num_rows
 
     def close(self) -> None:
@@ -319,18 +319,19 @@ class _ParquetInput:
 
     def batches(self, block: int, start: int, end: int | None, skip_bad: bool) -> Iterator[Batch]:
         pa = self.pa
-        for g, (offset, first, rows, size) in enumerate(self.groups):
+        for g, (offset, first, rows, size, raw) in enumerate(self.groups):
             if not (start <= offset and (end is None or offset < end)) or rows == 0:
                 continue
             if self.problem:
                 yield Batch({k: [] for k in self.keys}, [f"{self.inp.name} rows {first + 1}-{first + rows}: {self.problem}"], size, rows - 1)
                 continue
-            per_row = max(1, size // rows)
+            per_row = max(1, raw // rows)  # decoded bytes per row (of all columns: an upper bound for the keys')
+            row = first
             try:
                 for chunk in self.file.iter_batches(batch_size=max(1, block // per_row), row_groups=[g], columns=self.keys, use_threads=False):
                     table = pa.Table.from_batches([chunk])
-                    yield from _table_batches(pa, table, self.keys, self.inp.name, first + 1, skip_bad, block, size * len(table) // rows)
-                    first += len(table)
+                    yield from _table_batches(pa, table, self.keys, self.inp.name, row + 1, skip_bad, block, size * len(table) // rows)
+                    row += len(table)
             except (OSError, pa.ArrowException) as e:
                 raise CookbookError(f"{self.inp.name} rows {first + 1}-{first + rows}: cannot read ({_first_line(e)}); is the file complete?") from e
 

@@ -169,3 +169,11 @@ def test_jobs_write_partitions_in_processes(tmp_path, corpus, tok, one_pass):
             show_progress=False)
     assert snapshot(s.outputs["text"]) == one_pass
     assert (s.partitions_done, s.documents) == (4, 600 + 2 + 80 + 120 + 90)
+
+
+def test_merge_refuses_an_incomplete_parts_folder(tmp_path, corpus, tok):
+    for i in (0, 2):
+        run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), partitions=3, partition_index=i, workers=1), show_progress=False)
+    proc = run_cli("merge", "--input", parts_folder(tmp_path / "c_text_document"), "--output-prefix", tmp_path / "m")
+    assert_one_line_error(proc, "lacks 1 of its 3 partitions", "00001-of-00003")
+    assert not (tmp_path / "m.bin").exists()

@@ -242,6 +242,7 @@ def _clear_leftovers(prefix: str | Path) -> None:
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
+    start = time.perf_counter()  # the summary's time: all of the command's own work, tokenizer loading included
     _check(cfg)
     inputs = expand(cfg.inputs)
     if cfg.partitions > 1 and any(i.is_stdin for i in inputs):
@@ -252,7 +253,6 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
     summary = PreprocessSummary(outputs=outputs, tokenizer=f"{tok.type} ({tok.backend})")
-    start = time.perf_counter()
     if cfg.partitions == 1:
         total = sum(i.size for i in inputs) if not any(i.is_stdin for i in inputs) else None
         with rate_progress("preprocess", total, enabled=show_progress) as bar:

@@ -177,3 +177,29 @@ def test_merge_refuses_an_incomplete_parts_folder(tmp_path, corpus, tok):
     proc = run_cli("merge", "--input", parts_folder(tmp_path / "c_text_document"), "--output-prefix", tmp_path / "m")
     assert_one_line_error(proc, "lacks 1 of its 3 partitions", "00001-of-00003")
     assert not (tmp_path / "m.bin").exists()
+
+
+def test_byte_ranges_cover_every_line_once(tmp_path):
+    """Cut a file at random offsets: the ranges' lines, in order, are the file's lines, and each range's first line
+    number (counted only when asked) is right; long lines, blank lines, CRLF and no final newline included."""
+    from cookbook.data.jsonl import count_lines_before, read_lines
+
+    rng = random.Random(5)
+    lines = []
+    for i in range(400):
+        kind = rng.random()
+        lines.append(b"" if kind < 0.1 else b"x" * rng.randint(1, 3000) + (b"\r" if kind > 0.9 else b""))
+    data = b"\n".join(lines)  # no final newline
+    f = tmp_path / "f.jsonl"
+    f.write_bytes(data)
+    whole = [line for _, block, _ in read_lines(f, 1 << 16) for line in block]
+    assert whole == lines
+    for trial in range(20):
+        cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(rng.randint(1, 12)))})
+        got = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            part = [(n, line) for first, block, _ in read_lines(f, rng.choice([1 << 16, 100, 7]), lo, hi) for n, line in enumerate(block, first)]
+            if part:
+                assert count_lines_before(f, lo) == len(got), (lo, hi)
+            got += [line for _, line in part]
+        assert got == lines, cuts

@@ -255,3 +255,22 @@ def test_summary_counts_per_input(tmp_path, tok):
     row = {name: next(line for line in lines if name in line and "documents," in line) for name in ("*.jsonl", "p.parquet")}
     assert "12 documents, 1 skipped" in row["*.jsonl"] and "4 documents, 1 skipped" in row["p.parquet"], proc.stdout
     assert "b.jsonl:6" in proc.stdout and "p.parquet row 5" in proc.stdout
+
+
+def test_without_pyarrow_or_zstandard_one_line_says_what_to_install(tmp_path, tok):
+    write_parquet(tmp_path / "a.parquet", {"text": ["x"]})
+    write_zst(tmp_path / "a.jsonl.zst", ["x"], frames=1)
+    script = """
+import sys
+sys.modules["pyarrow"] = sys.modules["zstandard"] = None  # import fails
+from cookbook.errors import CookbookError
+from recipes.preprocess import PreprocessConfig, run
+try:
+    run(PreprocessConfig([sys.argv[1]], sys.argv[2], sys.argv[3]), show_progress=False)
+except CookbookError as e:
+    print(e)
+"""
+    for name, module in (("a.parquet", "pyarrow"), ("a.jsonl.zst", "zstandard")):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), str(tmp_path / "o"), str(tok)],
+                              capture_output=True, text=True, env=cli_env(), timeout=120)
+        assert f"needs {module}; pip install 'cookbook[data]'" in proc.stdout, proc.stdout + proc.stderr

@@ -162,7 +162,7 @@ def fast_path_missing(python: str | None, checkout: str | None) -> str | None:
     return None
 
 
-def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 8.0) -> None:
+def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) -> None:
     """Each stage alone, one after the other, then the pipelined run: where cookbook's time goes."""
     import numpy as np
 

@@ -53,7 +53,7 @@ class PreprocessConfig:
     workers: int = max(1, os.cpu_count() or 1)
     skip_bad_lines: bool = False
     tokenizer_backend: str = "auto"
-    block_mb: float = 8.0
+    block_mb: float = 2.0  # bytes of input per block: 2 MB measured as fast as 8 MB, with a lower, flatter peak
     partitions: int = 1
     partition_index: int | None = None  # do only this partition (of ``partitions``), and merge nothing
     jobs: int = 1  # partitions written at once, each in its own process
@@ -241,9 +241,26 @@ def _clear_leftovers(prefix: str | Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def _map_large_blocks() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own and unmap it when freed.
+
+    Blocks of text and ids are allocated and freed for every block of input. glibc's default threshold for that
+    rises with each large block freed, after which such blocks come from the heap, whose free space is not given
+    back: peak RSS crept up by some 60 MB over 1 GB of input. With a fixed threshold it stays flat (and a little
+    faster). Elsewhere than glibc this does nothing.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
     start = time.perf_counter()  # the summary's time: all of the command's own work, tokenizer loading included
     _check(cfg)
+    _map_large_blocks()
     inputs = expand(cfg.inputs)
     if cfg.partitions > 1 and any(i.is_stdin for i in inputs):
         raise CookbookError("--partitions cannot split standard input; give files")
@@ -329,6 +346,7 @@ def _write_partition(cfg, tok, dtype, inputs, plan: Partition, outputs: dict[str
 
 def _job(cfg: PreprocessConfig, index: int) -> PreprocessSummary:
     """Partition ``index`` in a worker process of ``--jobs``, with ``--workers / --jobs`` tokenizer threads."""
+    _map_large_blocks()
     inputs = expand(cfg.inputs)
     tok = _load_tokenizer(cfg, max(1, cfg.workers // cfg.jobs))
     outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}

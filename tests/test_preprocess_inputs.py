@@ -248,8 +248,8 @@ def test_summary_counts_per_input(tmp_path, tok):
     write_jsonl(tmp_path / "j" / "a.jsonl", make_texts(7, seed=1))
     (tmp_path / "j" / "b.jsonl").write_bytes(jsonl_bytes(make_texts(5, seed=2)) + b"not json\n")
     write_parquet(tmp_path / "p.parquet", {"text": make_texts(4, seed=3) + [None]})
-    proc = run_cli("preprocess", "--input", str(tmp_path / "j" / "*.jsonl"), "--input", tmp_path / "p.parquet",
-                   "--output-prefix", tmp_path / "o", "--tokenizer-model", tok, "--skip-bad-lines", "-q")
+    proc = run_cli("preprocess", "--input", "j/*.jsonl", "--input", "p.parquet",  # short names: rows never wrap
+                   "--output-prefix", "o", "--tokenizer-model", tok, "--skip-bad-lines", "-q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     row = {name: next(line for line in lines if name in line and "documents," in line) for name in ("*.jsonl", "p.parquet")}

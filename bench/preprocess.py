@@ -195,10 +195,14 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
                     w.add_documents(f, n)
 
         stage("write .bin/.idx", write)
+        from recipes import preprocess as recipe
+
+        waits = dict(recipe.HANDOFF)
         start = time.perf_counter()
         run(PreprocessConfig([str(corpus)], f"{d}/p", tokenizer_model=tok_path, append_eod=True, workers=workers,
                              block_mb=block_mb), show_progress=False)
         pipelined = time.perf_counter() - start
+        waits = {k: v - waits[k] for k, v in recipe.HANDOFF.items()}
     size = corpus.stat().st_size
     total = sum(times.values())
     print(f"profile ({size / 1e6:,.0f} MB, {workers} workers): each stage alone")
@@ -206,6 +210,8 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
         print(f"  {name:28s} {t:7.2f} s  {100 * t / total:5.1f}%  {size / 1e6 / max(t, 1e-9):8,.0f} MB/s")
     print(f"  {'sum of stages':28s} {total:7.2f} s;  pipelined run (tokenizer load included): {pipelined:.2f} s, "
           f"{size / 1e6 / pipelined:,.1f} MB/s")
+    print("  hand-off in the pipelined run: " + ", ".join(f"{k} {v:.2f} s" for k, v in waits.items())
+          + " (the main thread waiting means the reader is the slower side)")
 
 
 def memory(work: Path, texts: list[str], tok: str, workers: int) -> None:

@@ -127,8 +127,12 @@ def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.in
     return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
 
 
+HANDOFF = {"main thread waited": 0.0, "reader thread waited": 0.0}  # seconds, summed over runs (bench --profile)
+
+
 def _prefetch(iterator, depth: int = 2):
-    """Run ``iterator`` in a thread, ``depth`` items ahead; its exceptions surface in the caller."""
+    """Run ``iterator`` in a thread, ``depth`` items ahead; its exceptions surface in the caller. The time each
+    side spends waiting for the other is added to ``HANDOFF``."""
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     end = object()
@@ -136,12 +140,14 @@ def _prefetch(iterator, depth: int = 2):
     def work():
         try:
             for item in iterator:
+                t = time.perf_counter()
                 while not stop.is_set():
                     try:
                         q.put((item, None), timeout=0.1)
                         break
                     except queue.Full:
                         continue
+                HANDOFF["reader thread waited"] += time.perf_counter() - t
                 if stop.is_set():
                     return
             q.put((end, None))
@@ -152,7 +158,9 @@ def _prefetch(iterator, depth: int = 2):
     thread.start()
     try:
         while True:
+            t = time.perf_counter()
             item, error = q.get()
+            HANDOFF["main thread waited"] += time.perf_counter() - t
             if error is not None:
                 raise error
             if item is end:

@@ -97,18 +97,18 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.int64):
+def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.int64, special: list[int] | None = None):
     """Tokenize documents as Megatron-LM does -> (flat ids in ``dtype``, sequence lengths, sequences per document).
 
     A value is a string (one sequence) or a list of strings (one sequence per string). Empty
     sequences are dropped; with ``append_eod`` the EOD goes after each non-empty document's last
-    sequence.
+    sequence. ``special``: ``tok.special_texts(values)``, if already known (all values strings).
     """
     if append_eod and tok.eod is None:
         raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
     n_docs = len(values)
     if all(type(v) is str for v in values):  # one sequence per document: the EOD is appended with the ids
-        flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype)
+        flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype, special=special)
         keep = lengths > 0
         return flat, lengths[keep], keep.astype(np.int64)
     texts = [s for v in values for s in ([v] if isinstance(v, str) else v)]
@@ -372,6 +372,13 @@ def _range_bytes(inputs: list[Input], r: tuple[int, int, int | None]) -> int:
     return (inputs[n].size if end is None else end) - start
 
 
+def _scanned(tok: Tokenizer, batches):
+    """Each block with, per key, the texts the fast encoder cannot do: found here, in the reader thread, which
+    would otherwise wait for the main thread (bench/preprocess.py --profile)."""
+    for n, batch in batches:
+        yield n, batch, {k: tok.special_texts(v) if all(type(x) is str for x in v) else None for k, v in batch.texts.items()}
+
+
 def _write(cfg, tok, dtype, inputs: list[Input], part: Partition | None, prefixes: dict[str, str], bar,
            require_documents: bool = False) -> PreprocessSummary:
     """Tokenize every input (or one partition of them) into datasets at ``prefixes``; return the counts."""
@@ -380,14 +387,14 @@ def _write(cfg, tok, dtype, inputs: list[Input], part: Partition | None, prefixe
     first = cfg.json_keys[0]
     with ExitStack() as stack:
         writers = {k: stack.enter_context(IndexedDatasetWriter(p, dtype)) for k, p in prefixes.items()}
-        for n, batch in _prefetch(read_partition(inputs, part, cfg.json_keys, cfg.skip_bad_lines, block)):
+        for n, batch, special in _prefetch(_scanned(tok, read_partition(inputs, part, cfg.json_keys, cfg.skip_bad_lines, block))):
             docs, tokens = s.documents, s.tokens
             counts = s.inputs.setdefault(inputs[n].given, InputCounts())
             s.skipped.extend(batch.skipped[: max(0, SKIPPED_KEPT - len(s.skipped))])
             s.skipped_rows += batch.n_skipped
             counts.skipped += batch.n_skipped
             for key, values in batch.texts.items():
-                flat, lengths, per_doc = encode_documents(tok, values, cfg.append_eod, dtype)
+                flat, lengths, per_doc = encode_documents(tok, values, cfg.append_eod, dtype, special[key])
                 writers[key].add_documents(flat, lengths, per_doc)
                 if key == first:
                     s.documents += len(values)

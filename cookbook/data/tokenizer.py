@@ -143,11 +143,17 @@ class Tokenizer:
         """Exactly Megatron-LM's ``tokenizer.tokenize(text)``."""
         return self.prefix + list(self.exact(text)) + self.suffix
 
-    def encode_batch(self, texts: list[str], end: int | None = None, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    def special_texts(self, texts: list[str]) -> list[int]:
+        """The indices of the texts that ``plain`` cannot encode exactly (they go through ``exact``)."""
+        return [i for i, t in enumerate(texts) if self.needs_exact(t)]
+
+    def encode_batch(self, texts: list[str], end: int | None = None, dtype=np.int64,
+                     special: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``tokenize`` of every text, as (flat ids in ``dtype``, int64 lengths); with ``end``, that id is also
-        appended to every non-empty result (``--append-eod``)."""
+        appended to every non-empty result (``--append-eod``). ``special``: ``special_texts(texts)`` when the
+        caller has it already (preprocess computes it in its reader thread)."""
         flat, lengths = self.plain(texts)
-        special = [i for i, t in enumerate(texts) if self.needs_exact(t)]
+        special = self.special_texts(texts) if special is None else special
         if special:
             parts = flat_to_ragged(flat, lengths)
             for i in special:

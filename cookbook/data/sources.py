@@ -190,7 +190,7 @@ def _text_type(pa, t) -> str | None:
     return None
 
 
-def _check_schema(pa, schema, keys, name: str, rows: int, skip_bad: bool) -> str | None:
+def _check_schema(pa, schema, keys, name: str, skip_bad: bool) -> str | None:
     """None when every key is a text column, else why not (raised unless rows are skipped)."""
     for k in keys:
         if schema.get_field_index(k) < 0:
@@ -200,7 +200,7 @@ def _check_schema(pa, schema, keys, name: str, rows: int, skip_bad: bool) -> str
         else:
             continue
         if not skip_bad:
-            raise CookbookError(f"bad input {name}: {problem}; fix it or pass --skip-bad-lines (which skips all {rows:,} rows)")
+            raise CookbookError(f"bad input {name}: {problem}; fix it or pass --skip-bad-lines (which skips every row of it)")
         return problem
     return None
 
@@ -302,8 +302,7 @@ class _ParquetInput:
             meta = self.file.metadata
         except (OSError, self.pa.ArrowException) as e:
             raise CookbookError(f"{inp.name}: cannot read as parquet ({_first_line(e)}); is the file complete?") from e
-        self.rows = meta.num_rows
-        self.problem = _check_schema(self.pa, self.file.schema_arrow, keys, inp.name, self.rows, skip_bad)
+        self.problem = _check_schema(self.pa, self.file.schema_arrow, keys, inp.name, skip_bad)
         self.groups = []  # (file offset, first row, rows, compressed bytes, uncompressed bytes)
         row = 0
         for g in range(meta.num_row_groups):
@@ -363,7 +362,7 @@ def _open_arrow(path: Path, keys, skip_bad: bool):
         schema = reader.schema
     except (OSError, ValueError, pa.ArrowException) as e:
         raise CookbookError(f"{path}: cannot read as Arrow ({_first_line(e)}); is the file complete?") from e
-    return pa, batches, _check_schema(pa, schema, keys, str(path), 0, skip_bad)
+    return pa, batches, _check_schema(pa, schema, keys, str(path), skip_bad)
 
 
 def _stream_batches(reader, source, mm) -> Iterator[tuple[int, int, object]]:

@@ -142,20 +142,23 @@ TYPE_HELP = "Megatron-LM's name: Llama2Tokenizer, SentencePieceTokenizer, Huggin
 
 @app.command()
 def preprocess(
-    input: Annotated[list[str], typer.Option("--input", "-i", help="jsonl / jsonl.gz file(s), a glob or a folder (repeat or comma-separate).", rich_help_panel="Input")],
+    input: Annotated[list[str], typer.Option("--input", "-i", help="Files (.jsonl[.gz|.zst], .parquet, .arrow), saved datasets (folders), globs, folders of them, or - for jsonl on stdin (repeat or comma-separate).", rich_help_panel="Input")],
     output_prefix: Annotated[str, typer.Option("--output-prefix", "-o", help="Writes PREFIX_<key>_document.bin/.idx.", rich_help_panel="Output")],
     tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", "-t", help=TOKENIZER_HELP, rich_help_panel="Tokenizer")] = None,
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Tokenizer")] = None,
     vocab_file: Annotated[Optional[str], typer.Option(help="GPT2BPETokenizer: vocab.json.", rich_help_panel="Tokenizer")] = None,
     merge_file: Annotated[Optional[str], typer.Option(help="GPT2BPETokenizer: merges.txt.", rich_help_panel="Tokenizer")] = None,
-    json_keys: Annotated[Optional[list[str]], typer.Option("--json-keys", help="Keys to tokenize, one dataset each (default: text).", rich_help_panel="Input")] = None,
+    json_keys: Annotated[Optional[list[str]], typer.Option("--json-keys", help="Keys (parquet/Arrow: columns) to tokenize, one dataset each (default: text).", rich_help_panel="Input")] = None,
     append_eod: Annotated[bool, typer.Option("--append-eod", help="Append the tokenizer's end-of-document id to each non-empty document.", rich_help_panel="Tokenizer")] = False,
     workers: Annotated[int, typer.Option("--workers", "-w", help="Tokenizer threads.", rich_help_panel="Performance")] = max(1, os.cpu_count() or 1),
-    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines", help="Skip lines that are not valid JSON objects with the keys, and count them; default: stop at the first.", rich_help_panel="Input")] = False,
+    skip_bad_lines: Annotated[bool, typer.Option("--skip-bad-lines", help="Skip bad lines and rows (not JSON objects with the keys, null or non-text values), and count them; default: stop at the first.", rich_help_panel="Input")] = False,
     tokenizer_backend: Annotated[str, typer.Option(help="auto (gigatoken where it is exact), gigatoken, or reference (sentencepiece/tokenizers only).", rich_help_panel="Performance")] = "auto",
+    partitions: Annotated[int, typer.Option("--partitions", help="Split the inputs into N contiguous partitions, written one by one to PREFIX_<key>_document.parts/ and merged; a rerun of the same command reuses the finished ones.", rich_help_panel="Partitions")] = 1,
+    partition_index: Annotated[Optional[int], typer.Option("--partition-index", help="Do only partition I of --partitions N (one SLURM array task); then cookbook merge the parts folder.", rich_help_panel="Partitions")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Partitions written at once, each in its own process with --workers/--jobs tokenizer threads (for many cores).", rich_help_panel="Partitions")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Tokenize jsonl into a Megatron indexed dataset, byte-identical to Megatron-LM's preprocess_data.py.
+    """Tokenize a corpus (jsonl, parquet, Arrow) into a Megatron indexed dataset, byte-identical to Megatron-LM's preprocess_data.py.
 
     Example: cookbook preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer-model tok.model --append-eod
     """
@@ -165,7 +168,8 @@ def preprocess(
         inputs=_split(input), output_prefix=output_prefix, tokenizer_model=tokenizer_model,
         tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
         json_keys=_split(json_keys) or ["text"], append_eod=append_eod, workers=workers,
-        skip_bad_lines=skip_bad_lines, tokenizer_backend=tokenizer_backend,
+        skip_bad_lines=skip_bad_lines, tokenizer_backend=tokenizer_backend, partitions=partitions,
+        partition_index=partition_index, jobs=jobs,
     )
     s = run(cfg, show_progress=not quiet)
     table = Table(title="preprocess", show_header=False, title_justify="left")
@@ -174,20 +178,24 @@ def preprocess(
         ("sequences", f"{s.sequences:,}"),
         ("tokens", f"{s.tokens:,}"),
         ("empty documents", f"{s.empty:,}"),
-        ("skipped lines", f"{len(s.skipped):,}"),
+        ("skipped lines", f"{s.skipped_rows:,}"),
         ("input", f"{s.bytes / 1e6:,.1f} MB"),
         ("time", f"{s.seconds:,.2f} s  ({s.documents / max(s.seconds, 1e-9):,.0f} docs/s, "
                  f"{s.bytes / 1e6 / max(s.seconds, 1e-9):,.1f} MB/s, {s.tokens / max(s.seconds, 1e-9):,.0f} tokens/s)"),
         ("tokenizer", s.tokenizer),
     ]
+    if partitions > 1:
+        rows.append(("partitions", f"{s.partitions_done:,} written, {s.partitions_reused:,} reused from an earlier run"))
+    rows += [(f"input {escape(name)}", f"{c.documents:,} documents, {c.skipped:,} skipped, {c.bytes / 1e6:,.1f} MB")
+             for name, c in s.inputs.items()]
     rows += [(f"output ({key})", f"{prefix}.bin/.idx") for key, prefix in s.outputs.items()]
     for row in rows:
         table.add_row(*row)
     out.print(table)
     for where in s.skipped[:5]:
         out.print(f"[yellow]skipped[/yellow] {escape(where)}")
-    if len(s.skipped) > 5:
-        out.print(f"[yellow]... and {len(s.skipped) - 5:,} more skipped lines[/yellow]")
+    if s.skipped_rows > 5:
+        out.print(f"[yellow]... and {s.skipped_rows - 5:,} more skipped lines[/yellow]")
 
 
 # --------------------------------------------------------------------------- merge

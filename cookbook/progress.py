@@ -71,24 +71,32 @@ out = PlainWhenPiped(highlight=False)  # results: summaries, tables, decoded tex
 
 
 class RateBar:
-    """A progress bar over bytes of input that also shows docs/s, MB/s and tokens/s."""
+    """A progress bar over bytes of input that also shows documents, MB/s, tokens/s and the time left;
+    ``advance(nbytes, docs, tokens)`` with the bytes, documents and tokens just done."""
 
-    def __init__(self, progress: Progress | None, task):
-        self.progress, self.task = progress, task
+    def __init__(self, progress: Progress | None, task, total: int | None):
+        self.progress, self.task, self.total = progress, task, total
         self.start = time.perf_counter()
+        self.bytes = self.docs = self.tokens = 0
 
-    def update(self, completed: int, docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
+    def advance(self, nbytes: int, docs: int = 0, tokens: int = 0) -> None:
+        self.bytes += nbytes
+        self.docs += docs
+        self.tokens += tokens
         if self.progress is None:
             return
         dt = max(time.perf_counter() - self.start, 1e-9)
-        rates = f"{docs / dt:,.0f} docs/s  {nbytes / dt / 1e6:,.1f} MB/s  {tokens / dt:,.0f} tokens/s"
-        self.progress.update(self.task, completed=completed, rates=rates)
+        of = f"/{self.total / 1e6:,.0f}" if self.total else ""
+        rates = (f"{self.bytes / 1e6:,.0f}{of} MB  {self.docs:,} docs  {self.bytes / dt / 1e6:,.1f} MB/s  "
+                 f"{self.tokens / dt:,.0f} tokens/s")
+        self.progress.update(self.task, completed=self.bytes, rates=rates)
 
 
 @contextlib.contextmanager
-def rate_progress(description: str, total: int, enabled: bool = True) -> Iterator[RateBar]:
-    if not enabled:
-        yield RateBar(None, None)
+def rate_progress(description: str, total: int | None, enabled: bool = True) -> Iterator[RateBar]:
+    """A RateBar on the terminal; none (a silent one) when ``enabled`` is false or stderr is not a terminal."""
+    if not (enabled and console.is_terminal):
+        yield RateBar(None, None, total)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -102,8 +110,9 @@ def rate_progress(description: str, total: int, enabled: bool = True) -> Iterato
     )
     with progress:
         task = progress.add_task(description, total=total, rates="")
-        yield RateBar(progress, task)
-        progress.update(task, completed=total)
+        yield RateBar(progress, task, total)
+        if total:
+            progress.update(task, completed=total)
 
 
 class GenerationBar:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def resolve_prefixes(inputs: list[str]) -> list[str]:
         prefixes = dataset_prefixes(inputs[0])
         if not prefixes:
             raise CookbookError(f"the folder {inputs[0]} holds no .bin/.idx datasets")
+        _check_partitions(Path(inputs[0]))
         return prefixes
     prefixes = []
     for item in inputs:
@@ -37,6 +39,22 @@ def resolve_prefixes(inputs: list[str]) -> list[str]:
     if not prefixes:
         raise CookbookError("nothing to merge; pass --input FOLDER or --input PREFIX --input PREFIX ...")
     return prefixes
+
+
+def _check_partitions(folder: Path) -> None:
+    """A folder of ``preprocess --partitions N`` parts (it has their plan.json) must hold all N, each finished."""
+    plan = folder / "plan.json"
+    if not plan.is_file():
+        return
+    from recipes.preprocess import part_name
+
+    n = json.loads(plan.read_text(encoding="utf-8"))["partitions"]
+    missing = [i for i in range(n) if not (folder / f"{part_name(i, n)}.json").is_file()]
+    if missing:
+        raise CookbookError(
+            f"{folder} lacks {len(missing)} of its {n} partitions (first: {part_name(missing[0], n)}); "
+            "run their preprocess --partition-index tasks first"
+        )
 
 
 def run(inputs: list[str], output_prefix: str) -> MergeSummary:

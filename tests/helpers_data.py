@@ -134,3 +134,40 @@ def megatron_merge(prefixes: list[str], output_prefix) -> str:
         builder.add_index(p)
     builder.finalize(f"{output_prefix}.idx")
     return str(output_prefix)
+
+
+# --------------------------------------------------------------------------- corpora in every input format
+
+
+def jsonl_bytes(texts, key: str = "text") -> bytes:
+    return b"".join((json.dumps(t if isinstance(t, dict) else {key: t}) + "\n").encode() for t in texts)
+
+
+def write_zst(path: Path, texts, frames: int = 2) -> Path:
+    """jsonl compressed as ``frames`` zstd frames (the second with a checksum), as ``zstd`` and pzstd write them."""
+    import zstandard
+
+    raw = jsonl_bytes(texts)
+    cuts = [len(raw) * i // frames for i in range(frames + 1)]
+    Path(path).write_bytes(b"".join(
+        zstandard.ZstdCompressor(write_checksum=bool(i % 2)).compress(raw[cuts[i] : cuts[i + 1]]) for i in range(frames)
+    ))
+    return Path(path)
+
+
+def write_parquet(path: Path, columns: dict, row_group_size: int = 7, **kw) -> Path:
+    """A parquet file of ``columns`` (name -> list of values) in row groups of ``row_group_size`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size, **kw)
+    return Path(path)
+
+
+def save_dataset(folder: Path, columns: dict, num_shards: int = 2) -> Path:
+    """A folder written by Hugging Face ``datasets.Dataset.save_to_disk`` (the real library: the format's oracle)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict(columns).save_to_disk(str(folder), num_shards=num_shards)
+    return Path(folder)

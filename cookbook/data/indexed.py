@@ -44,33 +44,59 @@ def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def write_index(path, dtype, sequence_lengths: np.ndarray, document_indices: np.ndarray) -> None:
-    """Write an ``.idx`` file for sequences of the given lengths and document boundaries."""
+def write_index(path, dtype, sequence_lengths: np.ndarray, document_indices: np.ndarray, chunk: int = 1 << 22) -> None:
+    """Write an ``.idx`` file for sequences of the given lengths and document boundaries.
+
+    The arrays may be memory maps of any size: they are read and the pointers computed ``chunk`` entries at a time.
+    """
     dtype = np.dtype(dtype)
-    lengths = np.asarray(sequence_lengths, dtype=np.int32)
-    pointers = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-    docs = np.asarray(document_indices, dtype=np.int64)
+    n_seq, n_doc = len(sequence_lengths), len(document_indices)
     with open(path, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, CODE_OF[dtype], len(lengths), len(docs)))
-        f.write(lengths.tobytes(order="C"))
-        f.write(pointers.tobytes(order="C"))
-        f.write(docs.tobytes(order="C"))
+        f.write(HEADER.pack(MAGIC, VERSION, CODE_OF[dtype], n_seq, n_doc))
+        for lo in range(0, n_seq, chunk):
+            f.write(np.ascontiguousarray(sequence_lengths[lo : lo + chunk], dtype=np.int32).data)
+        start = 0
+        for lo in range(0, n_seq, chunk):
+            sizes = np.asarray(sequence_lengths[lo : lo + chunk], dtype=np.int64) * dtype.itemsize
+            ends = np.cumsum(sizes) + start
+            f.write((ends - sizes).data)  # each sequence's byte offset: the running sum before it
+            start = int(ends[-1])
+        for lo in range(0, n_doc, chunk):
+            f.write(np.ascontiguousarray(document_indices[lo : lo + chunk], dtype=np.int64).data)
+
+
+class _Spill:
+    """An append-only array in a file: the index of a dataset of billions of documents is not held in memory."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), 0
+        self.file = open(path, "wb", buffering=1 << 20)
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        self.count += len(values)
+
+    def array(self) -> np.ndarray:
+        self.file.close()
+        return np.memmap(self.path, dtype=self.dtype, mode="r") if self.count else np.zeros(0, self.dtype)
+
+    def remove(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class IndexedDatasetWriter:
     """Append documents to a ``.bin`` and write the ``.idx`` at the end, at a temporary path that is
-    renamed into place only on success (use as a context manager)."""
+    renamed into place only on success (use as a context manager).
 
-    def __init__(self, prefix: str | os.PathLike, dtype, buffer_bytes: int = 1 << 24):
+    Memory stays flat however many documents are written: tokens go straight to the ``.bin`` (through a 1 MiB
+    buffer), and sequence lengths and document indices to temporary files beside it until the ``.idx`` is written.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
-        self.buffer_bytes = buffer_bytes
-        self._lengths: list[np.ndarray] = []
-        self._docs: list[np.ndarray] = [np.zeros(1, np.int64)]
         self._sequences = 0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
         self._ctx = None
         self.tokens = 0
         self.documents = 0
@@ -78,20 +104,26 @@ class IndexedDatasetWriter:
     def __enter__(self):
         self._ctx = atomic_paths(bin_path(self.prefix), idx_path(self.prefix))
         self._bin_tmp, self._idx_tmp = self._ctx.__enter__()
-        self._file = open(self._bin_tmp, "wb", buffering=0)
+        self._file = open(self._bin_tmp, "wb", buffering=1 << 20)
+        self._lengths = _Spill(Path(f"{self._idx_tmp}.lengths"), np.int32)
+        self._docs = _Spill(Path(f"{self._idx_tmp}.docs"), np.int64)
+        self._docs.append(np.zeros(1, np.int64))
         return self
 
     def __exit__(self, exc_type, exc, tb):
         failure = None
-        if exc_type is None:
-            try:
-                self._flush()
-                self._file.close()
-                write_index(self._idx_tmp, self.dtype, self._all_lengths(), np.concatenate(self._docs))
-            except BaseException as e:  # finishing failed: clean up as for any other failure
-                failure = e
-                exc_type, exc, tb = type(e), e, e.__traceback__
-        self._file.close()
+        try:
+            if exc_type is None:
+                try:
+                    self._file.close()
+                    write_index(self._idx_tmp, self.dtype, self._lengths.array(), self._docs.array())
+                except BaseException as e:  # finishing failed: clean up as for any other failure
+                    failure = e
+                    exc_type, exc, tb = type(e), e, e.__traceback__
+        finally:
+            self._file.close()
+            self._lengths.remove()
+            self._docs.remove()
         self._ctx.__exit__(exc_type, exc, tb)  # renames on success, removes the temporary files on failure
         if failure is not None:
             raise failure
@@ -100,14 +132,6 @@ class IndexedDatasetWriter:
     @property
     def sequences(self) -> int:
         return self._sequences
-
-    def _all_lengths(self) -> np.ndarray:
-        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._file.write(b"".join(self._pending))
-            self._pending, self._pending_bytes = [], 0
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, sequences_per_document: np.ndarray | None = None):
         """Append documents given as a flat token array and their sequence lengths.
@@ -124,18 +148,14 @@ class IndexedDatasetWriter:
         else:
             seq_lengths = lengths
             per_doc = np.asarray(sequences_per_document, dtype=np.int64)
-        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= self.buffer_bytes:
-            self._flush()
-        self._lengths.append(seq_lengths.astype(np.int32))
+        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self._lengths.append(seq_lengths)
         self._docs.append(self._sequences + np.cumsum(per_doc))
         self._sequences += int(len(seq_lengths))
         self.tokens += int(len(tokens))
         self.documents += int(len(per_doc))
 
-    def add_dataset(self, prefix: str | os.PathLike) -> None:
+    def add_dataset(self, prefix: str | os.PathLike, chunk: int = 1 << 22) -> None:
         """Append a whole indexed dataset: its .bin byte for byte, its index shifted (Megatron's add_index)."""
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
@@ -143,14 +163,17 @@ class IndexedDatasetWriter:
                 f"{prefix} holds {other.dtype.name} tokens but the merge is writing {self.dtype.name}; "
                 "datasets made with tokenizers of different vocabulary sizes cannot be merged"
             )
-        self._flush()
+        self._file.flush()
         with open(bin_path(prefix), "rb") as f:
             shutil.copyfileobj(f, self._file, 1 << 24)
-        self._lengths.append(other.sequence_lengths.astype(np.int32))
-        self._docs.append(self._sequences + other.document_indices[1:])
+        for lo in range(0, len(other.sequence_lengths), chunk):
+            self._lengths.append(other.sequence_lengths[lo : lo + chunk])
+        docs = other.document_indices
+        for lo in range(1, len(docs), chunk):
+            self._docs.append(self._sequences + docs[lo : lo + chunk])
         self._sequences += len(other.sequence_lengths)
         self.tokens += int(other.sequence_lengths.sum(dtype=np.int64))
-        self.documents += len(other.document_indices) - 1
+        self.documents += len(docs) - 1
 
 
 class IndexedDataset:

@@ -8,8 +8,10 @@ every machine with the same Python version. Nothing is downloaded. About 30 MB o
 from __future__ import annotations
 
 import os
+import random
 import sysconfig
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from cookbook.data.jsonl import dumps
 from cookbook.errors import CookbookError
@@ -47,3 +49,71 @@ def write_sample_corpus(out: str | os.PathLike, max_mb: float | None = None) -> 
             docs += 1
             total += len(text)
     return docs, total
+
+
+def scaled_texts(texts: list[str], factor: int, big_every: int = 0, big_factor: int = 60) -> Iterator[str]:
+    """``factor`` distinct variants of every text (copy k has its lines in an order seeded by (k, i), so no
+    document repeats and a tokenizer's cache sees no whole repeated document); with ``big_every``, every
+    ``big_every``-th document is instead ``big_factor`` consecutive ones joined: a document ``big_factor`` times
+    the average size, as some real corpora hold."""
+    n = len(texts)
+    i = 0
+    for k in range(factor):
+        for j in range(n):
+            rng = random.Random(k * n + j)
+            if big_every and i % big_every == big_every - 1:
+                parts = [texts[(j + m) % n] for m in range(big_factor)]
+                text = "\n".join(_shuffled(t, rng) for t in parts)
+            else:
+                text = texts[j] if k == 0 else _shuffled(texts[j], rng)
+            i += 1
+            yield text
+
+
+def _shuffled(text: str, rng: random.Random) -> str:
+    lines = text.split("\n")
+    rng.shuffle(lines)
+    return "\n".join(lines)
+
+
+CORPUS_FORMATS = ("jsonl", "jsonl.zst", "parquet", "arrow")
+
+
+def write_corpus(path: str | os.PathLike, texts: Iterable[str], fmt: str, rows_per_group: int = 1000) -> int:
+    """Stream ``texts`` to ``path`` as jsonl, jsonl.zst, parquet (row groups of ``rows_per_group``) or an Arrow
+    stream (what ``datasets.save_to_disk`` writes, batches of ``rows_per_group``); return the bytes written."""
+    path = Path(path)
+    if fmt in ("jsonl", "jsonl.zst"):
+        with open(path, "wb") as raw:
+            if fmt == "jsonl.zst":
+                import zstandard
+
+                f = zstandard.ZstdCompressor(write_checksum=True).stream_writer(raw, closefd=False)
+            else:
+                f = raw
+            for t in texts:
+                f.write(dumps({"text": t}) + b"\n")
+            if f is not raw:
+                f.close()
+        return path.stat().st_size
+    if fmt not in ("parquet", "arrow"):
+        raise CookbookError(f"unknown corpus format {fmt}; choose one of {', '.join(CORPUS_FORMATS)}")
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.string())])
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        writer = pq.ParquetWriter(str(path), schema)
+    else:
+        writer = pa.ipc.new_stream(str(path), schema)
+    rows: list[str] = []
+    for t in texts:
+        rows.append(t)
+        if len(rows) == rows_per_group:
+            writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(pa.record_batch([rows], schema=schema))
+            rows = []
+    if rows:
+        writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(pa.record_batch([rows], schema=schema))
+    writer.close()
+    return path.stat().st_size

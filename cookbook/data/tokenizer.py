@@ -94,7 +94,7 @@ def _gigatoken_encoder(gt) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray
         layout = gt.encode_batch(texts).layout
         offsets = np.asarray(layout.offsets.data)
         flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
-        return flat.astype(np.int64), np.diff(offsets).astype(np.int64)
+        return flat, np.diff(offsets).astype(np.int64)  # the ids stay uint32 (a view, no copy)
 
     return encode
 
@@ -144,19 +144,29 @@ class Tokenizer:
         """Exactly Megatron-LM's ``tokenizer.tokenize(text)``."""
         return self.prefix + list(self.exact(text)) + self.suffix
 
-    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``tokenize`` of every text, as (flat int64 ids, int64 lengths)."""
+    def special_texts(self, texts: list[str]) -> list[int]:
+        """The indices of the texts that ``plain`` cannot encode exactly (they go through ``exact``)."""
+        return [i for i, t in enumerate(texts) if self.needs_exact(t)]
+
+    def encode_batch(self, texts: list[str], end: int | None = None, dtype=np.int64,
+                     special: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``tokenize`` of every text, as (flat ids in ``dtype``, int64 lengths); with ``end``, that id is also
+        appended to every non-empty result (``--append-eod``). ``special``: ``special_texts(texts)`` when the
+        caller has it already (preprocess computes it in its reader thread)."""
         flat, lengths = self.plain(texts)
-        special = [i for i, t in enumerate(texts) if self.needs_exact(t)]
+        special = self.special_texts(texts) if special is None else special
         if special:
             parts = flat_to_ragged(flat, lengths)
             for i in special:
                 parts[i] = np.asarray(self.exact(texts[i]), dtype=np.int64)
             lengths = np.fromiter((len(p) for p in parts), np.int64, len(parts))
             flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if self.prefix or self.suffix:
-            flat, lengths = _wrap(flat, lengths, self.prefix, self.suffix)
-        return flat, lengths
+        dtype = np.dtype(dtype)
+        if dtype.itemsize < flat.dtype.itemsize and len(flat) and int(flat.max()) > np.iinfo(dtype).max:
+            raise CookbookError(f"token id {int(flat.max())} does not fit {dtype.name}; the tokenizer's vocab size is wrong")
+        if self.prefix or self.suffix or end is not None:
+            return _wrap(flat, lengths, self.prefix, self.suffix, end, dtype)
+        return flat.astype(dtype, copy=False), lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.decode_ids([int(i) for i in ids])
@@ -185,18 +195,26 @@ def scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.n
     out[np.arange(len(flat)) + np.repeat(starts - src_starts, lengths)] = flat
 
 
-def _wrap(flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int]):
-    """Put ``prefix`` before and ``suffix`` after every sequence of a flat batch."""
+def _wrap(flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int], end: int | None = None, dtype=None):
+    """Put ``prefix`` before and ``suffix`` after every sequence of a flat batch, and ``end`` after every
+    non-empty one; the result in ``dtype``. The few fixed ids are placed by position and the text's ids copied
+    in one masked assignment (a fancy-indexed scatter of every id costs several times more)."""
     n_pre, n_suf = len(prefix), len(suffix)
-    new_lengths = lengths + n_pre + n_suf
+    new_lengths = lengths + (n_pre + n_suf)
+    has_end = (new_lengths > 0) if end is not None else np.zeros(len(lengths), bool)
+    new_lengths += has_end
     ends = np.cumsum(new_lengths)
     starts = ends - new_lengths
-    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=flat.dtype)
-    for j, t in enumerate(prefix):
-        out[starts + j] = t
-    for j, t in enumerate(suffix):
-        out[ends - n_suf + j] = t
-    scatter(out, flat, lengths, starts + n_pre)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=flat.dtype if dtype is None else dtype)
+    own = np.ones(len(out), bool)  # where the texts' own ids go
+    fixed = [(starts + j, t) for j, t in enumerate(prefix)]
+    fixed += [(ends - has_end - n_suf + j, t) for j, t in enumerate(suffix)]
+    if end is not None:
+        fixed.append(((ends - 1)[has_end], end))
+    for positions, t in fixed:
+        out[positions] = t
+        own[positions] = False
+    out[own] = flat
     return out, new_lengths
 
 

@@ -14,8 +14,6 @@ Written as ``.step_000000.tmp`` and renamed; ``latest`` last. No optimizer state
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -23,10 +21,8 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from cookbook.engine.checkpoint import step_name, store_tokenizer
-from cookbook.engine.config import dumps_toml
+from cookbook.engine.checkpoint import commit_save, save_paths, write_save_files
 from cookbook.errors import CookbookError
-from cookbook.fileio import write_text_atomic
 
 
 def write_checkpoint(save: str | Path, model: nn.Module, sections: dict[str, dict], train_state: dict) -> Path:
@@ -36,21 +32,16 @@ def write_checkpoint(save: str | Path, model: nn.Module, sections: dict[str, dic
     if (save / "latest").exists():
         raise CookbookError(f"--save {save} already holds a run; choose another --save")
     save.mkdir(parents=True, exist_ok=True)
-    final, tmp = save / step_name(0), save / f".{step_name(0)}.tmp"
+    tmp, final = save_paths(save, 0)
     shutil.rmtree(tmp, ignore_errors=True)
     state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
     model_section = {k: v for k, v in model.config.to_dict().items() if v is not None}
-    config = {"model": model_section, "data": store_tokenizer(tmp, sections.get("data", {}))}
-    write_text_atomic(tmp / "config.toml", dumps_toml(config))
-    write_text_atomic(tmp / "train_state.json", json.dumps({"step": 0, "consumed_samples": 0, **train_state}, indent=1))
-    if final.exists():  # a stale save without ``latest`` (a run killed between rename and latest)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(save / "latest", final.name + "\n")
-    return final
+    write_save_files(tmp, {"model": model_section, "data": sections.get("data", {})},
+                     {"step": 0, "consumed_samples": 0, **train_state})
+    return commit_save(tmp, final)
 
 
 def param_count(model: nn.Module) -> int:

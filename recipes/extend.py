@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cookbook.engine import checkpoint
-from cookbook.engine.config import dumps_toml, merge, read_toml
+from cookbook.engine.config import merge, read_toml
 from cookbook.errors import CookbookError
-from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -105,18 +104,15 @@ def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
     if (save / "latest").exists():
         raise CookbookError(f"--save {save} already holds a run; choose another --save")
     save.mkdir(parents=True, exist_ok=True)
-    final, tmp = save / ckpt.name, save / f".{ckpt.name}.tmp"
+    tmp, final = save / f".{ckpt.name}.tmp", save / ckpt.name
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ckpt, tmp)
     sections = checkpoint.read_config(ckpt)
     sections["model"] = {**sections["model"], "rope_scaling": ext.rope_scaling, "max_seq_len": ext.max_seq_len}
     sections.setdefault("data", {})["seq_length"] = ext.seq_length
     sections.setdefault("checkpoint", {})["save"] = str(save)
-    sections["data"] = checkpoint.store_tokenizer(tmp, sections["data"])
-    write_text_atomic(tmp / "config.toml", dumps_toml(sections))
-    tmp.rename(final)
-    write_text_atomic(save / "latest", final.name + "\n")
-    return final
+    checkpoint.write_save_files(tmp, sections, None)
+    return checkpoint.commit_save(tmp, final)
 
 
 def dry_run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: str, interp_factor: float | None,

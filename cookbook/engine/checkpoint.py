@@ -112,17 +112,16 @@ def side_files(tokenizer: str | Path | None) -> dict[str, Path]:
 
 
 def store_tokenizer(step_dir: Path, data: dict, files: dict[str, bytes] | None = None) -> dict:
-    """Copy the tokenizer ``data`` names (or ``files``: name -> bytes, read earlier) into ``step_dir/hf``; returns
-    ``data`` naming it there, relative to the save."""
+    """Copy the tokenizer ``data`` names (or ``files``: name -> bytes, read earlier, side files and all) into
+    ``step_dir/hf``; returns ``data`` naming the tokenizer there, relative to the save."""
     if files is None:
         files = {name: path.read_bytes() for name, path in side_files(data.get("tokenizer_model")).items()}
+    if files:
+        (step_dir / SIDE_DIR).mkdir(exist_ok=True)
+        for name, blob in files.items():
+            (step_dir / SIDE_DIR / name).write_bytes(blob)
     inside = tokenizer_path(Path(SIDE_DIR), files, data.get("tokenizer_type"))
-    if not files or inside is None:
-        return dict(data)
-    (step_dir / SIDE_DIR).mkdir(exist_ok=True)
-    for name, blob in files.items():
-        (step_dir / SIDE_DIR / name).write_bytes(blob)
-    return {**data, "tokenizer_model": str(inside)}
+    return {**data, "tokenizer_model": str(inside)} if inside is not None else dict(data)
 
 
 def rng_state() -> dict:
@@ -173,8 +172,7 @@ class Checkpointer:
             return self._save(step, model, optimizer, config, train_state)
 
     def _save(self, step: int, model, optimizer, config: dict[str, dict], train_state: dict) -> Path:
-        final = self.root / step_name(step)
-        tmp = self.root / f".{step_name(step)}.tmp"
+        tmp, final = save_paths(self.root, step)
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -182,24 +180,47 @@ class Checkpointer:
         dcp.save(state, checkpoint_id=str(tmp))
         barrier()
         if self.is_main:
-            config = {**config, "data": store_tokenizer(tmp, config.get("data", {}), self._tokenizer_files(config))}
-            write_text_atomic(tmp / "config.toml", dumps_toml(config))
-            write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
-            if final.exists():  # the same step saved again (a resumed run): swap, never lose both
-                old = self.root / f".{step_name(step)}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            write_text_atomic(self.root / "latest", final.name + "\n")
-            if self.keep_last > 0:
-                for old in self.saves()[: -self.keep_last]:
-                    if old != final:
-                        shutil.rmtree(old, ignore_errors=True)
+            write_save_files(tmp, config, train_state, self._tokenizer_files(config))
+            commit_save(tmp, final, self.keep_last)
         barrier()
         return final
+
+
+def save_paths(root: Path, step: int) -> tuple[Path, Path]:
+    """(the temporary folder a save is written in, its final name) inside the run folder ``root``."""
+    return root / f".{step_name(step)}.tmp", root / step_name(step)
+
+
+def write_save_files(folder: Path, sections: dict[str, dict], train_state: dict | None,
+                     tokenizer_files: dict[str, bytes] | None = None) -> None:
+    """A save's own files beside its tensors: config.toml (its tokenizer carried into hf/ and named relative to the
+    save) and train_state.json."""
+    sections = {**sections, "data": store_tokenizer(folder, sections.get("data", {}), tokenizer_files)}
+    write_text_atomic(folder / "config.toml", dumps_toml(sections))
+    if train_state is not None:
+        write_text_atomic(folder / "train_state.json", json.dumps(train_state, indent=1))
+
+
+def commit_save(tmp: Path, final: Path, keep_last: int = 0) -> Path:
+    """Make the complete save ``tmp`` the run's save ``final``: renamed into place (the same step saved again is
+    swapped, never losing both), then ``latest`` names it, and only then do saves beyond ``keep_last`` (0: none) go.
+    Every writer of a save folder ends here, so a run killed at any moment keeps its previous saves."""
+    root = final.parent
+    if final.exists():
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    write_text_atomic(root / "latest", final.name + "\n")
+    if keep_last > 0:
+        saves = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+        for _, old in saves[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def load(ckpt: Path, model, optimizer=None) -> None:

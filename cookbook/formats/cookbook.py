@@ -26,7 +26,6 @@ writer holds every tensor of a file until the file is closed): one layer in memo
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -36,14 +35,16 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from cookbook.engine.checkpoint import (
     SIDE_DIR,
+    commit_save,
     find_checkpoint,
     read_config,
     read_metadata,
     read_state,
+    save_paths,
     side_files,
-    step_name,
+    write_save_files,
 )
-from cookbook.engine.config import build_config, dumps_toml
+from cookbook.engine.config import build_config
 from cookbook.errors import CookbookError
 from cookbook.formats.stream import (
     Checkpoint,
@@ -132,7 +133,7 @@ class _StreamPlanner(DefaultSavePlanner):
 def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, torch.dtype]) -> Path:
     """A save under ``folder`` (renamed to ``final`` by the caller): DCP shards, config.toml, train_state.json, hf/."""
     cfg, step = ckpt.config, ckpt.iteration
-    step_dir = folder / step_name(step)
+    tmp, step_dir = save_paths(folder, step)
     plan = {}
     for name, shape in expected_shapes(cfg).items():
         plan[name] = torch.empty(shape, dtype=dtypes[name], device="meta")
@@ -140,7 +141,7 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
             plan["output.weight"] = plan[name]
     planner = _StreamPlanner(tensors, {"output.weight": "tok_embeddings.weight"} if cfg.tie_embeddings else {})
     # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is complete
-    writer = dcp.FileSystemWriter(str(step_dir), single_file_per_rank=False, thread_count=1)
+    writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -151,20 +152,13 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
         raise
     if planner.pending:
         raise CookbookError(f"internal error: tensors {sorted(planner.pending)[:3]} were never written")
-    hf_dir = step_dir / HF_DIR
+    files = {name: path.read_bytes() for name, path in ckpt.hf_files.items()}
+    tok = tokenizer_path(Path(HF_DIR), files, ckpt.tokenizer_type)
     data = {}
-    if ckpt.hf_files:
-        hf_dir.mkdir()
-        for name, path in ckpt.hf_files.items():
-            shutil.copyfile(path, hf_dir / name)
-        tok = tokenizer_path(Path(HF_DIR), ckpt.hf_files, ckpt.tokenizer_type)  # relative to the save: it travels
-        if tok is not None:
-            sentencepiece = ckpt.tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer")
-            kind = (ckpt.tokenizer_type if sentencepiece else "Llama2Tokenizer") if tok.suffix == ".model" else "HuggingFaceTokenizer"
-            data = {"tokenizer_model": str(tok), "tokenizer_type": kind}
+    if tok is not None:  # the type it was trained with, else the one its file says
+        sentencepiece = ckpt.tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer")
+        data["tokenizer_type"] = (ckpt.tokenizer_type if sentencepiece else "Llama2Tokenizer") if tok.suffix == ".model" else "HuggingFaceTokenizer"
     model = {k: v for k, v in cfg.to_dict().items() if v is not None}
-    (step_dir / "config.toml").write_text(dumps_toml({"model": model, "data": data}))
     state = {"step": step, "consumed_samples": 0, "converted_from": ckpt.description}
-    (step_dir / "train_state.json").write_text(json.dumps(state, indent=1))
-    (folder / "latest").write_text(step_name(step) + "\n")
-    return step_dir
+    write_save_files(tmp, {"model": model, "data": data}, state, files)
+    return commit_save(tmp, step_dir)

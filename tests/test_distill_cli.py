@@ -90,8 +90,7 @@ def test_kd_teacher_with_another_tokenizer_is_refused(tmp_path, student, sp_mode
     teacher = tmp_path / "teacher"
     shutil.copytree(student["save"], teacher)
     ckpt = find_checkpoint(teacher)
-    toml = (ckpt / "config.toml").read_text()
-    (ckpt / "config.toml").write_text(toml.replace(str(sp_model), str(sp_unigram)))
+    shutil.copyfile(sp_unigram, ckpt / "hf" / "tokenizer.model")  # the tokenizer its save carries
     proc = run_cli("distill", "train", "--load", student["save"], "--synthetic", student["synthetic"], "--kd-teacher", teacher,
                    *RUN, "--train-iters", "2", "--save", tmp_path / "out", timeout=300)
     assert_one_line_error(proc, "another tokenizer")

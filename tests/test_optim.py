@@ -138,7 +138,7 @@ def test_bad_schedule_raises_one_sentence(name):
     with pytest.raises(CookbookError) as e:
         LRSchedule(OptimizerConfig(**fields), train_iters)
     msg = str(e.value)
-    assert "\n" not in msg and msg.endswith(".")
+    assert "\n" not in msg and "--" in msg  # one line that names the flag
 
 
 class Tiny(torch.nn.Module):

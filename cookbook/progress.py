@@ -144,3 +144,25 @@ class GenerationBar:
         """All prompts before ``written`` are in the output."""
         if self.progress is not None:
             self.progress.update(self.task, completed=written, rates=self.rates())
+
+
+class StepCounter:
+    """Iterations done of a training run, live between log lines: a bar on a terminal (transient, under the log lines
+    printed through ``console``), nothing elsewhere, where the log lines themselves are the progress."""
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True):
+        self.progress: Progress | None = None
+        if enabled and console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.progress.add_task("train", total=total, completed=done)
+            self.progress.start()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def update(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)

@@ -259,6 +259,8 @@ def _write_report(save: Path, report: dict) -> Path:
 def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
     from cookbook.engine.checkpoint import load_model
+    from cookbook.engine.distributed import pick_device
+    from cookbook.engine.precision import resolve_dtype
     from pruner.calib import calibration_samples
     from pruner.save import param_count, write_checkpoint
 
@@ -280,7 +282,8 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     target = target_config(src, opts.spec, sections.get("parallel", {}).get("tp") or 1)
     _check_options(opts, sections, src, target)
     training = sections.get("training", {})
-    seed, device, dtype = training.get("seed", 1234), training.get("device", "auto"), training.get("dtype", "bf16")
+    seed, device = training.get("seed", 1234), training.get("device", "auto")
+    dtype = resolve_dtype(training.get("dtype", "auto"), pick_device(device, 0))  # of the forwards; weights stay fp32
     heal = opts.heal_steps > 0
     if heal:
         _check_heal(config_file, overrides, opts, source, target)

@@ -208,22 +208,24 @@ def load(ckpt: Path, model, optimizer=None) -> None:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
-    """(model in eval mode, the checkpoint's config sections) for inference in this process."""
+    """(model in eval mode, the checkpoint's config sections) for inference in this process; ``dtype`` auto, bf16
+    or fp32 (cookbook/engine/precision.py)."""
     from cookbook.engine.config import build_config
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.parallelize import DTYPES
+    from cookbook.engine.precision import DTYPES, check_dtype, resolve_dtype
     from cookbook.model import Transformer
 
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml)")
-    if dtype not in DTYPES:
-        raise CookbookError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    check_dtype(dtype)
     sections = read_config(ckpt)
     cfg = build_config({"model": sections["model"]}).model
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=pick_device(device, 0))
+    target = pick_device(device, 0)
+    dtype = resolve_dtype(dtype, target)
+    model.to_empty(device=target)
     model.tie_weights()
     state = {"model": model.state_dict()}
     try:

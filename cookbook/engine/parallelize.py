@@ -42,11 +42,11 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from cookbook.engine.context_parallel import apply_cp
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.float8 import apply_fp8
+from cookbook.engine.precision import DTYPES
 from cookbook.engine.recompute import apply_activation_checkpointing, apply_compile
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:

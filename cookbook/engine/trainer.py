@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.engine import checkpoint
@@ -41,10 +42,11 @@ from cookbook.engine.pipeline import (
     pipeline_eval,
     pipeline_step,
 )
+from cookbook.engine.precision import choose_dtype
 from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError
 from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
-from cookbook.progress import console
+from cookbook.progress import StepCounter, console
 
 
 def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1):
@@ -134,6 +136,8 @@ class Trainer:
         t, data = job.training, job.data
         self.dist = init_distributed(t.device)
         self.device = self.dist.device
+        # --dtype auto becomes what this device computes fast; the job (and its saves) record the choice
+        t.dtype, self.dtype_reason = choose_dtype(t.dtype, self.device)
         self.dims = job.parallel.resolve(self.dist.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
@@ -142,7 +146,10 @@ class Trainer:
         self.global_batch, self.accumulation = check_layout(job, self.dims)
         # the data first: a bad --data-path fails before the model is built
         sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
-        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
+        notes: list[str] = []
+        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes, notes)
+        for note in notes if self.dist.is_main else []:
+            console.print(f"[yellow]{escape(note)}[/yellow]")
         self.loader = self._loader(self.splits["train"])
         self.step = 0
 
@@ -308,15 +315,18 @@ class Trainer:
         record: dict = {}
         losses: list[float] = []
         last_eval = -1
+        first = self.step + 1  # logged whatever the interval: a first line within seconds of the start
         tick = time.perf_counter()
+        counter = StepCounter(t.train_iters, self.step, enabled=main)
         try:
             while self.step < t.train_iters:
                 micro = [self.loader.next() for _ in range(self.accumulation)]
                 loss, grad_norm, lr = self.train_step(micro)
                 self.step += 1
                 losses.append(loss)
+                counter.update(self.step)
 
-                if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                if self.step % t.log_interval == 0 or self.step in (first, t.train_iters):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - tick
@@ -355,6 +365,7 @@ class Trainer:
             if not self._stop_signal and last_eval != self.step and t.eval_interval:
                 self._log_eval(logger)
         finally:
+            counter.close()
             signal.signal(signal.SIGTERM, previous)
             logger.close()
         return record

@@ -20,9 +20,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cookbook import __version__
+from cookbook import __version__, help as help_screens
 from cookbook.errors import CookbookError
 from cookbook.progress import console, out
+
+help_screens.install()  # flag names never cut at 80 columns (cookbook/help.py)
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -386,7 +388,7 @@ def training_command(fn):
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option("--config", "-c", help="A TOML config; flags override its fields.", rich_help_panel="Config")])]
     for i, (names, section, _, kind, help) in enumerate(TRAINING_FLAGS):
-        option = typer.Option(*names, help=help, rich_help_panel=PANELS[section], show_default=False)
+        option = typer.Option(*names, help=escape(help), rich_help_panel=PANELS[section], show_default=False)  # plain text
         params.append(inspect.Parameter(f"flag_{i}", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
 
     @functools.wraps(fn)

@@ -158,7 +158,7 @@ def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
         if trainer.step >= job.training.train_iters:
             if trainer.dist.is_main:
                 console.print(f"[bold yellow]already trained {trainer.step} of {job.training.train_iters} iterations in "
-                              f"{job.checkpoint.save or ckpt}: nothing to train[/bold yellow]; raise --train-iters to train on, "
+                              f"{job.checkpoint.save or ckpt}: nothing to do[/bold yellow]; raise --train-iters to train on, "
                               "or choose another --save for a new run", highlight=False)
             return {}
         return trainer.train()

@@ -46,7 +46,7 @@ from cookbook.engine.precision import choose_dtype
 from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError
 from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
-from cookbook.progress import StepCounter, console
+from cookbook.progress import Tally, console
 
 
 def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1):
@@ -167,6 +167,7 @@ class Trainer:
             self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.teacher = None  # --kd-teacher: the same layout, its weights loaded, no gradients
+        self.kd_parts: list[float] = []  # with a teacher: the last iteration's [CE, KL]
         if teacher is not None:
             self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed)
             checkpoint.load(teacher[0], self.teacher)
@@ -224,11 +225,18 @@ class Trainer:
             total = self._pipeline_loss(pipeline_step, micro_batches)
         else:
             total = torch.zeros((), device=self.device)
+            parts = torch.zeros(2, device=self.device)  # with a teacher: the mean CE and KL of the batch
             for batch in micro_batches:
                 with self._precision():
-                    loss = self._loss(batch.to(self.device, non_blocking=True), distil=True) / len(micro_batches)
+                    loss, split = self._loss(batch.to(self.device, non_blocking=True), distil=True)
+                    loss = loss / len(micro_batches)
                 loss.backward()
                 total += loss.detach()
+                if split is not None:
+                    parts += split / len(micro_batches)
+            if self.teacher is not None:
+                self._average_over_ranks(parts)
+                self.kd_parts = parts.tolist()
         self._average_over_ranks(total)
         if self.pipeline is not None:
             grad_norm = clip_grad_norm_pp(self.model.parameters(), self.job.optimizer.clip_grad, self.mesh["pp"])
@@ -262,22 +270,24 @@ class Trainer:
                 continue
             for batch in micro_batches:
                 with self._precision():
-                    total += self._loss(batch.to(self.device)) / self.accumulation
+                    total += self._loss(batch.to(self.device))[0] / self.accumulation
         total /= iters
         self._average_over_ranks(total)
         return total.item()
 
-    def _loss(self, batch: torch.Tensor, distil: bool = False) -> torch.Tensor:
-        """Cross-entropy; in training with a teacher, (1 - r) CE + r KL(teacher || student) (evaluation: CE alone)."""
+    def _loss(self, batch: torch.Tensor, distil: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, None): cross-entropy; in training with a teacher, ((1 - r) CE + r KL(teacher || student), [CE, KL]
+        detached, for the log) (evaluation: CE alone)."""
         inputs, targets, positions = next_token_inputs(batch, self.cp_rank, self.dims.cp)
         logits = self.model(inputs, positions)
         ce = cross_entropy(logits, targets)
         if not (distil and self.teacher is not None):
-            return ce
+            return ce, None
         t = self.job.training
         with torch.no_grad():
             teacher_logits = self.teacher(inputs, positions)
-        return (1 - t.kd_ratio) * ce + t.kd_ratio * kd_loss(logits, teacher_logits, t.kd_temperature)
+        kl = kd_loss(logits, teacher_logits, t.kd_temperature)
+        return (1 - t.kd_ratio) * ce + t.kd_ratio * kl, torch.stack([ce.detach(), kl.detach()])
 
     def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
@@ -314,16 +324,19 @@ class Trainer:
         peak = peak_tflops(self.device)
         record: dict = {}
         losses: list[float] = []
+        kd_parts: list[list[float]] = []  # with a teacher: [CE, KL] per iteration, logged next to the loss
         last_eval = -1
         first = self.step + 1  # logged whatever the interval: a first line within seconds of the start
         tick = time.perf_counter()
-        counter = StepCounter(t.train_iters, self.step, enabled=main)
+        counter = Tally("step", t.train_iters, done=self.step, every=None, enabled=main)  # a bar on a terminal
         try:
             while self.step < t.train_iters:
                 micro = [self.loader.next() for _ in range(self.accumulation)]
                 loss, grad_norm, lr = self.train_step(micro)
                 self.step += 1
                 losses.append(loss)
+                if self.teacher is not None:
+                    kd_parts.append(self.kd_parts)
                 counter.update(self.step)
 
                 if self.step % t.log_interval == 0 or self.step in (first, t.train_iters):
@@ -341,8 +354,13 @@ class Trainer:
                         "consumed_samples": self.loader.consumed_samples, "seconds_per_step": elapsed / iters,
                     }
                     mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
+                    loss_text = f"loss {record['loss']:.4f}"
+                    if kd_parts:  # the loss is a mix: say of what
+                        record["ce"], record["kl"] = (sum(p[k] for p in kd_parts) / len(kd_parts) for k in (0, 1))
+                        loss_text += f" = {1 - t.kd_ratio:g} x CE {record['ce']:.4f} + {t.kd_ratio:g} x KL {record['kl']:.4f}"
+                        kd_parts = []
                     logger.log(record, (
-                        f"step {self.step:>6}/{t.train_iters}  loss {record['loss']:.4f}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
+                        f"step {self.step:>6}/{t.train_iters}  {loss_text}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
                         f"{tokens_per_s:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
                     ))
                     losses = []
@@ -375,5 +393,6 @@ class Trainer:
         if loss is None:
             return
         ppl = math.exp(min(loss, 50.0))
+        what = "valid CE" if self.teacher is not None else "valid loss"  # with a teacher the training loss is a mix
         logger.log({"step": self.step, "split": "valid", "loss": loss, "ppl": ppl},
-                   f"[cyan]step {self.step:>6}  valid loss {loss:.4f}  ppl {ppl:.3f}[/cyan]")
+                   f"[cyan]step {self.step:>6}  {what} {loss:.4f}  ppl {ppl:.3f}[/cyan]")

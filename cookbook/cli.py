@@ -540,7 +540,8 @@ def plan(
     micro_batch_sizes: Annotated[str, typer.Option(help="Micro batch sizes to consider.", rich_help_panel="Job")] = "1,2,4",
     max_tp: Annotated[Optional[int], typer.Option(help="Largest tensor-parallel size to consider.", rich_help_panel="Cluster")] = None,
     max_pp: Annotated[Optional[int], typer.Option(help="Largest pipeline-parallel size to consider.", rich_help_panel="Cluster")] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="Also list the layouts that do not fit.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Every layout, those that do not fit too (default: the fastest 25 that fit).")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Also the memory's parts: parameters, gradients, optimizer, transient, activations.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every layout as JSON.")] = False,
 ) -> None:
     """Memory per GPU and estimated step time of each parallel layout; recommends one.
@@ -557,7 +558,7 @@ def plan(
     if as_json:
         out.print_json(data=result.to_dict())
         return
-    out.print(render(result, limit=None if show_all else 25, show_all=show_all))
+    out.print(render(result, limit=None if show_all else 25, show_all=show_all, wide=wide))
     out.print(result.recommendation())
 
 

@@ -84,10 +84,12 @@ def _check_vocabulary(sections: dict[str, dict], ckpt: Path | None) -> None:
                             f"{tokenizer.vocab_size}: {fix}")
 
 
-def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: str, dtype: str) -> None:
-    """What a training job is, in five lines (the full config with --print-config; every save holds it)."""
+def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: str, dtype: str, full: bool = False) -> None:
+    """What a training job is, in five lines; the full config first with ``full`` or --print-config (every save holds
+    it as config.toml)."""
     m, d, o, t, c = job.model, job.data, job.optimizer, job.training, job.checkpoint
-    if t.print_config:
+    full = full or t.print_config
+    if full:
         console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
     layout = f"pp {dims.pp} x dp {dims.dp} x cp {dims.cp} x tp {dims.tp}{' + SP' if dims.sequence_parallel else ''}"
     warmup = f", warmup {o.lr_warmup_iters}" if o.lr_warmup_iters else (f", warmup {o.lr_warmup_fraction:g} of the decay" if o.lr_warmup_fraction else "")
@@ -106,7 +108,7 @@ def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: 
         f"[bold]device[/bold]   {where}, {layout}; dtype {dtype}",
         f"[bold]saves[/bold]    " + (f"{c.save} every {c.save_interval} iterations and at the end, each with config.toml (the full config)"
                                      if c.save and c.save_interval else f"{c.save} at the end, with config.toml (the full config)" if c.save
-                                     else "none (no --save)") + ("" if t.print_config else "; --print-config prints it here"),
+                                     else "none (no --save)") + ("" if full else "; --print-config prints it here"),
     ]
     for line in lines:
         console.print(line, highlight=False)
@@ -123,7 +125,7 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     job, ckpt = resolve(config_file, overrides)
     dims = job.parallel.resolve(world_size)
     global_batch, accumulation = check_layout(job, dims)
-    show_job(job, dims, global_batch, accumulation, f"{world_size} processes (dry run)", job.training.dtype)
+    show_job(job, dims, global_batch, accumulation, f"{world_size} processes (dry run)", job.training.dtype, full=True)
     try:
         parse_data_path(job.data.data_path)
     except CookbookError as e:

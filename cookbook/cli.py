@@ -207,7 +207,7 @@ def merge(
 
     s = run(_split(input), output_prefix)
     out.print(
-        f"[green]merged[/green] {len(s.prefixes)} datasets into {s.output_prefix}.bin/.idx: "
+        f"[green]merged[/green] {len(s.prefixes)} dataset{'s' if len(s.prefixes) != 1 else ''} into {s.output_prefix}.bin/.idx: "
         f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})"
     )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine import checkpoint
 from cookbook.engine.config import JobConfig, build_config, dumps_toml, merge, read_toml
@@ -94,21 +96,24 @@ def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: 
     layout = f"pp {dims.pp} x dp {dims.dp} x cp {dims.cp} x tp {dims.tp}{' + SP' if dims.sequence_parallel else ''}"
     warmup = f", warmup {o.lr_warmup_iters}" if o.lr_warmup_iters else (f", warmup {o.lr_warmup_fraction:g} of the decay" if o.lr_warmup_fraction else "")
     tokens = t.train_iters * global_batch * d.seq_length
+    if not c.save:
+        saves = "none (no --save)"
+    else:
+        when = f"every {c.save_interval} iterations and at the end" if c.save_interval else "at the end"
+        saves = f"{escape(c.save)} {when}, each with config.toml (the full config)"
     extras = [x for x in (f"recompute {t.recompute_granularity}" if t.recompute_granularity != "none" else "",
                           "compile" if t.compile else "", "fp8" if t.fp8 else "",
-                          f"KD from {t.kd_teacher} (ratio {t.kd_ratio:g}, temperature {t.kd_temperature:g})" if t.kd_teacher else "") if x]
+                          f"KD from {escape(t.kd_teacher)} (ratio {t.kd_ratio:g}, temperature {t.kd_temperature:g})" if t.kd_teacher else "") if x]
     lines = [
         f"[bold]model[/bold]    {describe(m)}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
         f"({m.num_kv_heads} kv), ffn {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}",
-        f"[bold]data[/bold]     {' '.join(d.data_path) or '(none)'}, split {d.split}, {d.seq_length} tokens per sample"
-        + (f", tokenizer {d.tokenizer_model}" if d.tokenizer_model else ""),
+        f"[bold]data[/bold]     {escape(' '.join(d.data_path)) or '(none)'}, split {d.split}, {d.seq_length} tokens per sample"
+        + (f", tokenizer {escape(d.tokenizer_model)}" if d.tokenizer_model else ""),
         f"[bold]training[/bold] {t.train_iters:,} iterations of {global_batch} samples = {t.micro_batch_size} micro x {dims.dp} "
         f"data-parallel x {accumulation} accumulation ({tokens:,} tokens); lr {o.lr:g} {o.lr_decay_style}{warmup}"
         + (f"; {', '.join(extras)}" if extras else ""),
-        f"[bold]device[/bold]   {where}, {layout}; dtype {dtype}",
-        f"[bold]saves[/bold]    " + (f"{c.save} every {c.save_interval} iterations and at the end, each with config.toml (the full config)"
-                                     if c.save and c.save_interval else f"{c.save} at the end, with config.toml (the full config)" if c.save
-                                     else "none (no --save)") + ("" if full else "; --print-config prints it here"),
+        f"[bold]device[/bold]   {where}, {layout}; dtype {escape(dtype)}",
+        f"[bold]saves[/bold]    {saves}" + ("" if full else "; --print-config prints it here"),
     ]
     for line in lines:
         console.print(line, highlight=False)
@@ -140,7 +145,7 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     layout = estimate(job.model, job.data.seq_length, global_batch, GPUS[gpu], world_size, min(world_size, 8),
                       dims.tp, dims.pp, mode, t.micro_batch_size)
     if ckpt:
-        console.print(f"[bold]from[/bold]     {ckpt}", highlight=False)
+        console.print(f"[bold]from[/bold]     {escape(str(ckpt))}", highlight=False)
     console.print(
         f"[bold]estimate on {gpu}[/bold] (cookbook plan): {layout.total_gib:.1f} GiB per GPU "
         f"({'fits' if layout.fits else 'DOES NOT FIT'}), ~{layout.step_seconds:.1f} s per step, MFU ~{100 * layout.mfu:.0f}%"
@@ -160,7 +165,7 @@ def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
         if trainer.step >= job.training.train_iters:
             if trainer.dist.is_main:
                 console.print(f"[bold yellow]already trained {trainer.step} of {job.training.train_iters} iterations in "
-                              f"{job.checkpoint.save or ckpt}: nothing to do[/bold yellow]; raise --train-iters to train on, "
+                              f"{escape(str(job.checkpoint.save or ckpt))}: nothing to do[/bold yellow]; raise --train-iters to train on, "
                               "or choose another --save for a new run", highlight=False)
             return {}
         return trainer.train()

@@ -155,7 +155,8 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     console.print(f"[green]dry run: the job is valid for {world_size} processes[/green]")
 
 
-def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
+def run(config_file: str | Path | None, overrides: dict[str, dict], iters_flag: str = "--train-iters") -> dict:
+    """Train the job; ``iters_flag``: the flag that sets its length in the calling command (prune: --heal-steps)."""
     job, ckpt = resolve(config_file, overrides)
     trainer = Trainer(job, load=ckpt)
     try:
@@ -165,7 +166,7 @@ def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
         if trainer.step >= job.training.train_iters:
             if trainer.dist.is_main:
                 console.print(f"[bold yellow]already trained {trainer.step} of {job.training.train_iters} iterations in "
-                              f"{escape(str(job.checkpoint.save or ckpt))}: nothing to do[/bold yellow]; raise --train-iters to train on, "
+                              f"{escape(str(job.checkpoint.save or ckpt))}: nothing to do[/bold yellow]; raise {iters_flag} to train on, "
                               "or choose another --save for a new run", highlight=False)
             return {}
         return trainer.train()

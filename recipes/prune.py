@@ -343,7 +343,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
         load = save if continuing else pruned_dir
         if continuing:
             console.print(f"continuing the healing saved in {save}")
-        train(config_file, _heal_overrides(overrides, opts, source, load, save, finetune=not continuing))
+        train(config_file, _heal_overrides(overrides, opts, source, load, save, finetune=not continuing), "--heal-steps")
         healed, _ = load_model(save, device, "fp32")
         for name, value in _perplexity(healed, streams, eval_seq, opts.batch_size, dtype).items():
             report["perplexity"]["data"].setdefault(name, {})["healed"] = value

@@ -119,7 +119,7 @@ tour bash "$RECIPES/pretrain/llama-65b.sh" --dry-run
 # --------------------------------------------------------------------------- evaluation
 
 setup "heldout.jsonl: documents of the sample corpus that corpus.jsonl stops before"
-cookbook sample-corpus more.jsonl --max-mb 2.3 > /dev/null
+cookbook sample-corpus more.jsonl --max-mb 2.1 > /dev/null
 tail -n +$(( $(wc -l < corpus.jsonl) + 1 )) more.jsonl > heldout.jsonl
 echo "   $(wc -l < heldout.jsonl) documents"
 

@@ -74,7 +74,7 @@ def test_prune_and_heal_with_distillation(tmp_path, data, base):
 
     # the same command again continues the healing run (here: finished) and reuses the pruned model
     again = check(run_cli(*prune_flags(data, base, save, *heal), timeout=300))
-    assert "reusing the pruned model" in again.stderr and "nothing to do" in again.stderr
+    assert "reusing the pruned model" in again.stderr and "nothing to do" in again.stderr and "raise --heal-steps" in again.stderr
     # other settings into the same folder are refused
     from cookbook.errors import CookbookError
     from pruner.spec import PruneSpec

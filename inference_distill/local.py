@@ -39,7 +39,7 @@ STOP_CHECK_EVERY = 8  # steps between looks at the decoded text for stop strings
 def _hf_model(folder: Path, device: str, dtype: str):
     """Our Transformer with a Hugging Face folder's weights, read one tensor at a time."""
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import DTYPES, resolve_dtype
+    from cookbook.engine.precision import load_in_dtype
     from cookbook.formats import hf
     from cookbook.formats.stream import checked
     from cookbook.model import Transformer
@@ -47,9 +47,8 @@ def _hf_model(folder: Path, device: str, dtype: str):
     ckpt = hf.read(folder)
     with torch.device("meta"):
         model = Transformer(ckpt.config)
-    target = pick_device(device, 0)
-    model.to_empty(device=target)
-    model.to(DTYPES[resolve_dtype(dtype, target)])
+    model.to_empty(device=pick_device(device, 0))
+    load_in_dtype(model, dtype)
     model.tie_weights()
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -262,7 +262,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
     from cookbook.engine.checkpoint import load_model
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import resolve_dtype
+    from cookbook.engine.precision import announce, choose_dtype
     from pruner.calib import calibration_samples
     from pruner.save import param_count, write_checkpoint
 
@@ -285,7 +285,8 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     _check_options(opts, sections, src, target)
     training = sections.get("training", {})
     seed, device = training.get("seed", 1234), training.get("device", "auto")
-    dtype = resolve_dtype(training.get("dtype", "auto"), pick_device(device, 0))  # of the forwards; weights stay fp32
+    asked = training.get("dtype", "auto")
+    dtype, why = choose_dtype(asked, pick_device(device, 0))  # of the forwards; the weights stay fp32
     heal = opts.heal_steps > 0
     if heal:
         _check_heal(config_file, overrides, opts, source, target)
@@ -309,6 +310,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     streams = _eval_streams(opts, src_sections, sections, src.vocab_size)
     eval_seq = opts.eval_seq_length or seq
     # ------------------------------------------------------------ checks done: the work
+    announce(asked, dtype, why)
     if not reuse:
         report = {"source": str(source), "settings": settings}
         start = time.perf_counter()

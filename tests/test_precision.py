@@ -57,3 +57,23 @@ def test_other_names_are_refused_everywhere(bad):
 
 def test_auto_is_the_training_default():
     assert TrainingConfig().dtype == "auto"
+
+
+def test_inference_says_its_choice_when_the_model_first_runs(monkeypatch, capsys):
+    """Loaders cast at once but print an auto choice only at the first forward: a command's checks after loading
+    still fail with their one line; the choice is said once."""
+    from cookbook.engine import precision
+    from cookbook.model import ModelConfig, Transformer
+
+    monkeypatch.setattr(precision, "_announced", set())
+    model = precision.load_in_dtype(Transformer(ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                                            intermediate_size=32, max_seq_len=8)), "auto")
+    assert next(model.parameters()).dtype == torch.float32  # COOKBOOK_CPU_BF16=0 (conftest)
+    assert capsys.readouterr().err == ""
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    model(tokens)
+    model(tokens)
+    assert capsys.readouterr().err.splitlines() == ["dtype fp32 (auto: this CPU has no bf16 units (AMX or AVX512-BF16), "
+                                                    "where bf16 is emulated and ~25x slower)"]
+    precision.load_in_dtype(model, "fp32")(tokens)  # asked for: nothing to say
+    assert capsys.readouterr().err == ""

@@ -212,7 +212,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     or fp32 (cookbook/engine/precision.py)."""
     from cookbook.engine.config import build_config
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import DTYPES, check_dtype, resolve_dtype
+    from cookbook.engine.precision import check_dtype, load_in_dtype
     from cookbook.model import Transformer
 
     ckpt = find_checkpoint(path)
@@ -223,9 +223,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     cfg = build_config({"model": sections["model"]}).model
     with torch.device("meta"):
         model = Transformer(cfg)
-    target = pick_device(device, 0)
-    dtype = resolve_dtype(dtype, target)
-    model.to_empty(device=target)
+    model.to_empty(device=pick_device(device, 0))
     model.tie_weights()
     state = {"model": model.state_dict()}
     try:
@@ -235,4 +233,4 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     except Exception as e:
         raise CookbookError(f"cannot load {ckpt}: {str(e).splitlines()[0][:300]}") from e
     model.load_state_dict(state["model"])
-    return model.to(DTYPES[dtype]).eval(), sections
+    return load_in_dtype(model, dtype).eval(), sections

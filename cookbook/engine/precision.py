@@ -11,7 +11,9 @@
 The CPU's units come from torch (``torch.cpu._is_amx_tile_supported``, ``_is_avx512_bf16_supported``), else from
 the ``flags`` of /proc/cpuinfo, else none are assumed (fp32: slower than it could be at worst, never 25x).
 ``COOKBOOK_CPU_BF16=1`` or ``=0`` overrides the detection (a VM that hides the CPU's flags, or to make runs
-mean the same on every machine, as the test suite does). The choice is printed once per process, with its reason.
+mean the same on every machine, as the test suite does). An ``auto`` choice is printed once per process with its
+reason, when the work starts: training prints it in its summary, inference when the model first runs (after every
+check of the command's inputs, so that bad input still ends in its one line).
 
 fp16 is offered nowhere: training in fp16 needs loss scaling, which bf16 makes unnecessary, and a GPU without
 bf16 runs fp32. (``cookbook convert --dtype fp16`` is a storage format for the files it writes, not a compute
@@ -112,16 +114,29 @@ def choose_dtype(dtype: str, device: torch.device, caps: Capabilities | None = N
 _announced: set[tuple[str, str]] = set()
 
 
-def resolve_dtype(dtype: str, device: torch.device, announce: bool = True) -> str:
-    """``choose_dtype`` for this machine; an ``auto`` choice is printed once per process (stderr) with its reason."""
-    chosen, why = choose_dtype(dtype, device)
-    if announce and dtype == "auto" and (chosen, why) not in _announced:
+def announce(dtype: str, chosen: str, why: str) -> None:
+    """Print an ``auto`` choice, once per process (stderr)."""
+    if dtype == "auto" and (chosen, why) not in _announced:
         from cookbook.progress import console
 
         _announced.add((chosen, why))
-        console.print(f"dtype {chosen} ({why})")
-    return chosen
+        console.print(f"dtype {chosen} ({why})", highlight=False)
 
 
-__all__ = ["CHOICES", "DTYPES", "Capabilities", "check_dtype", "choose_dtype", "cpu_bf16_units", "probe",
-           "resolve_dtype"]
+def load_in_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """``model`` (on its device) cast to ``--dtype dtype``: inference's loaders. An ``auto`` choice is printed when the
+    model first runs, so that the checks a command makes after loading (its data, its tokenizer, its port) still fail
+    with their one line and nothing before it."""
+    device = next(model.parameters()).device
+    chosen, why = choose_dtype(dtype, device)
+
+    def once(module, args):
+        handle.remove()
+        announce(dtype, chosen, why)
+
+    handle = model.register_forward_pre_hook(once)
+    return model.to(DTYPES[chosen])
+
+
+__all__ = ["CHOICES", "DTYPES", "Capabilities", "announce", "check_dtype", "choose_dtype", "cpu_bf16_units", "load_in_dtype",
+           "probe"]

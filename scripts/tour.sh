@@ -19,6 +19,8 @@ NPROC_3D=4                    # README: 8
 HF_MODEL=tiny-hf              # README: Llama-2-7b-hf
 MEGATRON_DIR=megatron/tiny    # README: megatron/llama2-7b
 CONVERT_TP=2                  # README: 4
+MEGATRON_RUN=megatron/tiny    # README: /runs/llama2-7b/checkpoints
+HF_BACK=tiny-hf-back          # README: llama2-7b-hf
 EXTEND_ITERS=10               # README: 100
 CALIB="--calib-samples 64"    # README: ""
 HEAL_STEPS=10                 # README: 100
@@ -129,6 +131,7 @@ tour cookbook generate --load ckpt/tiny --prompt "def main(" --temperature 0.7 -
 setup "$HF_MODEL: ckpt/tiny as a Hugging Face folder, to convert from"
 cookbook convert --from cookbook --to hf --load-dir ckpt/tiny --save-dir $HF_MODEL --overwrite --quiet
 tour cookbook convert --from hf --to megatron --load-dir $HF_MODEL --save-dir $MEGATRON_DIR --tp $CONVERT_TP --pp 2 --overwrite
+tour cookbook convert --from megatron --to hf --load-dir $MEGATRON_RUN --save-dir $HF_BACK --overwrite
 
 # --------------------------------------------------------------------------- extend, prune, distill
 

@@ -21,10 +21,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cookbook import __version__
+from cookbook import __version__, help as help_screens
 from cookbook.checks import check_number
 from cookbook.errors import CookbookError, Interrupted, interrupt_note
 from cookbook.progress import console, out
+
+help_screens.install()  # flag names never cut at 80 columns (cookbook/help.py)
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -137,6 +139,7 @@ def tokenizer_train(
 # --------------------------------------------------------------------------- preprocess
 
 TOKENIZER_HELP = "SentencePiece .model, or a Hugging Face tokenizer.json / folder."
+DTYPE_HELP = "auto (bf16 where the device computes it natively, else fp32), bf16 or fp32."  # cookbook/engine/precision.py
 TYPE_HELP = "Megatron-LM's name: Llama2Tokenizer, SentencePieceTokenizer, HuggingFaceTokenizer, GPT2BPETokenizer (default: from the file)."
 
 
@@ -214,7 +217,7 @@ def merge(
 
     s = run(_split(input), output_prefix)
     out.print(
-        f"[green]merged[/green] {len(s.prefixes)} datasets into {s.output_prefix}.bin/.idx: "
+        f"[green]merged[/green] {len(s.prefixes)} dataset{'s' if len(s.prefixes) != 1 else ''} into {s.output_prefix}.bin/.idx: "
         f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})"
     )
 
@@ -282,7 +285,7 @@ def convert(
     make_vocab_size_divisible_by: Annotated[int, typer.Option("--make-vocab-size-divisible-by", help="--to megatron: pad the vocabulary to a multiple of this x TP.", rich_help_panel="Megatron-LM")] = 128,
     transformer_impl: Annotated[str, typer.Option("--transformer-impl", help="--to megatron: layer names of transformer_engine (Megatron-LM's default) or local.", rich_help_panel="Megatron-LM")] = "transformer_engine",
     ckpt_format: Annotated[str, typer.Option("--ckpt-format", help="--to megatron: torch (mp_rank_* files) or torch_dist (Megatron-LM's default, resharded when loaded); --from megatron reads either.", rich_help_panel="Megatron-LM")] = "torch",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the weights: bf16, fp16 or fp32 (default: keep the source's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store the weights as bf16, fp16 or fp32 (default: as the source stores them).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="--to hf: the largest safetensors shard, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --save-dir if it exists (only once the new one is complete).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -357,11 +360,12 @@ TRAINING_FLAGS = [
     (("--micro-batch-size",), "training", "micro_batch_size", int, "Samples per forward/backward on each rank."),
     (("--global-batch-size",), "training", "global_batch_size", int, "Samples per iteration (micro x data-parallel x accumulation)."),
     (("--seed",), "training", "seed", int, "Seed of the initialisation and the data shuffle."),
-    (("--dtype",), "training", "dtype", str, "bf16 (fp32 master weights) or fp32."),
+    (("--dtype",), "training", "dtype", str, DTYPE_HELP[:-1] + "; bf16 keeps fp32 master weights (default auto)."),
     (("--device",), "training", "device", str, "auto, cpu or cuda."),
     (("--eval-interval",), "training", "eval_interval", int, "Evaluate on the valid split every N iterations (0: never)."),
     (("--eval-iters",), "training", "eval_iters", int, "Global batches per evaluation."),
-    (("--log-interval",), "training", "log_interval", int, "Log every N iterations."),
+    (("--log-interval",), "training", "log_interval", int, "Log every N iterations (and the first)."),
+    (("--print-config",), "training", "print_config", bool, "Print the full resolved config at the start, not only a summary."),
     (("--tensorboard-dir",), "training", "tensorboard_dir", str, "Also write TensorBoard events here."),
     # memory and speed
     (("--recompute-granularity",), "training", "recompute_granularity", str, "Activation recompute: none, selective or full."),
@@ -400,7 +404,7 @@ def training_command(fn):
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option("--config", "-c", help="A TOML config; flags override its fields.", rich_help_panel="Config")])]
     for i, (names, section, _, kind, help) in enumerate(TRAINING_FLAGS):
-        option = typer.Option(*names, help=help, rich_help_panel=PANELS[section], show_default=False)
+        option = typer.Option(*names, help=escape(help), rich_help_panel=PANELS[section], show_default=False)  # plain text
         params.append(inspect.Parameter(f"flag_{i}", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
 
     @functools.wraps(fn)
@@ -555,7 +559,8 @@ def plan(
     micro_batch_sizes: Annotated[str, typer.Option(help="Micro batch sizes to consider.", rich_help_panel="Job")] = "1,2,4",
     max_tp: Annotated[Optional[int], typer.Option(help="Largest tensor-parallel size to consider.", rich_help_panel="Cluster")] = None,
     max_pp: Annotated[Optional[int], typer.Option(help="Largest pipeline-parallel size to consider.", rich_help_panel="Cluster")] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="Also list the layouts that do not fit.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="Every layout, those that do not fit too (default: the fastest 25 that fit).")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Also the memory's parts: parameters, gradients, optimizer, transient, activations.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every layout as JSON.")] = False,
 ) -> None:
     """Memory per GPU and estimated step time of each parallel layout; recommends one.
@@ -572,7 +577,7 @@ def plan(
     if as_json:
         out.print_json(data=result.to_dict())
         return
-    out.print(render(result, limit=None if show_all else 25, show_all=show_all))
+    out.print(render(result, limit=None if show_all else 25, show_all=show_all, wide=wide))
     out.print(result.recommendation())
 
 
@@ -599,7 +604,7 @@ def eval_(
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Data")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey).")] = None,
     passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval accuracy per length and depth instead of perplexity.", rich_help_panel="Passkey")] = False,
     passkey_depths: Annotated[str, typer.Option(help="Where the key sits, as fractions of the filler.", rich_help_panel="Passkey")] = "0,0.25,0.5,0.75,1",
@@ -681,7 +686,7 @@ def generate(
     tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.")] = None,
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write jsonl {prompt, text, tokens} here instead of printing.")] = None,
 ) -> None:
     """Sample continuations of prompts from a checkpoint (KV cache; temperature, top-k, top-p).
@@ -716,7 +721,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the API (default: the folder's name).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Sequences per forward (prompts x n).")] = 16,
     max_prompts: Annotated[int, typer.Option(help="Prompts per request at most (and the largest n).", rich_help_panel="Limits")] = 64,
     max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask for.", rich_help_panel="Limits")] = 4096,
@@ -752,7 +757,7 @@ def distill_generate(
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", "--tp", help="vllm: GPUs per model.", rich_help_panel="Teacher")] = 1,
     gpu_memory_utilization: Annotated[float, typer.Option(help="vllm: share of GPU memory vLLM may take.", rich_help_panel="Teacher")] = 0.9,
     device: Annotated[str, typer.Option(help="cookbook: auto, cpu or cuda.", rich_help_panel="Teacher")] = "auto",
-    dtype: Annotated[str, typer.Option(help="cookbook: fp32, bf16 or fp16; vllm: its own names (auto, bfloat16, ...).", rich_help_panel="Teacher")] = "auto",
+    dtype: Annotated[str, typer.Option(help="cookbook: " + DTYPE_HELP[:-1] + "; vllm: its own names (auto, bfloat16, ...).", rich_help_panel="Teacher")] = "auto",
     batch_size: Annotated[int, typer.Option(help="cookbook: sequences per batch.", rich_help_panel="Teacher")] = 16,
     prefix_tokens: Annotated[Optional[int], typer.Option("--prefix-tokens", help="Prompt = the first N tokens of a document (default 128).", rich_help_panel="Prompts")] = None,
     prefix_fraction: Annotated[Optional[float], typer.Option("--prefix-fraction", help="Or: that share of each document's tokens.", rich_help_panel="Prompts")] = None,

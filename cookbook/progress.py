@@ -14,6 +14,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -153,3 +154,46 @@ class GenerationBar:
         """All prompts before ``written`` are in the output."""
         if self.progress is not None:
             self.progress.update(self.task, completed=written, rates=self.rates())
+
+
+
+class Tally:
+    """Work done out of a known total (training steps, calibration samples). On a terminal a transient bar; elsewhere,
+    with ``every`` seconds, one plain line at most that often ("calibration: 256/1024 samples, 31 s"), none with
+    ``every=None`` (training, whose log lines are its progress). ``advance(n)`` or ``update(done)``; ``close()``."""
+
+    def __init__(self, description: str, total: int, unit: str = "", done: int = 0, every: float | None = 10.0,
+                 enabled: bool = True):
+        self.description, self.total, self.unit, self.done, self.every = description, total, unit, done, every
+        self.enabled = enabled
+        self.start = self.last = time.perf_counter()
+        self.progress: Progress | None = None
+        if enabled and console.is_terminal:
+            self.progress = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(),
+                                     TextColumn(f"{{task.completed:,.0f}}/{{task.total:,.0f}} {escape(unit)}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.progress.add_task(description, total=total, completed=done)
+            self.progress.start()
+
+    def __enter__(self) -> "Tally":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def advance(self, n: int = 1) -> None:
+        self.update(self.done + n)
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done)
+        elif self.enabled and self.every is not None and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            console.print(f"{self.description}: {done:,}/{self.total:,} {self.unit}, {self.last - self.start:,.0f} s",
+                          markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -492,7 +492,7 @@ def make_backend(kind: str, *, teacher: str | None, endpoints: list[str], tensor
                  timeout: float, retries: int, device: str, dtype: str, batch_size: int,
                  tokenizer_model: str | None, gpu_memory_utilization: float = 0.9) -> Backend:
     """The backend ``distill generate --backend KIND`` runs. ``teacher``: a checkpoint or HF folder (cookbook, vllm),
-    or the served model's name (openai; None asks the server); ``dtype``: cookbook's names (fp32, bf16, fp16), or
+    or the served model's name (openai; None asks the server); ``dtype``: cookbook's names (auto, bf16, fp32), or
     vLLM's own ("auto", ...) for vllm."""
     check_backend(kind, teacher, endpoints)
     if kind == "openai":

@@ -39,7 +39,7 @@ STOP_CHECK_EVERY = 8  # steps between looks at the decoded text for stop strings
 def _hf_model(folder: Path, device: str, dtype: str):
     """Our Transformer with a Hugging Face folder's weights, read one tensor at a time."""
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.parallelize import DTYPES
+    from cookbook.engine.precision import load_in_dtype
     from cookbook.formats import hf
     from cookbook.formats.stream import checked
     from cookbook.model import Transformer
@@ -48,13 +48,29 @@ def _hf_model(folder: Path, device: str, dtype: str):
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     model.to_empty(device=pick_device(device, 0))
-    model.to(DTYPES[dtype])
+    load_in_dtype(model, dtype)
     model.tie_weights()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in checked(ckpt.tensors(), ckpt.config, str(folder)):
             params[name].copy_(tensor)
     return model.eval()
+
+
+def model_format(path: str | Path) -> str:
+    """"cookbook" (a save folder or one step_* directory) or "hf" (a Hugging Face model folder); a missing path is
+    named as missing first."""
+    from cookbook.engine.checkpoint import find_checkpoint
+
+    where = Path(path)
+    if not where.exists():
+        raise CookbookError(f"{path} does not exist; pass a cookbook checkpoint or a Hugging Face model folder")
+    if find_checkpoint(where) is not None:
+        return "cookbook"
+    if (where / "config.json").is_file():
+        return "hf"
+    raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
+                        "is no Hugging Face model folder (no config.json); pass one of those")
 
 
 def teacher_tokenizer(path: str | Path, tokenizer_model: str | None = None,
@@ -67,21 +83,15 @@ def teacher_tokenizer(path: str | Path, tokenizer_model: str | None = None,
     if tokenizer_model:
         return str(tokenizer_model), tokenizer_type
     where = Path(path)
-    if not where.exists():
-        raise CookbookError(f"{path} does not exist; pass a cookbook checkpoint or a Hugging Face model folder")
-    ckpt = find_checkpoint(where)
-    if ckpt is not None:
-        data = read_config(ckpt).get("data", {})
+    if model_format(where) == "cookbook":
+        data = read_config(find_checkpoint(where)).get("data", {})
         if not data.get("tokenizer_model"):
             raise CookbookError(f"the checkpoint {path} names no tokenizer; pass --tokenizer-model")
         return data["tokenizer_model"], tokenizer_type or data.get("tokenizer_type")
-    if (where / "config.json").is_file():
-        tok = tokenizer_path(where, hf_side_files(where))
-        if tok is None:
-            raise CookbookError(f"{path} holds no tokenizer.json or tokenizer.model; pass --tokenizer-model")
-        return str(tok), tokenizer_type
-    raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
-                        "is no Hugging Face model folder (no config.json); pass one of those")
+    tok = tokenizer_path(where, hf_side_files(where))
+    if tok is None:
+        raise CookbookError(f"{path} holds no tokenizer.json or tokenizer.model; pass --tokenizer-model")
+    return str(tok), tokenizer_type
 
 
 def load_teacher(path: str | Path, device: str = "auto", dtype: str = "fp32", tokenizer_model: str | None = None,
@@ -89,13 +99,13 @@ def load_teacher(path: str | Path, device: str = "auto", dtype: str = "fp32", to
     """(model in eval mode, tokenizer) from a cookbook checkpoint (a save folder or one step_* directory) or a
     Hugging Face model folder (config.json + safetensors), with the tokenizer ``teacher_tokenizer`` finds."""
     from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.engine.checkpoint import find_checkpoint, load_model
-    from cookbook.engine.parallelize import DTYPES
+    from cookbook.engine.checkpoint import load_model
+    from cookbook.engine.precision import check_dtype
 
-    if dtype not in DTYPES:
-        raise CookbookError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    check_dtype(dtype)
+    form = model_format(path)  # a missing or wrong path is named before anything else
     tok, kind = teacher_tokenizer(path, tokenizer_model, tokenizer_type)  # before the weights: found at once
-    model = load_model(path, device, dtype)[0] if find_checkpoint(path) is not None else _hf_model(Path(path), device, dtype)
+    model = load_model(path, device, dtype)[0] if form == "cookbook" else _hf_model(Path(path), device, dtype)
     return model, load_tokenizer(tok, kind)
 
 

@@ -23,6 +23,10 @@ The dedup state is the hashes of the kept records, stored with each shard's stat
 from exactly what an uninterrupted run would hold at that shard. The lock file ``.lock`` keeps two runs from
 writing one folder at once (where the filesystem supports ``flock``).
 
+A first run that ends with an error (a teacher that fails to load, Ctrl-C) before it wrote a shard leaves nothing
+behind: its manifest, its lock file and the folder, if it made it, are removed, so the next run starts afresh with
+any flags. A folder refused (foreign files, another run's manifest) is left exactly as it was.
+
 A driver loop (``recipes/distill.py``)::
 
     source = PromptSource(data, tokenizer, prefix_tokens=128, seed=seed)
@@ -118,7 +122,12 @@ class ShardWriter:
         self.num_shards = -(-total // prompts_per_shard)
         if self.folder.exists() and not self.folder.is_dir():
             raise CookbookError(f"output {self.folder} is a file; give a folder for the shards")
+        self._check_empty_or_ours()  # before the lock file: a refused folder gains nothing
+        self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.folder / LOCK).exists()
+        self._new = False  # this writer made the manifest
+        self._done: dict[int, dict] = {}
         self._lock = self._acquire()
         try:
             self.manifest = {
@@ -132,10 +141,29 @@ class ShardWriter:
             self._clean()
             self._done = {k: self._read_stats(k) for k in range(self.num_shards) if self.shard_path(k).exists() and self.stats_path(k).exists()}
         except BaseException:
-            self.close()
+            self._discard()
             raise
 
     # ----------------------------------------------------------------------- opening
+
+    def _check_empty_or_ours(self) -> None:
+        if not self.folder.is_dir() or (self.folder / MANIFEST).exists():
+            return
+        others = [p.name for p in self.folder.iterdir() if not p.name.startswith(".")]
+        if others:
+            raise CookbookError(f"{self.folder} is not empty and holds no {MANIFEST} (it has {sorted(others)[0]}); choose a new or empty --output")
+
+    def _discard(self) -> None:
+        """Close; and when this writer made the manifest but wrote no shard, remove the manifest, then the lock file and
+        the folder where this writer made them (and nothing else is there)."""
+        self.close()
+        if self._new and not self._done:
+            (self.folder / MANIFEST).unlink(missing_ok=True)
+        if self._made_lock and not (self.folder / MANIFEST).exists():
+            (self.folder / LOCK).unlink(missing_ok=True)
+            if self._made_folder:
+                with contextlib.suppress(OSError):  # not empty: something else is there, keep it
+                    self.folder.rmdir()
 
     def _acquire(self):
         try:
@@ -155,10 +183,9 @@ class ShardWriter:
     def _open_manifest(self) -> None:
         path = self.folder / MANIFEST
         if not path.exists():
-            others = [p.name for p in self.folder.iterdir() if not p.name.startswith(".")]
-            if others:
-                raise CookbookError(f"{self.folder} is not empty and holds no {MANIFEST} (it has {sorted(others)[0]}); choose a new or empty --output")
+            self._check_empty_or_ours()
             _write_durable(path, [_json(self.manifest)])
+            self._new = True
             return
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
@@ -262,5 +289,8 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()

@@ -25,6 +25,7 @@ Hidden-channel scores are kept per layer so that layers about to be dropped do n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,8 +77,9 @@ class Calibration:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, samples: torch.Tensor, batch_size: int, *, activation: bool = True,
-              block_influence: bool = True) -> Calibration:
-    """One forward pass over ``samples`` [n, seq + 1] with hooks: activation scores and/or block influence."""
+              block_influence: bool = True, on_batch: Callable[[int], None] | None = None) -> Calibration:
+    """One forward pass over ``samples`` [n, seq + 1] with hooks: activation scores and/or block influence.
+    ``on_batch(samples)`` after each batch (progress)."""
     cfg = model.config
     device = next(model.parameters()).device
     names = list(model.layers)
@@ -128,6 +130,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, batch_size: int, *, activ
         for inputs, targets in _batches(samples, batch_size, device):
             total += float(cross_entropy(model(inputs), targets)) * inputs.numel()
             tokens += inputs.numel()
+            if on_batch is not None:
+                on_batch(inputs.shape[0])
     finally:
         model.train(was_training)
         for h in handles:
@@ -154,29 +158,34 @@ def group_scores(heads: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float:
+def calibration_loss(model: nn.Module, samples: torch.Tensor, batch_size: int,
+                     on_batch: Callable[[int], None] | None = None) -> float:
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for inputs, targets in _batches(samples, batch_size, device):
         n = inputs.numel()
         total += float(cross_entropy(model(inputs), targets)) * n
         tokens += n
+        if on_batch is not None:
+            on_batch(inputs.shape[0])
     return total / tokens
 
 
 @torch.no_grad()
-def layer_removal_importance(model: nn.Module, samples: torch.Tensor, batch_size: int, base_loss: float | None = None) -> torch.Tensor:
-    """[num_layers]: the calibration loss with each layer removed alone, minus the whole model's."""
+def layer_removal_importance(model: nn.Module, samples: torch.Tensor, batch_size: int, base_loss: float | None = None,
+                             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """[num_layers]: the calibration loss with each layer removed alone, minus the whole model's (a pass over the
+    samples per layer, and one more without ``base_loss``)."""
     was_training = model.training
     model.eval()
     layers = model.layers
     if base_loss is None:
-        base_loss = calibration_loss(model, samples, batch_size)
+        base_loss = calibration_loss(model, samples, batch_size, on_batch)
     out = []
     try:
         for name in list(layers):
             model.layers = nn.ModuleDict({k: v for k, v in layers.items() if k != name})
-            out.append(calibration_loss(model, samples, batch_size) - base_loss)
+            out.append(calibration_loss(model, samples, batch_size, on_batch) - base_loss)
     finally:
         model.layers = layers
         model.train(was_training)

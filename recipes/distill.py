@@ -246,7 +246,7 @@ class GenerateOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     device: str = "auto"
-    dtype: str = "auto"  # cookbook: bf16 on GPU, fp32 on CPU; vllm: its own choice
+    dtype: str = "auto"  # cookbook: cookbook/engine/precision.py's choice; vllm: its own
     batch_size: int = 16
 
 
@@ -256,7 +256,7 @@ def prompt_tokenizer(opts: GenerateOptions):
     from cookbook.data.tokenizer import load_tokenizer
     from inference_distill.local import teacher_tokenizer
 
-    if not opts.tokenizer_model and not (opts.teacher and Path(opts.teacher).exists()):
+    if not opts.tokenizer_model and not opts.teacher:
         raise CookbookError("no tokenizer for the prompts: pass --tokenizer-model (the teacher's tokenizer; for an indexed "
                             "dataset, the one it was preprocessed with)")
     return load_tokenizer(*teacher_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
@@ -283,8 +283,12 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     from inference_distill.prompts import PromptSource
     from inference_distill.shards import ShardWriter
 
+    from inference_distill.local import model_format
+
     teacher = opts.served_model_name if opts.backend == "openai" else opts.teacher
     check_backend(opts.backend, teacher, opts.endpoints)
+    if opts.backend == "cookbook":
+        model_format(opts.teacher)  # a teacher that is not here is named first (vllm's may be a hub name)
     opts.sampling.check()
     opts.filters.check()
     if opts.prompts_per_shard < 1:
@@ -292,10 +296,6 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     source = PromptSource(opts.prompts_from, prompt_tokenizer(opts), opts.prefix_tokens, opts.prefix_fraction,
                           opts.min_doc_tokens, opts.num_prompts, opts.seed, opts.text_key)
     total = source.count()
-    if opts.backend == "cookbook" and opts.dtype == "auto":  # bf16 where it is fast
-        import torch
-
-        opts.dtype = "bf16" if opts.device != "cpu" and torch.cuda.is_available() else "fp32"
 
     def start_backend():
         return make_backend(opts.backend, teacher=teacher, endpoints=opts.endpoints, tensor_parallel_size=opts.tensor_parallel_size,

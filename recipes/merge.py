@@ -22,12 +22,14 @@ class MergeSummary:
     dtype: str
 
 
-def resolve_prefixes(inputs: list[str]) -> list[str]:
-    """One folder (every .bin/.idx pair in it, sorted) or a list of prefixes (kept in the order given)."""
+def resolve_prefixes(inputs: list[str], output_prefix: str | None = None) -> list[str]:
+    """One folder (every .bin/.idx pair in it, sorted, but ``output_prefix``: a merge into the folder it reads can
+    run again and makes the same output) or a list of prefixes (kept in the order given)."""
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
-        prefixes = dataset_prefixes(inputs[0])
+        output = Path(output_prefix).resolve() if output_prefix else None
+        prefixes = [p for p in dataset_prefixes(inputs[0]) if Path(p).resolve() != output]
         if not prefixes:
-            raise CookbookError(f"the folder {inputs[0]} holds no .bin/.idx datasets")
+            raise CookbookError(f"the folder {inputs[0]} holds no .bin/.idx datasets" + (" but the output" if output else ""))
         _check_partitions(Path(inputs[0]))
         return prefixes
     prefixes = []
@@ -59,7 +61,7 @@ def _check_partitions(folder: Path) -> None:
 
 def run(inputs: list[str], output_prefix: str) -> MergeSummary:
     check_writable(Path(output_prefix).parent, "--output-prefix", folder=True)
-    prefixes = resolve_prefixes(inputs)
+    prefixes = resolve_prefixes(inputs, output_prefix)
     out = str(Path(output_prefix))
     for p in prefixes:
         if Path(p).resolve() == Path(out).resolve():

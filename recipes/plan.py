@@ -2,7 +2,9 @@
 
 For every candidate layout (tensor parallel ``tp``, pipeline parallel ``pp``, data parallel ``dp`` = the
 rest, a recompute mode, a micro batch) it estimates the memory per GPU and the step time, drops the
-layouts that do not fit, and recommends the fastest. The memory model is derived from what our engine
+layouts that do not fit, and recommends the fastest, or, among those within 1% of it (``TIE``: closer than the
+estimate can tell apart), the simplest (less pp, then less tp, lighter recompute, smaller micro batch;
+``PlanResult.why`` says which). The memory model is derived from what our engine
 keeps (and checked against allocator measurements on CPU, tests/test_plan.py); the step time is an
 **estimate** from assumed efficiencies, not a measurement.
 
@@ -208,7 +210,20 @@ class PlanResult:
             flags += f" --recompute-granularity {r.recompute}"
         flags += f" --micro-batch-size {r.micro_batch} --global-batch-size {self.global_batch}"
         return (f"recommended: tp={r.tp} pp={r.pp} dp={r.dp}, recompute {r.recompute}, micro batch {r.micro_batch}: "
-                f"{r.total_gib:.1f} GiB per GPU, ~{r.step_seconds:.1f} s per step, MFU ~{r.mfu:.0%} (an estimate)  [{flags}]")
+                f"{r.total_gib:.1f} GiB per GPU, ~{r.step_seconds:.2f} s per step, MFU ~{r.mfu:.0%} (an estimate); "
+                f"{self.why()}  [{flags}]")
+
+    def why(self) -> str:
+        """The rule that chose the recommendation, in this case's words."""
+        r, fastest = self.recommended, self.fitting[0]
+        if r is fastest:
+            return "the fastest layout that fits"
+        simpler = next(f"{what} {mine} instead of {theirs}" for what, mine, theirs in (
+            ("pipeline parallel", r.pp, fastest.pp), ("tensor parallel", r.tp, fastest.tp),
+            ("recompute", r.recompute, fastest.recompute), ("micro batch", r.micro_batch, fastest.micro_batch),
+            ("step", f"{r.step_seconds:.2f} s", f"{fastest.step_seconds:.2f} s")) if mine != theirs)
+        return (f"within {TIE - 1:.0%} of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and "
+                f"simpler: {simpler}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -336,23 +351,27 @@ def run(preset: str | None = None, seq_length: int | None = None, global_batch: 
     return result
 
 
-def render(result: PlanResult, limit: int | None = 25, show_all: bool = False) -> Table:
-    """The layouts as a rich table, fastest first (only those that fit unless ``show_all``)."""
+def render(result: PlanResult, limit: int | None = 25, show_all: bool = False, wide: bool = False) -> Table:
+    """The layouts as a rich table, fastest first (only those that fit unless ``show_all``): the layout, the memory
+    per GPU and the estimates, narrow enough for 80 columns; ``wide`` adds the memory's parts."""
     rows = result.layouts if show_all else result.fitting
     title = (f"{result.params / 1e9:.2f}B parameters, seq {result.seq_length}, global batch {result.global_batch}, "
-             f"{result.num_gpus} x {result.gpu} ({result.gpus_per_node} per node); memory per GPU in GiB, "
-             f"limit {result.memory_limit_gib:.1f}; step time and MFU are estimates")
+             f"{result.num_gpus} x {result.gpu} ({result.gpus_per_node} per node); memory per GPU in GiB "
+             f"(limit {result.memory_limit_gib:.1f}); step time and MFU are estimates")
     table = Table(title=title, title_justify="left")
-    for name in ("tp", "pp", "dp", "recompute", "micro", "accum", "params", "grads", "optim", "transient", "activ.",
-                 "total", "fits", "step s", "MFU"):
-        table.add_column(name, justify="left" if name in ("recompute", "fits") else "right")
+    parts = ("params", "grads", "optim", "transient", "activ.") if wide else ()
+    for name in ("tp", "pp", "dp", "recompute", "micro", "accum", *parts, "GiB", *(("fits",) if show_all else ()), "step s", "MFU"):
+        table.add_column(name, justify="left" if name in ("recompute", "fits") else "right", no_wrap=True)
     for x in rows[:limit] if limit else rows:
         style = "bold green" if x is result.recommended else (None if x.fits else "dim")
+        memory = [x.params_gib, x.grads_gib, x.optimizer_gib, x.transient_gib, x.activations_gib] if wide else []
         table.add_row(str(x.tp), str(x.pp), str(x.dp), x.recompute, str(x.micro_batch), str(x.micro_batches),
-                      f"{x.params_gib:.1f}", f"{x.grads_gib:.1f}", f"{x.optimizer_gib:.1f}", f"{x.transient_gib:.1f}",
-                      f"{x.activations_gib:.1f}", f"{x.total_gib:.1f}", "yes" if x.fits else "no",
+                      *(f"{m:.1f}" for m in memory), f"{x.total_gib:.1f}", *(("yes" if x.fits else "no",) if show_all else ()),
                       f"{x.step_seconds:.2f}" + ("*" if x.comm_bound else ""), f"{x.mfu:.0%}", style=style)
-    table.caption = "* FSDP communication bound (all-gather + reduce-scatter every micro batch exceed its compute)"
+    shown = len(rows[:limit] if limit else rows)
+    table.caption = ("* FSDP communication bound (its all-gather and reduce-scatter exceed the compute)"
+                     + (f"; the fastest {shown} of {len(rows)}" if shown < len(rows) else "")
+                     + ("" if wide else "; --wide: the memory's parts"))
     return table
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine import checkpoint
 from cookbook.engine.config import JobConfig, build_config, dumps_toml, merge, read_toml
@@ -92,6 +94,39 @@ def _check_vocabulary(sections: dict[str, dict], ckpt: Path | None, here: bool =
                             f"or give at least {tokenizer.vocab_size}")
 
 
+def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: str, dtype: str, full: bool = False) -> None:
+    """What a training job is, in five lines; the full config first with ``full`` or --print-config (every save holds
+    it as config.toml)."""
+    m, d, o, t, c = job.model, job.data, job.optimizer, job.training, job.checkpoint
+    full = full or t.print_config
+    if full:
+        console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
+    layout = f"pp {dims.pp} x dp {dims.dp} x cp {dims.cp} x tp {dims.tp}{' + SP' if dims.sequence_parallel else ''}"
+    warmup = f", warmup {o.lr_warmup_iters}" if o.lr_warmup_iters else (f", warmup {o.lr_warmup_fraction:g} of the decay" if o.lr_warmup_fraction else "")
+    tokens = t.train_iters * global_batch * d.seq_length
+    if not c.save:
+        saves = "none (no --save)"
+    else:
+        when = f"every {c.save_interval} iterations and at the end" if c.save_interval else "at the end"
+        saves = f"{escape(c.save)} {when}, each with config.toml (the full config)"
+    extras = [x for x in (f"recompute {t.recompute_granularity}" if t.recompute_granularity != "none" else "",
+                          "compile" if t.compile else "", "fp8" if t.fp8 else "",
+                          f"KD from {escape(t.kd_teacher)} (ratio {t.kd_ratio:g}, temperature {t.kd_temperature:g})" if t.kd_teacher else "") if x]
+    lines = [
+        f"[bold]model[/bold]    {describe(m)}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
+        f"({m.num_kv_heads} kv), ffn {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}",
+        f"[bold]data[/bold]     {escape(' '.join(d.data_path)) or '(none)'}, split {d.split}, {d.seq_length} tokens per sample"
+        + (f", tokenizer {escape(d.tokenizer_model)}" if d.tokenizer_model else ""),
+        f"[bold]training[/bold] {t.train_iters:,} iterations of {global_batch} samples = {t.micro_batch_size} micro x {dims.dp} "
+        f"data-parallel x {accumulation} accumulation ({tokens:,} tokens); lr {o.lr:g} {o.lr_decay_style}{warmup}"
+        + (f"; {', '.join(extras)}" if extras else ""),
+        f"[bold]device[/bold]   {where}, {layout}; dtype {escape(dtype)}",
+        f"[bold]saves[/bold]    {saves}" + ("" if full else "; --print-config prints it here"),
+    ]
+    for line in lines:
+        console.print(line, highlight=False)
+
+
 def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_size: int, gpu: str = "A100-80GB") -> None:
     """Validate a job for ``world_size`` processes without devices, and print its layout and the
     memory and step-time estimate of ``cookbook plan`` for it."""
@@ -103,7 +138,7 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     job, ckpt = resolve(config_file, overrides, here=False)
     dims = job.parallel.resolve(world_size)
     global_batch, accumulation = check_layout(job, dims)
-    console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
+    show_job(job, dims, global_batch, accumulation, f"{world_size} processes (dry run)", job.training.dtype, full=True)
     try:
         parse_data_path(job.data.data_path)
     except CookbookError as e:
@@ -117,13 +152,8 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     mode = t.recompute_granularity
     layout = estimate(job.model, job.data.seq_length, global_batch, GPUS[gpu], world_size, min(world_size, 8),
                       dims.tp, dims.pp, mode, t.micro_batch_size)
-    console.print(
-        f"[bold]model[/bold] {describe(job.model)}  [bold]layout[/bold] {world_size} processes = pp {dims.pp} x dp {dims.dp} "
-        f"(replicate {dims.dp_replicate} x shard {dims.dp_shard}) x cp {dims.cp} x tp {dims.tp}"
-        f"{' + SP' if dims.sequence_parallel else ''}  [bold]batch[/bold] {global_batch} = {t.micro_batch_size} micro x "
-        f"{dims.dp} dp x {accumulation} accumulation  [bold]recompute[/bold] {mode}"
-        + (f"  [bold]from[/bold] {ckpt}" if ckpt else "")
-    )
+    if ckpt:
+        console.print(f"[bold]from[/bold]     {escape(str(ckpt))}", highlight=False)
     console.print(
         f"[bold]estimate on {gpu}[/bold] (cookbook plan): {layout.total_gib:.1f} GiB per GPU "
         f"({'fits' if layout.fits else 'DOES NOT FIT'}), ~{layout.step_seconds:.1f} s per step, MFU ~{100 * layout.mfu:.0f}%"
@@ -133,21 +163,19 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     console.print(f"[green]dry run: the job is valid for {world_size} processes[/green]")
 
 
-def run(config_file: str | Path | None, overrides: dict[str, dict]) -> dict:
+def run(config_file: str | Path | None, overrides: dict[str, dict], iters_flag: str = "--train-iters") -> dict:
+    """Train the job; ``iters_flag``: the flag that sets its length in the calling command (prune: --heal-steps)."""
     job, ckpt = resolve(config_file, overrides)
     trainer = Trainer(job, load=ckpt)
     try:
         if trainer.dist.is_main:
-            console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
-            dp = trainer.dims.dp
-            console.print(
-                f"[bold]model[/bold] {describe(job.model)}  [bold]batch[/bold] {trainer.global_batch} = "
-                f"{job.training.micro_batch_size} micro x {dp} data-parallel x {trainer.accumulation} accumulation  "
-                f"[bold]sequence[/bold] {job.data.seq_length}  [bold]device[/bold] {trainer.device.type} x {trainer.dist.world_size}"
-            )
+            show_job(job, trainer.dims, trainer.global_batch, trainer.accumulation,
+                     f"{trainer.device.type} x {trainer.dist.world_size}", f"{job.training.dtype} ({trainer.dtype_reason})")
         if trainer.step >= job.training.train_iters:
             if trainer.dist.is_main:
-                console.print(f"already trained {trainer.step} of {job.training.train_iters} iterations; nothing to do")
+                console.print(f"[bold yellow]already trained {trainer.step} of {job.training.train_iters} iterations in "
+                              f"{escape(str(job.checkpoint.save or ckpt))}: nothing to do[/bold yellow]; raise {iters_flag} to train on, "
+                              "or choose another --save for a new run", highlight=False)
             return {}
         return trainer.train()
     finally:

@@ -41,7 +41,7 @@ from cookbook.engine.config import build_config, merge, read_toml
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.model.config import ModelConfig
-from cookbook.progress import console
+from cookbook.progress import Tally, console
 from pruner.importance import (
     Scores,
     calibrate,
@@ -203,8 +203,9 @@ def _scores(model, opts: PruneOptions, samples: torch.Tensor | None, seed: int,
         if samples is None:
             raise CookbookError("calibration samples are needed for activation importance and --drop-layers N")
         start = time.perf_counter()
-        cal = calibrate(model, samples, opts.batch_size, activation=activation,
-                        block_influence=by_importance and opts.layer_importance == "block-influence")
+        with Tally("calibration", samples.shape[0], "samples") as tally:
+            cal = calibrate(model, samples, opts.batch_size, activation=activation,
+                            block_influence=by_importance and opts.layer_importance == "block-influence", on_batch=tally.advance)
         facts = {"samples": samples.shape[0], "seq_length": samples.shape[1] - 1, "tokens": cal.tokens,
                  "loss": cal.loss, "seconds": round(time.perf_counter() - start, 2)}
     if not width:
@@ -220,7 +221,8 @@ def _scores(model, opts: PruneOptions, samples: torch.Tensor | None, seed: int,
         if opts.layer_importance == "block-influence":
             layer_scores = cal.block_influence
         else:
-            layer_scores = layer_removal_importance(model, samples, opts.batch_size, base_loss=cal.loss)
+            with Tally("layer importance (each layer removed)", samples.shape[0] * len(model.layers), "samples") as tally:
+                layer_scores = layer_removal_importance(model, samples, opts.batch_size, base_loss=cal.loss, on_batch=tally.advance)
         facts["layer_importance"] = [round(float(v), 6) for v in layer_scores]
     return scores, layer_scores, facts
 
@@ -259,6 +261,8 @@ def _write_report(save: Path, report: dict) -> Path:
 def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
     from cookbook.engine.checkpoint import load_model
+    from cookbook.engine.distributed import pick_device
+    from cookbook.engine.precision import announce, choose_dtype
     from pruner.calib import calibration_samples
     from pruner.save import param_count, write_checkpoint
 
@@ -280,7 +284,9 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     target = target_config(src, opts.spec, sections.get("parallel", {}).get("tp") or 1)
     _check_options(opts, sections, src, target)
     training = sections.get("training", {})
-    seed, device, dtype = training.get("seed", 1234), training.get("device", "auto"), training.get("dtype", "bf16")
+    seed, device = training.get("seed", 1234), training.get("device", "auto")
+    asked = training.get("dtype", "auto")
+    dtype, why = choose_dtype(asked, pick_device(device, 0))  # of the forwards; the weights stay fp32
     heal = opts.heal_steps > 0
     if heal:
         _check_heal(config_file, overrides, opts, source, target)
@@ -304,6 +310,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     streams = _eval_streams(opts, src_sections, sections, src.vocab_size)
     eval_seq = opts.eval_seq_length or seq
     # ------------------------------------------------------------ checks done: the work
+    announce(asked, dtype, why)
     if not reuse:
         report = {"source": str(source), "settings": settings}
         start = time.perf_counter()
@@ -338,7 +345,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
         load = save if continuing else pruned_dir
         if continuing:
             console.print(f"continuing the healing saved in {save}")
-        train(config_file, _heal_overrides(overrides, opts, source, load, save, finetune=not continuing))
+        train(config_file, _heal_overrides(overrides, opts, source, load, save, finetune=not continuing), "--heal-steps")
         healed, _ = load_model(save, device, "fp32")
         for name, value in _perplexity(healed, streams, eval_seq, opts.batch_size, dtype).items():
             report["perplexity"]["data"].setdefault(name, {})["healed"] = value
@@ -408,7 +415,9 @@ def render(report: dict) -> list[Table]:
     tables = [render_shapes({"before": report["shape"]["before"], "after": report["shape"]["after"], "params": report["params"]})]
     removed = report["removed"]
     t = Table(title="removed", show_header=False, title_justify="left")
-    t.add_row("layers", ", ".join(map(str, removed["dropped_layers"])) or "none")
+    dropped = removed["dropped_layers"]
+    t.add_row("layers", f"{len(dropped)}" + (f" (layer {', '.join(map(str, dropped))})" if len(dropped) == 1 else
+                                             f" (layers {', '.join(map(str, dropped))})" if dropped else ""))
     t.add_row("hidden channels", f"{removed['hidden_channels_removed']:,}")
     heads = sum(len(v) for v in removed["heads_removed"].values())
     groups = sum(len(v) for v in removed["query_groups_removed"].values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 from cookbook.data.sample_corpus import stdlib_sources
 from cookbook.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from helpers_data import write_jsonl
+
+# --dtype auto means fp32 on every CPU in the suite (cookbook/engine/precision.py): a test means the same whether or
+# not this machine has bf16 units; the commands' subprocesses inherit it. tests/test_precision.py injects capabilities.
+os.environ["COOKBOOK_CPU_BF16"] = "0"
 
 # Texts that have tripped tokenizers up: literal control tokens, Megatron's special strings,
 # HF added tokens, combining characters, odd whitespace, empty and whitespace-only documents.

@@ -194,6 +194,25 @@ def test_generate_bad_input(tmp_path, student):
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("shard_*"))
 
 
+def test_generate_missing_or_broken_teacher_is_named_and_leaves_nothing(tmp_path, student):
+    """A teacher that is not there is named as missing first, with or without --tokenizer-model, and no flag of
+    another command is suggested; a teacher that fails to load leaves no manifest or lock behind, so the same output
+    folder takes the next run with the right teacher."""
+    out = tmp_path / "synth"
+    for extra in ([], ["--tokenizer-model", student["tokenizer"]]):
+        proc = run_cli("distill", "generate", "--teacher", tmp_path / "big", "--prompts-from", student["jsonl"], "--output", out, *extra)
+        err = assert_one_line_error(proc, f"{tmp_path / 'big'} does not exist")
+        assert "--from" not in err and not out.exists()
+    broken = tmp_path / "broken"  # the student's save with a model config that cannot be built: found, then fails to load
+    shutil.copytree(student["save"], broken)
+    config = find_checkpoint(broken) / "config.toml"
+    config.write_text(config.read_text().replace("num_kv_heads = 2", "num_kv_heads = 3"))
+    assert_one_line_error(run_cli(*generate_flags({**student, "save": broken}, out, "--num-prompts", "2")), "num_kv_heads 3")
+    assert not out.exists()
+    proc = check(run_cli(*generate_flags(student, out, "--num-prompts", "2"), timeout=300))
+    assert "wrote 2 records" in proc.stderr
+
+
 def test_generate_openai_backend_against_cookbook_serve(tmp_path, student):
     """Two `cookbook serve` processes on loopback behind the openai backend write what the cookbook backend writes
     in process (greedy decoding), and the records name the served model as the teacher."""

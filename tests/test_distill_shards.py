@@ -144,7 +144,31 @@ def test_a_folder_that_is_not_ours_is_refused(tmp_path):
     (tmp_path / "data.txt").write_text("mine")
     with pytest.raises(CookbookError, match="not empty and holds no manifest.json"):
         ShardWriter(tmp_path, IDENTITY, 10, 5)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["data.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]  # not even a lock file
+
+
+def test_a_first_run_that_fails_before_a_shard_leaves_nothing(tmp_path):
+    """A teacher that fails to load (or Ctrl-C) after the manifest is written: the folder is gone, so the next run
+    may use other flags; once a shard is written, a failure keeps the run for a resume."""
+    folder = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(folder, IDENTITY, 10, 5):
+            raise KeyboardInterrupt
+    assert not folder.exists()
+    folder.mkdir()  # a folder the user made stays, empty
+    with pytest.raises(CookbookError):
+        with ShardWriter(folder, IDENTITY, 10, 5):
+            raise CookbookError("the teacher failed to load")
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with ShardWriter(folder, {**IDENTITY, "teacher": "another"}, 10, 5) as w:  # other flags: not refused
+            w.write(0, [{"text": "a"}])
+            raise RuntimeError("a failure after a shard")
+    assert (folder / "manifest.json").is_file() and (folder / "shard_00000.jsonl").is_file()
+    with pytest.raises(RuntimeError):
+        with ShardWriter(folder, {**IDENTITY, "teacher": "another"}, 10, 5):
+            raise RuntimeError("a failure after a shard of an earlier run")
+    assert (folder / "manifest.json").is_file() and (folder / "shard_00000.jsonl").is_file()
 
 
 def test_two_writers_on_one_folder_are_refused(tmp_path):

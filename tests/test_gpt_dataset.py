@@ -147,3 +147,23 @@ def test_blended_samples_draw_from_each_dataset(prefix):
     assert np.array_equal(blend[0], (a if blend.dataset_index[0] == 0 else b)[int(blend.dataset_sample_index[0])])
     with pytest.raises(CookbookError):
         BlendedSamples([a], [-1.0], 10)
+
+
+def test_a_dataset_too_small_for_a_split(prefix, tmp_path):
+    """A blend's small dataset (20 documents: 969,30,1 gives it one valid document and no test one) is left out of the
+    splits it has no documents in, the others' weights kept, with a note naming it and --split; an empty train
+    share is refused, naming the dataset and --split."""
+    from cookbook.data.loader import SplitSizes, build_splits
+
+    rng = np.random.default_rng(1)
+    small = megatron_build(tmp_path / "small", [[list(rng.integers(1, 1000, 40))] for _ in range(20)])
+    notes: list[str] = []
+    splits = build_splits(["0.5", prefix, "0.5", small], "969,30,1", 16, 1, SplitSizes(100, 40, 40), notes)
+    assert len(splits["valid"]) == 40 and np.bincount(splits["valid"].dataset_index).tolist() == [20, 20]
+    assert splits["test"] is None and notes == []  # neither has test documents; both have valid ones
+    splits = build_splits(["0.5", prefix, "0.5", small], "95,2,3", 16, 1, SplitSizes(100, 40, 40), notes)
+    assert isinstance(splits["valid"], GPTSamples) and splits["valid"].dataset.prefix == str(prefix)  # the big one alone
+    assert len(splits["test"]) == 40 and np.bincount(splits["test"].dataset_index).tolist() == [20, 20]
+    assert len(notes) == 1 and str(small) in notes[0] and "--split 95,2,3" in notes[0] and "20 documents" in notes[0]
+    with pytest.raises(CookbookError, match=r"--split 1,98,1 leaves the train split of .*small without documents"):
+        build_splits(["0.5", prefix, "0.5", small], "1,98,1", 16, 1, SplitSizes(100, 40, 40))

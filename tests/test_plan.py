@@ -175,3 +175,27 @@ def test_plan_command(tmp_path):
     data = json.loads(proc.stdout)
     assert data["recommended"] is not None
     assert_one_line_error(run_cli("plan", "--preset", "llama2-7b", "--gpu", "Z80"), "Z80")
+
+
+def test_the_recommendation_says_its_rule():
+    """llama-65b on 128 A100s: the fastest layout fits (pp 16), a pp 1 layout is within 1% of it: the recommendation
+    is the simpler one and says so; where nothing is that close, the fastest is recommended as the fastest."""
+    r = run("llama-65b", 4096, 1024, "A100-80GB", 128)
+    fastest = r.fitting[0]
+    assert r.recommended is not fastest and r.recommended.pp < fastest.pp
+    assert f"within 1% of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and simpler: pipeline " \
+           f"parallel {r.recommended.pp} instead of {fastest.pp}" in r.recommendation()
+    r = run("llama2-7b", 4096, 1024, "A100-80GB", 8)
+    assert r.recommended is r.fitting[0] and "the fastest layout that fits" in r.recommendation()
+
+
+def test_the_table_fits_80_columns():
+    from rich.console import Console
+
+    r = run("llama-65b", 4096, 1024, "A100-80GB", 128)
+    for wide, width in ((False, 80), (True, 120)):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(render(r, wide=wide))
+        text = console.export_text()
+        assert "…" not in text and "recompute" in text and "step s" in text, text
+        assert ("transient" in text) == wide

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from helpers_data import assert_one_line_error, run_cli
 from helpers_train import TINY, VOCAB, check, losses, train_flags, write_token_dataset
 
 from cookbook.engine.checkpoint import find_checkpoint, load_model, read_config
+from cookbook.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["--hidden-size-remain", "32", "--intermediate-size-remain", "64", "--num-attention-heads-remain", "2", "--drop-layers", "1"]
@@ -49,6 +51,11 @@ def test_prune_and_heal_with_distillation(tmp_path, data, base):
             "--lr", "2e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "0", "--kd-ratio", "1.0"]
     proc = check(run_cli(*prune_flags(data, base, save, *heal), timeout=300))
     assert "perplexity @ 32 tokens" in proc.stdout
+    assert "layers: 1 (layer " in proc.stdout  # a count, then the id
+    # the healing loss is a mix: the log says of what (here all KL), and the valid loss is labelled CE
+    assert re.search(r"step +1/12  loss \d+\.\d{4} = 0 x CE \d+\.\d{4} \+ 1 x KL \d+\.\d{4}  lr", proc.stderr), proc.stderr
+    train = [r for r in read_metrics(save / "metrics.jsonl") if r.get("split", "train") == "train"]
+    assert all(abs(r["loss"] - r["kl"]) < 1e-5 and r["ce"] > 0 for r in train)
 
     report = json.loads((save / "prune_report.json").read_text())
     ppl = report["perplexity"]["data"][data["heldout"]]
@@ -67,7 +74,7 @@ def test_prune_and_heal_with_distillation(tmp_path, data, base):
 
     # the same command again continues the healing run (here: finished) and reuses the pruned model
     again = check(run_cli(*prune_flags(data, base, save, *heal), timeout=300))
-    assert "reusing the pruned model" in again.stderr and "nothing to do" in again.stderr
+    assert "reusing the pruned model" in again.stderr and "nothing to do" in again.stderr and "raise --heal-steps" in again.stderr
     # other settings into the same folder are refused
     from cookbook.errors import CookbookError
     from pruner.spec import PruneSpec
@@ -142,7 +149,7 @@ def test_the_real_recipes_validate_with_dry_run(script, shape, params):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"dry run: the prune is valid: {shape}" in proc.stderr
-    assert params in proc.stderr and "dry run: the job is valid for 64 processes" in proc.stderr
+    assert params in " ".join(proc.stderr.split()) and "dry run: the job is valid for 64 processes" in proc.stderr
     if "13b" in script:  # a tensor-parallel size the pruned heads and FFN do not split over: refused at the prune step
         proc = subprocess.run(["bash", str(ROOT / "scripts" / script), "--dry-run"], env={**env, "TP": "3"}, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "not divisible by --tensor-model-parallel-size 3" in proc.stderr.strip().splitlines()[-1]

@@ -71,27 +71,40 @@ def split_sizes(train_iters: int, global_batch: int, eval_interval: int, eval_it
     return SplitSizes(train_iters * global_batch, evals * eval_iters * global_batch, eval_iters * global_batch)
 
 
-def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: SplitSizes) -> dict[str, object | None]:
+def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: SplitSizes,
+                 notes: list[str] | None = None) -> dict[str, object | None]:
     """``{"train": samples, "valid": samples or None, "test": samples or None}``; each indexable,
-    sample i = ``seq_length + 1`` int64 tokens."""
+    sample i = ``seq_length + 1`` int64 tokens.
+
+    A dataset too small for its share of a split (``--split`` 969,30,1 gives a dataset of 60 documents no test
+    documents) is refused for train, naming it and ``--split``; valid and test leave it out and blend the others
+    (None when none is left). ``notes`` collects a line for each valid split that is empty or partial."""
     pairs = parse_data_path(data_path)
     fractions = parse_split(split)
     datasets = [IndexedDataset(prefix) for _, prefix in pairs]
-    weights = [w for w, _ in pairs]
     out = {}
     for i, (name, target) in enumerate(zip(("train", "valid", "test"), (sizes.train, sizes.valid, sizes.test))):
         ranges = [split_ranges(fractions, len(ds))[i] for ds in datasets]
-        if target == 0 or all(hi <= lo for lo, hi in ranges):
-            if name == "train":
-                raise CookbookError(f"--split {split} leaves no training documents")
+        empty = [(ds, len(ds)) for ds, (lo, hi) in zip(datasets, ranges) if hi <= lo]
+        if empty and name == "train":
+            ds, n = empty[0]
+            raise CookbookError(f"--split {split} leaves the train split of {ds.prefix} without documents (it holds {n}); "
+                                "give train a larger share, e.g. --split 98,2,0")
+        if target and empty and name == "valid" and notes is not None:
+            what = ", ".join(f"{ds.prefix} ({n} documents)" for ds, n in empty)
+            rest = "the others'" if len(empty) < len(datasets) else "none: no validation loss"
+            notes.append(f"--split {split} gives no valid documents to {what}; valid samples: {rest} (--split sets the shares)")
+        keep = [j for j, (lo, hi) in enumerate(ranges) if hi > lo]
+        if target == 0 or not keep:
             out[name] = None
             continue
-        if len(datasets) == 1:
-            (lo, hi), ds = ranges[0], datasets[0]
+        if len(keep) == 1:
+            (lo, hi), ds = ranges[keep[0]], datasets[keep[0]]
             out[name] = GPTSamples(ds, lo, hi, seq_length, target, seed)
         else:
+            weights = [pairs[j][0] for j in keep]
             counts = samples_per_dataset([w / sum(weights) for w in weights], target)
-            parts = [GPTSamples(ds, lo, hi, seq_length, n, seed) for ds, (lo, hi), n in zip(datasets, ranges, counts)]
+            parts = [GPTSamples(datasets[j], *ranges[j], seq_length, n, seed) for j, n in zip(keep, counts)]
             out[name] = BlendedSamples(parts, weights, target)
     return out
 

@@ -318,17 +318,17 @@ def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
-    """(model in eval mode, the checkpoint's config sections) for inference in this process."""
+    """(model in eval mode, the checkpoint's config sections) for inference in this process; ``dtype`` auto, bf16
+    or fp32 (cookbook/engine/precision.py)."""
     from cookbook.engine.config import build_config
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.parallelize import DTYPES
+    from cookbook.engine.precision import check_dtype, load_in_dtype
     from cookbook.model import Transformer
 
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml)")
-    if dtype not in DTYPES:
-        raise CookbookError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    check_dtype(dtype)
     sections = read_config(ckpt)
     cfg = build_config({"model": sections["model"]}).model
     with torch.device("meta"):
@@ -338,4 +338,4 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
     state = {"model": model.state_dict()}
     read_state(state, ckpt, single_process=not dist.is_initialized())
     model.load_state_dict(state["model"])
-    return model.to(DTYPES[dtype]).eval(), sections
+    return load_in_dtype(model, dtype).eval(), sections

@@ -32,6 +32,7 @@ from cookbook.checks import check_number, check_types
 from cookbook.engine.attention import BACKENDS
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.optim import OptimizerConfig
+from cookbook.engine.precision import check_dtype
 from cookbook.errors import CookbookError
 from cookbook.model.config import ModelConfig, preset
 
@@ -61,11 +62,12 @@ class TrainingConfig:
     micro_batch_size: int = 1
     global_batch_size: int | None = None  # None = micro batch x data-parallel size (no accumulation)
     seed: int = 1234
-    dtype: str = "bf16"  # bf16 (fp32 master weights and gradient reduction) or fp32
+    dtype: str = "auto"  # auto (cookbook/engine/precision.py), bf16 (fp32 master weights and gradient reduction) or fp32
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 1000  # 0 = never
     eval_iters: int = 10
-    log_interval: int = 10
+    log_interval: int = 10  # the first iteration is logged too, within seconds of the start
+    print_config: bool = False  # print the full resolved config at the start (a five-line summary otherwise)
     tensorboard_dir: str | None = None
     # memory and speed (Megatron-LM's names): recompute none | selective | full (uniform | block)
     recompute_granularity: str = "none"
@@ -81,9 +83,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "[training]")
-        if self.dtype not in ("bf16", "fp32"):
-            hint = " (fp16 needs loss scaling, which bf16 makes unnecessary)" if self.dtype == "fp16" else ""
-            raise CookbookError(f"unknown --dtype {self.dtype!r}; use bf16 or fp32{hint}")
+        check_dtype(self.dtype)
         _positive(self, "train_iters", "micro_batch_size", "log_interval")
         _positive(self, "global_batch_size", allow_none=True)
         _positive(self, "eval_interval", "eval_iters", allow_zero=True)

@@ -23,6 +23,7 @@ the region and an all-gather before the next, the same bytes with a tp-th of the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +44,11 @@ from cookbook.engine.attention import apply_attention
 from cookbook.engine.context_parallel import apply_cp
 from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.float8 import apply_fp8
+from cookbook.engine.precision import DTYPES
 from cookbook.engine.recompute import apply_activation_checkpointing, apply_compile
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
@@ -123,6 +124,12 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
     }
     # a pipeline stage lacks the embedding (all but the first) or the final norm and output (all but the last)
     parallelize_module(model, tp_mesh, {k: v for k, v in root.items() if getattr(model, k) is not None}, src_data_rank=None)
+    # The gathered logits come back from DTensor.to_local() as a view, and FSDP2 then warns once per rank that an
+    # in-place op on a view output would drop its pre-backward hook (wrong gradients). Nothing writes to the logits in
+    # place: the loss reads them through slices and .float() copies (cookbook/engine/loss.py), and under pipeline
+    # parallel the schedule hands them to the same loss. So the warning does not apply to us; exactly it is filtered
+    # (a copy of the logits to avoid it would cost batch x sequence x vocabulary of memory).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTransformer\) returned a view tensor", category=UserWarning)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": norm_style,

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 
 from cookbook.data.gpt_dataset import DocumentFlags, document_inputs
 from cookbook.data.loader import BatchLoader, build_splits, document_flags, split_sizes
@@ -44,10 +45,11 @@ from cookbook.engine.pipeline import (
     pipeline_eval,
     pipeline_step,
 )
+from cookbook.engine.precision import choose_dtype
 from cookbook.engine.recompute import check_recompute
 from cookbook.errors import CookbookError, on_interrupt
 from cookbook.model.config import ModelConfig, megatron_flops_per_iteration
-from cookbook.progress import console
+from cookbook.progress import Tally, console
 
 
 class NextTokens(NamedTuple):
@@ -164,6 +166,8 @@ class Trainer:
         t, data = job.training, job.data
         self.dist = init_distributed(t.device)
         self.device = self.dist.device
+        # --dtype auto becomes what this device computes fast; the job (and its saves) record the choice
+        t.dtype, self.dtype_reason = choose_dtype(t.dtype, self.device)
         self.dims = job.parallel.resolve(self.dist.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
@@ -172,7 +176,10 @@ class Trainer:
         self.global_batch, self.accumulation = check_layout(job, self.dims)
         # the data first: a bad --data-path fails before the model is built
         sizes = split_sizes(t.train_iters, self.global_batch, t.eval_interval, t.eval_iters)
-        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes)
+        notes: list[str] = []
+        self.splits = build_splits(data.data_path, data.split, data.seq_length, t.seed, sizes, notes)
+        for note in notes if self.dist.is_main else []:
+            console.print(f"[yellow]{escape(note)}[/yellow]")
         self.loader = self._loader(self.splits["train"])
         self.documents = document_flags(data, job.model.vocab_size)  # packed-document flags, None when off
         self.attention = self._attention_backend(job.model)
@@ -193,6 +200,7 @@ class Trainer:
             self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.teacher = None  # --kd-teacher: the same layout, its weights loaded, no gradients
+        self.kd_parts: list[float] = []  # with a teacher: the last iteration's [CE, KL]
         if teacher is not None:
             self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed,
                                        Speedups(attention=self._attention_backend(teacher[1])))
@@ -259,11 +267,18 @@ class Trainer:
             total = self._pipeline_loss(pipeline_step, micro_batches)
         else:
             total = torch.zeros((), device=self.device)
+            parts = torch.zeros(2, device=self.device)  # with a teacher: the mean CE and KL of the batch
             for batch in micro_batches:
                 with self._precision():
-                    loss = self._loss(batch.to(self.device, non_blocking=True), distil=True) / len(micro_batches)
+                    loss, split = self._loss(batch.to(self.device, non_blocking=True), distil=True)
+                    loss = loss / len(micro_batches)
                 loss.backward()
                 total += loss.detach()
+                if split is not None:
+                    parts += split / len(micro_batches)
+            if self.teacher is not None:
+                self._average_over_ranks(parts)
+                self.kd_parts = parts.tolist()
         self._average_over_ranks(total)
         if self.pipeline is not None:
             grad_norm = clip_grad_norm_pp(self.model.parameters(), self.job.optimizer.clip_grad, self.mesh["pp"])
@@ -297,23 +312,24 @@ class Trainer:
                 continue
             for batch in micro_batches:
                 with self._precision():
-                    total += self._loss(batch.to(self.device)) / self.accumulation
+                    total += self._loss(batch.to(self.device))[0] / self.accumulation
         total /= iters
         self._average_over_ranks(total)
         return total.item()
 
-    def _loss(self, batch: torch.Tensor, distil: bool = False) -> torch.Tensor:
-        """Cross-entropy; in training with a teacher, (1 - r) CE + r KL(teacher || student) (evaluation: CE alone)."""
+    def _loss(self, batch: torch.Tensor, distil: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, None): cross-entropy; in training with a teacher, ((1 - r) CE + r KL(teacher || student), [CE, KL]
+        detached, for the log) (evaluation: CE alone)."""
         x = next_token_inputs(batch, self.cp_rank, self.dims.cp, self.documents)
         logits = self.model(x.inputs, x.positions, **x.model_kwargs())
         ce = cross_entropy(logits, x.targets, tokens=x.tokens)
         if not (distil and self.teacher is not None):
-            return ce
+            return ce, None
         t = self.job.training
         with torch.no_grad():
             teacher_logits = self.teacher(x.inputs, x.positions, **x.model_kwargs())
-        kd = kd_loss(logits, teacher_logits, t.kd_temperature, targets=x.targets, tokens=x.tokens)
-        return (1 - t.kd_ratio) * ce + t.kd_ratio * kd
+        kl = kd_loss(logits, teacher_logits, t.kd_temperature, targets=x.targets, tokens=x.tokens)
+        return (1 - t.kd_ratio) * ce + t.kd_ratio * kl, torch.stack([ce.detach(), kl.detach()])
 
     def _pipeline_loss(self, run, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
@@ -367,16 +383,22 @@ class Trainer:
         peak = peak_tflops(self.device)
         record: dict = {}
         losses: list[float] = []
+        kd_parts: list[list[float]] = []  # with a teacher: [CE, KL] per iteration, logged next to the loss
         last_eval = -1
+        first = self.step + 1  # logged whatever the interval: a first line within seconds of the start
         tick = time.perf_counter()
+        counter = Tally("step", t.train_iters, done=self.step, every=None, enabled=main)  # a bar on a terminal
         try:
             while self.step < t.train_iters:
                 micro = [self.loader.next() for _ in range(self.accumulation)]
                 loss, grad_norm, lr = self.train_step(micro)
                 self.step += 1
                 losses.append(loss)
+                if self.teacher is not None:
+                    kd_parts.append(self.kd_parts)
+                counter.update(self.step)
 
-                if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                if self.step % t.log_interval == 0 or self.step in (first, t.train_iters):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - tick
@@ -392,8 +414,13 @@ class Trainer:
                         "attention": self.attention,
                     }
                     mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
+                    loss_text = f"loss {record['loss']:.4f}"
+                    if kd_parts:  # the loss is a mix: say of what
+                        record["ce"], record["kl"] = (sum(p[k] for p in kd_parts) / len(kd_parts) for k in (0, 1))
+                        loss_text += f" = {1 - t.kd_ratio:g} x CE {record['ce']:.4f} + {t.kd_ratio:g} x KL {record['kl']:.4f}"
+                        kd_parts = []
                     logger.log(record, (
-                        f"step {self.step:>6}/{t.train_iters}  loss {record['loss']:.4f}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
+                        f"step {self.step:>6}/{t.train_iters}  {loss_text}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
                         f"{tokens_per_s:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
                     ))
                     losses = []
@@ -416,6 +443,7 @@ class Trainer:
             if not self._stop_signal and last_eval != self.step and t.eval_interval:
                 self._log_eval(logger)
         finally:
+            counter.close()
             signal.signal(signal.SIGTERM, previous)
             logger.close()
         return record
@@ -425,5 +453,6 @@ class Trainer:
         if loss is None:
             return
         ppl = math.exp(min(loss, 50.0))
+        what = "valid CE" if self.teacher is not None else "valid loss"  # with a teacher the training loss is a mix
         logger.log({"step": self.step, "split": "valid", "loss": loss, "ppl": ppl},
-                   f"[cyan]step {self.step:>6}  valid loss {loss:.4f}  ppl {ppl:.3f}[/cyan]")
+                   f"[cyan]step {self.step:>6}  {what} {loss:.4f}  ppl {ppl:.3f}[/cyan]")

@@ -310,11 +310,11 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     streams = _eval_streams(opts, src_sections, sections, src.vocab_size)
     eval_seq = opts.eval_seq_length or seq
     # ------------------------------------------------------------ checks done: the work
-    announce(asked, dtype, why)
     if not reuse:
         report = {"source": str(source), "settings": settings}
         start = time.perf_counter()
         model, _ = load_model(source, device, "fp32")
+        announce(asked, dtype, why)  # once the weights have loaded: a damaged checkpoint is its one line
         report["params"] = {"before": src.num_params(), "after": target.num_params(),
                             "before_non_embedding": src.num_params(embeddings=False),
                             "after_non_embedding": target.num_params(embeddings=False)}

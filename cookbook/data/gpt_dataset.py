@@ -42,7 +42,7 @@ def parse_split(split: str) -> list[float]:
     except ValueError as e:
         raise CookbookError(f"--split {split!r} must be comma-separated numbers such as 969,30,1") from e
     weights += [0.0] * (3 - len(weights))
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise CookbookError(f"--split {split!r} must be up to three non-negative numbers with a positive sum")
     return [w / sum(weights) for w in weights]
 

@@ -90,7 +90,7 @@ def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: Split
             ds, n = empty[0]
             raise CookbookError(f"--split {split} leaves the train split of {ds.prefix} without documents (it holds {n}); "
                                 "give train a larger share, e.g. --split 98,2,0")
-        if target and empty and name == "valid" and notes is not None:
+        if target and fractions[i] > 0 and empty and name == "valid" and notes is not None:  # a share too small
             what = ", ".join(f"{ds.prefix} ({n} documents)" for ds, n in empty)
             rest = "the others'" if len(empty) < len(datasets) else "none: no validation loss"
             notes.append(f"--split {split} gives no valid documents to {what}; valid samples: {rest} (--split sets the shares)")

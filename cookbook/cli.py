@@ -698,7 +698,9 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the API (default: the folder's name).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward (prompts x n).")] = 16,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", "--batch-size", help="Rows (prompts x n, of every request in flight) decoded together; requests join and leave the running batch at each step.")] = 32,
+    kv_cache_tokens: Annotated[Optional[int], typer.Option(help="KV cache size in tokens (rows x length; default: max-batch-size x max-model-len, capped by 90% of free GPU memory).", rich_help_panel="Limits")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option(help="Seconds a request may take before it is cancelled (408); default: no limit.", rich_help_panel="Limits")] = None,
     max_prompts: Annotated[int, typer.Option(help="Prompts per request at most (and the largest n).", rich_help_panel="Limits")] = 64,
     max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask for.", rich_help_panel="Limits")] = 4096,
     max_model_len: Annotated[Optional[int], typer.Option(help="Prompt + max_tokens at most (default: the model's context).", rich_help_panel="Limits")] = None,
@@ -707,13 +709,14 @@ def serve(
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request.")] = False,
 ) -> None:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health), as Megatron-LM's text generation server does.
+    """Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching (/v1/completions with logprobs, echo and streaming; /v1/models, /tokenize, /detokenize, /tokenizer_info, /health), as vLLM does.
 
-    Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ...)
+    Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ..., or lm_eval --model local-completions --model_args base_url=http://localhost:8000/v1/completions,model=tiny ...)
     """
     from inference_distill.server import ServeConfig, serve as run
 
-    run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, batch_size=batch_size, model_name=served_model_name,
+    run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                    kv_cache_tokens=kv_cache_tokens, request_timeout=request_timeout, model_name=served_model_name,
                     max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_tokens_limit=max_tokens_limit,
                     max_model_len=max_model_len, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, log_requests=not quiet))
 

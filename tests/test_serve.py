@@ -24,7 +24,7 @@ LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_mo
 
 @pytest.fixture(scope="module")
 def server(teacher, local):
-    srv = make_server(ServeConfig(str(teacher["cookbook"]), port=0, batch_size=3, **LIMITS), generator=local)
+    srv = make_server(ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=3, **LIMITS), generator=local)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -111,8 +111,10 @@ def test_models_and_health(server):
 
 
 BAD = [  # (request body, status, param)
-    ({"prompt": "x", "stream": True}, 400, "stream"),
-    ({"prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
@@ -126,7 +128,7 @@ BAD = [  # (request body, status, param)
     ({"prompt": "x", "n": 5}, 400, "n"),
     ({"prompt": "x", "stop": 3}, 400, "stop"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "presence_penalty": 3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"prompt": "x", "seed": "1"}, 400, "seed"),
@@ -188,10 +190,10 @@ def test_an_internal_error_is_a_500_and_the_server_goes_on(server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the model fell over\nsecond line")
 
-    monkeypatch.setattr(server.generator, "complete", broken)
+    monkeypatch.setattr(server.engine, "model", broken)
     status, out = call(server, "/v1/completions", {"prompt": "x"})
     assert status == 500 and out["error"]["type"] == "server_error"
-    assert out["error"]["message"] == "internal error: RuntimeError: the model fell over"
+    assert out["error"]["message"] == "generation failed: RuntimeError: the model fell over"
     monkeypatch.undo()
     assert complete(server, prompt="x", max_tokens=2)["choices"][0]["finish_reason"] in ("stop", "length")
 

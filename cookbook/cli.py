@@ -578,23 +578,45 @@ def eval_(
     append_eod: Annotated[bool, typer.Option("--append-eod", help="End each document with EOD, as preprocess --append-eod did.", rich_help_panel="Data")] = False,
     tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.", rich_help_panel="Data")] = None,
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Data")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward (default 1); with --tasks, rows generated together (default 16).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
-    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey).")] = None,
+    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey; with --tasks, lm-eval's DUMP_DIR/MODEL/results_*.json).")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="lm-evaluation-harness tasks (comma-separate or repeat), run in this process; needs pip install 'cookbook[eval]'.", rich_help_panel="Tasks")] = None,
+    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", help="Folders of task YAMLs over local data (nothing is downloaded).", rich_help_panel="Tasks")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per prompt (default: each task's own).", rich_help_panel="Tasks")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="Documents per task at most (a fraction when below 1).", rich_help_panel="Tasks")] = None,
+    max_gen_toks: Annotated[int, typer.Option(help="New tokens per generate_until request, unless the task sets it.", rich_help_panel="Tasks")] = 256,
+    add_bos_token: Annotated[Optional[bool], typer.Option("--add-bos-token/--no-add-bos-token", help="Begin every request with BOS or not (default: the tokenizer's own, as lm-eval's hf model).", rich_help_panel="Tasks")] = None,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="With --dump-dir: also write each document's requests and answers.", rich_help_panel="Tasks")] = False,
     passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval accuracy per length and depth instead of perplexity.", rich_help_panel="Passkey")] = False,
     passkey_depths: Annotated[str, typer.Option(help="Where the key sits, as fractions of the filler.", rich_help_panel="Passkey")] = "0,0.25,0.5,0.75,1",
     passkey_trials: Annotated[int, typer.Option(help="Random keys per length and depth.", rich_help_panel="Passkey")] = 5,
     passkey_digits: Annotated[int, typer.Option(help="Digits of each key.", rich_help_panel="Passkey")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the passkeys.", rich_help_panel="Passkey")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the passkeys (default 0); with --tasks, of lm-eval's few-shot choice and sampling (default 1234).")] = None,
 ) -> None:
-    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; or --passkey retrieval.
+    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; --passkey retrieval; or --tasks of lm-evaluation-harness.
 
     Example: cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512 --dump-dir eval/
 
     Passkey: cookbook eval --load ckpt/tiny-2x --passkey --seq-length 256,512 --passkey-trials 10
+
+    Tasks: cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot 5 --dump-dir eval/
     """
-    from recipes.eval import EvalConfig, render, run, run_passkey
+    from recipes.eval import EvalConfig, render, render_tasks, run, run_passkey, run_tasks
+
+    if tasks:
+        results, written = run_tasks(
+            load, _split(tasks), include_path=list(include_path or []), num_fewshot=num_fewshot, limit=limit,
+            batch_size=batch_size or 16, max_gen_toks=max_gen_toks, add_bos_token=add_bos_token,
+            seed=1234 if seed is None else seed, log_samples=log_samples, output_path=dump_dir,
+            tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, device=device, dtype=dtype)
+        if results is not None:
+            out.file.write(render_tasks(results) + "\n")
+            if written:
+                out.print(f"[green]wrote[/green] {written}")
+        return
+    batch_size, seed = batch_size or 1, seed or 0
 
     try:
         depths = tuple(float(d) for d in passkey_depths.split(",") if d.strip())

@@ -78,6 +78,7 @@ ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/to
           "/detokenize": "POST", "/tokenizer_info": "GET"}
 MODEL_ROUTE = "/v1/models/"  # + a model id
 DRAIN_LIMIT = 8 * 1024 * 1024  # a refused body up to this size is read and dropped, so the client sees the answer
+DRAIN_WAIT = 2.0  # seconds the rest of a refused body may take to arrive
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects a request body may have
 MAX_STOP = 32  # stop strings per request
 POLL = 0.05  # seconds between looks at a waiting client's socket
@@ -152,9 +153,15 @@ def read_json(raw: bytes):
         if depth > MAX_JSON_DEPTH:
             raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({(str(e).splitlines() or [''])[0][:200]})") from None
+    if "\\u" in text:  # escapes may spell lone surrogates, which no text can hold (or be answered with)
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
+    return value
 
 
 def _kind(v) -> str:
@@ -509,16 +516,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def parse_request(self) -> bool:
-        if not self.raw_requestline.strip():
-            self.command, self.requestline, self.request_version = None, "", "HTTP/1.1"
-            self.send_error(400, "empty request line")
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = line.split()
+        if len(words) < 3:  # empty, or HTTP/0.9 (which the standard library would answer without a status line)
+            self.command, self.requestline, self.request_version = None, line, "HTTP/1.1"
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1" if len(words) == 2
+                            else f"bad request line {line[:100]!r}; expected METHOD PATH HTTP/1.1")
             return False
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9":
-            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1")
-            return False
-        return True
+        return super().parse_request()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's errors (bad request line, headers too long or too many, unknown method) in
@@ -606,6 +611,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if server.cfg.log_requests:
                 sys.stderr.write(f"{self.address_string()} left before the answer to {self.command} {path[:200]}\n")
+        except Exception as e:  # a bug, not the request's fault: one line in the log and a 500, and the server goes on
+            line = f"internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            sys.stderr.write(f"{self.address_string()} {line}\n")
+            try:
+                self._refuse(ApiError(500, line))
+            except OSError:
+                self.close_connection = True
 
     def _read_body_once(self) -> bytes:
         raw = self._read_body()
@@ -729,11 +741,15 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 left = 0
             if 0 < left <= max(DRAIN_LIMIT, self.server.cfg.max_request_bytes):
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 65536))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
+                self.connection.settimeout(DRAIN_WAIT)  # a client that announced more than it sends is not waited for
+                try:
+                    while left > 0:
+                        chunk = self.rfile.read(min(left, 65536))
+                        if not chunk:
+                            break
+                        left -= len(chunk)
+                except TimeoutError:
+                    pass
             self._send(error.status, error.body(), close=True)
         else:
             self._send(error.status, error.body(), close=not self._body_read and bool(self.headers.get("Transfer-Encoding")))
@@ -746,7 +762,7 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 405 and getattr(self, "path", None):
             route = urlsplit(self.path).path.rstrip("/")
             self.send_header("Allow", "GET" if route.startswith(MODEL_ROUTE) else ROUTES.get(route, "GET"))
-        if close:
+        if close or self.command == "HEAD":  # a HEAD client reads no body: the connection cannot go on
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()

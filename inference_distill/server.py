@@ -72,7 +72,8 @@ from cookbook.errors import CookbookError
 from cookbook.inference.engine import Engine, Sequence as Row
 from cookbook.inference.generator import LocalGenerator
 from cookbook.inference.logprobs import MAX_LOGPROBS, TokenLogprob
-from cookbook.inference.sampling import SamplingError, SamplingParams, check_seed
+from cookbook.inference.sampling import SamplingError, SamplingParams, check_seed, cut_at_stop
+from cookbook.inference.text import Detokenizer
 
 ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/tokenize": "POST",
           "/detokenize": "POST", "/tokenizer_info": "GET"}
@@ -431,18 +432,14 @@ class CompletionServer(ThreadingHTTPServer):
         prompt = req.prompts[i]
         return prompt if isinstance(prompt, str) else self.generator.decode(req.ids[i])
 
-    def logprobs(self, entries: list[TokenLogprob | None], ids: list[int], context: list[int], k: int,
-                 offset: int = 0) -> dict:
-        """OpenAI's legacy logprobs object for ``ids`` (read after ``context``), their ``entries`` (None: no logprob,
-        the first prompt token)."""
+    def logprobs(self, entries: list[TokenLogprob | None], tokens: list[tuple[int, str]], k: int, offset: int = 0) -> dict:
+        """OpenAI's legacy logprobs object for ``tokens`` (id, the text it adds) and their ``entries`` (None: no
+        logprob, the first prompt token); alternatives are named by their own text, -inf is sent as -9999.0."""
         text = self.generator.text
-        texts = text.token_texts(ids, context)
-        offsets, at = [], offset
-        for t in texts:
+        offsets, top, at = [], [], offset
+        for e, (_, t) in zip(entries, tokens):
             offsets.append(at)
             at += len(t)
-        top = []
-        for e, t in zip(entries, texts):
             if e is None:
                 top.append(None)
                 continue
@@ -450,7 +447,8 @@ class CompletionServer(ThreadingHTTPServer):
             for token, lp in e.top[:k]:
                 alternatives.setdefault(text.piece(token), max(lp, -9999.0))
             top.append(alternatives)
-        return {"tokens": texts, "token_logprobs": [None if e is None else max(e.logprob, -9999.0) for e in entries],
+        return {"tokens": [t for _, t in tokens], "token_logprobs": [None if e is None else max(e.logprob, -9999.0)
+                                                                     for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
     def choice(self, req: CompletionRequest, i: int, j: int, row: Row) -> dict:
@@ -460,10 +458,12 @@ class CompletionServer(ThreadingHTTPServer):
         logprobs = None
         if req.logprobs is not None:
             entries: list = list(row.logprobs[: done.tokens])
-            ids, context = row.tokens[: done.tokens], row.prompt
+            ids = row.tokens[: done.tokens]
+            tokens = list(zip(ids, gen.text.token_texts(ids, row.prompt)))
             if req.echo:
-                entries, ids, context = list(row.prompt_logprobs or []) + entries, row.prompt + ids, []
-            logprobs = self.logprobs(entries, ids, context, req.logprobs)
+                entries = list(row.prompt_logprobs or []) + entries
+                tokens = list(zip(row.prompt, gen.text.token_texts(row.prompt))) + tokens
+            logprobs = self.logprobs(entries, tokens, req.logprobs)
         return {"index": i * req.params.n + j, "text": head + done.text, "logprobs": logprobs,
                 "finish_reason": done.finish_reason}
 
@@ -491,12 +491,14 @@ def failure(rows: list[Row]) -> ApiError | None:
 
 
 class _Stream:
-    """What a streamed choice has sent so far."""
+    """What a streamed choice has read and sent so far."""
 
-    def __init__(self):
+    def __init__(self, reader: Detokenizer):
+        self.reader = reader  # the text of each generated token, as they come
+        self.texts: list[str] = []  # of the tokens read so far
         self.text = ""  # generated text sent
         self.sent = 0  # characters sent, the echoed prompt included
-        self.tokens = 0  # generated tokens whose logprobs were sent
+        self.tokens = 0  # generated tokens sent (their logprobs)
         self.echoed = False
         self.finished = False
 
@@ -674,7 +676,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may still be forming
-        state = {id(r): _Stream() for r in rows}
+        state = {id(r): _Stream(Detokenizer(gen.text, r.prompt)) for r in rows}
         index = {id(r): k for k, r in enumerate(rows)}
 
         def event(payload) -> None:
@@ -683,28 +685,37 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         def chunk(row: Row) -> None:
+            """Send what is new in ``row``: text known not to start a stop string, the tokens that text covers."""
             st, k = state[id(row)], index[id(row)]
             if st.finished or (row.done and row.finish_reason not in ("stop", "length")):
                 return  # a failed row is answered after the loop
             if row.done:
                 done = gen.finish(row, req.stop_ids)
                 text, count, reason = done.text, done.tokens, done.finish_reason
+                texts = gen.text.token_texts(row.tokens[:count], row.prompt)
             else:
-                text, count, reason = gen.continuation(row.prompt, row.tokens), len(row.tokens), None
-                text = text[: len(text) - hold].rstrip("\ufffd")  # not yet: a stop string's start, half a character
+                st.texts += [st.reader.add(t) for t in row.tokens[len(st.texts):]]
+                text, found = cut_at_stop("".join(st.texts), req.params.stop)
+                text, reason, texts = text if found else text[: len(text) - hold], None, st.texts
+                count, covered = st.tokens, len("".join(texts[: st.tokens]))
+                while count < len(texts) and covered + len(texts[count]) <= len(text):
+                    covered += len(texts[count])
+                    count += 1
             delta = text[len(st.text):] if text.startswith(st.text) else ""
             head = server.prompt_text(req, k // req.params.n) if req.echo and not st.echoed else ""
             logprobs = None
             if req.logprobs is not None:
-                entries, ids = list(row.logprobs[st.tokens : count]), row.tokens[st.tokens : count]
-                context = row.prompt + row.tokens[: st.tokens]
+                entries = list(row.logprobs[st.tokens : count])
+                new = [(row.tokens[i], texts[i]) for i in range(st.tokens, count)]
                 if head:
-                    entries, ids, context = list(row.prompt_logprobs or []) + entries, row.prompt + ids, []
-                logprobs = server.logprobs(entries, ids, context, req.logprobs, offset=st.sent)
-            if not (head or delta or reason or (logprobs and logprobs["tokens"])):
+                    prompt = list(row.prompt_logprobs or [])
+                    entries = prompt + entries
+                    new = list(zip(row.prompt, gen.text.token_texts(row.prompt))) + new
+                logprobs = server.logprobs(entries, new, req.logprobs, offset=st.sent)
+            if not (head or delta or reason or count > st.tokens):
                 return
             st.text, st.sent = st.text + delta, st.sent + len(head) + len(delta)
-            st.tokens, st.echoed, st.finished = max(st.tokens, count), True, reason is not None
+            st.tokens, st.echoed, st.finished = count, True, reason is not None
             event({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                    "choices": [{"index": k, "text": head + delta, "logprobs": logprobs, "finish_reason": reason}]})
 

@@ -7,9 +7,9 @@
   those the text is split on those strings first; the other kinds already match their special tokens.
 - ``decode(ids)``: the text, without eos and without ids beyond the tokenizer's vocabulary (a model's vocabulary
   may be padded past it).
-- ``token_texts(ids, context)``: the text each token adds, read after ``context``, so that the pieces join into the
-  decoded text: a SentencePiece word keeps its leading space, and a character whose bytes span several tokens comes
-  whole with its last token (the others add "").
+- ``token_texts(ids, context)`` (``Detokenizer`` one token at a time): the text each token adds, read after
+  ``context``, so that the pieces join into the decoded text: a SentencePiece word keeps its leading space, and a
+  character whose bytes span several tokens comes whole with its last token (the others add "").
 """
 
 from __future__ import annotations
@@ -79,26 +79,37 @@ class TextCodec:
         head, full = self.decode(prompt), self.decode(list(prompt) + new)
         return full[len(head):] if full.startswith(head) else self.decode(new)
 
-    def token_texts(self, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
-        """The text each of ``ids`` adds after ``context`` and the ids before it (see the module's docstring)."""
-        out: list[str] = []
-        window = list(context[-WINDOW:])
-        before = self.decode(window)
-        for n, t in enumerate(ids, 1):
-            window.append(t)
-            text = self.decode(window)
-            if text.endswith("\ufffd") and n < len(ids):  # part of a character: it comes with a later token
-                out.append("")
-                continue
-            out.append(text[len(before):] if text.startswith(before) else self.decode([t]))
-            if len(window) > WINDOW:
-                window = window[-WINDOW:]
-                text = self.decode(window)
-            before = text
-        return out
+    def token_texts(self, ids: Sequence[int], context: Sequence[int] = (), final: bool = True) -> list[str]:
+        """The text each of ``ids`` adds after ``context`` and the ids before it (see the module's docstring);
+        ``final``: the last token also takes what is still pending (bytes that never made a whole character)."""
+        reader = Detokenizer(self, context)
+        return [reader.add(t, final and n == len(ids)) for n, t in enumerate(ids, 1)]
 
     def info(self, max_model_len: int) -> dict:
         """What ``GET /tokenizer_info`` answers (the fields vLLM sends that lm-evaluation-harness reads)."""
         return {"tokenizer_class": self.tokenizer.type, "eos_token": self.eos_text, "bos_token": self.bos_text,
                 "pad_token": None, "unk_token": None, "chat_template": None, "model_max_length": max_model_len,
                 "vocab_size": self.vocab_size, "add_bos_token": self.bos is not None and self.bos in self.tokenizer.prefix}
+
+
+class Detokenizer:
+    """The text each token adds, one token at a time: each is decoded with the few tokens before it (a window), and
+    a token that leaves a character unfinished adds "" (its bytes come with the token that finishes it). The pieces
+    depend only on the tokens up to them, so a stream of them agrees with a whole answer's."""
+
+    def __init__(self, codec: TextCodec, context: Sequence[int] = ()):
+        self.codec = codec
+        self.window = list(context[-WINDOW:])
+        self.before = codec.decode(self.window)
+
+    def add(self, token: int, final: bool = False) -> str:
+        self.window.append(token)
+        text = self.codec.decode(self.window)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        piece = text[len(self.before):] if text.startswith(self.before) else self.codec.decode([token])
+        if len(self.window) > WINDOW:
+            self.window = self.window[-WINDOW:]
+            text = self.codec.decode(self.window)
+        self.before = text
+        return piece

@@ -21,6 +21,7 @@ parallel); the results are gathered on rank 0, which alone writes them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -227,18 +228,27 @@ def quiet_lm_eval() -> None:
             module.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
 
 
-def task_manager(include_path: list[str], names: list[str]):
-    """An lm-eval TaskManager over the built-in and ``include_path`` tasks, with every task of ``names`` checked to
-    load offline: an unknown name or a task whose data are not here is one CookbookError."""
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[str, ...], defaults: bool):
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=list(include_path) or None, include_defaults=defaults)
+
+
+def load_tasks(include_path: list[str], names: list[str]):
+    """(an lm-eval TaskManager, the tasks and groups of ``names`` loaded): the ``include_path`` tasks alone when they
+    hold every name (lm-eval's thousands of built-in YAMLs take seconds to index), else the built-in ones too. An
+    unknown name, or a task whose data are not here (nothing downloads), is one CookbookError."""
     for p in include_path:
         if not Path(p).exists():
             raise CookbookError(f"--include-path {p} does not exist")
-    manager = TaskManager(include_path=include_path or None)
+    manager = _task_manager(tuple(include_path), False) if include_path else None
+    if manager is None or not all(n in manager.all_tasks for n in names):
+        manager = _task_manager(tuple(include_path), True)
+    loaded = []
     for name in names:
         try:
-            manager.load([name])
+            got = manager.load([name])
         except KeyError:
             raise CookbookError(f"unknown task {name!r}; name a task of lm-evaluation-harness or one of a YAML in "
                                 "--include-path (lm_eval ls tasks lists them)") from None
@@ -247,7 +257,8 @@ def task_manager(include_path: list[str], names: list[str]):
             raise CookbookError(f"task {name!r} could not load its data here ({type(e).__name__}: {line}); nothing is "
                                 "downloaded: write a task YAML over local files (dataset_path: json, dataset_kwargs: "
                                 "data_files) and pass its folder with --include-path") from None
-    return manager
+        loaded += [got["groups"][name]] if name in got["groups"] else list(got["tasks"].values())
+    return manager, loaded
 
 
 def run_tasks(cfg: TasksConfig) -> tuple[dict | None, Path | None]:
@@ -269,7 +280,7 @@ def run_tasks(cfg: TasksConfig) -> tuple[dict | None, Path | None]:
         raise CookbookError(f"--num-fewshot {cfg.num_fewshot} must be at least 0")
     go_offline()
     quiet_lm_eval()
-    manager = task_manager(cfg.include_path, cfg.tasks)  # before the model: a bad task fails at once
+    manager, tasks = load_tasks(cfg.include_path, cfg.tasks)  # before the model: a bad task fails at once
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = cfg.device
     if world > 1 and not torch.distributed.is_initialized():
@@ -287,7 +298,7 @@ def run_tasks(cfg: TasksConfig) -> tuple[dict | None, Path | None]:
                     add_bos_token=cfg.add_bos_token, seed=cfg.seed, name=name)
     tracker = EvaluationTracker(output_path=cfg.output_path) if cfg.output_path else None
     results = simple_evaluate(
-        model=lm, tasks=cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit, task_manager=manager,
+        model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit, task_manager=manager,
         log_samples=cfg.log_samples, evaluation_tracker=tracker, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, batch_size=cfg.batch_size,
     )

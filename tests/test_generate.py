@@ -302,3 +302,11 @@ def test_stop_when_ends_the_rows_it_names():
     assert free[0][:2] != free[1][:2]
     assert out == [free[0][:STOP_CHECK_EVERY], free[1]]
     assert sorted(seen) == sorted([STOP_CHECK_EVERY] * 2 + list(range(2 * STOP_CHECK_EVERY, 20, STOP_CHECK_EVERY)))
+
+
+def test_generate_command_refuses_bad_sampling_in_one_line(teacher):
+    from helpers_data import assert_one_line_error, run_cli
+
+    for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")):
+        proc = run_cli("generate", "--load", teacher["cookbook"], "--prompt", "x", flag, value, "--device", "cpu")
+        assert_one_line_error(proc, flag[2:].replace("-", "_"), value)

@@ -293,6 +293,7 @@ class CompletionServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # connections waiting to be accepted: many clients connect at once
 
     def __init__(self, cfg: ServeConfig, generator: LocalGenerator):
         self.cfg, self.generator = cfg, generator
@@ -419,13 +420,20 @@ class CompletionServer(ThreadingHTTPServer):
         return CompletionRequest(prompts, ids, params, seed, echo, logprobs, stream, include_usage, stop_ids)
 
     def rows(self, req: CompletionRequest, updates: queue.Queue) -> list[Row]:
-        """The engine rows of a request, prompt-major; each reports its progress on ``updates``."""
+        """The engine rows of a request, prompt-major; each puts itself on ``updates`` after every step when the
+        request streams, else once, when it is done (so that waiting handlers do not wake at every step)."""
         deadline = None if self.cfg.request_timeout is None else time.monotonic() + self.cfg.request_timeout
+
+        def finished(row: Row) -> None:
+            if row.done:
+                updates.put(row)
+
         rows = []
         for p in req.ids:
             rows += self.generator.rows(
                 p, req.params, req.seed, req.stop_ids, top_logprobs=req.logprobs,
-                prompt_top_logprobs=req.logprobs if req.echo else None, deadline=deadline, on_step=updates.put)
+                prompt_top_logprobs=req.logprobs if req.echo else None, deadline=deadline,
+                on_step=updates.put if req.stream else finished)
         return rows
 
     def prompt_text(self, req: CompletionRequest, i: int) -> str:

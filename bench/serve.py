@@ -44,39 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.train import OtherLoad  # noqa: E402
+
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class OtherLoad:
-    """The share of the machine's CPU time that processes other than this one, the server and the commands it ran
-    used between ``start`` and ``stop`` (Linux /proc; None elsewhere)."""
-
-    def __init__(self, server_pid: int):
-        self.pid = server_pid
-
-    def _read(self) -> tuple[float, float, float]:
-        hz = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            v = [float(x) for x in f.readline().split()[1:9]]
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system + (float(fields[11]) + float(fields[12])) / hz
-        return (sum(v) - v[3] - v[4]) / hz, sum(v) / hz, ours  # busy, total, ours (seconds)
-
-    def start(self) -> None:
-        try:
-            self.begin = self._read()
-        except OSError:
-            self.begin = None
-
-    def stop(self) -> float | None:
-        if self.begin is None:
-            return None
-        end = self._read()
-        busy, total, ours = (e - b for e, b in zip(end, self.begin))
-        return max(0.0, busy - ours) / total if total > 0 else None
 
 
 def build(args, root: Path) -> Path:
@@ -229,7 +200,7 @@ def main() -> None:
             prompts = torch.randint(300, args.vocab_size, (max(args.clients), args.prompt_len), generator=g).tolist()
             body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0}
             clients = [Client(url) for _ in range(max(args.clients))]
-            other = OtherLoad(server.pid)
+            other = OtherLoad(pids=(server.pid,))
             other.start()
             with ThreadPoolExecutor(max(args.clients)) as pool:
                 batched(clients, prompts[:2], body)  # warm-up

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 
 from cookbook.formats import hf
@@ -29,3 +32,19 @@ def make_teacher(root, tokenizer, **overrides) -> dict:
     hf.write(root / "hf", ckpt, ckpt.tensors(), ckpt.dtypes)
     run(ConvertConfig("hf", "cookbook", str(root / "hf"), str(root / "ckpt")), show_progress=False)
     return {"hf": root / "hf", "cookbook": root / "ckpt", "tokenizer": tokenizer, "root": root}
+
+
+@contextmanager
+def serving(cfg, generator=None):
+    """A ``cookbook serve`` server (inference_distill.server) answering on loopback in a thread, closed at the end."""
+    from inference_distill.server import make_server
+
+    server = make_server(cfg, generator=generator)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

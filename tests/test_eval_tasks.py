@@ -9,14 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf model
 
-from helpers_distill import make_teacher  # noqa: E402
+from helpers_distill import make_teacher, serving  # noqa: E402
 
 TASKS = ["cb_mc", "cb_roll", "cb_gen"]
 WORDS = "the a cat dog runs sleeps quickly slowly red blue house tree river stone eats jumps over under".split()
@@ -114,7 +113,7 @@ def test_the_same_scores_three_ways(setup):
 
     from lm_eval.tasks import TaskManager
 
-    from inference_distill.server import ServeConfig, make_server
+    from inference_distill.server import ServeConfig
     from recipes.eval import run_tasks
 
     common = dict(limit=8, num_fewshot=1)
@@ -125,10 +124,7 @@ def test_the_same_scores_three_ways(setup):
     hf = simple_evaluate(model="hf", model_args=f"pretrained={setup['converted']},dtype=float32,add_bos_token=False",
                          tasks=TASKS, task_manager=TaskManager(include_path=include, include_defaults=False), device="cpu",
                          batch_size=4, **common)
-    server = make_server(ServeConfig(str(setup["cookbook"]), port=0, device="cpu", model_name="tiny", log_requests=False))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ServeConfig(str(setup["cookbook"]), port=0, device="cpu", model_name="tiny", log_requests=False)) as server:
         host, port = server.server_address[:2]
         # tokenizer_backend is auto: lm-eval probes /tokenizer_info and /tokenize and tokenizes on the server. Its
         # remote tokenizer takes "bos_token_id or eos_token_id" as the prefix, so a BOS of id 0 must be named.
@@ -136,9 +132,6 @@ def test_the_same_scores_three_ways(setup):
         api = simple_evaluate(model="local-completions", model_args=args, tasks=TASKS,
                               task_manager=TaskManager(include_path=include, include_defaults=False), batch_size=2,
                               **common)
-    finally:
-        server.shutdown()
-        server.server_close()
     for name, other in (("hf", hf), ("local-completions", api)):
         assert_same_scores(other, ours, name)
         assert_same(answers(other), answers(ours), name)

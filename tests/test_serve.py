@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from inference_distill.sampling import SamplingParams
+from helpers_distill import serving
 from inference_distill.server import ServeConfig, make_server
 
 LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_model_len=64, log_requests=False)
@@ -25,13 +25,8 @@ LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_mo
 
 @pytest.fixture(scope="module")
 def server(teacher, local):
-    srv = make_server(ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=3, **LIMITS), generator=local)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with serving(ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=3, **LIMITS), local) as srv:
+        yield srv
 
 
 def call(server, path: str, body=None, method: str | None = None, raw: bytes | None = None,

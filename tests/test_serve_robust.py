@@ -6,28 +6,23 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
 
 from inference_distill.sampling import SamplingParams
-from inference_distill.server import MAX_JSON_DEPTH, ServeConfig, make_server
+from helpers_distill import serving
+from inference_distill.server import MAX_JSON_DEPTH, ServeConfig
 
 LIMIT = 1_000_000  # the default request size limit
 
 
 @pytest.fixture(scope="module")
 def server(teacher, local):
-    srv = make_server(ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=4, max_request_bytes=LIMIT,
-                                  max_prompts=4, max_tokens_limit=40, max_model_len=64, log_requests=True),
-                      generator=local)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    cfg = ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=4, max_request_bytes=LIMIT, max_prompts=4,
+                      max_tokens_limit=40, max_model_len=64, log_requests=True)
+    with serving(cfg, local) as srv:
+        yield srv
 
 
 def exchange(server, data: bytes, timeout: float = 30) -> tuple[int, dict]:

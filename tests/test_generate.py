@@ -304,9 +304,13 @@ def test_stop_when_ends_the_rows_it_names():
     assert sorted(seen) == sorted([STOP_CHECK_EVERY] * 2 + list(range(2 * STOP_CHECK_EVERY, 20, STOP_CHECK_EVERY)))
 
 
-def test_generate_command_refuses_bad_sampling_in_one_line(teacher):
+def test_generate_commands_refuse_bad_sampling_in_one_line(teacher, tmp_path):
+    """cookbook generate and distill generate check sampling with the same SamplingParams.check, before any work."""
     from helpers_data import assert_one_line_error, run_cli
 
     for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")):
         proc = run_cli("generate", "--load", teacher["cookbook"], "--prompt", "x", flag, value, "--device", "cpu")
         assert_one_line_error(proc, flag[2:].replace("-", "_"), value)
+    proc = run_cli("distill", "generate", "--dry-run", "--teacher", teacher["cookbook"], "--prompts-from",
+                   tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--temperature", "inf")
+    assert_one_line_error(proc, "temperature", "inf")

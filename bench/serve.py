@@ -225,7 +225,8 @@ def main() -> None:
                       f"{statistics.median(r[2] / r[1] for r in runs):.1f}, all clients {sum(r[2] for r in runs) / wall:.1f}")
             if args.distill_prompts:
                 seconds = {"cookbook": [], "openai": []}
-                for run, side in enumerate(("cookbook", "openai", "openai", "cookbook")[: 2 * max(1, args.repeats // 2)]):
+                order = ("cookbook", "openai", "openai", "cookbook") if args.repeats >= 2 else ("cookbook", "openai")
+                for run, side in enumerate(order):
                     seconds[side].append(distill(args, folder, root, side, url, run))
                 med = {s: statistics.median(t) for s, t in seconds.items()}
                 print(f"\ndistill generate, {args.distill_prompts} prompts x {args.max_tokens} tokens (temperature 0.7): "

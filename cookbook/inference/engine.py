@@ -41,6 +41,7 @@ from cookbook.model.model import KVCache
 STOP_CHECK_EVERY = 8  # a row's tokens between looks at its stop check (stop strings spanning tokens)
 LENGTH_STEP = 128  # the cache's length grows in multiples of this
 _SCORE_ELEMENTS = 1 << 26  # logits a scoring prefill may keep (every position's, not only the last)
+WAITING_CHECK = 0.05  # seconds between looks at the waiting rows' deadlines
 
 
 @dataclass(eq=False)
@@ -115,6 +116,9 @@ class Engine:
         self.counts: torch.Tensor | None = None  # [max_batch_size, vocab] tokens generated (penalised rows)
         self.in_prompt: torch.Tensor | None = None  # [max_batch_size, vocab] tokens in the prompt
         self._params: tuple | None = None  # per-row sampling tensors of the running rows, rebuilt when they change
+        self._recheck = False  # a waiting row may have been cancelled
+        self._deadlines = False  # some row has a deadline
+        self._next_check = 0.0
 
     def _default_kv_tokens(self) -> int:
         tokens = self.max_batch_size * self.max_model_len
@@ -149,6 +153,7 @@ class Engine:
             if self.closed:
                 raise CookbookError("the engine is shut down")
             self.waiting.extend(seqs)
+            self._deadlines = self._deadlines or any(s.deadline is not None for s in seqs)
             self.wake.notify_all()
 
     def cancel(self, seqs: Iterable[Sequence]) -> None:
@@ -156,6 +161,7 @@ class Engine:
         for s in seqs:
             s.cancelled = True
         with self.wake:
+            self._recheck = True
             self.wake.notify_all()
 
     def shutdown(self) -> None:
@@ -168,7 +174,7 @@ class Engine:
     def run(self, seqs: list[Sequence], after_step: Callable[[], None] | None = None) -> list[Sequence]:
         """Generate ``seqs`` to the end in this thread (the engine must not be serving in another)."""
         self.submit(seqs)
-        while not all(s.done for s in seqs):
+        while self.waiting or self.running:
             self.step()
             if after_step is not None:
                 after_step()
@@ -208,22 +214,25 @@ class Engine:
     # ----------------------------------------------------------------------- admission and prefill
 
     def _drop_cancelled(self) -> None:
+        """Rows cancelled or past their deadline leave: the running ones at every step, the waiting ones when a
+        cancel came or, if any has a deadline, every WAITING_CHECK seconds (the queue may be long)."""
         now = time.monotonic()
-        gone = []
-        for s in self.running:
+
+        def over(s: Sequence) -> bool:
             if s.cancelled or (s.deadline is not None and now > s.deadline):
                 s.finish_reason = "cancelled" if s.cancelled else "timeout"
-                gone.append(s)
+                return True
+            return False
+
+        gone = [s for s in self.running if over(s)]
         self._remove(gone)
-        with self.wake:
-            kept = deque()
-            for s in self.waiting:
-                if s.cancelled or (s.deadline is not None and now > s.deadline):
-                    s.finish_reason = "cancelled" if s.cancelled else "timeout"
-                    gone.append(s)
-                else:
-                    kept.append(s)
-            self.waiting = kept
+        if self._recheck or (self._deadlines and now >= self._next_check):
+            with self.wake:
+                self._recheck, self._next_check = False, now + WAITING_CHECK
+                late = [s for s in self.waiting if over(s)]
+                if late:
+                    self.waiting = deque(s for s in self.waiting if not s.done)
+            gone += late
         for s in gone:
             self._notify(s)
 

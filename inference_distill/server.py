@@ -72,7 +72,7 @@ from cookbook.errors import CookbookError
 from cookbook.inference.engine import Engine, Sequence as Row
 from cookbook.inference.generator import LocalGenerator
 from cookbook.inference.logprobs import MAX_LOGPROBS, TokenLogprob
-from cookbook.inference.sampling import SamplingError, SamplingParams, check_seed, cut_at_stop
+from cookbook.inference.sampling import Completion, SamplingError, SamplingParams, check_seed, cut_at_stop
 from cookbook.inference.text import Detokenizer
 
 ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/tokenize": "POST",
@@ -459,10 +459,10 @@ class CompletionServer(ThreadingHTTPServer):
                                                                      for e in entries],
                 "top_logprobs": top, "text_offset": offsets}
 
-    def choice(self, req: CompletionRequest, i: int, j: int, row: Row) -> dict:
+    def choice(self, req: CompletionRequest, k: int, row: Row, done: Completion) -> dict:
+        """Choice ``k`` (prompt k // n, sample k % n): its finished ``row`` and what it ``done`` as a completion."""
         gen = self.generator
-        done = gen.finish(row, req.stop_ids)
-        head = self.prompt_text(req, i) if req.echo else ""
+        head = self.prompt_text(req, k // req.params.n) if req.echo else ""
         logprobs = None
         if req.logprobs is not None:
             entries: list = list(row.logprobs[: done.tokens])
@@ -472,20 +472,19 @@ class CompletionServer(ThreadingHTTPServer):
                 entries = list(row.prompt_logprobs or []) + entries
                 tokens = list(zip(row.prompt, gen.text.token_texts(row.prompt))) + tokens
             logprobs = self.logprobs(entries, tokens, req.logprobs)
-        return {"index": i * req.params.n + j, "text": head + done.text, "logprobs": logprobs,
-                "finish_reason": done.finish_reason}
+        return {"index": k, "text": head + done.text, "logprobs": logprobs, "finish_reason": done.finish_reason}
 
-    def usage(self, req: CompletionRequest, rows: list[Row]) -> dict:
+    def usage(self, req: CompletionRequest, done: list[Completion]) -> dict:
         prompt_tokens = sum(len(p) for p in req.ids)
-        completion_tokens = sum(self.generator.finish(r, req.stop_ids).tokens for r in rows)
+        completion_tokens = sum(c.tokens for c in done)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
     def response(self, req: CompletionRequest, rows: list[Row], rid: str, created: int) -> dict:
-        n = req.params.n
-        choices = [self.choice(req, k // n, k % n, row) for k, row in enumerate(rows)]
+        done = [self.generator.finish(r, req.stop_ids) for r in rows]
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": self.usage(req, rows)}
+                "choices": [self.choice(req, k, r, c) for k, (r, c) in enumerate(zip(rows, done))],
+                "usage": self.usage(req, done)}
 
 
 def failure(rows: list[Row]) -> ApiError | None:
@@ -742,7 +741,7 @@ class _Handler(BaseHTTPRequestHandler):
                 event(error.body())
             elif req.include_usage:
                 event({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                       "choices": [], "usage": server.usage(req, rows)})
+                       "choices": [], "usage": server.usage(req, [gen.finish(r, req.stop_ids) for r in rows])})
             event(b"[DONE]")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()

@@ -73,7 +73,8 @@ def build(args, root: Path) -> Path:
                                                vocab_size=args.vocab_size))
     heads = max(1, args.hidden_size // 64)
     cfg = ModelConfig(vocab_size=args.vocab_size + 64, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                      num_heads=heads, num_kv_heads=max(1, heads // 2), intermediate_size=256 * round(8 * args.hidden_size / 768),
+                      num_heads=heads, num_kv_heads=max(1, heads // 2),
+                      intermediate_size=256 * round(8 * args.hidden_size / 768),
                       max_seq_len=max(256, args.prompt_len + args.max_tokens), init_std=0.05)
     torch.manual_seed(0)
     model = Transformer(cfg)

@@ -161,7 +161,8 @@ def read_json(raw: bytes):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, "the request body holds a lone surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
+            raise ApiError(400, "the request body holds a lone surrogate escape (\\ud800-\\udfff); send valid "
+                           "Unicode") from None
     return value
 
 
@@ -305,7 +306,8 @@ class CompletionServer(ThreadingHTTPServer):
         try:
             super().__init__((cfg.host, cfg.port), _Handler)
         except OSError as e:
-            raise CookbookError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port or --host") from None
+            raise CookbookError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port or "
+                                "--host") from None
         self.engine_thread = threading.Thread(target=self.engine.serve_forever, name="engine", daemon=True)
         self.engine_thread.start()
 
@@ -385,7 +387,8 @@ class CompletionServer(ThreadingHTTPServer):
             raise ApiError(400, "'prompt' is required", "prompt")
         prompts = read_prompts(body["prompt"])
         if len(prompts) > cfg.max_prompts:
-            raise ApiError(400, f"{len(prompts)} prompts is above this server's limit of {cfg.max_prompts} per request", "prompt")
+            raise ApiError(400, f"{len(prompts)} prompts is above this server's limit of {cfg.max_prompts} per request",
+                           "prompt")
         echo = _bool(body, "echo")
         params = sampling_params(body, cfg.max_prompts, cfg.max_tokens_limit, allow_no_tokens=echo)
         logprobs = _int(body, "logprobs", None)
@@ -687,7 +690,8 @@ class _Handler(BaseHTTPRequestHandler):
         index = {id(r): k for k, r in enumerate(rows)}
 
         def event(payload) -> None:
-            data = b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()) + b"\n\n"
+            text = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode()
+            data = b"data: " + text + b"\n\n"
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 

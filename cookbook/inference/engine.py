@@ -94,7 +94,8 @@ class Engine:
     def __init__(self, model, *, eos_id: int | None, max_batch_size: int = 16, max_model_len: int | None = None,
                  kv_tokens: int | None = None, max_prefill_tokens: int = 8192):
         if max_batch_size < 1 or max_prefill_tokens < 1:
-            raise CookbookError(f"max_batch_size {max_batch_size} and max_prefill_tokens {max_prefill_tokens} must be at least 1")
+            raise CookbookError(f"max_batch_size {max_batch_size} and max_prefill_tokens {max_prefill_tokens} "
+                                "must be at least 1")
         self.model, self.cfg = model, model.config
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -254,7 +255,9 @@ class Engine:
             while self.waiting:
                 s = self.waiting[0]
                 scoring = s.prompt_top_logprobs is not None
-                budget = max(1, min(self.max_prefill_tokens, _SCORE_ELEMENTS // self.vocab)) if scoring else self.max_prefill_tokens
+                budget = self.max_prefill_tokens
+                if scoring:
+                    budget = max(1, min(budget, _SCORE_ELEMENTS // self.vocab))
                 longest = max([len(s.prompt)] + [len(g.prompt) for g in group])
                 if group and (longest * (len(group) + 1) > budget or scoring != (group[0].prompt_top_logprobs is not None)):
                     break

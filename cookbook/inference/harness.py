@@ -6,8 +6,8 @@ The LM scores as lm-eval's own ``hf`` model does, so the numbers can be compared
 
 - ``loglikelihood``: lm-eval's ``TemplateLM`` splits context and continuation (``tok_encode`` with the tokenizer's
   own special tokens, BOS for Llama, as lm-eval's hf model does; ``add_bos_token`` True or False decides instead;
-  an empty context is the BOS token, or eos without one); each pair is cut to the last ``max_length + 1`` tokens and the model reads all but the last; the result is
-  the summed fp32 logprob of the continuation and whether every continuation token is the argmax. Requests are
+  an empty context is the BOS token, or eos without one); each pair is cut to the last ``max_length + 1`` tokens
+  and the model reads all but the last; the result is the summed fp32 logprob of the continuation and whether every continuation token is the argmax. Requests are
   sorted by length, longest first, and right-padded into batches of at most ``batch_tokens`` tokens.
 - ``loglikelihood_rolling``: lm-eval's rolling windows of ``max_length`` tokens (the first preceded by the BOS or
   eos token), all windows of all documents scored in the same batches, summed per document.

@@ -46,7 +46,8 @@ class TextCodec:
         if tokenizer.type in ("Llama2Tokenizer", "GPT2BPETokenizer"):
             specials = {t: i for t, i in ((self.bos_text, self.bos), (self.eos_text, self.eos)) if t}
         self.specials = specials
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")") if specials else None
+        longest_first = sorted(specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if specials else None
         self._pieces: dict[int, str] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -706,8 +706,9 @@ class _Handler(BaseHTTPRequestHandler):
                 texts = gen.text.token_texts(row.tokens[:count], row.prompt)
             else:
                 st.texts += [st.reader.add(t) for t in row.tokens[len(st.texts):]]
-                text, found = cut_at_stop("".join(st.texts), req.params.stop)
-                text, reason, texts = text if found else text[: len(text) - hold], None, st.texts
+                text, found = cut_at_stop(gen.continuation(row.prompt, row.tokens), req.params.stop)
+                text = (text if found else text[: len(text) - hold]).rstrip("\ufffd")  # not yet: half a character
+                reason, texts = None, st.texts
                 count, covered = st.tokens, len("".join(texts[: st.tokens]))
                 while count < len(texts) and covered + len(texts[count]) <= len(text):
                     covered += len(texts[count])

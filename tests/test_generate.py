@@ -310,7 +310,7 @@ def test_generate_commands_refuse_bad_sampling_in_one_line(teacher, tmp_path):
 
     for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")):
         proc = run_cli("generate", "--load", teacher["cookbook"], "--prompt", "x", flag, value, "--device", "cpu")
-        assert_one_line_error(proc, flag[2:].replace("-", "_"), value)
+        assert_one_line_error(proc, flag[2:].split("-")[0], value)
     proc = run_cli("distill", "generate", "--dry-run", "--teacher", teacher["cookbook"], "--prompts-from",
                    tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--temperature", "inf")
     assert_one_line_error(proc, "temperature", "inf")

@@ -259,7 +259,9 @@ def test_logprobs_and_echo_equal_transformers_log_softmax(server, teacher, local
     got = out["logprobs"]
     assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
     assert got["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
-    assert "".join(got["tokens"]) == out["text"] == "def main(" + local.continuation(ids, new)
+    assert out["text"] == "def main(" + local.continuation(ids, new)
+    if "\ufffd" not in out["text"]:  # token texts join into the text (bytes that make no character may decode apart)
+        assert "".join(got["tokens"]) == out["text"]
     assert got["text_offset"] == [sum(len(t) for t in got["tokens"][:i]) for i in range(len(ids) + 6)]
     for i, top in enumerate(got["top_logprobs"][1:], 1):  # the chosen token and the 3 most likely, by their text
         best = lp[i - 1].topk(3).values.tolist()

@@ -3,10 +3,10 @@
 - ``encode(text, add_special_tokens)``: Megatron-LM's ``tokenize`` (BOS and the like as the tokenizer adds them)
   or, without special tokens, the text's own ids. As in Hugging Face tokenizers (and so vLLM), the literal strings
   of the tokenizer's bos and eos tokens in the text become those tokens (``"</s>"`` -> eos): lm-evaluation-harness
-  finds the eos id by tokenizing the eos string. SentencePiece's own encoder and GPT-2's BPE never do this, so for
-  those the text is split on those strings first; the other kinds already match their special tokens.
-- ``decode(ids)``: the text, without eos and without ids beyond the tokenizer's vocabulary (a model's vocabulary
-  may be padded past it).
+  finds the eos id by tokenizing the eos string. Where the tokenizer's own encoder does not (SentencePiece, GPT-2's
+  BPE), the text is split on those strings first.
+- ``decode(ids)``: the text, without bos and eos (as vLLM's ``skip_special_tokens``) and without ids beyond the
+  tokenizer's vocabulary (a model's vocabulary may be padded past it).
 - ``token_texts(ids, context)`` (``Detokenizer`` one token at a time): the text each token adds, read after
   ``context``, so that the pieces join into the decoded text: a SentencePiece word keeps its leading space, and a
   character whose bytes span several tokens comes whole with its last token (the others add "").
@@ -42,9 +42,9 @@ class TextCodec:
         piece = _piece_reader(tokenizer)
         self.eos_text = piece(self.eos) if self.eos is not None else None
         self.bos_text = piece(self.bos) if self.bos is not None else None
-        specials = {}
-        if tokenizer.type in ("Llama2Tokenizer", "GPT2BPETokenizer"):
-            specials = {t: i for t, i in ((self.bos_text, self.bos), (self.eos_text, self.eos)) if t}
+        # the bos/eos strings the tokenizer's own encoder does not turn into those tokens (SentencePiece, GPT-2 BPE)
+        specials = {t: i for t, i in ((self.bos_text, self.bos), (self.eos_text, self.eos))
+                    if t and list(tokenizer.exact(t)) != [i]}
         self.specials = specials
         longest_first = sorted(specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if specials else None
@@ -64,7 +64,8 @@ class TextCodec:
         return tok.prefix + ids + tok.suffix if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in ids if 0 <= t < self.vocab_size and t != self.eos])
+        skip = (self.eos, self.bos)
+        return self.tokenizer.decode([t for t in ids if 0 <= t < self.vocab_size and t not in skip])
 
     def piece(self, token: int) -> str:
         """One token's text on its own (what ``top_logprobs`` names the alternatives by)."""

@@ -1,4 +1,4 @@
-"""Benchmark: cookbook's generator (``recipes.generate.generate``: KV cache, batched, the ``cookbook`` distill
+"""Benchmark: cookbook's generator (``cookbook.inference.generator.generate`` on the continuous-batching engine: KV cache, batched, the ``cookbook`` distill
 backend's core) against Hugging Face transformers' ``LlamaForCausalLM.generate`` on the same model and prompts.
 
 Both sides hold the same weights (our model, randomly initialised, copied into ``LlamaForCausalLM`` through
@@ -35,7 +35,7 @@ from bench.train import OtherLoad, timed  # noqa: E402
 from cookbook.errors import CookbookError  # noqa: E402
 from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 from cookbook.model import ModelConfig, Transformer  # noqa: E402
-from recipes.generate import generate  # noqa: E402
+from cookbook.inference.generator import generate  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT = dict(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,

@@ -162,14 +162,23 @@ class HFLoop:
 
 class OtherLoad:
     """The share of the machine's CPU time that other processes used between ``start`` and ``stop``
-    (Linux: /proc/stat's busy time less this process's own), to tell a quiet run from a disturbed one."""
+    (Linux: /proc/stat's busy time less this process's own, its finished children's and ``pids``'), to tell a quiet
+    run from a disturbed one."""
 
-    @staticmethod
-    def _read() -> tuple[float, float, float]:
+    def __init__(self, pids: tuple[int, ...] = ()):
+        self.pids = pids  # processes of the benchmark itself (a server it started, say)
+
+    def _read(self) -> tuple[float, float, float]:
+        hz = os.sysconf("SC_CLK_TCK")
         with open("/proc/stat") as f:
             v = [float(x) for x in f.readline().split()[1:9]]
         t = os.times()
-        return sum(v) - v[3] - v[4], sum(v), t.user + t.system  # busy, total (clock ticks); ours (s)
+        ours = t.user + t.system + t.children_user + t.children_system
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ours += (float(fields[11]) + float(fields[12])) / hz  # utime, stime
+        return sum(v) - v[3] - v[4], sum(v), ours  # busy, total (clock ticks); ours (s)
 
     def start(self) -> None:
         try:

@@ -602,23 +602,45 @@ def eval_(
     append_eod: Annotated[bool, typer.Option("--append-eod", help="End each document with EOD, as preprocess --append-eod did.", rich_help_panel="Data")] = False,
     tokenizer_model: Annotated[Optional[str], typer.Option("--tokenizer-model", "--tokenizer", help="Default: the checkpoint's tokenizer.", rich_help_panel="Data")] = None,
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP, rich_help_panel="Data")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward (default 1); with --tasks, rows generated together (default 16).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
-    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey).")] = None,
+    dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey; with --tasks, lm-eval's DUMP_DIR/MODEL/results_*.json).")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="lm-evaluation-harness tasks (comma-separate or repeat), run in this process; needs pip install 'cookbook[eval]'.", rich_help_panel="Tasks")] = None,
+    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", help="Folders of task YAMLs over local data (nothing is downloaded).", rich_help_panel="Tasks")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per prompt (default: each task's own).", rich_help_panel="Tasks")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="Documents per task at most (a fraction when below 1).", rich_help_panel="Tasks")] = None,
+    max_gen_toks: Annotated[int, typer.Option(help="New tokens per generate_until request, unless the task sets it.", rich_help_panel="Tasks")] = 256,
+    add_bos_token: Annotated[Optional[bool], typer.Option("--add-bos-token/--no-add-bos-token", help="Begin every request with BOS or not (default: the tokenizer's own, as lm-eval's hf model).", rich_help_panel="Tasks")] = None,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="With --dump-dir: also write each document's requests and answers.", rich_help_panel="Tasks")] = False,
     passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval accuracy per length and depth instead of perplexity.", rich_help_panel="Passkey")] = False,
     passkey_depths: Annotated[str, typer.Option(help="Where the key sits, as fractions of the filler.", rich_help_panel="Passkey")] = "0,0.25,0.5,0.75,1",
     passkey_trials: Annotated[int, typer.Option(help="Random keys per length and depth.", rich_help_panel="Passkey")] = 5,
     passkey_digits: Annotated[int, typer.Option(help="Digits of each key.", rich_help_panel="Passkey")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the passkeys.", rich_help_panel="Passkey")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the passkeys (default 0); with --tasks, of lm-eval's few-shot choice and sampling (default 1234).")] = None,
 ) -> None:
-    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; or --passkey retrieval.
+    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; --passkey retrieval; or --tasks of lm-evaluation-harness.
 
     Example: cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512 --dump-dir eval/
 
     Passkey: cookbook eval --load ckpt/tiny-2x --passkey --seq-length 256,512 --passkey-trials 10
+
+    Tasks: cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot 5 --dump-dir eval/
     """
-    from recipes.eval import EvalConfig, render, run, run_passkey
+    from recipes.eval import EvalConfig, render, render_tasks, run, run_passkey, run_tasks
+
+    if tasks:
+        results, written = run_tasks(
+            load, _split(tasks), include_path=list(include_path or []), num_fewshot=num_fewshot, limit=limit,
+            batch_size=batch_size or 16, max_gen_toks=max_gen_toks, add_bos_token=add_bos_token,
+            seed=1234 if seed is None else seed, log_samples=log_samples, output_path=dump_dir,
+            tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, device=device, dtype=dtype)
+        if results is not None:
+            out.file.write(render_tasks(results) + "\n")
+            if written:
+                out.print(f"[green]wrote[/green] {written}")
+        return
+    batch_size, seed = batch_size or 1, seed or 0
 
     try:
         depths = tuple(float(d) for d in passkey_depths.split(",") if d.strip())
@@ -722,7 +744,9 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's name in the API (default: the folder's name).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward (prompts x n).")] = 16,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", "--batch-size", help="Rows (prompts x n, of every request in flight) decoded together; requests join and leave the running batch at each step.")] = 32,
+    kv_cache_tokens: Annotated[Optional[int], typer.Option(help="KV cache size in tokens (rows x length; default: max-batch-size x max-model-len, capped by 90% of free GPU memory).", rich_help_panel="Limits")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option(help="Seconds a request may take before it is cancelled (408); default: no limit.", rich_help_panel="Limits")] = None,
     max_prompts: Annotated[int, typer.Option(help="Prompts per request at most (and the largest n).", rich_help_panel="Limits")] = 64,
     max_tokens_limit: Annotated[int, typer.Option(help="The largest max_tokens a request may ask for.", rich_help_panel="Limits")] = 4096,
     max_model_len: Annotated[Optional[int], typer.Option(help="Prompt + max_tokens at most (default: the model's context).", rich_help_panel="Limits")] = None,
@@ -731,14 +755,15 @@ def serve(
     tokenizer_type: Annotated[Optional[str], typer.Option(help=TYPE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request.")] = False,
 ) -> None:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/models, /health), as Megatron-LM's text generation server does.
+    """Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching (/v1/completions with logprobs, echo and streaming; /v1/models, /tokenize, /detokenize, /tokenizer_info, /health), as vLLM does.
 
-    Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ...)
+    Example: cookbook serve --load ckpt/tiny --port 8000   (then: cookbook distill generate --backend openai --endpoint http://localhost:8000 ..., or lm_eval --model local-completions --model_args base_url=http://localhost:8000/v1/completions,model=tiny ...)
     """
     from inference_distill.server import ServeConfig
     from inference_distill.server import serve as run
 
-    run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, batch_size=batch_size, model_name=served_model_name,
+    run(ServeConfig(load=load, host=host, port=port, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                    kv_cache_tokens=kv_cache_tokens, request_timeout=request_timeout, model_name=served_model_name,
                     max_request_bytes=max_request_bytes, max_prompts=max_prompts, max_tokens_limit=max_tokens_limit,
                     max_model_len=max_model_len, tokenizer_model=tokenizer_model, tokenizer_type=tokenizer_type, log_requests=not quiet))
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -315,7 +317,7 @@ class EvalConfig:
     tokenizer_model: str | None = None  # default: the one the checkpoint was trained with
     tokenizer_type: str | None = None
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"
     dump_dir: str | None = None
     # --passkey: retrieval accuracy instead of perplexity (recipes/passkey.py)
     passkey: bool = False
@@ -381,3 +383,24 @@ def run(cfg: EvalConfig, show_progress: bool = True) -> tuple[list[PerplexityRes
         extra = {"load": cfg.load, "stride": cfg.stride, "dtype": cfg.dtype, "model": sections["model"]}
         dumped = dump(results, cfg.dump_dir, extra)
     return results, dumped
+
+
+def run_tasks(load: str, tasks: list[str], **options):
+    """``--tasks``: lm-evaluation-harness in this process on the checkpoint (``cookbook.inference.harness``); (lm-eval's
+    results, None off rank 0; the results file written under ``output_path``, if any)."""
+    if not sys.stderr.isatty():  # no progress bars in a pipe or a log (read when tqdm is first imported)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise CookbookError("--tasks runs lm-evaluation-harness, which is not installed; pip install 'cookbook[eval]'") from None
+    from cookbook.inference.harness import TasksConfig, run_tasks as evaluate_tasks
+
+    return evaluate_tasks(TasksConfig(load=load, tasks=tasks, **options))
+
+
+def render_tasks(results: dict) -> str:
+    """lm-eval's own table of the results (plain text, one row per task and metric)."""
+    from lm_eval.utils import make_table
+
+    return make_table(results) + (make_table(results, "groups") if results.get("groups") else "")

@@ -93,9 +93,10 @@ def test_generate_command_equals_generate(trained, tmp_path):
     assert [r["prompt"] for r in records] == prompts
     model, _ = load_model(trained["save"], device="cpu")
     tok = load_tokenizer(trained["tokenizer"])
-    new = generate(model, [tok.tokenize(p) for p in prompts], 12, temperature=0, eos_id=tok.eod)
-    for r, tokens in zip(records, new):
-        assert r["text"] == tok.decode([t for t in tokens if t != tok.eod])
+    ids = [tok.tokenize(p) for p in prompts]
+    new = generate(model, ids, 12, temperature=0, eos_id=tok.eod)
+    for r, prompt, tokens in zip(records, ids, new):  # the continuation as it reads after its prompt
+        assert r["text"] == tok.decode(prompt + [t for t in tokens if t != tok.eod])[len(tok.decode(prompt)):]
         assert r["tokens"] == len(tokens)
 
 

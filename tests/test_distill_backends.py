@@ -87,16 +87,16 @@ def servers(checkpoint, local):
 
     out = []
     for _ in range(2):
-        server = make_server(ServeConfig(checkpoint, port=0, device="cpu", batch_size=SERVER_BATCH, log_requests=False),
+        server = make_server(ServeConfig(checkpoint, port=0, device="cpu", max_batch_size=SERVER_BATCH, log_requests=False),
                              generator=local.generator)
         server.answered = 0
-        complete = server.complete
+        read = server.read_completion
 
-        def counted(body, server=server, complete=complete):
+        def counted(body, server=server, read=read):
             server.answered += 1
-            return complete(body)
+            return read(body)
 
-        server.complete = counted
+        server.read_completion = counted
         out.append((server, start(server)))
     yield out
     for server, _ in out:

@@ -93,7 +93,7 @@ def test_cookbook_backend_reports_progress(teacher):
     params = SamplingParams(max_tokens=6, temperature=0.7, n=2)
     out = backend.generate(PROMPTS, params, list(range(len(PROMPTS))), on_progress=lambda p, t: seen.append((p, t)))
     assert len(out) == len(PROMPTS) and all(len(c) == 2 for c in out)
-    assert len(seen) == 4  # 10 rows in batches of 3
+    assert len(seen) > 1 and all(p or t for p, t in seen)  # reported as the work goes, never an empty report
     assert sum(p for p, _ in seen) == len(PROMPTS)
     assert sum(t for _, t in seen) >= sum(c.tokens for cs in out for c in cs)
     backend.close()

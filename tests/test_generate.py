@@ -1,5 +1,5 @@
 """Generation with the KV cache: the cache changes no logit, greedy decoding equals HF transformers', a prompt's
-tokens do not depend on its batch, and the sampling filters do what they say."""
+tokens do not depend on its batch, and the sampling filters do what they say (``cookbook.inference``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 from cookbook.model.model import KVCache
-from recipes.generate import filter_logits, generate, sample_next
+from cookbook.inference.engine import STOP_CHECK_EVERY
+from cookbook.inference.generator import generate
+from cookbook.inference.sampling import filter_logits, sample
 
 TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
             max_seq_len=64)
@@ -171,7 +173,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(both).tolist() == [[False, True, True, True], [True, True, True, False]]
     # sampling draws only from the kept set
     g = torch.Generator().manual_seed(0)
-    draws = sample_next(logits.expand(2000, 4), 1.0, None, 0.6, g)
+    draws = sample(logits.expand(2000, 4), torch.ones(2000), None, torch.full((2000,), 0.6), [g] * 2000)
     assert set(draws.tolist()) == {1, 3}
     assert abs((draws == 1).float().mean().item() - 0.5 / 0.8) < 0.05  # renormalised over the kept set
 
@@ -187,9 +189,14 @@ def test_sampling_is_reproducible_by_seed():
 
 def test_bad_sampling_settings_and_prompts_are_clear_errors():
     model = tiny_model()
-    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(CookbookError):
+    nan, inf = float("nan"), float("inf")
+    for kwargs in (dict(temperature=-1.0), dict(temperature=nan), dict(temperature=inf), dict(top_k=-1),
+                   dict(top_p=0.0), dict(top_p=1.5), dict(top_p=nan), dict(repetition_penalty=inf),
+                   dict(frequency_penalty=nan), dict(presence_penalty=-inf)):
+        with pytest.raises(CookbookError) as e:
             generate(model, [[1, 2]], 3, **kwargs)
+        assert next(iter(kwargs)) in str(e.value) and "\n" not in str(e.value)
+    assert generate(model, [[5, 6]], 4, temperature=0, top_k=0) == generate(model, [[5, 6]], 4, temperature=0)
     for prompts in ([[]], [[1, 128]], [[-1]]):
         with pytest.raises(CookbookError):
             generate(model, prompts, 3)
@@ -287,10 +294,23 @@ def test_stop_when_ends_the_rows_it_names():
     free = generate(model, prompts, 20, temperature=0)
     seen = []
 
-    def stop_row_0(rows: dict[int, list[int]]):
-        seen.append(sorted(rows))
-        return [0] if 0 in rows else []
+    def stop_row_0(tokens: list[int]) -> bool:  # asked about each running row every STOP_CHECK_EVERY of its tokens
+        seen.append(len(tokens))
+        return tokens[:2] == free[0][:2]
 
-    out = generate(model, prompts, 20, temperature=0, stop_when=stop_row_0, stop_when_every=4)
-    assert out == [free[0][:4], free[1]]
-    assert seen == [[0, 1], [1], [1], [1]]  # asked at steps 4, 8, 12, 16 about the rows still running
+    out = generate(model, prompts, 20, temperature=0, stop_when=stop_row_0)
+    assert free[0][:2] != free[1][:2]
+    assert out == [free[0][:STOP_CHECK_EVERY], free[1]]
+    assert sorted(seen) == sorted([STOP_CHECK_EVERY] * 2 + list(range(2 * STOP_CHECK_EVERY, 20, STOP_CHECK_EVERY)))
+
+
+def test_generate_commands_refuse_bad_sampling_in_one_line(teacher, tmp_path):
+    """cookbook generate and distill generate check sampling with the same SamplingParams.check, before any work."""
+    from helpers_data import assert_one_line_error, run_cli
+
+    for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")):
+        proc = run_cli("generate", "--load", teacher["cookbook"], "--prompt", "x", flag, value, "--device", "cpu")
+        assert_one_line_error(proc, flag[2:].split("-")[0], value)
+    proc = run_cli("distill", "generate", "--dry-run", "--teacher", teacher["cookbook"], "--prompts-from",
+                   tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--temperature", "inf")
+    assert_one_line_error(proc, "temperature", "inf")

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from inference_distill.sampling import SamplingParams
+from helpers_distill import serving
 from inference_distill.server import ServeConfig, make_server
 
 LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_model_len=64, log_requests=False)
@@ -24,13 +25,8 @@ LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_mo
 
 @pytest.fixture(scope="module")
 def server(teacher, local):
-    srv = make_server(ServeConfig(str(teacher["cookbook"]), port=0, batch_size=3, **LIMITS), generator=local)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with serving(ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=3, **LIMITS), local) as srv:
+        yield srv
 
 
 def call(server, path: str, body=None, method: str | None = None, raw: bytes | None = None,
@@ -98,7 +94,7 @@ def test_sampling_seed_stop_echo_and_model_field(server, local):
     assert echoed == "def main(" + greedy
     ids = local.tokenizer.tokenize("def main(")
     echoed = complete(server, prompt=ids, max_tokens=20, temperature=0, echo=True)["choices"][0]["text"]
-    assert echoed == local.tokenizer.decode(ids) + greedy
+    assert echoed == local.decode(ids) + greedy  # the ids' text, without BOS
     # max_tokens defaults to 16, as in OpenAI's API
     assert complete(server, prompt=ids, temperature=0)["usage"]["completion_tokens"] <= 16
 
@@ -107,12 +103,16 @@ def test_models_and_health(server):
     status, out = call(server, "/v1/models")
     assert status == 200 and out["object"] == "list"
     assert [(m["id"], m["object"], m["max_model_len"]) for m in out["data"]] == [("ckpt", "model", 64)]
+    assert call(server, "/v1/models/ckpt") == (200, out["data"][0])
+    assert call(server, "/v1/models/other")[1]["error"]["code"] == "model_not_found"
     assert call(server, "/health") == (200, {"status": "ok"})
 
 
 BAD = [  # (request body, status, param)
-    ({"prompt": "x", "stream": True}, 400, "stream"),
-    ({"prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
@@ -126,7 +126,7 @@ BAD = [  # (request body, status, param)
     ({"prompt": "x", "n": 5}, 400, "n"),
     ({"prompt": "x", "stop": 3}, 400, "stop"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "presence_penalty": 3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"prompt": "x", "seed": "1"}, 400, "seed"),
@@ -188,10 +188,10 @@ def test_an_internal_error_is_a_500_and_the_server_goes_on(server, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the model fell over\nsecond line")
 
-    monkeypatch.setattr(server.generator, "complete", broken)
+    monkeypatch.setattr(server.engine, "model", broken)
     status, out = call(server, "/v1/completions", {"prompt": "x"})
     assert status == 500 and out["error"]["type"] == "server_error"
-    assert out["error"]["message"] == "internal error: RuntimeError: the model fell over"
+    assert out["error"]["message"] == "generation failed: RuntimeError: the model fell over"
     monkeypatch.undo()
     assert complete(server, prompt="x", max_tokens=2)["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -239,3 +239,140 @@ def test_serve_prints_its_address_and_stops_cleanly_on_sigterm(teacher):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --------------------------------------------------------------------------- logprobs, echo, tokenizer routes
+
+
+def test_logprobs_and_echo_equal_transformers_log_softmax(server, teacher, local):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(teacher["hf"], dtype=torch.float32).eval()
+    ids = local.encode("def main(")
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                          max_new_tokens=6, min_new_tokens=6, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        lp = torch.log_softmax(hf(torch.tensor([ids + new])).logits[0].float(), dim=-1)
+    want = [lp[i - 1, t].item() for i, t in enumerate(ids + new) if i > 0]
+    out = complete(server, prompt="def main(", max_tokens=6, temperature=0, logprobs=3, echo=True)["choices"][0]
+    got = out["logprobs"]
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    assert got["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert out["text"] == "def main(" + local.continuation(ids, new)
+    if "\ufffd" not in out["text"]:  # token texts join into the text (bytes that make no character may decode apart)
+        assert "".join(got["tokens"]) == out["text"]
+    assert got["text_offset"] == [sum(len(t) for t in got["tokens"][:i]) for i in range(len(ids) + 6)]
+    for i, top in enumerate(got["top_logprobs"][1:], 1):  # the chosen token and the 3 most likely, by their text
+        best = lp[i - 1].topk(3).values.tolist()
+        assert top[got["tokens"][i]] == pytest.approx(want[i - 1], abs=1e-4) and 2 <= len(top) <= 4
+        assert max(top.values()) == pytest.approx(max(best[0], want[i - 1]), abs=1e-4)
+        assert all(min(abs(v - w) for w in best + [want[i - 1]]) < 1e-4 for v in top.values())
+    # greedy: the chosen token is the most likely (what lm-eval's is_greedy reads)
+    assert all(got["token_logprobs"][i] == max(got["top_logprobs"][i].values()) for i in range(len(ids), len(ids) + 6))
+    # max_tokens 0 with echo scores the prompt and generates nothing; without echo the logprobs of the new tokens
+    scored = complete(server, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(want[: len(ids) - 1], abs=1e-4)
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == local.decode(ids)
+    plain = complete(server, prompt=ids, max_tokens=6, temperature=0, logprobs=1)["choices"][0]["logprobs"]
+    assert plain["token_logprobs"] == pytest.approx(want[len(ids) - 1:], abs=1e-4) and plain["text_offset"][0] == 0
+    # lm-eval's loglikelihood request: several prompts, echo, one token, logprobs 1
+    two = complete(server, prompt=[ids, ids[:3]], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
+    assert [len(c["logprobs"]["tokens"]) for c in two["choices"]] == [len(ids) + 1, 4]
+
+
+def test_tokenizer_routes_take_vllms_shapes_and_lm_eval_uses_them(server, local):
+    status, out = call(server, "/tokenize", {"prompt": "def main(", "return_token_strs": True})
+    assert status == 200 and out["tokens"] == local.encode("def main(") and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == 64 and "".join(out["token_strs"]) == local.decode(out["tokens"])
+    plain = call(server, "/tokenize", {"prompt": "def main(", "add_special_tokens": False})[1]
+    assert plain["tokens"] == out["tokens"][1:] and plain["token_strs"] is None  # no BOS
+    assert call(server, "/detokenize", {"tokens": out["tokens"]}) == (200, {"prompt": local.decode(out["tokens"])})
+    status, info = call(server, "/tokenizer_info")
+    assert status == 200 and (info["eos_token"], info["bos_token"]) == ("</s>", "<s>")
+    # lm-eval finds the eos and bos ids by tokenizing their strings
+    ids = call(server, "/tokenize", {"prompt": "</s>x<s>", "add_special_tokens": False})[1]["tokens"]
+    assert (ids[0], ids[-1]) == (local.eos, local.tokenizer.bos) and local.eos not in ids[1:-1]
+    utils = pytest.importorskip("lm_eval.utils")
+    host, port = server.server_address[:2]
+    base = f"http://{host}:{port}/v1/completions"
+    assert utils.check_remote_tokenizer_support(base)
+    remote = utils.RemoteTokenizer(base)
+    assert (remote.eos_token_id, remote.bos_token_id) == (local.eos, local.tokenizer.bos)
+    assert remote.encode("def main(") == plain["tokens"] and remote.decode(plain["tokens"]) == local.decode(plain["tokens"])
+
+
+# --------------------------------------------------------------------------- batching, seeds, streaming, the openai client
+
+
+def test_a_sample_is_the_same_alone_as_inside_a_batch_of_mixed_requests(server):
+    alone = complete(server, prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5)["choices"][0]["text"]
+    mixed = [  # sent together: other prompts, greedy and penalised, n > 1, a list around it, a stream
+        dict(prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5),
+        dict(prompt=["x", "def main(", "class A:"], max_tokens=12, temperature=1.0, top_p=0.95, seed=5),
+        dict(prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5, n=3),
+        dict(prompt="import os\n", max_tokens=20, temperature=0),
+        dict(prompt=["y", "z"], max_tokens=15, temperature=0.8, repetition_penalty=1.2, seed=9),
+        dict(prompt="for i in", max_tokens=10, temperature=1.0),
+    ]
+    with ThreadPoolExecutor(len(mixed)) as pool:
+        outs = list(pool.map(lambda body: complete(server, **body), mixed))
+    assert outs[0]["choices"][0]["text"] == alone
+    assert outs[1]["choices"][1]["text"] == alone  # inside a list, the same seed
+    assert outs[2]["choices"][0]["text"] == alone and len({c["text"] for c in outs[2]["choices"]}) > 1
+
+
+def test_requests_join_the_running_batch_and_a_timeout_cancels(server, teacher, local, monkeypatch):
+    model = server.engine.model
+
+    def slow(*args, **kwargs):  # 20 ms a forward, so that the long request is surely running
+        time.sleep(0.02)
+        return model(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "model", slow)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(complete, server, prompt="def main(", max_tokens=40, temperature=0)
+        for _ in range(200):
+            if server.engine.running:
+                break
+            time.sleep(0.01)
+        short = complete(server, prompt="x", max_tokens=2, temperature=0)  # joins at the next step
+        assert not long.done() and server.engine.running, "the short request waited for the long one"
+        assert long.result()["usage"]["completion_tokens"] > 0 and short["usage"]["completion_tokens"] <= 2
+    monkeypatch.setattr(server.cfg, "request_timeout", 0.2)
+    status, out = call(server, "/v1/completions", {"prompt": "def main(", "max_tokens": 40, "temperature": 0})
+    assert status == 408 and out["error"]["code"] == "timeout"
+    for _ in range(100):
+        if not server.engine.running:
+            break
+        time.sleep(0.02)
+    assert not server.engine.running
+
+
+def test_the_official_openai_client_streams_and_retrieves_the_model(server, local):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    assert client.models.retrieve("ckpt").id == "ckpt" and [m.id for m in client.models.list()] == ["ckpt"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    body = dict(model="ckpt", prompt=["def main(", "class A:"], max_tokens=10, temperature=1.0, seed=3, n=2, echo=True,
+                logprobs=2)
+    whole = client.completions.create(**body)
+    stream = client.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    texts, reasons, tokens, usage = {}, {}, {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            tokens[c.index] = tokens.get(c.index, []) + list(c.logprobs.tokens)
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    for c in whole.choices:  # the chunks join into the whole answer (bytes that make no character aside: decoders
+        # such as Hugging Face's byte fallback turn a run of them into U+FFFD differently as the run grows)
+        assert texts[c.index] == c.text or "\ufffd" in c.text, (texts[c.index], c.text)
+    assert [reasons[c.index] for c in whole.choices] == [c.finish_reason for c in whole.choices]
+    assert [tokens[c.index] for c in whole.choices] == [c.logprobs.tokens for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="ckpt", prompt="x", logprobs=21)
+    assert e.value.status_code == 400 and "logprobs" in str(e.value)

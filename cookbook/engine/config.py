@@ -34,22 +34,75 @@ from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.optim import OptimizerConfig
 from cookbook.engine.precision import check_dtype
 from cookbook.errors import CookbookError
+from cookbook.flags import flag
 from cookbook.model.config import ModelConfig, preset
 
 
 @dataclass
 class DataConfig:
-    data_path: list[str] = field(default_factory=list)  # Megatron-LM's: [prefix] or [w1, prefix1, w2, prefix2, ...]
-    split: str = "969,30,1"
-    seq_length: int | None = None  # None = the model's max_seq_len
-    tokenizer_model: str | None = None  # kept with the checkpoint for eval and generate
-    tokenizer_type: str | None = None
-    make_vocab_size_divisible_by: int = 128
+    data_path: list[str] = field(  # Megatron-LM's: [prefix] or [w1, prefix1, w2, prefix2, ...]
+        default_factory=list,
+        metadata=flag("--data-path", help="PREFIX, or weight-prefix pairs: --data-path 0.3 A 0.7 B.", panel="Data"),
+    )
+    split: str = field(
+        default="969,30,1",
+        metadata=flag("--split", help="Train/valid/test split of each dataset, e.g. 969,30,1.", panel="Data"),
+    )
+    seq_length: int | None = field(  # None = the model's max_seq_len
+        default=None, metadata=flag("--seq-length", help="Tokens per sample.", panel="Data")
+    )
+    tokenizer_model: str | None = field(
+        default=None,
+        metadata=flag(
+            "--tokenizer-model",
+            "--tokenizer",
+            help="The tokenizer the data was made with (kept with checkpoints).",
+            panel="Data",
+        ),
+    )
+    tokenizer_type: str | None = field(
+        default=None,
+        metadata=flag("--tokenizer-type", help="Megatron-LM tokenizer type (default: from the file).", panel="Data"),
+    )
+    make_vocab_size_divisible_by: int = field(
+        default=128,
+        metadata=flag(
+            "--make-vocab-size-divisible-by", help="Pad the tokenizer's vocabulary to a multiple of this.", panel="Data"
+        ),
+    )
     # samples packed from documents (Megatron-LM's flags, cookbook/data/gpt_dataset.py: document_inputs)
-    reset_position_ids: bool = False  # positions restart after each end-of-document token
-    reset_attention_mask: bool = False  # a token attends only within its document
-    eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document token
-    eod_id: int | None = None  # the end-of-document id for those flags (None: the tokenizer's)
+    reset_position_ids: bool = field(
+        default=False,
+        metadata=flag(
+            "--reset-position-ids/--no-reset-position-ids",
+            help="Packed documents: positions restart after each end-of-document token.",
+            panel="Data",
+        ),
+    )
+    reset_attention_mask: bool = field(
+        default=False,
+        metadata=flag(
+            "--reset-attention-mask/--no-reset-attention-mask",
+            help="Packed documents: a token attends only within its own document.",
+            panel="Data",
+        ),
+    )
+    eod_mask_loss: bool = field(
+        default=False,
+        metadata=flag(
+            "--eod-mask-loss/--no-eod-mask-loss",
+            help="Packed documents: no loss on predicting the token after an end-of-document token.",
+            panel="Data",
+        ),
+    )
+    eod_id: int | None = field(
+        default=None,
+        metadata=flag(
+            "--eod-id",
+            help="The end-of-document token id for the three flags above (default: the tokenizer's).",
+            panel="Data",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "[data]")
@@ -58,28 +111,118 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    train_iters: int = 1000
-    micro_batch_size: int = 1
-    global_batch_size: int | None = None  # None = micro batch x data-parallel size (no accumulation)
-    seed: int = 1234
-    dtype: str = "auto"  # auto (cookbook/engine/precision.py), bf16 (fp32 master weights and gradient reduction) or fp32
-    device: str = "auto"  # auto | cpu | cuda
-    eval_interval: int = 1000  # 0 = never
-    eval_iters: int = 10
-    log_interval: int = 10  # the first iteration is logged too, within seconds of the start
-    print_config: bool = False  # print the full resolved config at the start (a five-line summary otherwise)
-    tensorboard_dir: str | None = None
+    train_iters: int = field(
+        default=1000, metadata=flag("--train-iters", help="Iterations (optimizer steps) to train to.", panel="Training")
+    )
+    micro_batch_size: int = field(
+        default=1,
+        metadata=flag("--micro-batch-size", help="Samples per forward/backward on each rank.", panel="Training"),
+    )
+    global_batch_size: int | None = field(  # None = micro batch x data-parallel size (no accumulation)
+        default=None,
+        metadata=flag(
+            "--global-batch-size",
+            help="Samples per iteration (micro x data-parallel x accumulation).",
+            panel="Training",
+        ),
+    )
+    seed: int = field(
+        default=1234, metadata=flag("--seed", help="Seed of the initialisation and the data shuffle.", panel="Training")
+    )
+    dtype: str = field(  # auto: cookbook/engine/precision.py; bf16: fp32 master weights and gradient reduction
+        default="auto",
+        metadata=flag(
+            "--dtype",
+            help="auto (bf16 where the device computes it natively, else fp32), bf16 or fp32; bf16 keeps fp32 master "
+            "weights (default auto).",
+            panel="Training",
+        ),
+    )
+    device: str = field(default="auto", metadata=flag("--device", help="auto, cpu or cuda.", panel="Training"))
+    eval_interval: int = field(
+        default=1000,
+        metadata=flag(
+            "--eval-interval", help="Evaluate on the valid split every N iterations (0: never).", panel="Training"
+        ),
+    )
+    eval_iters: int = field(
+        default=10, metadata=flag("--eval-iters", help="Global batches per evaluation.", panel="Training")
+    )
+    log_interval: int = field(  # the first iteration is logged too, within seconds of the start
+        default=10, metadata=flag("--log-interval", help="Log every N iterations (and the first).", panel="Training")
+    )
+    print_config: bool = field(
+        default=False,
+        metadata=flag(
+            "--print-config", help="Print the full resolved config at the start, not only a summary.", panel="Training"
+        ),
+    )
+    tensorboard_dir: str | None = field(
+        default=None, metadata=flag("--tensorboard-dir", help="Also write TensorBoard events here.", panel="Training")
+    )
     # memory and speed (Megatron-LM's names): recompute none | selective | full (uniform | block)
-    recompute_granularity: str = "none"
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
-    compile: bool = False  # torch.compile each transformer block
-    fp8: bool = False  # torchao float8 linear layers in the blocks (H100/H200)
-    attention_backend: str = "auto"  # auto | sdpa | flex | flash (cookbook/engine/attention.py)
+    recompute_granularity: str = field(
+        default="none",
+        metadata=flag(
+            "--recompute-granularity", help="Activation recompute: none, selective or full.", panel="Training"
+        ),
+    )
+    recompute_method: str | None = field(
+        default=None, metadata=flag("--recompute-method", help="With full: uniform or block.", panel="Training")
+    )
+    recompute_num_layers: int | None = field(
+        default=None,
+        metadata=flag(
+            "--recompute-num-layers",
+            help="With full: layers per recompute unit (uniform) or recomputed layers (block).",
+            panel="Training",
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=flag("--compile/--no-compile", help="torch.compile each transformer block.", panel="Training"),
+    )
+    fp8: bool = field(
+        default=False,
+        metadata=flag(
+            "--fp8/--no-fp8",
+            help="FP8 matmuls in the blocks via torchao (H100/H200; pip install 'cookbook[fp8]').",
+            panel="Training",
+        ),
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata=flag(
+            "--attention-backend",
+            help="auto, sdpa, flex or flash (flash-attn varlen: pip install 'cookbook[gpu]').",
+            panel="Training",
+        ),
+    )
     # logit knowledge distillation: loss = (1 - kd_ratio) CE + kd_ratio KL(teacher || student) at kd_temperature
-    kd_teacher: str | None = None  # a cookbook checkpoint with the student's vocabulary
-    kd_ratio: float = 0.5
-    kd_temperature: float = 1.0
+    kd_teacher: str | None = field(
+        default=None,
+        metadata=flag(
+            "--kd-teacher",
+            help="Distil from this cookbook checkpoint (same vocabulary): add its logits' KL to the loss.",
+            panel="Training",
+        ),
+    )
+    kd_ratio: float = field(
+        default=0.5,
+        metadata=flag(
+            "--kd-ratio",
+            help="With --kd-teacher: loss = (1 - r) CE + r KL(teacher || student) (default 0.5).",
+            panel="Training",
+        ),
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata=flag(
+            "--kd-temperature",
+            help="With --kd-teacher: softmax temperature of both distributions (default 1).",
+            panel="Training",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "[training]")
@@ -95,11 +238,30 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: str | None = None
-    load: str | None = None
-    finetune: bool = False  # start a new run from --load's weights: fresh optimizer, step 0
-    save_interval: int = 1000  # 0 = only at the end
-    keep_last: int = 3  # 0 = keep every save
+    save: str | None = field(
+        default=None, metadata=flag("--save", help="Folder for checkpoints and metrics.jsonl.", panel="Checkpoints")
+    )
+    load: str | None = field(
+        default=None,
+        metadata=flag(
+            "--load", help="Continue from this checkpoint (a save folder or one step_* directory).", panel="Checkpoints"
+        ),
+    )
+    finetune: bool = field(
+        default=False,
+        metadata=flag(
+            "--finetune/--no-finetune",
+            help="With --load: only the weights; fresh optimizer, step 0.",
+            panel="Checkpoints",
+        ),
+    )
+    save_interval: int = field(
+        default=1000,
+        metadata=flag("--save-interval", help="Save every N iterations (0: only at the end).", panel="Checkpoints"),
+    )
+    keep_last: int = field(
+        default=3, metadata=flag("--keep-last", help="Keep the newest N saves (0: all).", panel="Checkpoints")
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "[checkpoint]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from cookbook.checks import check_types
 from cookbook.errors import CookbookError
+from cookbook.flags import flag
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -40,13 +41,43 @@ class ParallelDims:
     consecutive (one node's fast links), and all of them see the same data.
     """
 
-    dp_replicate: int = 1
+    dp_replicate: int = field(
+        default=1,
+        metadata=flag(
+            "--data-parallel-replicate-size",
+            help="HSDP: replicas of the sharded model (default 1).",
+            panel="Parallelism",
+        ),
+    )
     dp_shard: int = -1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
-    sequence_parallel: bool = False
-    layers_per_virtual_stage: int | None = None  # interleaved 1F1B when set (pp > 1)
+    cp: int = field(
+        default=1, metadata=flag("--context-parallel-size", help="Context-parallel degree.", panel="Parallelism")
+    )
+    tp: int = field(
+        default=1, metadata=flag("--tensor-model-parallel-size", help="Tensor-parallel degree.", panel="Parallelism")
+    )
+    pp: int = field(
+        default=1,
+        metadata=flag(
+            "--pipeline-model-parallel-size", help="Pipeline-parallel degree (1F1B schedule).", panel="Parallelism"
+        ),
+    )
+    sequence_parallel: bool = field(
+        default=False,
+        metadata=flag(
+            "--sequence-parallel/--no-sequence-parallel",
+            help="Shard norms and residuals by sequence across the tensor-parallel ranks.",
+            panel="Parallelism",
+        ),
+    )
+    layers_per_virtual_stage: int | None = field(  # interleaved 1F1B when set (pp > 1)
+        default=None,
+        metadata=flag(
+            "--num-layers-per-virtual-pipeline-stage",
+            help="Interleaved 1F1B: layers per virtual stage (each rank holds several).",
+            panel="Parallelism",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "[parallel]")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cookbook.checks import check_number, check_types
 from cookbook.errors import CookbookError
+from cookbook.flags import flag
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -15,23 +16,46 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 class ModelConfig:
     """A Llama-family decoder. Field names follow HF transformers' LlamaConfig where one exists."""
 
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int | None = None  # query groups (GQA); None = num_heads (MHA)
-    intermediate_size: int = 11008
+    vocab_size: int = field(
+        default=32000,
+        metadata=flag("--vocab-size", help="Vocabulary size (default: the tokenizer's, padded).", panel="Model"),
+    )
+    hidden_size: int = field(default=4096, metadata=flag("--hidden-size", help="Hidden size.", panel="Model"))
+    num_layers: int = field(default=32, metadata=flag("--num-layers", help="Transformer layers.", panel="Model"))
+    num_heads: int = field(default=32, metadata=flag("--num-attention-heads", help="Attention heads.", panel="Model"))
+    num_kv_heads: int | None = field(  # query groups (GQA); None = num_heads (MHA)
+        default=None,
+        metadata=flag("--num-query-groups", help="Key/value heads (grouped-query attention).", panel="Model"),
+    )
+    intermediate_size: int = field(
+        default=11008, metadata=flag("--ffn-hidden-size", help="SwiGLU hidden size.", panel="Model")
+    )
     head_dim: int | None = None  # None = hidden_size // num_heads
-    max_seq_len: int = 4096  # HF max_position_embeddings: the context the model was trained for
-    rope_theta: float = 10000.0
+    max_seq_len: int = field(  # HF max_position_embeddings: the context the model was trained for
+        default=4096,
+        metadata=flag("--max-position-embeddings", help="The context the model is trained for.", panel="Model"),
+    )
+    rope_theta: float = field(default=10000.0, metadata=flag("--rotary-base", help="RoPE base theta.", panel="Model"))
     # HF's rope_scaling dict: {"rope_type": "linear", "factor": 2.0}, or dynamic / yarn / llama3 with
     # their fields (yarn: beta_fast, beta_slow, attention_factor, original_max_position_embeddings;
     # llama3: low_freq_factor, high_freq_factor, original_max_position_embeddings). None = plain RoPE.
     rope_scaling: dict | None = None
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 style: bias on q, k and v only
-    init_std: float = 0.02
+    norm_eps: float = field(default=1e-5, metadata=flag("--norm-epsilon", help="RMSNorm epsilon.", panel="Model"))
+    tie_embeddings: bool = field(
+        default=False,
+        metadata=flag(
+            "--tie-embeddings/--untie-embeddings-and-output-weights",
+            help="Share the embedding and output weights.",
+            panel="Model",
+        ),
+    )
+    qkv_bias: bool = field(
+        default=False,
+        metadata=flag("--add-qkv-bias/--no-qkv-bias", help="Bias on q, k, v (Qwen2 style).", panel="Model"),
+    )
+    init_std: float = field(
+        default=0.02, metadata=flag("--init-method-std", help="Std of the normal initialisation.", panel="Model")
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "[model]")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cookbook.errors import CookbookError
@@ -180,3 +181,10 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
         notes.append(HINTS[cfg.target].format(save=cfg.save_dir, ckpt_format=cfg.ckpt_format))
     return ConvertResult(Path(cfg.save_dir), ckpt.description, ckpt.config.num_params(), counted["tensors"],
                          counted["bytes"], time.perf_counter() - start, notes)
+
+
+def render(r: ConvertResult, target: str) -> list[str]:
+    """What ``cookbook convert`` prints: one line, then a line per note."""
+    done = (f"[green]converted[/green] {escape(r.source)} ({r.params / 1e6:,.1f}M parameters) to {target} in "
+            f"{escape(str(r.save_dir))}: {r.tensors:,} tensors, {r.bytes / 1e9:,.2f} GB in {r.seconds:,.1f} s")
+    return [done, *(f"[yellow]note:[/yellow] {escape(note)}" for note in r.notes)]

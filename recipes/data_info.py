@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from rich.table import Table
 
 from cookbook.data.indexed import IndexedDataset
+from cookbook.progress import out
 
 
 @dataclass
@@ -55,3 +57,38 @@ def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]
 def decode_documents(prefix: str, tokenizer, n: int) -> list[str]:
     ds = IndexedDataset(prefix)
     return [tokenizer.decode(ds.document(d).tolist()) for d in range(min(n, ds.num_documents))]
+
+
+def render(d: DataInfo) -> list[Table]:
+    """What ``cookbook data info`` prints: the counts, then a histogram of document lengths."""
+    table = Table(title=d.prefix, show_header=False, title_justify="left")
+    longest = int(d.document_lengths.max()) if d.documents else 0
+    for name, value in [
+        ("documents", f"{d.documents:,}"), ("sequences", f"{d.sequences:,}"), ("tokens", f"{d.tokens:,}"),
+        ("dtype", d.dtype), ("token ids", "none" if d.min_id is None else f"{d.min_id} .. {d.max_id}"),
+        ("empty documents", f"{d.empty_documents:,}"),
+        ("tokens / document", f"mean {d.tokens / max(d.documents, 1):,.1f}, max {longest:,}"),
+    ]:
+        table.add_row(name, value)
+    buckets = histogram(d.document_lengths)
+    if not buckets:
+        return [table]
+    hist = Table(title="document length (tokens)", title_justify="left")
+    hist.add_column("tokens", justify="right")
+    hist.add_column("documents", justify="right")
+    hist.add_column("")
+    peak = max(c for _, _, c in buckets) or 1
+    for lo, hi, c in buckets:
+        hist.add_row(f"{lo:,} - {hi:,}", f"{c:,}", "[cyan]" + "█" * max(0, round(40 * c / peak)))
+    return [table, hist]
+
+
+def print_documents(prefix: str, tokenizer_model: str, tokenizer_type: str | None, n: int) -> None:
+    """The first ``n`` documents as text, each under a rule, verbatim (no wrapping: they are what the data hold)."""
+    from cookbook.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_model, tokenizer_type)
+    for i, text in enumerate(decode_documents(prefix, tok, n)):
+        out.rule(f"document {i}")
+        out.file.write(text if text.endswith("\n") else text + "\n")
+        out.file.flush()

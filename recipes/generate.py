@@ -99,3 +99,15 @@ def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     if cfg.output:
         write_text_atomic(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records
+
+
+def print_record(record: dict) -> None:
+    """One generation as ``cookbook generate`` prints it when it finishes: a rule titled by the prompt, then the
+    prompt and its continuation verbatim."""
+    from rich.markup import escape
+
+    from cookbook.progress import out
+
+    out.rule(escape(record["prompt"][:60]))
+    out.file.write(record["prompt"] + record["text"] + "\n")
+    out.file.flush()

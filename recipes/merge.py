@@ -81,3 +81,9 @@ def run(inputs: list[str], output_prefix: str) -> MergeSummary:
             writer.add_dataset(p)
     return MergeSummary(prefixes, out, writer.documents, writer.sequences, writer.tokens, dtype.name)
 
+
+def render(s: MergeSummary) -> str:
+    """What ``cookbook merge`` prints: one line."""
+    datasets = f"{len(s.prefixes)} dataset{'s' if len(s.prefixes) != 1 else ''}"
+    return (f"[green]merged[/green] {datasets} into {s.output_prefix}.bin/.idx: "
+            f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})")

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
+from rich.table import Table
 
 from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
 from cookbook.data.sources import Input, Partition, check_inputs, expand, partition, read_partition
@@ -293,6 +295,35 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> PreprocessSummary:
         )
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def render(s: PreprocessSummary, cfg: PreprocessConfig) -> list:
+    """What ``cookbook preprocess`` prints: a table of the counts, then the first skipped lines."""
+    seconds = max(s.seconds, 1e-9)
+    rows = [
+        ("documents", f"{s.documents:,}"),
+        ("sequences", f"{s.sequences:,}"),
+        ("tokens", f"{s.tokens:,}"),
+        ("empty documents", f"{s.empty:,}"),
+        ("skipped lines", f"{s.skipped_rows:,}"),
+        ("input", f"{s.bytes / 1e6:,.1f} MB"),
+        ("time", f"{s.seconds:,.2f} s  ({s.documents / seconds:,.0f} docs/s, "
+                 f"{s.bytes / 1e6 / seconds:,.1f} MB/s, {s.tokens / seconds:,.0f} tokens/s)"),
+        ("tokenizer", s.tokenizer),
+    ]
+    if cfg.partitions > 1:
+        reused = f"{s.partitions_reused:,} reused from an earlier run"
+        rows.append(("partitions", f"{s.partitions_done:,} written, {reused}"))
+    rows += [(f"input {escape(name)}", f"{c.documents:,} documents, {c.skipped:,} skipped, {c.bytes / 1e6:,.1f} MB")
+             for name, c in s.inputs.items()]
+    rows += [(f"output ({key})", f"{prefix}.bin/.idx") for key, prefix in s.outputs.items()]
+    table = Table(title="preprocess", show_header=False, title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    skipped = [f"[yellow]skipped[/yellow] {escape(where)}" for where in s.skipped[:5]]
+    if s.skipped_rows > 5:
+        skipped.append(f"[yellow]... and {s.skipped_rows - 5:,} more skipped lines[/yellow]")
+    return [table, *skipped]
 
 
 def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:

@@ -29,7 +29,7 @@ from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
 from inference_distill.filters import FilterConfig
-from inference_distill.sampling import Completion, SamplingParams
+from cookbook.inference.sampling import Completion, SamplingParams
 
 # --------------------------------------------------------------------------- distill train
 
@@ -88,7 +88,7 @@ def _synthetic_prefix(opts: TrainOptions, save: str) -> str:
 
 def _dataset(prefix: str) -> str:
     """The indexed dataset preprocess writes for ``prefix`` (Megatron-LM's ``PREFIX_text_document``)."""
-    from recipes.preprocess import output_prefix
+    from cookbook.data.indexed import output_prefix
 
     return output_prefix(prefix, SYNTHETIC_KEY)
 
@@ -254,12 +254,12 @@ def prompt_tokenizer(opts: GenerateOptions):
     """The tokenizer prompts are measured and (for indexed data) decoded with: --tokenizer-model, else the
     teacher's own (a cookbook checkpoint's recorded tokenizer, a Hugging Face folder's tokenizer files)."""
     from cookbook.data.tokenizer import load_tokenizer
-    from inference_distill.local import teacher_tokenizer
+    from cookbook.inference.load import find_tokenizer
 
     if not opts.tokenizer_model and not opts.teacher:
         raise CookbookError("no tokenizer for the prompts: pass --tokenizer-model (the teacher's tokenizer; for an indexed "
                             "dataset, the one it was preprocessed with)")
-    return load_tokenizer(*teacher_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
+    return load_tokenizer(*find_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
 
 
 def _identity(opts: GenerateOptions, source, teacher: str) -> dict:
@@ -283,7 +283,7 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     from inference_distill.prompts import PromptSource
     from inference_distill.shards import ShardWriter
 
-    from inference_distill.local import model_format
+    from cookbook.inference.load import model_format
 
     teacher = opts.served_model_name if opts.backend == "openai" else opts.teacher
     check_backend(opts.backend, teacher, opts.endpoints)

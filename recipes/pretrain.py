@@ -133,7 +133,7 @@ def dry_run(config_file: str | Path | None, overrides: dict[str, dict], world_si
     from cookbook.data.indexed import bin_path, idx_path
     from cookbook.data.loader import parse_data_path
     from cookbook.engine.trainer import check_layout
-    from recipes.plan import GPUS, estimate
+    from cookbook.engine.plan import GPUS, estimate
 
     job, ckpt = resolve(config_file, overrides, here=False)
     dims = job.parallel.resolve(world_size)

@@ -3,7 +3,7 @@
     1. check everything that can be checked without weights: the target shape against the source (and tensor
        parallel), the importance methods, calibration and eval data (their token ids against the vocabulary),
        the healing job's config, the --save folder
-    2. load the source (a save of any parallel layout: ``checkpoint.load_model`` gives a plain model)
+    2. load the source (a save of any parallel layout: ``cookbook.inference.load.load_model`` gives a plain model)
     3. perplexity on --eval-data before
     4. score: one forward pass over the calibration samples with hooks (activation importance, block influence),
        or weights only (magnitude), or a seeded draw (random); layers by block influence, by loss on removal, or
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from cookbook.data.indexed import dataset_prefix
 from cookbook.engine import checkpoint
 from cookbook.engine.config import build_config, merge, read_toml
 from cookbook.errors import CookbookError
@@ -113,7 +114,7 @@ def _check_options(opts: PruneOptions, sections: dict, src: ModelConfig, target:
 def _eval_streams(opts: PruneOptions, src_sections: dict, sections: dict, vocab_size: int) -> dict[str, torch.Tensor]:
     """Every --eval-data source as a token stream: an indexed dataset's tokens, or a jsonl file tokenized with the
     model's tokenizer, each document ending with EOD (as ``preprocess --append-eod`` writes it)."""
-    from recipes.eval import file_stream, indexed_stream
+    from cookbook.inference.perplexity import file_stream, indexed_stream
 
     streams = {}
     for source in opts.eval_data:
@@ -181,7 +182,7 @@ def _precision(model, dtype: str):
 
 
 def _perplexity(model, streams: dict[str, torch.Tensor], seq_length: int, batch_size: int, dtype: str) -> dict[str, float]:
-    from recipes.eval import evaluate
+    from cookbook.inference.perplexity import evaluate
 
     if not streams:
         return {}
@@ -260,7 +261,7 @@ def _write_report(save: Path, report: dict) -> Path:
 
 def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
-    from cookbook.engine.checkpoint import load_model
+    from cookbook.inference.load import load_model
     from cookbook.engine.distributed import pick_device
     from cookbook.engine.precision import announce, choose_dtype
     from pruner.calib import calibration_samples
@@ -383,7 +384,7 @@ def dry_run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict
     _check_options(opts, sections, src, target)
     seq = sections.get("data", {}).get("seq_length") or src.max_seq_len
     if opts.calib_data:
-        prefix = opts.calib_data[:-4] if opts.calib_data.endswith((".bin", ".idx")) else opts.calib_data
+        prefix = dataset_prefix(opts.calib_data)
         if Path(prefix + ".idx").is_file():
             calibration_samples(prefix, opts.calib_samples, opts.calib_seq_length or seq, src.vocab_size)
         else:

@@ -606,7 +606,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     dump_dir: Annotated[Optional[str], typer.Option(help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey; with --tasks, lm-eval's DUMP_DIR/MODEL/results_*.json).")] = None,
-    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="lm-evaluation-harness tasks (comma-separate or repeat), run in this process; needs pip install 'cookbook[eval]'.", rich_help_panel="Tasks")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="lm-evaluation-harness tasks (comma-separate or repeat), run in this process; needs pip install 'cookbook\\[eval]'.", rich_help_panel="Tasks")] = None,
     include_path: Annotated[Optional[list[str]], typer.Option("--include-path", help="Folders of task YAMLs over local data (nothing is downloaded).", rich_help_panel="Tasks")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per prompt (default: each task's own).", rich_help_panel="Tasks")] = None,
     limit: Annotated[Optional[float], typer.Option(help="Documents per task at most (a fraction when below 1).", rich_help_panel="Tasks")] = None,

@@ -622,3 +622,9 @@ def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.in
         out[ends[last] - 1] = tok.eod
         flat, seq_lengths = out, new_lengths
     return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Megatron-LM's padding of a tokenizer's vocabulary: the next multiple of ``divisible_by x tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple

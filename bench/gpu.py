@@ -207,7 +207,7 @@ def plan_estimate(cfg, shape: Shape, device) -> float:
     """``cookbook plan``'s memory per GPU for one GPU, micro batch = global batch, no recompute."""
     import torch
 
-    from recipes.plan import GPUS, estimate
+    from cookbook.engine.plan import GPUS, estimate
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     gpu = GPUS["H200"] if "H200" in name else GPUS["H100-80GB"]

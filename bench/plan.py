@@ -6,7 +6,7 @@ above it lies depends on which CPU kernels run and the workspaces they take, so 
     python bench/plan.py            # planned / measured peak, per recompute mode and vocabulary, bf16, CPU
 
 Measured: forward + backward of a bf16 model (4 layers, hidden 128, GQA 4/2, seq 256, micro batch 2) under the
-profiler's allocation events, less its bf16 gradients; planned: ``recipes.plan.estimate``'s activations.
+profiler's allocation events, less its bf16 gradients; planned: ``cookbook.engine.plan.estimate``'s activations.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cookbook.engine.metrics import activation_memory
 from cookbook.engine.recompute import apply_activation_checkpointing
 from cookbook.engine.trainer import next_token_loss
 from cookbook.model import ModelConfig, Transformer
-from recipes.plan import GIB, GPUS, estimate
+from cookbook.engine.plan import GIB, GPUS, estimate
 
 
 def main() -> None:

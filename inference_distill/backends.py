@@ -46,7 +46,8 @@ from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 from cookbook.errors import CookbookError
-from inference_distill.sampling import Backend, Completion, Progress, SamplingParams, cut_at_stop
+from inference_distill.sampling import Backend
+from cookbook.inference.sampling import Completion, Progress, SamplingParams, cut_at_stop
 
 BACKENDS = ("cookbook", "openai", "vllm")
 VLLM_MISSING = ("vLLM is not installed; pip install 'cookbook[vllm]' (needs CUDA) or use --backend openai against a "

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from cookbook.errors import CookbookError
-from inference_distill.sampling import Completion
+from cookbook.inference.sampling import Completion
 
 REASONS = ("short", "repetitive", "duplicate")
 

@@ -1,7 +1,5 @@
 """The ``cookbook`` backend: our generator (``cookbook.inference``) on a cookbook or Hugging Face checkpoint, in this
-process, behind the ``Backend`` interface. ``load_teacher``, ``teacher_tokenizer`` and ``LocalGenerator`` live in
-``cookbook.inference`` and are re-exported here under their old names.
-"""
+process, behind the ``Backend`` interface."""
 
 from __future__ import annotations
 
@@ -11,10 +9,9 @@ import torch
 
 from cookbook.errors import CookbookError
 from cookbook.inference.generator import LocalGenerator
-from cookbook.inference.load import find_tokenizer as teacher_tokenizer, load_model_and_tokenizer as load_teacher
-from inference_distill.sampling import Completion, Progress, SamplingParams
+from cookbook.inference.sampling import Completion, Progress, SamplingParams
 
-__all__ = ["CookbookBackend", "LocalGenerator", "load_teacher", "teacher_tokenizer"]
+__all__ = ["CookbookBackend"]
 
 
 # --------------------------------------------------------------------------- the Backend

@@ -1,5 +1,5 @@
-"""What every generation backend shares: the sampling parameters and one completion (both in
-``cookbook.inference.sampling``, re-exported here), and the backend interface.
+"""The interface every generation backend implements (its sampling parameters and completions are
+``cookbook.inference.sampling``'s).
 
 Names follow OpenAI's completions API (``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``,
 ``frequency_penalty``, ``presence_penalty``) plus vLLM's extensions (``top_k``, ``repetition_penalty``), so the
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cookbook.inference.sampling import Completion, Progress, SamplingParams, cut_at_stop
+from cookbook.inference.sampling import Completion, Progress, SamplingParams
 
-__all__ = ["Backend", "Completion", "Progress", "SamplingParams", "cut_at_stop"]
+__all__ = ["Backend"]
 
 
 class Backend(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cookbook.data.indexed import IndexedDataset
+from cookbook.data.indexed import IndexedDataset, dataset_prefix
 from cookbook.errors import CookbookError
 
 
@@ -16,7 +16,7 @@ def calibration_samples(prefix: str, samples: int, seq_length: int, vocab_size: 
         raise CookbookError(f"--calib-samples must be a positive number of samples, not {samples!r}")
     if not isinstance(seq_length, int) or seq_length < 1:
         raise CookbookError(f"--calib-seq-length must be a positive number of tokens, not {seq_length!r}")
-    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    prefix = dataset_prefix(prefix)
     try:
         dataset = IndexedDataset(prefix)
     except CookbookError as e:

@@ -1,5 +1,5 @@
 """Writing a pruned model as a normal cookbook save (what ``cookbook pretrain --load X --finetune``, ``cookbook eval``,
-``cookbook convert`` and ``checkpoint.load_model`` read):
+``cookbook convert`` and ``cookbook.inference.load.load_model`` read):
 
     SAVE/
       latest                  "step_000000"

@@ -16,6 +16,7 @@ a fixed block of prompts, so there are no duplicates or gaps), and training cont
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,13 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cookbook.data.loader import parse_data_path
-from cookbook.engine import checkpoint
-from cookbook.engine.config import merge, read_toml
+from cookbook.engine import job
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.progress import console
 from inference_distill.filters import FilterConfig
-from inference_distill.sampling import Completion, SamplingParams
+from cookbook.inference.sampling import Completion, SamplingParams
 
 # --------------------------------------------------------------------------- distill train
 
@@ -88,13 +88,22 @@ def _synthetic_prefix(opts: TrainOptions, save: str) -> str:
 
 def _dataset(prefix: str) -> str:
     """The indexed dataset preprocess writes for ``prefix`` (Megatron-LM's ``PREFIX_text_document``)."""
-    from recipes.preprocess import output_prefix
+    from cookbook.data.indexed import output_prefix
 
     return output_prefix(prefix, SYNTHETIC_KEY)
 
 
 def _stamp(files: list[Path], tokenizer: str, tokenizer_type: str | None) -> dict:
-    return {"tokenizer_model": str(Path(tokenizer).resolve()), "tokenizer_type": tokenizer_type,
+    """What the tokenized synthetic data were made from: the inputs, and the tokenizer by its content (a continued
+    run reads the same tokenizer from the copy inside its own save)."""
+    import hashlib
+
+    from cookbook.formats.stream import tokenizer_files
+
+    digest = hashlib.sha256()
+    for name, path in sorted(tokenizer_files(Path(tokenizer)).items()):
+        digest.update(name.encode() + b"\0" + path.read_bytes())
+    return {"tokenizer": digest.hexdigest(), "tokenizer_type": tokenizer_type,
             "inputs": [[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
 
 
@@ -107,7 +116,7 @@ def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer
     stamp_path = Path(dataset + ".inputs.json")
     stamp = _stamp(files, tokenizer, tokenizer_type)
     current = lambda: stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp  # noqa: E731
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not job.main_process():
         deadline = time.monotonic() + opts.wait_seconds
         while not current():
             if time.monotonic() > deadline:
@@ -125,92 +134,42 @@ def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer
     return dataset
 
 
-def _student(sections: dict) -> tuple[Path | None, dict]:
-    """The student's checkpoint (None when it is not here) and its recorded config sections."""
-    load = sections.get("checkpoint", {}).get("load")
-    if not load:
+def train_job(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions, here: bool = True) -> job.Job:
+    """The student's training job: ``--load``'s weights (the run in --save when the same command runs again) on the
+    synthetic data, blended with --data-path. Where the student is not here (a dry run), --preset stands in."""
+    ck = job.read_sections(config_file, flags).get("checkpoint", {})
+    if not ck.get("save"):
+        raise CookbookError("cookbook distill train needs --save: the folder for the distilled student")
+    if not ck.get("load"):
         raise CookbookError("cookbook distill train needs --load: the student checkpoint to continue training")
-    ckpt = checkpoint.find_checkpoint(load)
-    return ckpt, (checkpoint.read_config(ckpt) if ckpt is not None else {})
+    j = job.resolve(config_file, flags, continue_in_save="the distillation", here=here)
+    dataset = _dataset(_synthetic_prefix(opts, ck["save"]))
+    data_path = blend(j.sections.get("data", {}).get("data_path") or [], dataset, opts.synthetic_weight)
+    return j.replace(dataclasses.replace(j.config, data=dataclasses.replace(j.config.data, data_path=data_path)))
 
 
-def _tokenizer(sections: dict, saved: dict) -> tuple[str, str | None]:
-    data = sections.get("data", {})
-    path = data.get("tokenizer_model") or saved.get("data", {}).get("tokenizer_model")
-    kind = data.get("tokenizer_type") or saved.get("data", {}).get("tokenizer_type")
-    if not path:
-        raise CookbookError("the student checkpoint names no tokenizer; pass --tokenizer-model (the student's)")
-    return path, kind
-
-
-def _check_teacher(sections: dict, tokenizer: str, tokenizer_type: str | None) -> None:
-    """A --kd-teacher with another tokenizer fails before any tokenizing (the Trainer checks it again)."""
-    from cookbook.engine.config import DataConfig
-    from cookbook.engine.trainer import check_same_tokenizer
-
-    teacher = sections.get("training", {}).get("kd_teacher")
-    ckpt = checkpoint.find_checkpoint(teacher) if teacher else None
-    if ckpt is not None:
-        check_same_tokenizer(checkpoint.read_config(ckpt).get("data", {}),
-                             DataConfig(tokenizer_model=tokenizer, tokenizer_type=tokenizer_type), teacher)
-
-
-def train(config_file: str | Path | None, overrides: dict[str, dict], opts: TrainOptions) -> dict:
+def train(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions) -> dict:
     """Tokenize the synthetic shards with the student's tokenizer and continue training the student on them."""
-    from recipes.pretrain import run as pretrain
-
     if not opts.synthetic:
         raise CookbookError("cookbook distill train needs --synthetic: the output folder(s) of cookbook distill generate")
-    sections = merge(read_toml(config_file) if config_file else {}, overrides)
-    ckpt_flags = overrides.setdefault("checkpoint", {})
-    save = sections.get("checkpoint", {}).get("save")
-    if not save:
-        raise CookbookError("cookbook distill train needs --save: the folder for the distilled student")
-    ckpt, saved = _student(sections)
-    if ckpt is None:
-        raise CookbookError(f"--load {ckpt_flags.get('load')} holds no checkpoint (no 'latest' file and no step_* save)")
-    tokenizer, tokenizer_type = _tokenizer(sections, saved)
-    _check_teacher(sections, tokenizer, tokenizer_type)
+    j = train_job(config_file, flags, opts)
+    data = j.config.data
+    if not data.tokenizer_model:
+        raise CookbookError("the student checkpoint names no tokenizer; pass --tokenizer-model (the student's)")
+    if j.config.training.kd_teacher:  # another tokenizer fails before any tokenizing (the Trainer checks it again)
+        from cookbook.engine.trainer import find_teacher
+
+        find_teacher(j.config)
     files = synthetic_files(opts.synthetic)
-    prefix = _synthetic_prefix(opts, save)
-    data_path = blend(sections.get("data", {}).get("data_path") or [], _dataset(prefix), opts.synthetic_weight)
-    tokenize_synthetic(files, prefix, tokenizer, tokenizer_type, opts)
-    overrides.setdefault("data", {})["data_path"] = data_path
-    _continue_or_start(overrides, Path(save))
-    return pretrain(config_file, overrides)
+    tokenize_synthetic(files, _synthetic_prefix(opts, j.config.checkpoint.save), data.tokenizer_model,
+                       data.tokenizer_type, opts)
+    return job.run(j)
 
 
-def _continue_or_start(overrides: dict[str, dict], save: Path) -> None:
-    """The same command again continues the run in ``save``; the first time, training starts from the student's
-    weights with a fresh optimizer (``--finetune``)."""
-    ckpt_flags = overrides.setdefault("checkpoint", {})
-    if (save / "latest").is_file() and checkpoint.find_checkpoint(save) is not None:
-        ckpt_flags.update(load=str(save), finetune=False)
-        if int(os.environ.get("RANK", 0)) == 0:
-            console.print(f"continuing the distillation saved in {save}")
-    else:
-        ckpt_flags["finetune"] = True
-
-
-def train_dry_run(config_file: str | Path | None, overrides: dict[str, dict], opts: TrainOptions, world_size: int, gpu: str) -> None:
+def train_dry_run(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions, world_size: int, gpu: str) -> None:
     """Check a distill train job for ``world_size`` processes without devices; ``--preset`` stands in for a
     student checkpoint that is not on this machine, and synthetic data need not be here yet."""
-    from recipes.pretrain import dry_run as check
-
-    sections = merge(read_toml(config_file) if config_file else {}, overrides)
-    save = sections.get("checkpoint", {}).get("save")
-    if not save:
-        raise CookbookError("cookbook distill train needs --save: the folder for the distilled student")
-    ckpt, _ = _student(sections)
-    if ckpt is None:
-        if not sections.get("model", {}).get("preset"):
-            raise CookbookError(f"--load {sections['checkpoint']['load']} holds no checkpoint here; give --preset for the student's model to check the job without it")
-        console.print(f"[yellow]--load {sections['checkpoint']['load']} is not here (needed where the job runs): checking with preset {sections['model']['preset']}[/yellow]")
-        for key in ("load", "finetune"):
-            overrides.get("checkpoint", {}).pop(key, None)
-    dataset = _dataset(_synthetic_prefix(opts, save))
-    overrides.setdefault("data", {})["data_path"] = blend(sections.get("data", {}).get("data_path") or [], dataset, opts.synthetic_weight)
-    check(config_file, overrides, world_size, gpu)
+    job.dry_run(train_job(config_file, flags, opts, here=False), world_size, gpu)
 
 
 # --------------------------------------------------------------------------- distill generate
@@ -254,12 +213,12 @@ def prompt_tokenizer(opts: GenerateOptions):
     """The tokenizer prompts are measured and (for indexed data) decoded with: --tokenizer-model, else the
     teacher's own (a cookbook checkpoint's recorded tokenizer, a Hugging Face folder's tokenizer files)."""
     from cookbook.data.tokenizer import load_tokenizer
-    from inference_distill.local import teacher_tokenizer
+    from cookbook.inference.load import find_tokenizer
 
     if not opts.tokenizer_model and not opts.teacher:
         raise CookbookError("no tokenizer for the prompts: pass --tokenizer-model (the teacher's tokenizer; for an indexed "
                             "dataset, the one it was preprocessed with)")
-    return load_tokenizer(*teacher_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
+    return load_tokenizer(*find_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
 
 
 def _identity(opts: GenerateOptions, source, teacher: str) -> dict:
@@ -283,7 +242,7 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     from inference_distill.prompts import PromptSource
     from inference_distill.shards import ShardWriter
 
-    from inference_distill.local import model_format
+    from cookbook.inference.load import model_format
 
     teacher = opts.served_model_name if opts.backend == "openai" else opts.teacher
     check_backend(opts.backend, teacher, opts.endpoints)

@@ -20,15 +20,16 @@ checkpoint rule applies. Run the same command again after an interruption and it
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from cookbook.engine import checkpoint
-from cookbook.engine.config import merge, read_toml
+from cookbook.engine import checkpoint, job
+from cookbook.engine.config import JobConfig
 from cookbook.errors import CookbookError
+from cookbook.inference.load import model_format
 from cookbook.progress import console
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -92,10 +93,10 @@ def plan_extension(model: dict, rope_type: str, factor: float, seq_length: int |
     return Extension(scaling, max_seq_len, seq_length, original, current, note)
 
 
-def apply_extension(overrides: dict[str, dict], ext: Extension) -> None:
-    """The scaled model fields and training length into the job's overrides (as ``cookbook pretrain`` flags would)."""
-    overrides.setdefault("model", {}).update(rope_scaling=ext.rope_scaling, max_seq_len=ext.max_seq_len)
-    overrides.setdefault("data", {})["seq_length"] = ext.seq_length
+def extended(config: JobConfig, ext: Extension) -> JobConfig:
+    """The job at the new length: the scaled RoPE and context, and samples of the new length."""
+    return dataclasses.replace(config, model=config.model.replace(rope_scaling=ext.rope_scaling, max_seq_len=ext.max_seq_len),
+                               data=dataclasses.replace(config.data, seq_length=ext.seq_length))
 
 
 def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
@@ -115,66 +116,57 @@ def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
     return checkpoint.commit_save(tmp, final)
 
 
-def dry_run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: str, interp_factor: float | None,
+def extension_job(config_file, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
+                  here: bool = True) -> tuple[job.Job, Extension]:
+    """The training job of an extension, and the extension. The scaling is planned from --load's model (the same
+    whether the run starts or continues in --save); where --load is not here (a dry run), --preset stands in."""
+    _need_factor(interp_factor)
+    if not job.read_sections(config_file, flags).get("checkpoint", {}).get("load"):
+        raise CookbookError("cookbook extend needs --load: the checkpoint whose context to extend")
+    j = job.resolve(config_file, flags, continue_in_save="the extension", here=here)
+    model = j.source["model"] if j.source else j.config.model.to_dict()
+    ext = plan_extension(model, rope_type, interp_factor, j.sections.get("data", {}).get("seq_length"))
+    return j.replace(extended(j.config, ext)), ext
+
+
+def dry_run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
             world_size: int, gpu: str) -> None:
     """Validate an extension job for ``world_size`` processes without devices (``cookbook pretrain --dry-run``'s
-    checks and estimate at the new length). Where the checkpoint is not on this machine, ``--preset`` stands in
-    for its model."""
-    from cookbook.model.config import preset
-    from recipes.pretrain import dry_run as check
-
-    sections = merge(read_toml(config_file) if config_file else {}, overrides)
-    load = sections.get("checkpoint", {}).get("load")
-    source = checkpoint.find_checkpoint(load) if load else None
-    if source is not None:
-        model = checkpoint.read_config(source)["model"]
-    elif sections.get("model", {}).get("preset"):
-        model = asdict(preset(sections["model"]["preset"]))
-        console.print(f"[yellow]--load {load} is not here (needed where the job runs): checking with preset {sections['model']['preset']}[/yellow]")
-        for key in ("load", "finetune"):
-            overrides.get("checkpoint", {}).pop(key, None)
-    else:
-        raise CookbookError(f"--load {load} holds no checkpoint here; give --preset for its model to check the job without it")
-    ext = _plan(model, sections, rope_type, interp_factor)
-    apply_extension(overrides, ext)
-    check(config_file, overrides, world_size, gpu)
+    checks and estimate at the new length)."""
+    j, _ = extension_job(config_file, flags, rope_type, interp_factor, here=False)
+    job.dry_run(j, world_size, gpu)
 
 
-def _plan(model: dict, sections: dict, rope_type: str, interp_factor: float | None) -> Extension:
-    if interp_factor is None:
-        raise CookbookError("cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)")
-    return plan_extension(model, rope_type, interp_factor, sections.get("data", {}).get("seq_length"))
-
-
-def run(config_file: str | Path | None, overrides: dict[str, dict], rope_type: str, interp_factor: float | None,
+def run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
         no_train: bool = False) -> dict:
-    from recipes.pretrain import run as train
-
-    ckpt_flags = overrides.setdefault("checkpoint", {})
-    if not ckpt_flags.get("load"):
+    sections = job.read_sections(config_file, flags)
+    load, save = sections.get("checkpoint", {}).get("load"), sections.get("checkpoint", {}).get("save")
+    if not load:
         raise CookbookError("cookbook extend needs --load: the checkpoint whose context to extend")
-    if not ckpt_flags.get("save"):
+    if not save:
         raise CookbookError("cookbook extend needs --save: the folder for the extended model")
-    load, save = Path(ckpt_flags["load"]), Path(ckpt_flags["save"])
-    source = checkpoint.find_checkpoint(load)
-    if source is None:
-        raise CookbookError(f"--load {load} holds no checkpoint (no 'latest' file and no step_* save)")
-    sections = merge(read_toml(config_file) if config_file else {}, overrides)
-    ext = _plan(checkpoint.read_config(source)["model"], sections, rope_type, interp_factor)
-    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank gets here: one says it
-    if main and ext.note:
-        console.print(f"[yellow]{ext.note}[/yellow]")
-    if main:
-        console.print(f"RoPE scaling {json.dumps(ext.rope_scaling)}, context {ext.current} -> {ext.seq_length}")
+    _need_factor(interp_factor)
     if no_train:
-        path = write_scaled(source, save, ext)
+        model_format(load)  # a missing or wrong --load is named first
+        source = checkpoint.find_checkpoint(load) or job.convert_hf(Path(load), Path(save) / job.HF_SOURCE)
+        ext = plan_extension(checkpoint.read_config(source)["model"], rope_type, interp_factor,
+                             sections.get("data", {}).get("seq_length"))
+        _announce(ext)
+        path = write_scaled(source, Path(save), ext)
         console.print(f"[green]wrote[/green] {path} (weights unchanged, config scaled; no training)")
         return {}
-    apply_extension(overrides, ext)
-    if checkpoint.find_checkpoint(save) is not None and (save / "latest").is_file():
-        ckpt_flags.update(load=str(save), finetune=False)  # the same command again: continue this extension
-        if main:
-            console.print(f"continuing the extension saved in {save}")
-    else:
-        ckpt_flags["finetune"] = True  # a new run from the checkpoint's weights: fresh optimizer, step 0
-    return train(config_file, overrides)
+    j, ext = extension_job(config_file, flags, rope_type, interp_factor)
+    _announce(ext)
+    return job.run(j)
+
+
+def _need_factor(interp_factor: float | None) -> None:
+    if interp_factor is None:
+        raise CookbookError("cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)")
+
+
+def _announce(ext: Extension) -> None:
+    if job.main_process():  # under torchrun every rank gets here: one says it
+        if ext.note:
+            console.print(f"[yellow]{ext.note}[/yellow]")
+        console.print(f"RoPE scaling {json.dumps(ext.rope_scaling)}, context {ext.current} -> {ext.seq_length}")

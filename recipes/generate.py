@@ -1,8 +1,5 @@
-"""``cookbook generate``: sample continuations of prompts from a checkpoint.
-
-The generation core lives in ``cookbook.inference`` (the engine, the sampler, ``generate``); its names are
-re-exported here for the code that imported them from this module.
-"""
+"""``cookbook generate``: sample continuations of prompts from a checkpoint (the generation core is
+``cookbook.inference``'s)."""
 
 from __future__ import annotations
 
@@ -13,16 +10,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cookbook.errors import CookbookError
-from cookbook.inference.generator import generate
-from cookbook.inference.sampling import SamplingParams, apply_penalties, filter_logits
-
-__all__ = ["GenerateConfig", "apply_penalties", "check_sampling", "filter_logits", "generate", "read_prompts", "run"]
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float = 1.0) -> None:
-    """A CookbookError for bad sampling settings: ``SamplingParams.check``, the one place they are checked."""
-    SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-                   repetition_penalty=repetition_penalty).check()
+from cookbook.inference.sampling import SamplingParams
 
 
 # --------------------------------------------------------------------------- the command

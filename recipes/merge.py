@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, dataset_prefixes
+from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, dataset_prefix, dataset_prefixes, part_name
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable
 
@@ -34,7 +34,7 @@ def resolve_prefixes(inputs: list[str], output_prefix: str | None = None) -> lis
         return prefixes
     prefixes = []
     for item in inputs:
-        prefix = item[:-4] if item.endswith((".bin", ".idx")) else item
+        prefix = dataset_prefix(item)
         if Path(prefix).is_dir():
             raise CookbookError(f"{prefix} is a folder; give either one folder or a list of dataset prefixes")
         prefixes.append(prefix)
@@ -48,7 +48,6 @@ def _check_partitions(folder: Path) -> None:
     plan = folder / "plan.json"
     if not plan.is_file():
         return
-    from recipes.preprocess import part_name
 
     n = json.loads(plan.read_text(encoding="utf-8"))["partitions"]
     missing = [i for i in range(n) if not (folder / f"{part_name(i, n)}.json").is_file()]

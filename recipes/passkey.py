@@ -65,7 +65,7 @@ def read_answer(text: str) -> str:
 def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5, digits: int = 5,
                  seed: int = 0, batch_size: int = 8) -> list[PasskeyTrial]:
     """Greedy retrieval of ``trials`` random keys at every (length, depth)."""
-    from recipes.generate import generate
+    from cookbook.inference.generator import generate
 
     if trials < 1 or digits < 1:
         raise CookbookError(f"--passkey-trials {trials} and --passkey-digits {digits} must be at least 1")

@@ -28,13 +28,12 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from cookbook.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
+from cookbook.data.indexed import IndexedDatasetWriter, bin_path, idx_path, optimal_dtype, output_prefix, part_name
 from cookbook.data.sources import Input, Partition, check_inputs, expand, partition, read_partition
-from cookbook.data.tokenizer import Tokenizer, load_tokenizer, scatter
+from cookbook.data.tokenizer import Tokenizer, encode_documents, load_tokenizer
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable, write_text_atomic
 from cookbook.progress import rate_progress
@@ -94,41 +93,6 @@ class PreprocessSummary:
             mine.documents, mine.skipped, mine.bytes = mine.documents + c.documents, mine.skipped + c.skipped, mine.bytes + c.bytes
 
 
-def output_prefix(prefix: str, key: str) -> str:
-    """Megatron-LM's naming: ``{prefix}_{key}_document``."""
-    return f"{prefix}_{key}_document"
-
-
-def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.int64, special: list[int] | None = None):
-    """Tokenize documents as Megatron-LM does -> (flat ids in ``dtype``, sequence lengths, sequences per document).
-
-    A value is a string (one sequence) or a list of strings (one sequence per string). Empty
-    sequences are dropped; with ``append_eod`` the EOD goes after each non-empty document's last
-    sequence. ``special``: ``tok.special_texts(values)``, if already known (all values strings).
-    """
-    if append_eod and tok.eod is None:
-        raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
-    n_docs = len(values)
-    if all(type(v) is str for v in values):  # one sequence per document: the EOD is appended with the ids
-        flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype, special=special)
-        keep = lengths > 0
-        return flat, lengths[keep], keep.astype(np.int64)
-    texts = [s for v in values for s in ([v] if isinstance(v, str) else v)]
-    sentence_doc = np.repeat(np.arange(n_docs), [1 if isinstance(v, str) else len(v) for v in values])
-    flat, lengths = tok.encode_batch(texts, dtype=dtype)
-    keep = lengths > 0
-    seq_lengths, seq_doc = lengths[keep], sentence_doc[keep]
-    if append_eod and len(seq_lengths):
-        last = np.append(seq_doc[1:] != seq_doc[:-1], True)
-        new_lengths = seq_lengths + last
-        ends = np.cumsum(new_lengths)
-        out = np.empty(int(ends[-1]), dtype=flat.dtype)
-        scatter(out, flat, seq_lengths, ends - new_lengths)
-        out[ends[last] - 1] = tok.eod
-        flat, seq_lengths = out, new_lengths
-    return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
-
-
 HANDOFF = {"main thread waited": 0.0, "reader thread waited": 0.0}  # seconds, summed over runs (bench --profile)
 
 
@@ -175,10 +139,6 @@ def _prefetch(iterator, depth: int = 2):
 def parts_folder(prefix: str) -> Path:
     """Where ``--partitions`` writes a dataset's partitions: ``PREFIX.parts/``."""
     return Path(f"{prefix}.parts")
-
-
-def part_name(index: int, count: int) -> str:
-    return f"{index:05d}-of-{count:05d}"
 
 
 def _check(cfg: PreprocessConfig) -> None:

@@ -3,7 +3,7 @@
     1. check everything that can be checked without weights: the target shape against the source (and tensor
        parallel), the importance methods, calibration and eval data (their token ids against the vocabulary),
        the healing job's config, the --save folder
-    2. load the source (a save of any parallel layout: ``checkpoint.load_model`` gives a plain model)
+    2. load the source (a save of any parallel layout: ``cookbook.inference.load.load_model`` gives a plain model)
     3. perplexity on --eval-data before
     4. score: one forward pass over the calibration samples with hooks (activation importance, block influence),
        or weights only (magnitude), or a seeded draw (random); layers by block influence, by loss on removal, or
@@ -25,7 +25,7 @@ Pruning runs in one process (one GPU or the CPU). To heal on many GPUs, prune wi
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import json
 import math
 import os
@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from cookbook.engine import checkpoint
-from cookbook.engine.config import build_config, merge, read_toml
+from cookbook.data.indexed import dataset_prefix
+from cookbook.engine import checkpoint, job
+from cookbook.engine.config import build_config
+from cookbook.inference.load import model_sections
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.model.config import ModelConfig
@@ -81,10 +83,6 @@ class PruneOptions:
 # --------------------------------------------------------------------------- checks before any work
 
 
-def _sections(config_file, overrides) -> dict[str, dict]:
-    return merge(read_toml(config_file) if config_file else {}, overrides)
-
-
 def _prunes_width(src: ModelConfig, target: ModelConfig) -> bool:
     return _shape(src) | {"num_layers": 0} != _shape(target) | {"num_layers": 0}
 
@@ -113,7 +111,7 @@ def _check_options(opts: PruneOptions, sections: dict, src: ModelConfig, target:
 def _eval_streams(opts: PruneOptions, src_sections: dict, sections: dict, vocab_size: int) -> dict[str, torch.Tensor]:
     """Every --eval-data source as a token stream: an indexed dataset's tokens, or a jsonl file tokenized with the
     model's tokenizer, each document ending with EOD (as ``preprocess --append-eod`` writes it)."""
-    from recipes.eval import file_stream, indexed_stream
+    from cookbook.inference.perplexity import file_stream, indexed_stream
 
     streams = {}
     for source in opts.eval_data:
@@ -139,36 +137,28 @@ def _eval_streams(opts: PruneOptions, src_sections: dict, sections: dict, vocab_
     return streams
 
 
-def _heal_overrides(overrides: dict, opts: PruneOptions, source: Path, load: Path, save: Path, finetune: bool) -> dict:
-    """``cookbook pretrain`` overrides of the healing run: the pruned weights, the unpruned model as teacher."""
-    heal = copy.deepcopy(overrides)
-    heal["model"] = {k: v for k, v in heal.get("model", {}).items() if k != "preset"}  # the shape is the checkpoint's
-    heal.setdefault("checkpoint", {}).update(load=str(load), save=str(save), finetune=finetune)
-    training = heal.setdefault("training", {})
-    training["train_iters"] = opts.heal_steps
-    if opts.kd and not training.get("kd_teacher"):
-        training["kd_teacher"] = str(source)
-    return heal
+def heal_job(config_file, flags: dict, opts: PruneOptions, teacher: str, save: Path, stand_in: ModelConfig | None = None) -> job.Job:
+    """The healing run: the pruned weights (``SAVE/pruned``; the run in SAVE when the same command runs again) trained
+    ``--heal-steps`` iterations, distilling from ``teacher`` (the unpruned model) unless --no-kd, or --kd-teacher
+    names another. ``stand_in``: the pruned model's config, to check the job before the pruned weights exist."""
+    heal = {**flags, "model": {k: v for k, v in flags.get("model", {}).items() if k != "preset"},
+            "checkpoint": {**flags.get("checkpoint", {}), "load": str(save / PRUNED), "save": str(save)}}
+    j = job.resolve(config_file, heal, continue_in_save="the healing", stand_in=stand_in)
+    t = j.config.training
+    kd_teacher = t.kd_teacher or (teacher if opts.kd else None)
+    return j.replace(dataclasses.replace(j.config, training=dataclasses.replace(t, train_iters=opts.heal_steps, kd_teacher=kd_teacher)))
 
 
-def _check_heal(config_file, overrides: dict, opts: PruneOptions, source: Path, target: ModelConfig) -> None:
-    """The healing job's config, built as it will be (with the pruned shape), so a bad flag fails now."""
+def _check_heal(config_file, flags: dict, opts: PruneOptions, source: str, save: Path, target: ModelConfig) -> None:
+    """The healing job built as it will be (with the pruned shape), so a bad flag fails before the prune."""
     from cookbook.data.loader import parse_data_path
     from cookbook.engine.trainer import check_layout
 
-    heal = _heal_overrides(overrides, opts, source, source, Path("unused"), True)
-    sections = _sections(config_file, heal)
-    sections["model"] = {**{k: v for k, v in target.to_dict().items() if v is not None},
-                         **{k: v for k, v in sections.get("model", {}).items() if k in ("rope_scaling", "max_seq_len")}}
-    sections["checkpoint"] = {k: v for k, v in sections.get("checkpoint", {}).items() if k not in ("load", "save", "finetune")}
-    if not sections.get("data", {}).get("data_path"):
+    if not job.read_sections(config_file, flags).get("data", {}).get("data_path"):
         raise CookbookError("--heal-steps trains the pruned model: pass --data-path PREFIX (the healing data)")
-    job = build_config(sections)
-    parse_data_path(job.data.data_path)
-    check_layout(job, job.parallel.resolve(1))
-    teacher = job.training.kd_teacher
-    if teacher and checkpoint.find_checkpoint(teacher) is None:
-        raise CookbookError(f"--kd-teacher {teacher} holds no cookbook checkpoint")
+    cfg = heal_job(config_file, flags, opts, source, save, stand_in=target).config
+    parse_data_path(cfg.data.data_path)
+    check_layout(cfg, cfg.parallel.resolve(1))
 
 
 # --------------------------------------------------------------------------- the work
@@ -181,7 +171,7 @@ def _precision(model, dtype: str):
 
 
 def _perplexity(model, streams: dict[str, torch.Tensor], seq_length: int, batch_size: int, dtype: str) -> dict[str, float]:
-    from recipes.eval import evaluate
+    from cookbook.inference.perplexity import evaluate
 
     if not streams:
         return {}
@@ -260,7 +250,7 @@ def _write_report(save: Path, report: dict) -> Path:
 
 def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
-    from cookbook.engine.checkpoint import load_model
+    from cookbook.inference.load import load_model, model_format
     from cookbook.engine.distributed import pick_device
     from cookbook.engine.precision import announce, choose_dtype
     from pruner.calib import calibration_samples
@@ -269,17 +259,16 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CookbookError("cookbook prune runs in one process; to heal on many GPUs, prune without --heal-steps, then "
                             "torchrun ... -m cookbook pretrain --load PRUNED --finetune --kd-teacher SOURCE")
-    sections = _sections(config_file, overrides)
+    sections = job.read_sections(config_file, overrides)
     ck = sections.get("checkpoint", {})
     if not ck.get("load"):
         raise CookbookError("cookbook prune needs --load: the checkpoint to prune")
     if not ck.get("save"):
         raise CookbookError("cookbook prune needs --save: the folder for the pruned model")
-    source = checkpoint.find_checkpoint(ck["load"])
-    if source is None:
-        raise CookbookError(f"--load {ck['load']} holds no checkpoint (no 'latest' file and no step_* save)")
+    form = model_format(ck["load"])  # a cookbook save or a Hugging Face folder; a missing one is named first
+    source = checkpoint.find_checkpoint(ck["load"]) if form == "cookbook" else Path(ck["load"])
     save = Path(ck["save"])
-    src_sections = checkpoint.read_config(source)
+    src_sections = model_sections(source)
     src = build_config({"model": src_sections["model"]}).model
     target = target_config(src, opts.spec, sections.get("parallel", {}).get("tp") or 1)
     _check_options(opts, sections, src, target)
@@ -289,7 +278,7 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     dtype, why = choose_dtype(asked, pick_device(device, 0))  # of the forwards; the weights stay fp32
     heal = opts.heal_steps > 0
     if heal:
-        _check_heal(config_file, overrides, opts, source, target)
+        _check_heal(config_file, overrides, opts, str(source), save, target)
     pruned_dir = save / PRUNED if heal else save
     settings = opts.settings(source, seed)
 
@@ -338,19 +327,15 @@ def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     else:
         console.print(f"reusing the pruned model in {pruned_dir} (same settings)")
 
-    if heal:
-        from recipes.pretrain import run as train
-
-        continuing = (save / "latest").is_file()
-        load = save if continuing else pruned_dir
-        if continuing:
-            console.print(f"continuing the healing saved in {save}")
-        train(config_file, _heal_overrides(overrides, opts, source, load, save, finetune=not continuing), "--heal-steps")
+    if heal:  # a Hugging Face source teaches as the cookbook save it converts to
+        teacher = source if form == "cookbook" else job.convert_hf(source, save / job.HF_SOURCE)
+        j = heal_job(config_file, overrides, opts, str(teacher), save)
+        job.run(j, "--heal-steps")
         healed, _ = load_model(save, device, "fp32")
         for name, value in _perplexity(healed, streams, eval_seq, opts.batch_size, dtype).items():
             report["perplexity"]["data"].setdefault(name, {})["healed"] = value
         report["healed_checkpoint"] = str(checkpoint.find_checkpoint(save))
-        report["heal"] = {"steps": opts.heal_steps, "kd_teacher": _heal_overrides(overrides, opts, source, load, save, True)["training"].get("kd_teacher")}
+        report["heal"] = {"steps": opts.heal_steps, "kd_teacher": j.config.training.kd_teacher}
         _write_report(save, report)
     return report
 
@@ -368,11 +353,11 @@ def dry_run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict
     Returns {"before": shape, "after": shape, "params": ...}."""
     from pruner.calib import calibration_samples
 
-    sections = _sections(config_file, overrides)
+    sections = job.read_sections(config_file, overrides)
     load = sections.get("checkpoint", {}).get("load")
-    source = checkpoint.find_checkpoint(load) if load else None
+    source = load if load and Path(load).exists() else None
     if source is not None:
-        src = build_config({"model": checkpoint.read_config(source)["model"]}).model
+        src = build_config({"model": model_sections(source)["model"]}).model
     elif sections.get("model", {}).get("preset"):
         src = build_config({"model": sections["model"]}).model
         where = f"--load {load} is not here" if load else "no --load"
@@ -383,7 +368,7 @@ def dry_run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict
     _check_options(opts, sections, src, target)
     seq = sections.get("data", {}).get("seq_length") or src.max_seq_len
     if opts.calib_data:
-        prefix = opts.calib_data[:-4] if opts.calib_data.endswith((".bin", ".idx")) else opts.calib_data
+        prefix = dataset_prefix(opts.calib_data)
         if Path(prefix + ".idx").is_file():
             calibration_samples(prefix, opts.calib_samples, opts.calib_seq_length or seq, src.vocab_size)
         else:

@@ -27,6 +27,7 @@ HEAL_STEPS=10                 # README: 100
 PROMPTS="--num-prompts 16"    # README: ""
 DISTILL_ITERS=10              # README: 100
 PORT=0                        # README: 8000
+FEWSHOT="1 --limit 8"         # README: 5
 RECIPES="$REPO/scripts"       # README: scripts
 
 mkdir -p "$OUT"
@@ -155,6 +156,30 @@ tour cookbook distill generate --teacher ckpt/big --prompts-from data/all --pref
 tour cookbook distill train --load ckpt/tiny --synthetic synth/ --data-path data/all --synthetic-weight 0.5 \
     --train-iters $DISTILL_ITERS --save ckpt/tiny-distilled
 tour_serve cookbook serve --load ckpt/big --port $PORT
+
+setup "tasks/: two local lm-evaluation-harness tasks over jsonl files (a multiple choice and a generation)"
+mkdir -p tasks
+python3 - <<'EOF_TASKS'
+import json, random
+rng = random.Random(0)
+words = "the a cat dog runs sleeps red blue house tree river stone eats jumps over under".split()
+say = lambda n: " ".join(rng.choice(words) for _ in range(n))
+mc = [{"question": say(6) + "?", "choices": [say(2), say(3), say(2)], "answer": rng.randrange(3)} for _ in range(16)]
+gen = [{"question": "Q: " + say(4) + "\nA:", "answer": " " + say(1)} for _ in range(16)]
+for name, rows in (("mc", mc), ("gen", gen)):
+    open(f"tasks/{name}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: tasks/{}.jsonl\ntest_split: test\n"
+open("tasks/my_mc.yaml", "w").write("task: my_mc\n" + head.format("mc") + "output_type: multiple_choice\n"
+    'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n')
+open("tasks/my_gen.yaml", "w").write("task: my_gen\n" + head.format("gen") + "output_type: generate_until\n"
+    'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n"]\n'
+    "  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+EOF_TASKS
+if python3 -c "import lm_eval" 2>/dev/null; then
+    tour cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot $FEWSHOT --dump-dir eval/
+else
+    echo "== skipped: cookbook eval --tasks needs lm-evaluation-harness (pip install 'cookbook[eval]')"
+fi
 
 tour cookbook pretrain --preset tiny --data-path data/all --tokenizer-model tok.model --seq-length 256 \
     --micro-batch-size 8 --train-iters $DISTILL_ITERS --save ckpt/tiny-kd --load ckpt/tiny-kd \

@@ -131,6 +131,6 @@ def teacher(tmp_path_factory, sp_model) -> dict:
 @pytest.fixture(scope="session")
 def local(teacher):
     """The teacher loaded in our generator (inference_distill.local.LocalGenerator), on CPU."""
-    from inference_distill.local import LocalGenerator
+    from cookbook.inference.generator import LocalGenerator
 
     return LocalGenerator.load(teacher["cookbook"], device="cpu")

@@ -14,11 +14,12 @@ from helpers_train import check, pretrain
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.data.tokenizer import load_tokenizer
-from cookbook.engine.checkpoint import find_checkpoint, load_model
+from cookbook.engine.checkpoint import find_checkpoint
+from cookbook.inference.load import load_model
 from cookbook.engine.metrics import read_metrics
 from cookbook.engine.trainer import next_token_loss
-from recipes.eval import evaluate, file_stream
-from recipes.generate import generate
+from cookbook.inference.perplexity import evaluate, file_stream
+from cookbook.inference.generator import generate
 
 SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--ffn-hidden-size", "128", "--max-position-embeddings", "64"]

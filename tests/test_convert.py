@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cookbook.data.tokenizer import load_tokenizer
-from cookbook.engine.checkpoint import Checkpointer, load_model
+from cookbook.engine.checkpoint import Checkpointer
+from cookbook.inference.load import load_model
 from cookbook.formats.hf import rope_from_config
 from cookbook.model import ModelConfig, Transformer
 from helpers_convert import KINDS, VOCAB, hf_model, make_hf, read_safetensors, side_files

@@ -23,7 +23,7 @@ from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 from inference_distill.backends import (VLLM_MISSING, OpenAIBackend, VLLMBackend, make_backend, normalize_endpoint,
                                         split_tokens)
-from inference_distill.sampling import Completion, SamplingParams, cut_at_stop
+from cookbook.inference.sampling import Completion, SamplingParams, cut_at_stop
 
 # a vocabulary padded past the tokenizer's 600 pieces, as pretraining pads it; a large init for clear greedy choices
 TINY = dict(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,

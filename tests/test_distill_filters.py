@@ -9,7 +9,7 @@ import pytest
 import inference_distill.filters as filters
 from cookbook.errors import CookbookError
 from inference_distill.filters import Filter, FilterConfig, repeat_ratio, text_hash
-from inference_distill.sampling import Completion
+from cookbook.inference.sampling import Completion
 
 
 def done(text: str, tokens: int = 10) -> Completion:

@@ -8,9 +8,11 @@ import shutil
 import pytest
 
 from cookbook.errors import CookbookError
-from inference_distill.local import CookbookBackend, LocalGenerator, load_teacher
-from inference_distill.sampling import SamplingParams, cut_at_stop
-from recipes.generate import generate
+from inference_distill.local import CookbookBackend
+from cookbook.inference.generator import LocalGenerator
+from cookbook.inference.load import load_model_and_tokenizer
+from cookbook.inference.sampling import SamplingParams, cut_at_stop
+from cookbook.inference.generator import generate
 
 PROMPTS = ["def main(", "import os\n", "class A:", "x", "for i in range(10):\n    print(i)"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -120,12 +122,12 @@ def test_bad_teachers_and_requests_are_one_line_errors(teacher, tmp_path, local)
              no_tokenizer: "no tokenizer.json or tokenizer.model"}
     for path, message in cases.items():
         with pytest.raises(CookbookError, match=message) as e:
-            load_teacher(path, device="cpu")
+            load_model_and_tokenizer(path, device="cpu")
         assert "\n" not in str(e.value)
-    model, tok = load_teacher(no_tokenizer, device="cpu", tokenizer_model=str(teacher["tokenizer"]))
+    model, tok = load_model_and_tokenizer(no_tokenizer, device="cpu", tokenizer_model=str(teacher["tokenizer"]))
     assert tok.vocab_size == 600 and model.config.vocab_size == 640
     with pytest.raises(CookbookError, match="dtype"):
-        load_teacher(teacher["hf"], dtype="fp8")
+        load_model_and_tokenizer(teacher["hf"], dtype="fp8")
     with pytest.raises(CookbookError, match="seeds"):
         local.complete(PROMPTS, GREEDY, [0])
     with pytest.raises(CookbookError, match="top_p"):

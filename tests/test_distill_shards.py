@@ -25,7 +25,7 @@ DRIVER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from inference_distill.filters import Filter, FilterConfig
-from inference_distill.sampling import Completion
+from cookbook.inference.sampling import Completion
 from inference_distill.shards import ShardWriter
 
 folder, total, per_shard, sleep, crash_at, filtering = sys.argv[1], *map(int, sys.argv[2:4]), float(sys.argv[4]), *map(int, sys.argv[5:7])

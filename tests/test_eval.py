@@ -21,7 +21,8 @@ from cookbook.errors import CookbookError
 from cookbook.formats.hf import hf_config, hf_name
 from cookbook.model import ModelConfig, Transformer
 from helpers_data import make_texts, write_jsonl
-from recipes.eval import PerplexityResult, dump, evaluate, file_stream, indexed_stream, render, window_nll, windows
+from recipes.eval import dump, render
+from cookbook.inference.perplexity import PerplexityResult, evaluate, file_stream, indexed_stream, window_nll, windows
 
 CFG = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160, max_seq_len=32)
 CPU = torch.device("cpu")

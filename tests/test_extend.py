@@ -18,7 +18,8 @@ from helpers_data import assert_one_line_error, preprocess, run_cli, write_jsonl
 from helpers_train import check, losses, train_flags
 
 from cookbook.data.tokenizer import load_tokenizer
-from cookbook.engine.checkpoint import find_checkpoint, load_model, read_config, read_train_state
+from cookbook.engine.checkpoint import find_checkpoint, read_config, read_train_state
+from cookbook.inference.load import load_model
 from cookbook.errors import CookbookError
 from recipes.extend import plan_extension
 from recipes.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer

@@ -14,17 +14,8 @@ from cookbook.engine.recompute import apply_activation_checkpointing
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig
 from cookbook.model.config import PRESETS
-from recipes.plan import (
-    GIB,
-    GPUS,
-    HEADROOM,
-    estimate,
-    forward_held_bytes,
-    layer_activation_bytes,
-    render,
-    run,
-    stage_params,
-)
+from cookbook.engine.plan import GIB, GPUS, HEADROOM, estimate, forward_held_bytes, layer_activation_bytes, stage_params
+from recipes.plan import render, run
 
 A100 = GPUS["A100-80GB"]
 

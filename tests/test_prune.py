@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cookbook.engine.checkpoint import load_model, read_config
+from cookbook.engine.checkpoint import read_config
+from cookbook.inference.load import load_model
 from cookbook.errors import CookbookError
 from cookbook.model import Transformer
 from cookbook.model.config import ModelConfig, preset

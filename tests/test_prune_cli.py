@@ -15,7 +15,8 @@ import pytest
 from helpers_data import assert_one_line_error, run_cli
 from helpers_train import TINY, VOCAB, check, losses, train_flags, write_token_dataset
 
-from cookbook.engine.checkpoint import find_checkpoint, load_model, read_config
+from cookbook.engine.checkpoint import find_checkpoint, read_config
+from cookbook.inference.load import load_model
 from cookbook.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

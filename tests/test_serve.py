@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from inference_distill.sampling import SamplingParams
+from cookbook.inference.sampling import SamplingParams
 from helpers_distill import serving
 from inference_distill.server import ServeConfig, make_server
 

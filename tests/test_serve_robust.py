@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from inference_distill.sampling import SamplingParams
+from cookbook.inference.sampling import SamplingParams
 from helpers_distill import serving
 from inference_distill.server import MAX_JSON_DEPTH, ServeConfig
 

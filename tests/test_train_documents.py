@@ -49,7 +49,9 @@ def test_flags_change_the_run_and_the_kernel_is_recorded(tmp_path, data, referen
     ours, theirs = read_metrics(reference / "metrics.jsonl"), read_metrics(plain / "metrics.jsonl")
     train = [r for r in ours if r.get("split", "train") == "train"]
     assert train and all(r["attention"] == "sdpa" for r in train)  # auto on CPU
-    assert abs(train[0]["loss"] - theirs[0]["loss"]) > 1e-3  # another loss from the first step on
+    # Another run: at initialisation every token costs about log(vocab) either way, so the runs part as they learn.
+    plain_train = [r for r in theirs if r.get("split", "train") == "train"]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(train, plain_train)) > 1e-2
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # and it learns
     assert any(r.get("split") == "valid" for r in ours)
 

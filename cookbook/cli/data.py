@@ -198,9 +198,10 @@ def data_info(
 
     Example: cookbook data info data/corpus_text_document --decode 1 --tokenizer tok.model
     """
+    from cookbook.data.indexed import dataset_prefix
     from recipes.data_info import info, print_documents, render
 
-    prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+    prefix = dataset_prefix(prefix)
     if decode and not tokenizer_model:
         raise CookbookError("--decode needs --tokenizer PATH, the tokenizer the dataset was made with")
     for table in render(info(prefix)):

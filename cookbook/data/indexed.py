@@ -36,6 +36,22 @@ def optimal_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
+def dataset_prefix(path: str | os.PathLike) -> str:
+    """A dataset's prefix from what a user may give: ``PREFIX``, ``PREFIX.bin`` or ``PREFIX.idx``."""
+    path = str(path)
+    return path[:-4] if path.endswith((".bin", ".idx")) else path
+
+
+def output_prefix(prefix: str, key: str) -> str:
+    """Megatron-LM's naming of preprocess's outputs: ``{prefix}_{key}_document``."""
+    return f"{prefix}_{key}_document"
+
+
+def part_name(index: int, count: int) -> str:
+    """The name of partition ``index`` of ``count`` (preprocess --partitions)."""
+    return f"{index:05d}-of-{count:05d}"
+
+
 def bin_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.bin")
 

@@ -592,3 +592,39 @@ def load_tokenizer(
     if tokenizer_type == "HuggingFaceTokenizer":
         return _huggingface_tokenizer(path, backend)
     raise CookbookError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.int64, special: list[int] | None = None):
+    """Tokenize documents as Megatron-LM does -> (flat ids in ``dtype``, sequence lengths, sequences per document).
+
+    A value is a string (one sequence) or a list of strings (one sequence per string). Empty
+    sequences are dropped; with ``append_eod`` the EOD goes after each non-empty document's last
+    sequence. ``special``: ``tok.special_texts(values)``, if already known (all values strings).
+    """
+    if append_eod and tok.eod is None:
+        raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
+    n_docs = len(values)
+    if all(type(v) is str for v in values):  # one sequence per document: the EOD is appended with the ids
+        flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype, special=special)
+        keep = lengths > 0
+        return flat, lengths[keep], keep.astype(np.int64)
+    texts = [s for v in values for s in ([v] if isinstance(v, str) else v)]
+    sentence_doc = np.repeat(np.arange(n_docs), [1 if isinstance(v, str) else len(v) for v in values])
+    flat, lengths = tok.encode_batch(texts, dtype=dtype)
+    keep = lengths > 0
+    seq_lengths, seq_doc = lengths[keep], sentence_doc[keep]
+    if append_eod and len(seq_lengths):
+        last = np.append(seq_doc[1:] != seq_doc[:-1], True)
+        new_lengths = seq_lengths + last
+        ends = np.cumsum(new_lengths)
+        out = np.empty(int(ends[-1]), dtype=flat.dtype)
+        scatter(out, flat, seq_lengths, ends - new_lengths)
+        out[ends[last] - 1] = tok.eod
+        flat, seq_lengths = out, new_lengths
+    return flat, seq_lengths, np.bincount(seq_doc, minlength=n_docs)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Megatron-LM's padding of a tokenizer's vocabulary: the next multiple of ``divisible_by x tp``."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple

@@ -31,7 +31,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -315,27 +314,3 @@ def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
     else:
         hint = "the run folder holds no other save; copy the checkpoint again from where it came"
     return CookbookError(f"checkpoint {ckpt} is damaged: {path} is {what}; {hint}")
-
-
-def load_model(path: str | Path, device: str = "auto", dtype: str = "fp32"):
-    """(model in eval mode, the checkpoint's config sections) for inference in this process; ``dtype`` auto, bf16
-    or fp32 (cookbook/engine/precision.py)."""
-    from cookbook.engine.config import build_config
-    from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import check_dtype, load_in_dtype
-    from cookbook.model import Transformer
-
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml)")
-    check_dtype(dtype)
-    sections = read_config(ckpt)
-    cfg = build_config({"model": sections["model"]}).model
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=pick_device(device, 0))
-    model.tie_weights()
-    state = {"model": model.state_dict()}
-    read_state(state, ckpt, single_process=not dist.is_initialized())
-    model.load_state_dict(state["model"])
-    return load_in_dtype(model, dtype).eval(), sections

@@ -301,12 +301,6 @@ class JobConfig:
         if self.data.seq_length is None:
             self.data.seq_length = self.model.max_seq_len
         _positive(self.data, "seq_length")
-        if self.data.seq_length > self.model.max_seq_len:
-            raise CookbookError(
-                f"--seq-length {self.data.seq_length} is longer than the model's context, --max-position-embeddings "
-                f"{self.model.max_seq_len}: raise --max-position-embeddings for a new model, or extend a trained "
-                "model's context with cookbook extend"
-            )
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

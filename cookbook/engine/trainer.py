@@ -136,6 +136,12 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
     """Everything about a job's layout that can be checked without devices; returns (global batch,
     accumulation steps). ``cookbook pretrain --dry-run`` runs it for a world size given by hand."""
     t = job.training
+    if job.data.seq_length > job.model.max_seq_len and job.model.rope_type != "dynamic":  # dynamic NTK grows past it
+        raise CookbookError(
+            f"--seq-length {job.data.seq_length} is longer than the model's context, --max-position-embeddings "
+            f"{job.model.max_seq_len}: raise --max-position-embeddings for a new model, or extend a trained "
+            "model's context with cookbook extend"
+        )
     per_step = t.micro_batch_size * dims.dp
     global_batch = t.global_batch_size or per_step
     if global_batch % per_step:

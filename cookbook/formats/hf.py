@@ -319,8 +319,8 @@ class _Files:
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def read(folder: Path) -> Checkpoint:
-    folder = Path(folder)
+def read_config_json(folder: Path) -> dict:
+    """A Hugging Face folder's config.json, refused in one line when it is missing or not a JSON object."""
     if not (folder / "config.json").is_file():
         raise CookbookError(f"{folder} has no config.json; --from hf needs a Hugging Face model folder")
     try:
@@ -329,6 +329,12 @@ def read(folder: Path) -> Checkpoint:
         raise CookbookError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
     if not isinstance(conf, dict):
         raise CookbookError(f"{folder / 'config.json'} holds a JSON {type(conf).__name__}, not an object; is it a transformers config.json?")
+    return conf
+
+
+def read(folder: Path) -> Checkpoint:
+    folder = Path(folder)
+    conf = read_config_json(folder)
     cfg, notes = model_config(conf, str(folder / "config.json"))
     files = _weights(folder)
     names = {name: hf_name(name) for name in expected_shapes(cfg)}

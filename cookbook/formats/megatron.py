@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from cookbook.data.tokenizer import padded_vocab_size
 from cookbook.errors import CookbookError
 from cookbook.formats import pickles
 from cookbook.formats.stream import (
@@ -90,11 +91,6 @@ RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 DIST_MARKER = "metadata.json"  # megatron-core's distributed checkpoints: {"sharded_backend": "torch_dist", ...}
 # Megatron-LM's Llama 3 RoPE scaling has these fixed (megatron.core RotaryEmbedding._apply_scaling)
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:

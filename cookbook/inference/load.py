@@ -1,34 +1,20 @@
-"""Loading a model to run: a cookbook checkpoint (a save folder or one step_* directory) or a Hugging Face model
-folder (config.json + safetensors), with the tokenizer it was trained with."""
+"""Loading any checkpoint to run: a cookbook save (a run folder, its ``latest``, or one step_* directory) or a
+Hugging Face model folder (config.json + safetensors), with the tokenizer it was trained with.
+
+``load_model`` gives the model and its config sections (``[model]``, and ``[data]`` naming its tokenizer) whatever
+the format; ``find_tokenizer`` names the tokenizer without reading weights, so a missing one fails at once;
+``load_model_and_tokenizer`` does both. Every command that runs a model (generate, eval, serve, prune, distill
+generate) loads through here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cookbook.errors import CookbookError
-
-
-def _hf_model(folder: Path, device: str, dtype: str):
-    """Our Transformer with a Hugging Face folder's weights, read one tensor at a time."""
-    from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import load_in_dtype
-    from cookbook.formats import hf
-    from cookbook.formats.stream import checked
-    from cookbook.model import Transformer
-
-    ckpt = hf.read(folder)
-    with torch.device("meta"):
-        model = Transformer(ckpt.config)
-    model.to_empty(device=pick_device(device, 0))
-    load_in_dtype(model, dtype)
-    model.tie_weights()
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in checked(ckpt.tensors(), ckpt.config, str(folder)):
-            params[name].copy_(tensor)
-    return model.eval()
 
 
 def model_format(path: str | Path) -> str:
@@ -68,16 +54,60 @@ def find_tokenizer(path: str | Path, tokenizer_model: str | None = None,
     return str(tok), tokenizer_type
 
 
-def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto",
-                             tokenizer_model: str | None = None, tokenizer_type: str | None = None):
-    """(model in eval mode, tokenizer) from a cookbook checkpoint or a Hugging Face model folder, with the tokenizer
-    ``find_tokenizer`` finds (found before the weights are read, so a missing one fails at once)."""
-    from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.engine.checkpoint import load_model
-    from cookbook.engine.precision import check_dtype
+def model_sections(path: str | Path) -> dict[str, dict]:
+    """A checkpoint's config sections without its weights: a save's config.toml, or a Hugging Face folder's
+    config.json as ``[model]`` and its tokenizer as ``[data]``."""
+    from cookbook.engine.checkpoint import find_checkpoint, read_config
+    from cookbook.formats import hf
+    from cookbook.formats.stream import hf_side_files, tokenizer_path
+
+    if model_format(path) == "cookbook":
+        return read_config(find_checkpoint(path))
+    cfg, _ = hf.model_config(hf.read_config_json(Path(path)), str(Path(path) / "config.json"))
+    tok = tokenizer_path(Path(path), hf_side_files(Path(path)))
+    return {"model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+            "data": {"tokenizer_model": str(tok)} if tok is not None else {}}
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model in eval mode, its config sections: ``model_sections``) of any checkpoint, in this process; ``dtype``
+    auto, bf16 or fp32 (cookbook/engine/precision.py)."""
+    from cookbook.engine.checkpoint import find_checkpoint, read_state
+    from cookbook.engine.config import build_config
+    from cookbook.engine.distributed import pick_device
+    from cookbook.engine.precision import DTYPES, check_dtype, choose_dtype, load_in_dtype
+    from cookbook.formats import hf
+    from cookbook.formats.stream import checked
+    from cookbook.model import Transformer
 
     check_dtype(dtype)
     form = model_format(path)  # a missing or wrong path is named before anything else
+    sections = model_sections(path)
+    with torch.device("meta"):
+        model = Transformer(build_config({"model": sections["model"]}).model)
+    model.to_empty(device=pick_device(device, 0))
+    model.tie_weights()
+    if form == "cookbook":
+        state = {"model": model.state_dict()}
+        read_state(state, find_checkpoint(path), single_process=not dist.is_initialized())
+        model.load_state_dict(state["model"])
+    else:  # one tensor at a time, straight into the model in its final dtype
+        ckpt = hf.read(Path(path))
+        model.to(DTYPES[choose_dtype(dtype, next(model.parameters()).device)[0]])
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in checked(ckpt.tensors(), ckpt.config, str(path)):
+                params[name].copy_(tensor)
+    return load_in_dtype(model, dtype).eval(), sections
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto",
+                             tokenizer_model: str | None = None, tokenizer_type: str | None = None):
+    """(model in eval mode, tokenizer) of any checkpoint, with the tokenizer ``find_tokenizer`` finds (found before
+    the weights are read, so a missing one fails at once)."""
+    from cookbook.data.tokenizer import load_tokenizer
+    from cookbook.engine.precision import check_dtype
+
+    check_dtype(dtype)
     tok, kind = find_tokenizer(path, tokenizer_model, tokenizer_type)
-    model = load_model(path, device, dtype)[0] if form == "cookbook" else _hf_model(Path(path), device, dtype)
-    return model, load_tokenizer(tok, kind)
+    return load_model(path, device, dtype)[0], load_tokenizer(tok, kind)

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from cookbook.data.indexed import IndexedDataset, bin_path, idx_path
-from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
+from cookbook.data.jsonl import parse_lines, read_lines
+from cookbook.data.sources import expand_inputs
 from cookbook.data.tokenizer import Tokenizer
 from cookbook.errors import CookbookError
 

@@ -27,13 +27,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable
-from cookbook.formats import cookbook as cookbook_format
-from cookbook.formats import hf, megatron
+from cookbook.engine import cookbook_format
+from cookbook.formats import hf, megatron, megatron_dist
 from cookbook.formats.stream import DTYPES, Checkpoint, Tensors, cast, checked
 from cookbook.progress import console
 
 FORMATS = ("hf", "cookbook", "megatron")
-READERS = {"hf": hf.read, "cookbook": cookbook_format.read, "megatron": megatron.read}
+
+
+def read_megatron(path: Path) -> Checkpoint:
+    """A Megatron-LM checkpoint of either format: ``torch`` (mp_rank_* files) or ``torch_dist``."""
+    it_dir, iteration = megatron.iteration_dir(Path(path))
+    return megatron_dist.read(path, it_dir, iteration) if megatron.is_dist(it_dir) else megatron.read(path)
+
+
+READERS = {"hf": hf.read, "cookbook": cookbook_format.read, "megatron": read_megatron}
+MEGATRON_WRITERS = {"torch": megatron.write, "torch_dist": megatron_dist.write}  # --ckpt-format
 HINTS = {  # the output holds no optimizer state
     "cookbook": "it holds no optimizer state: train from it with cookbook pretrain --load {save} --finetune ...",
     "megatron": "it holds no optimizer or RNG state: load it in Megatron-LM with --ckpt-format {ckpt_format} --load {save} "
@@ -138,8 +147,10 @@ def _write(cfg: ConvertConfig, tmp: Path, ckpt: Checkpoint, tensors: Tensors, dt
     elif cfg.target == "cookbook":
         cookbook_format.write(tmp, final, ckpt, tensors, dtypes)
     else:
-        megatron.write(tmp, final, ckpt, tensors, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by, cfg.transformer_impl,
-                       cfg.ckpt_format)
+        args = megatron.arguments(final, ckpt, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by,
+                                  cfg.transformer_impl, cfg.ckpt_format)
+        MEGATRON_WRITERS[cfg.ckpt_format](tmp / f"iter_{args.iteration:07d}", ckpt.config, args, tensors, cfg.tp)
+        megatron.finish(tmp, args.iteration, ckpt)
 
 
 def return_freed_memory() -> None:

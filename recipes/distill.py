@@ -242,7 +242,7 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     from inference_distill.prompts import PromptSource
     from inference_distill.shards import ShardWriter
 
-    from cookbook.inference.load import model_format
+    from cookbook.engine.checkpoint import model_format
 
     teacher = opts.served_model_name if opts.backend == "openai" else opts.teacher
     check_backend(opts.backend, teacher, opts.endpoints)

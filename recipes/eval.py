@@ -16,9 +16,11 @@ from rich.table import Table
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable, write_text_atomic
 from cookbook.inference.load import find_tokenizer, load_model
+from cookbook.inference.passkey import PasskeyTrial, accuracy, passkey_eval
 from cookbook.inference.perplexity import PerplexityResult, check_window, evaluate, file_stream, indexed_stream
 
 DUMP_NAME = "perplexity.json"
+PASSKEY_DUMP = "passkey.json"
 
 
 def render(results: list[PerplexityResult]) -> Table:
@@ -49,6 +51,27 @@ def dump(results: list[PerplexityResult], dump_dir, extra: dict) -> Path:
     return dump_json(dump_dir, DUMP_NAME, {**(extra or {}), "results": [asdict(r) for r in results]})
 
 
+def render_passkey(trials: list[PasskeyTrial]) -> Table:
+    acc = accuracy(trials)
+    lengths = list(dict.fromkeys(k[0] for k in acc))
+    depths = list(dict.fromkeys(k[1] for k in acc))
+    table = Table(title="passkey retrieval accuracy (rows: context length, columns: depth)", title_justify="left")
+    table.add_column("length", justify="right")
+    for d in depths:
+        table.add_column(f"{d:g}", justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for length in lengths:
+        row = [acc[(length, d)] for d in depths]
+        table.add_row(f"{length:,}", *[f"{a:.2f}" for a in row], f"{sum(row) / len(row):.2f}")
+    return table
+
+
+def dump_passkey(trials: list[PasskeyTrial], dump_dir, extra: dict) -> Path:
+    """``DUMP_DIR/passkey.json``: ``extra``, the accuracy per length and depth, and every trial."""
+    table = [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()]
+    return dump_json(dump_dir, PASSKEY_DUMP, {**extra, "accuracy": table, "trials": [asdict(t) for t in trials]})
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -67,7 +90,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     dump_dir: str | None = None
-    # --passkey: retrieval accuracy instead of perplexity (recipes/passkey.py)
+    # --passkey: retrieval accuracy instead of perplexity (cookbook/inference/passkey.py)
     passkey: bool = False
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_trials: int = 5
@@ -89,19 +112,17 @@ def _dtype(model) -> str:
 
 def run_passkey(cfg: EvalConfig):
     """``--passkey``: (trials, the JSON dump or None)."""
-    from recipes import passkey
-
     if cfg.dump_dir:
         check_writable(cfg.dump_dir, "--dump-dir", folder=True)
     tokenizer = _tokenizer(cfg)  # before the weights: a missing one fails at once
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     lengths = cfg.seq_lengths or [model.config.max_seq_len]
-    trials = passkey.passkey_eval(model, tokenizer, lengths, list(cfg.passkey_depths), cfg.passkey_trials,
+    trials = passkey_eval(model, tokenizer, lengths, list(cfg.passkey_depths), cfg.passkey_trials,
                                   cfg.passkey_digits, cfg.seed, cfg.batch_size)
     dumped = None
     if cfg.dump_dir:
         extra = {"load": cfg.load, "dtype": _dtype(model), "seed": cfg.seed, "model": sections["model"]}
-        dumped = passkey.dump(trials, cfg.dump_dir, extra)
+        dumped = dump_passkey(trials, cfg.dump_dir, extra)
     return trials, dumped
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from cookbook.engine import checkpoint, job
 from cookbook.engine.config import JobConfig
 from cookbook.errors import CookbookError
-from cookbook.inference.load import model_format
+from cookbook.engine.checkpoint import model_format
 from cookbook.progress import console
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")

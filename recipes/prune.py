@@ -39,7 +39,7 @@ from rich.table import Table
 from cookbook.data.indexed import dataset_prefix
 from cookbook.engine import checkpoint, job
 from cookbook.engine.config import build_config
-from cookbook.inference.load import model_sections
+from cookbook.engine.checkpoint import model_sections
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.model.config import ModelConfig
@@ -250,7 +250,8 @@ def _write_report(save: Path, report: dict) -> Path:
 
 def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
-    from cookbook.inference.load import load_model, model_format
+    from cookbook.engine.checkpoint import model_format
+    from cookbook.inference.load import load_model
     from cookbook.engine.distributed import pick_device
     from cookbook.engine.precision import announce, choose_dtype
     from pruner.calib import calibration_samples

@@ -22,7 +22,7 @@ from cookbook.engine.checkpoint import find_checkpoint, read_config, read_train_
 from cookbook.inference.load import load_model
 from cookbook.errors import CookbookError
 from recipes.extend import plan_extension
-from recipes.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer
+from cookbook.inference.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer
 
 BASE = {"max_seq_len": 32}
 

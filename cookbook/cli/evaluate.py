@@ -143,7 +143,7 @@ def eval_(
 
     Tasks: cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot 5 --dump-dir eval/
     """
-    from recipes.eval import EvalConfig, render, render_tasks, run, run_passkey, run_tasks
+    from recipes.eval import EvalConfig, render, render_passkey, render_tasks, run, run_passkey, run_tasks
 
     if tasks:
         results, written = run_tasks(
@@ -186,8 +186,6 @@ def eval_(
         seed=seed or 0,
     )
     if passkey:
-        from recipes.passkey import render as render_passkey
-
         trials, dumped = run_passkey(cfg)
         out.print(render_passkey(trials))
     else:

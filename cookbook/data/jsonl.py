@@ -36,17 +36,6 @@ except ImportError:  # pragma: no cover - orjson is a dependency; the GPU image 
 STDIN = "-"
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files, globs and folders -> the jsonl files among them, in the order given (globs and folders sorted)."""
-    from cookbook.data.sources import expand
-
-    found = expand(inputs)
-    for i in found:
-        if i.kind != "jsonl" or i.is_stdin:
-            raise CookbookError(f"{i.name} is not a jsonl file; only .jsonl[.gz|.zst] is read here")
-    return [i.path for i in found]
-
-
 def optional(module: str, what: str):
     """Import an optional dependency of the ``data`` extra, or say in one line how to install it."""
     try:

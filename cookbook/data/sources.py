@@ -150,6 +150,15 @@ def expand(inputs: Sequence[str | os.PathLike]) -> list[Input]:
     return out
 
 
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files, globs and folders -> the jsonl files among them, in the order given (globs and folders sorted)."""
+    found = expand(inputs)
+    for i in found:
+        if i.kind != "jsonl" or i.is_stdin:
+            raise CookbookError(f"{i.name} is not a jsonl file; only .jsonl[.gz|.zst] is read here")
+    return [i.path for i in found]
+
+
 def check_inputs(inputs: list[Input], keys: Sequence[str], skip_bad: bool) -> None:
     """Open every parquet and Arrow input and check its columns before any work is done."""
     for inp in inputs:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
+from cookbook.data.jsonl import parse_lines, read_lines
+from cookbook.data.sources import expand_inputs
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable
 

@@ -314,3 +314,33 @@ def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
     else:
         hint = "the run folder holds no other save; copy the checkpoint again from where it came"
     return CookbookError(f"checkpoint {ckpt} is damaged: {path} is {what}; {hint}")
+
+
+# --------------------------------------------------------------------------- any checkpoint's format and config
+
+
+def model_format(path: str | Path) -> str:
+    """"cookbook" (a save folder or one step_* directory) or "hf" (a Hugging Face model folder); a missing path is
+    named as missing first."""
+    where = Path(path)
+    if not where.exists():
+        raise CookbookError(f"{path} does not exist; pass a cookbook checkpoint or a Hugging Face model folder")
+    if find_checkpoint(where) is not None:
+        return "cookbook"
+    if (where / "config.json").is_file():
+        return "hf"
+    raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
+                        "is no Hugging Face model folder (no config.json); pass one of those")
+
+
+def model_sections(path: str | Path) -> dict[str, dict]:
+    """A checkpoint's config sections without its weights: a save's config.toml, or a Hugging Face folder's
+    config.json as ``[model]`` and its tokenizer as ``[data]``."""
+    from cookbook.formats import hf
+
+    if model_format(path) == "cookbook":
+        return read_config(find_checkpoint(path))
+    cfg, _ = hf.model_config(hf.read_config_json(Path(path)), str(Path(path) / "config.json"))
+    tok = tokenizer_path(Path(path), hf_side_files(Path(path)))
+    return {"model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+            "data": {"tokenizer_model": str(tok)} if tok is not None else {}}

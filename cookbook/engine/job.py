@@ -72,8 +72,6 @@ def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_
     extension"), for a command whose rerun continues its run in --save; ``here=False``: a dry run away from the
     cluster, where the checkpoint, the tokenizer and the data may be missing; ``stand_in``: the model of a --load
     not written yet."""
-    from cookbook.inference.load import model_sections
-
     sections = read_sections(config_file, flags)
     given = {name: dict(values) for name, values in sections.items()}
     ck = sections.setdefault("checkpoint", {})
@@ -81,7 +79,7 @@ def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_
     if continue_in_save and not save:
         raise CookbookError("this command needs --save: the folder for the new run")
     form = _format(load) if load else None
-    source = model_sections(load) if form else None
+    source = checkpoint.model_sections(load) if form else None
     start, finetune, hf = None, bool(ck.get("finetune")), None
     in_save = checkpoint.find_checkpoint(save) if continue_in_save and (Path(save) / "latest").is_file() else None
     if continue_in_save and in_save is not None:  # the same command again: continue its run
@@ -270,7 +268,7 @@ def run(job: Job, iters_flag: str = "--train-iters") -> dict:
 
 def convert_hf(folder: Path, target: Path) -> Path:
     """A Hugging Face folder as a cookbook save at ``target`` (kept and reused while its source is the same folder)."""
-    from cookbook.formats import cookbook as cookbook_format
+    from cookbook.engine import cookbook_format
     from cookbook.formats import hf
     from cookbook.formats.stream import checked
 

@@ -381,13 +381,9 @@ def _open(it_dir: Path) -> tuple[dict[tuple[int, int], Path], dict[tuple[int, in
 
 
 def read(path: Path) -> Checkpoint:
-    """A Megatron-LM checkpoint of either format: ``torch`` (mp_rank_* files) or ``torch_dist`` (megatron_dist)."""
+    """A Megatron-LM checkpoint of the ``torch`` format (mp_rank_* files); megatron_dist reads ``torch_dist``."""
     path = Path(path)
     it_dir, iteration = iteration_dir(path)
-    if is_dist(it_dir):
-        from cookbook.formats import megatron_dist
-
-        return megatron_dist.read(path, it_dir, iteration)
     ranks, files = _open(it_dir)
     args = files[0, 0]["args"]
     notes = left_behind(str(it_dir), [t for f in files.values() for t in pickles.tensors_in(f.get("optimizer"))],
@@ -505,11 +501,10 @@ def _layer_tensors(i: int, parts: list[dict], get, cfg: ModelConfig) -> Tensors:
 # --------------------------------------------------------------------------- writing
 
 
-def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, torch.dtype],
-          tp: int = 1, pp: int = 1, divisible_by: int = 128, impl: str = "transformer_engine",
-          ckpt_format: str = "torch") -> list[Path]:
-    """A Megatron-LM checkpoint under ``folder`` (renamed to ``final`` by the caller) in ``ckpt_format``:
-    ``torch`` (mp_rank_* files, here) or ``torch_dist`` (megatron_dist)."""
+def arguments(final: Path, ckpt: Checkpoint, dtypes: dict[str, torch.dtype], tp: int = 1, pp: int = 1,
+              divisible_by: int = 128, impl: str = "transformer_engine", ckpt_format: str = "torch") -> argparse.Namespace:
+    """The checks and Megatron-LM's ``args`` of a checkpoint to write to ``final`` in ``ckpt_format``: ``torch``
+    (rank files, ``write`` here) or ``torch_dist`` (``megatron_dist.write``); ``finish`` completes either."""
     cfg = ckpt.config
     check(cfg, tp, pp)
     if impl not in IMPLS:
@@ -518,14 +513,13 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
         raise CookbookError(f"unknown --ckpt-format {ckpt_format!r}; use {' or '.join(CKPT_FORMATS)}")
     iteration = max(ckpt.iteration, 1)  # Megatron-LM refuses iteration 0 (it is not 'release')
     tokenizer = tokenizer_path((final / "hf").absolute(), ckpt.hf_files)
-    args = megatron_args(cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer, ckpt_format)
-    it_dir = folder / f"iter_{iteration:07d}"
-    if ckpt_format == "torch_dist":
-        from cookbook.formats import megatron_dist
+    return megatron_args(cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer, ckpt_format)
 
-        written = megatron_dist.write(it_dir, cfg, args, tensors, tp)
-        finish(folder, iteration, ckpt)
-        return written
+
+def write(it_dir: Path, cfg: ModelConfig, args: argparse.Namespace, tensors: Tensors, tp: int) -> list[Path]:
+    """An iteration folder of the ``torch`` format: one mp_rank_* file per TP and PP rank (``args`` from
+    ``arguments``)."""
+    pp, impl, iteration = args.pipeline_model_parallel_size, args.transformer_impl, args.iteration
     paths = {(t, s): it_dir / rank_dir(t, s, pp) / FILE for t in range(tp) for s in range(pp)}
     writers, models = {}, {key: {} for key in paths}
     names = {role: candidates[0] for role, candidates in LAYER_KEYS.items()}  # the local spec's
@@ -565,7 +559,6 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
             writers.pop(key).close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model})
     finally:
         writers.clear()  # after a failure: drop the open files (the caller removes the folder)
-    finish(folder, iteration, ckpt)
     return list(paths.values())
 
 

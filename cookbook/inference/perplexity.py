@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cookbook.data.indexed import IndexedDataset, dataset_prefix
-from cookbook.data.jsonl import expand_inputs, parse_lines, read_lines
+from cookbook.data.jsonl import parse_lines, read_lines
+from cookbook.data.sources import expand_inputs
 from cookbook.data.tokenizer import Tokenizer, encode_documents
 from cookbook.errors import CookbookError
 from cookbook.progress import console

@@ -1,4 +1,4 @@
-"""``cookbook eval --passkey``: can a model retrieve a number hidden at a chosen depth of a long context?
+"""Passkey retrieval (``cookbook eval --passkey``): can a model retrieve a number hidden at a chosen depth of a long context?
 
 The test of Mohtashami & Jaggi (2023), used by the Position Interpolation paper: a random ``digits``-digit pass key
 sits inside repeated filler text; the prompt ends with a question, and the model's greedy continuation must start
@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from rich.table import Table
+from dataclasses import dataclass
 
 from cookbook.errors import CookbookError
 
@@ -27,7 +24,6 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
-DUMP_NAME = "passkey.json"
 
 
 @dataclass
@@ -89,26 +85,3 @@ def accuracy(trials: list[PasskeyTrial]) -> dict[tuple[int, float], float]:
     for t in trials:
         groups.setdefault((t.length, t.depth), []).append(t.correct)
     return {k: sum(v) / len(v) for k, v in groups.items()}
-
-
-def render(trials: list[PasskeyTrial]) -> Table:
-    acc = accuracy(trials)
-    lengths = list(dict.fromkeys(k[0] for k in acc))
-    depths = list(dict.fromkeys(k[1] for k in acc))
-    table = Table(title="passkey retrieval accuracy (rows: context length, columns: depth)", title_justify="left")
-    table.add_column("length", justify="right")
-    for d in depths:
-        table.add_column(f"{d:g}", justify="right")
-    table.add_column("mean", justify="right", style="bold")
-    for length in lengths:
-        row = [acc[(length, d)] for d in depths]
-        table.add_row(f"{length:,}", *[f"{a:.2f}" for a in row], f"{sum(row) / len(row):.2f}")
-    return table
-
-
-def dump(trials: list[PasskeyTrial], dump_dir, extra: dict) -> Path:
-    """``DUMP_DIR/passkey.json``: ``extra``, the accuracy per length and depth, and every trial."""
-    from recipes.eval import dump_json
-
-    table = [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()]
-    return dump_json(dump_dir, DUMP_NAME, {**extra, "accuracy": table, "trials": [asdict(t) for t in trials]})

@@ -1,5 +1,6 @@
 # make demo: install, then run the pipeline on the built-in sample corpus (CPU only).
 # make test: install, then run the test suite.
+# make lint: install, then ruff (check and format --check) and the import layers (lint-imports).
 # torch is pinned to the CPU wheel by default; override for a GPU machine: make test TORCH=torch
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ WORKERS ?= 2   # pytest-xdist processes; each test file runs whole in one of the
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PYTHONPATH=. $(BIN)/lint-imports
 
 test: install
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile

@@ -172,19 +172,21 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
     tok = load_tokenizer(tok_path, threads=workers)
     times = {}
 
-    def stage(name, fn):
+    def stage(name, fn, *inputs):  # the inputs as arguments: the caller frees them after
         t = time.perf_counter()
-        out = fn()
+        out = fn(*inputs)
         times[name] = time.perf_counter() - t
         return out
 
     blocks = stage("read + split lines", lambda: [b for _, b, _ in read_lines(corpus, int(block_mb * (1 << 20)))])
-    texts = stage("parse (orjson)", lambda: [parse_lines(corpus, 1, b, ["text"], False)[0]["text"] for b in blocks])
+    texts = stage("parse (orjson)", lambda blocks: [parse_lines(corpus, 1, b, ["text"], False)[0]["text"] for b in blocks],
+                  blocks)
     del blocks
-    plain = stage("tokenize (native threads)", lambda: [tok.plain(t) for t in texts])
-    stage("special-text scan", lambda: [[i for i, x in enumerate(t) if tok.needs_exact(x)] for t in texts])
+    plain = stage("tokenize (native threads)", lambda texts: [tok.plain(t) for t in texts], texts)
+    stage("special-text scan", lambda texts: [[i for i, x in enumerate(t) if tok.needs_exact(x)] for t in texts], texts)
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
-    built = stage("assemble (BOS/EOD, dtype)", lambda: [_wrap(f, n, tok.prefix, tok.suffix, tok.eod, dtype) for f, n in plain])
+    built = stage("assemble (BOS/EOD, dtype)", lambda plain: [_wrap(f, n, tok.prefix, tok.suffix, tok.eod, dtype) for f, n in plain],
+                  plain)
     del plain, texts
     with tempfile.TemporaryDirectory() as d:
         from cookbook.data.indexed import IndexedDatasetWriter

@@ -37,7 +37,7 @@ SYNTHETIC_KEY = "text"  # the jsonl key distill generate writes the training tex
 
 
 @dataclass
-class TrainOptions:
+class DistillTrainConfig:
     synthetic: list[str]  # distill generate output folders, or jsonl files
     synthetic_weight: float | None = None  # share of training samples from the synthetic data (default: all, or 0.5 with --data-path)
     synthetic_prefix: str | None = None  # where the tokenized synthetic data go (default: SAVE/synthetic/synthetic)
@@ -82,7 +82,7 @@ def blend(data_path: list[str], synthetic: str, weight: float | None) -> list[st
     return out + [f"{weight:.6g}", synthetic]
 
 
-def _synthetic_prefix(opts: TrainOptions, save: str) -> str:
+def _synthetic_prefix(opts: DistillTrainConfig, save: str) -> str:
     return opts.synthetic_prefix or str(Path(save) / "synthetic" / "synthetic")
 
 
@@ -107,7 +107,7 @@ def _stamp(files: list[Path], tokenizer: str, tokenizer_type: str | None) -> dic
             "inputs": [[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
 
 
-def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer_type: str | None, opts: TrainOptions) -> str:
+def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer_type: str | None, opts: DistillTrainConfig) -> str:
     """The indexed dataset of the synthetic text (``PREFIX_text_document``), made by rank 0 with the preprocess
     code and reused while the inputs and tokenizer are unchanged; other ranks wait for it."""
     from recipes.preprocess import PreprocessConfig, run as preprocess
@@ -134,7 +134,7 @@ def tokenize_synthetic(files: list[Path], prefix: str, tokenizer: str, tokenizer
     return dataset
 
 
-def train_job(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions, here: bool = True) -> job.Job:
+def train_job(config_file: str | Path | None, flags: dict[str, dict], opts: DistillTrainConfig, here: bool = True) -> job.Job:
     """The student's training job: ``--load``'s weights (the run in --save when the same command runs again) on the
     synthetic data, blended with --data-path. Where the student is not here (a dry run), --preset stands in."""
     ck = job.read_sections(config_file, flags).get("checkpoint", {})
@@ -148,7 +148,7 @@ def train_job(config_file: str | Path | None, flags: dict[str, dict], opts: Trai
     return j.replace(dataclasses.replace(j.config, data=dataclasses.replace(j.config.data, data_path=data_path)))
 
 
-def train(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions) -> dict:
+def train(config_file: str | Path | None, flags: dict[str, dict], opts: DistillTrainConfig) -> dict:
     """Tokenize the synthetic shards with the student's tokenizer and continue training the student on them."""
     if not opts.synthetic:
         raise CookbookError("cookbook distill train needs --synthetic: the output folder(s) of cookbook distill generate")
@@ -166,7 +166,7 @@ def train(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOpt
     return job.run(j)
 
 
-def train_dry_run(config_file: str | Path | None, flags: dict[str, dict], opts: TrainOptions, world_size: int, gpu: str) -> None:
+def train_dry_run(config_file: str | Path | None, flags: dict[str, dict], opts: DistillTrainConfig, world_size: int, gpu: str) -> None:
     """Check a distill train job for ``world_size`` processes without devices; ``--preset`` stands in for a
     student checkpoint that is not on this machine, and synthetic data need not be here yet."""
     job.dry_run(train_job(config_file, flags, opts, here=False), world_size, gpu)
@@ -176,7 +176,7 @@ def train_dry_run(config_file: str | Path | None, flags: dict[str, dict], opts: 
 
 
 @dataclass
-class GenerateOptions:
+class DistillGenerateConfig:
     output: str  # folder of shards
     prompts_from: str  # indexed dataset prefix, jsonl file or folder of jsonl
     backend: str = "cookbook"  # cookbook | openai | vllm
@@ -209,7 +209,7 @@ class GenerateOptions:
     batch_size: int = 16
 
 
-def prompt_tokenizer(opts: GenerateOptions):
+def prompt_tokenizer(opts: DistillGenerateConfig):
     """The tokenizer prompts are measured and (for indexed data) decoded with: --tokenizer-model, else the
     teacher's own (a cookbook checkpoint's recorded tokenizer, a Hugging Face folder's tokenizer files)."""
     from cookbook.data.tokenizer import load_tokenizer
@@ -221,7 +221,7 @@ def prompt_tokenizer(opts: GenerateOptions):
     return load_tokenizer(*find_tokenizer(opts.teacher, opts.tokenizer_model, opts.tokenizer_type))
 
 
-def _identity(opts: GenerateOptions, source, teacher: str) -> dict:
+def _identity(opts: DistillGenerateConfig, source, teacher: str) -> dict:
     """What decides the output: a run resumes only into a folder made with the same values."""
     return {"prompts_from": str(Path(opts.prompts_from).resolve()), **source.identity(), "backend": opts.backend,
             "teacher": teacher, "sampling": opts.sampling.to_dict(), "continuation_only": opts.continuation_only,
@@ -234,7 +234,7 @@ def _record(prompt, j: int, completion: Completion, text: str, teacher: str, sam
             "finish_reason": completion.finish_reason, "sampling": sampling}
 
 
-def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
+def generate(opts: DistillGenerateConfig, show_progress: bool | None = None) -> dict:
     """Prompt the teacher with document prefixes and write what it writes, shard by shard; returns the summary.
     Run it again after an interruption: the shards already written are kept and the rest are made."""
     from inference_distill.backends import check_backend, make_backend
@@ -285,7 +285,7 @@ def generate(opts: GenerateOptions, show_progress: bool | None = None) -> dict:
     return summary
 
 
-def _generate_shards(opts: GenerateOptions, source, backend, writer, keep, show_progress: bool | None) -> None:
+def _generate_shards(opts: DistillGenerateConfig, source, backend, writer, keep, show_progress: bool | None) -> None:
     from cookbook.progress import GenerationBar
 
     sampling = opts.sampling.to_dict()
@@ -307,7 +307,7 @@ def _generate_shards(opts: GenerateOptions, source, backend, writer, keep, show_
             bar.shard_done(stop)
 
 
-def generate_dry_run(opts: GenerateOptions) -> None:
+def generate_dry_run(opts: DistillGenerateConfig) -> None:
     """Check a generation job without the teacher: the flags, and the prompts where their data are here."""
     import importlib.util
 

@@ -61,7 +61,7 @@ PRUNED = "pruned"
 
 
 @dataclass
-class PruneOptions:
+class PruneConfig:
     spec: PruneSpec = field(default_factory=PruneSpec)
     importance: str = "activation"  # activation | magnitude | random
     layer_importance: str = "block-influence"  # block-influence | ppl (used when --drop-layers N chooses layers)
@@ -87,12 +87,12 @@ def _prunes_width(src: ModelConfig, target: ModelConfig) -> bool:
     return _shape(src) | {"num_layers": 0} != _shape(target) | {"num_layers": 0}
 
 
-def _needs_calibration(opts: PruneOptions, src: ModelConfig, target: ModelConfig) -> bool:
+def _needs_calibration(opts: PruneConfig, src: ModelConfig, target: ModelConfig) -> bool:
     """Activation scores (when a width shrinks) and layer importance (when --drop-layers N) need forward passes."""
     return (opts.importance == "activation" and _prunes_width(src, target)) or (opts.spec.drop_layers or 0) > 0
 
 
-def _check_options(opts: PruneOptions, sections: dict, src: ModelConfig, target: ModelConfig) -> None:
+def _check_options(opts: PruneConfig, sections: dict, src: ModelConfig, target: ModelConfig) -> None:
     check_method(opts.importance, opts.layer_importance)
     if _needs_calibration(opts, src, target) and not opts.calib_data:
         why = "--importance activation" if opts.importance == "activation" else f"--drop-layers {opts.spec.drop_layers}"
@@ -108,7 +108,7 @@ def _check_options(opts: PruneOptions, sections: dict, src: ModelConfig, target:
         raise CookbookError("--no-kd heals without a teacher, yet --kd-teacher is given; drop one of them")
 
 
-def _eval_streams(opts: PruneOptions, src_sections: dict, sections: dict, vocab_size: int) -> dict[str, torch.Tensor]:
+def _eval_streams(opts: PruneConfig, src_sections: dict, sections: dict, vocab_size: int) -> dict[str, torch.Tensor]:
     """Every --eval-data source as a token stream: an indexed dataset's tokens, or a jsonl file tokenized with the
     model's tokenizer, each document ending with EOD (as ``preprocess --append-eod`` writes it)."""
     from cookbook.inference.perplexity import file_stream, indexed_stream
@@ -137,7 +137,7 @@ def _eval_streams(opts: PruneOptions, src_sections: dict, sections: dict, vocab_
     return streams
 
 
-def heal_job(config_file, flags: dict, opts: PruneOptions, teacher: str, save: Path, stand_in: ModelConfig | None = None) -> job.Job:
+def heal_job(config_file, flags: dict, opts: PruneConfig, teacher: str, save: Path, stand_in: ModelConfig | None = None) -> job.Job:
     """The healing run: the pruned weights (``SAVE/pruned``; the run in SAVE when the same command runs again) trained
     ``--heal-steps`` iterations, distilling from ``teacher`` (the unpruned model) unless --no-kd, or --kd-teacher
     names another. ``stand_in``: the pruned model's config, to check the job before the pruned weights exist."""
@@ -149,7 +149,7 @@ def heal_job(config_file, flags: dict, opts: PruneOptions, teacher: str, save: P
     return j.replace(dataclasses.replace(j.config, training=dataclasses.replace(t, train_iters=opts.heal_steps, kd_teacher=kd_teacher)))
 
 
-def _check_heal(config_file, flags: dict, opts: PruneOptions, source: str, save: Path, target: ModelConfig) -> None:
+def _check_heal(config_file, flags: dict, opts: PruneConfig, source: str, save: Path, target: ModelConfig) -> None:
     """The healing job built as it will be (with the pruned shape), so a bad flag fails before the prune."""
     from cookbook.data.loader import parse_data_path
     from cookbook.engine.trainer import check_layout
@@ -181,7 +181,7 @@ def _perplexity(model, streams: dict[str, torch.Tensor], seq_length: int, batch_
     return {r.name: r.ppl for r in results}
 
 
-def _scores(model, opts: PruneOptions, samples: torch.Tensor | None, seed: int,
+def _scores(model, opts: PruneConfig, samples: torch.Tensor | None, seed: int,
             width: bool) -> tuple[Scores | None, torch.Tensor | None, dict]:
     """Width scores (None when no width shrinks), layer importance (None when no layer is chosen by importance),
     and calibration facts."""
@@ -217,7 +217,7 @@ def _scores(model, opts: PruneOptions, samples: torch.Tensor | None, seed: int,
     return scores, layer_scores, facts
 
 
-def prune(model, opts: PruneOptions, samples: torch.Tensor | None = None, seed: int = 1234):
+def prune(model, opts: PruneConfig, samples: torch.Tensor | None = None, seed: int = 1234):
     """(pruned model, what was removed, calibration facts) for an in-process ``model`` and ``opts.spec``, with
     calibration ``samples`` [n, seq + 1] where the methods need them: the library entry point."""
     src, spec = model.config, opts.spec
@@ -248,7 +248,7 @@ def _write_report(save: Path, report: dict) -> Path:
     return write_text_atomic(save / REPORT, json.dumps(report, indent=1) + "\n")
 
 
-def run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
+def run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
     from cookbook.engine.checkpoint import model_format
     from cookbook.inference.load import load_model
@@ -349,7 +349,7 @@ def _shape(cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------- dry run and output
 
 
-def dry_run(config_file, overrides: dict[str, dict], opts: PruneOptions) -> dict:
+def dry_run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
     """Validate a prune without weights: the source from --load if it is here, else from --preset (and model flags).
     Returns {"before": shape, "after": shape, "params": ...}."""
     from pruner.calib import calibration_samples
@@ -423,4 +423,4 @@ def render(report: dict) -> list[Table]:
     return tables
 
 
-__all__ = ["PruneOptions", "prune", "run", "dry_run", "render", "render_shapes", "REPORT", "PRUNED"]
+__all__ = ["PruneConfig", "prune", "run", "dry_run", "render", "render_shapes", "REPORT", "PRUNED"]

@@ -8,7 +8,6 @@ of all the texts in that order, and megatron-core's builder (tests/megatron_orac
 from __future__ import annotations
 
 import gzip
-import json
 import subprocess
 import sys
 

@@ -21,7 +21,7 @@ from pruner.importance import calibrate, layer_removal_importance, layers_to_dro
 from pruner.save import param_count, write_checkpoint
 from pruner.slicing import Selection, keep_all, prune_model, select
 from pruner.spec import PruneSpec, parse_layer_ids, target_config
-from recipes.prune import PruneOptions, prune, run
+from recipes.prune import PruneConfig, prune, run
 
 BASE = dict(vocab_size=96, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
 
@@ -59,7 +59,7 @@ def test_a_prune_that_removes_nothing_is_the_model_bit_for_bit(variant):
     x = tokens()
     with torch.no_grad():
         assert torch.equal(prune_model(model, model.config, keep_all(model.config))(x), model(x))
-        pruned, removed, _ = prune(model, PruneOptions())
+        pruned, removed, _ = prune(model, PruneConfig())
         assert torch.equal(pruned(x), model(x))
     assert removed["dropped_layers"] == [] and removed["hidden_channels_removed"] == 0
 
@@ -204,7 +204,7 @@ def test_importance_never_keeps_silenced_units(importance):
     assert 5 not in sel.hidden.tolist()
     # removing dead heads and neurons changes nothing (the dead channel does: RMSNorm's mean runs over fewer channels)
     spec = PruneSpec(intermediate_size=118, num_heads=2, num_kv_heads=1)
-    pruned, _, _ = prune(model, PruneOptions(spec, importance=importance), calib())
+    pruned, _, _ = prune(model, PruneConfig(spec, importance=importance), calib())
     with torch.no_grad():
         torch.testing.assert_close(pruned(tokens()), model(tokens()), rtol=1e-5, atol=1e-5)
 
@@ -241,7 +241,7 @@ def test_block_influence_drops_the_layer_that_changes_nothing():
     model = zeroed(make_model(num_layers=5), layers=[2])  # layer 2 adds nothing to the residual stream
     influence = calibrate(model, calib(), 4, activation=False).block_influence
     assert influence[2].abs() < 1e-6 and (influence[[0, 1, 3, 4]] > 1e-3).all()
-    pruned, removed, facts = prune(model, PruneOptions(PruneSpec(drop_layers=1)), calib())
+    pruned, removed, facts = prune(model, PruneConfig(PruneSpec(drop_layers=1)), calib())
     assert removed["dropped_layers"] == [2] and len(facts["layer_importance"]) == 5
     with torch.no_grad():
         torch.testing.assert_close(pruned(tokens()), model(tokens()), rtol=1e-5, atol=1e-5)
@@ -259,10 +259,10 @@ def test_ppl_importance_is_the_calibration_loss_increase_when_a_layer_is_removed
 
     importance = layer_removal_importance(model, x, 3)
     for i in range(5):
-        without, _, _ = prune(model, PruneOptions(PruneSpec(drop_layer_ids=[i])))
+        without, _, _ = prune(model, PruneConfig(PruneSpec(drop_layer_ids=[i])))
         assert abs(float(importance[i]) - (loss(without) - loss(model))) < 1e-5
     assert abs(float(importance[2])) < 1e-6 and list(model.layers) == ["0", "1", "2", "3", "4"]  # the model is restored
-    _, removed, _ = prune(model, PruneOptions(PruneSpec(drop_layers=2), layer_importance="ppl"), x)
+    _, removed, _ = prune(model, PruneConfig(PruneSpec(drop_layers=2), layer_importance="ppl"), x)
     assert removed["dropped_layers"] == layers_to_drop(importance, 2)
 
 
@@ -322,7 +322,7 @@ def test_the_cookbook_shapes():
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
 def test_the_pruned_checkpoint_loads_back_with_the_same_logits(tmp_path, variant):
     model = make_model(**VARIANTS[variant])
-    pruned, _, _ = prune(model, PruneOptions(PruneSpec(hidden_size=40, num_heads=2, drop_layer_ids=[3]), importance="magnitude"))
+    pruned, _, _ = prune(model, PruneConfig(PruneSpec(hidden_size=40, num_heads=2, drop_layer_ids=[3]), importance="magnitude"))
     path = write_checkpoint(tmp_path / "out", pruned, {"data": {"tokenizer_model": "tok.model"}}, {"pruned_from": "x"})
     loaded, sections = load_model(tmp_path / "out", "cpu")
     assert sections["model"]["head_dim"] == 16 and sections["data"]["tokenizer_model"] == "tok.model"
@@ -337,7 +337,7 @@ def test_run_with_nothing_to_remove_saves_the_same_model(tmp_path):
     model = make_model()
     write_checkpoint(tmp_path / "base", model, {}, {})
     report = run(None, {"checkpoint": {"load": str(tmp_path / "base"), "save": str(tmp_path / "same")}, "training": {"device": "cpu"}},
-                 PruneOptions())
+                 PruneConfig())
     assert report["params"]["before"] == report["params"]["after"] == model.config.num_params()
     loaded, _ = load_model(tmp_path / "same", "cpu")
     with torch.no_grad():
@@ -361,7 +361,7 @@ def test_a_pruned_checkpoint_converts_to_hf_and_megatron_with_the_same_logits(tm
 
     model = make_model(num_heads=8, num_kv_heads=4, head_dim=8)
     spec = PruneSpec(hidden_size=48, intermediate_size=80, num_heads=4, num_kv_heads=2, drop_layer_ids=[1])
-    pruned, _, _ = prune(model, PruneOptions(spec, importance="magnitude"))
+    pruned, _, _ = prune(model, PruneConfig(spec, importance="magnitude"))
     assert pruned.config.num_heads * pruned.config.head_dim != pruned.config.hidden_size
     write_checkpoint(tmp_path / "pruned", pruned, {}, {})
     convert(ConvertConfig("cookbook", "hf", str(tmp_path / "pruned"), str(tmp_path / "hf")), show_progress=False)

@@ -79,11 +79,11 @@ def test_prune_and_heal_with_distillation(tmp_path, data, base):
     # other settings into the same folder are refused
     from cookbook.errors import CookbookError
     from pruner.spec import PruneSpec
-    from recipes.prune import PruneOptions, run
+    from recipes.prune import PruneConfig, run
 
     overrides = {"checkpoint": {"load": str(base), "save": str(save)}, "data": {"data_path": [data["train"]]}, "training": {"device": "cpu"}}
     with pytest.raises(CookbookError, match="made with other settings"):
-        run(None, overrides, PruneOptions(PruneSpec(hidden_size=32), importance="magnitude", heal_steps=12))
+        run(None, overrides, PruneConfig(PruneSpec(hidden_size=32), importance="magnitude", heal_steps=12))
 
 
 def test_the_pruned_checkpoint_trains_and_evaluates_like_any_other(tmp_path, data, base):
@@ -117,10 +117,10 @@ BAD = {
 def test_bad_input_is_refused_before_any_work(tmp_path, data, base, case):
     from cookbook.errors import CookbookError
     from pruner.spec import PruneSpec
-    from recipes.prune import PruneOptions, run
+    from recipes.prune import PruneConfig, run
 
     spec, other, message = BAD[case]
-    opts = PruneOptions(PruneSpec(**{"hidden_size": 32, **spec}), calib_data=data["train"], calib_samples=8,
+    opts = PruneConfig(PruneSpec(**{"hidden_size": 32, **spec}), calib_data=data["train"], calib_samples=8,
                         importance=other.get("importance", "activation"), heal_steps=other.get("heal_steps", 0))
     if "calib_data" in other:
         opts.calib_data = data.get(other["calib_data"])

@@ -204,12 +204,12 @@ def generate(
     """
     from cookbook.inference.sampling import SamplingParams
     from inference_distill.filters import FilterConfig
-    from recipes.distill import GenerateOptions, generate_dry_run
+    from recipes.distill import DistillGenerateConfig, generate_dry_run
     from recipes.distill import generate as run
 
     params = ctx.params
     opts = config_from(
-        GenerateOptions,
+        DistillGenerateConfig,
         params,
         prefix_tokens=128 if prefix_tokens is None and prefix_fraction is None else prefix_tokens,
         text_key=json_key,
@@ -268,10 +268,10 @@ def train(
 
     Example: cookbook distill train --load ckpt/llama2-13b --synthetic synth/ --data-path data/pile_text_document --synthetic-weight 0.5 --lr 1e-5 --train-iters 2000 --save ckpt/13b-distilled
     """
-    from recipes.distill import TrainOptions, train_dry_run
+    from recipes.distill import DistillTrainConfig, train_dry_run
     from recipes.distill import train as run
 
-    opts = config_from(TrainOptions, ctx.params, synthetic=comma_list(synthetic))
+    opts = config_from(DistillTrainConfig, ctx.params, synthetic=comma_list(synthetic))
     if dry_run:
         train_dry_run(config, overrides, opts, world_size, gpu)
     else:

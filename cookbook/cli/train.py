@@ -310,7 +310,7 @@ def prune(
     Example: cookbook prune --load ckpt/llama2-13b --hidden-size-remain 4096 --intermediate-size-remain 11008 --num-attention-heads-remain 32 --drop-layers 8 --calib-data data/pile_text_document --save ckpt/pruned-7b
     """
     from pruner.spec import PruneSpec, parse_layer_ids
-    from recipes.prune import PruneOptions, render, render_shapes, run
+    from recipes.prune import PruneConfig, render, render_shapes, run
     from recipes.prune import dry_run as check
 
     spec = PruneSpec(
@@ -322,7 +322,7 @@ def prune(
         drop_layer_ids=parse_layer_ids(drop_layer_ids),
     )
     opts = config_from(
-        PruneOptions, ctx.params, spec=spec, batch_size=calib_batch_size, eval_data=comma_list(eval_data)
+        PruneConfig, ctx.params, spec=spec, batch_size=calib_batch_size, eval_data=comma_list(eval_data)
     )
     if dry_run:
         out.print(render_shapes(check(config, overrides, opts)))

@@ -214,7 +214,7 @@ class Trainer:
             self.teacher.eval().requires_grad_(False)
         # bf16 in a world of one (no FSDP): autocast; with FSDP its mixed-precision policy casts instead
         self.autocast = t.dtype == "bf16" and self.mesh.size() == 1
-        self.schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
+        self.lr_schedule = LRSchedule(job.optimizer, t.train_iters, self.global_batch)
 
         if load is not None:
             self._load(load, finetune=job.checkpoint.finetune)
@@ -267,7 +267,7 @@ class Trainer:
     def train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float, float]:
         """One optimizer step over the global batch; returns (loss, grad norm, lr)."""
         self.model.train()
-        lr = self.schedule(self.step)
+        lr = self.lr_schedule(self.step)
         set_lr(self.optimizer, lr)
         if self.pipeline is not None:  # the schedule averages the micro batches' gradients (scale_grads)
             total = self._pipeline_loss(pipeline_step, micro_batches)

@@ -245,12 +245,14 @@ def run(job: Job, iters_flag: str = "--train-iters") -> dict:
     from cookbook.engine.trainer import Trainer
 
     try:
+        start = job.start
         if job.hf is not None:  # the converted copy of a Hugging Face --load, made once by rank 0
             init_distributed(job.config.training.device)
             if main_process():
                 convert_hf(job.hf, job.start)
             barrier()
-        trainer = Trainer(job.config, load=job.start)
+            start = checkpoint.find_checkpoint(job.start)
+        trainer = Trainer(job.config, load=start)
         t = job.config.training
         if trainer.dist.is_main:
             show_job(job.config, trainer.dims, trainer.global_batch, trainer.accumulation,

@@ -81,18 +81,24 @@ def main() -> None:
     if version:
         kernels.append(f"flash{version}")
     backward = {k: device.type == "cuda" or k != "flex" for k in kernels}
-    print(f"attention: batch {args.batch}, {args.heads} heads ({args.kv_heads} kv), head dim {args.head_dim}, {args.dtype}, "
-          f"{device.type}; documents of 100-1,000 tokens; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
-          f"{platform.processor() or platform.machine()}; torch {torch.__version__}"
-          + ("" if version else "; flash-attn not installed"))
-    print(f"\n{'seq':>6s} {'kernel':14s} {'prepare ms':>10s} {'fwd ms':>9s} {'vs causal':>9s} {'fwd+bwd ms':>10s} "
-          f"{'vs causal':>9s} {'mask bytes':>12s}")
+    print(
+        f"attention: batch {args.batch}, {args.heads} heads ({args.kv_heads} kv), head dim {args.head_dim}, {args.dtype}, "
+        f"{device.type}; documents of 100-1,000 tokens; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
+        f"{platform.processor() or platform.machine()}; torch {torch.__version__}"
+        + ("" if version else "; flash-attn not installed")
+    )
+    print(
+        f"\n{'seq':>6s} {'kernel':14s} {'prepare ms':>10s} {'fwd ms':>9s} {'vs causal':>9s} {'fwd+bwd ms':>10s} "
+        f"{'vs causal':>9s} {'mask bytes':>12s}"
+    )
     other = OtherLoad()
     other.start()
     for seq in args.seq:
         g = torch.Generator().manual_seed(seq)
         q = torch.randn(args.batch, args.heads, seq, args.head_dim, generator=g).to(device, dtype)
-        k, v = (torch.randn(args.batch, args.kv_heads, seq, args.head_dim, generator=g).to(device, dtype) for _ in range(2))
+        k, v = (
+            torch.randn(args.batch, args.kv_heads, seq, args.head_dim, generator=g).to(device, dtype) for _ in range(2)
+        )
         documents = packed_documents(args.batch, seq).to(device)
         causal = AttentionMask("sdpa", None, {0: seq}, args.batch, device)  # no documents: is_causal over the row
         reference = AttentionMask("sdpa", documents, {0: seq}, args.batch, device).attend(q, k, v)
@@ -100,12 +106,18 @@ def main() -> None:
         prepare = {"causal (sdpa)": 0.0}
         for kernel in kernels:
             prepare[kernel] = statistics.median(
-                timed(lambda: masks.__setitem__(kernel, AttentionMask(kernel, documents, {0: seq}, args.batch, device)),
-                      device)[0] for _ in range(args.repeats))
+                timed(
+                    lambda: masks.__setitem__(kernel, AttentionMask(kernel, documents, {0: seq}, args.batch, device)),
+                    device,
+                )[0]
+                for _ in range(args.repeats)
+            )
             out = masks[kernel].attend(q, k, v)
             tolerance = 1e-4 if dtype == torch.float32 else 2e-2
             if not torch.allclose(out.float(), reference.float(), atol=tolerance, rtol=0):
-                raise SystemExit(f"{kernel} differs from the SDPA reference by {(out - reference).abs().max():.2e} at seq {seq}")
+                raise SystemExit(
+                    f"{kernel} differs from the SDPA reference by {(out - reference).abs().max():.2e} at seq {seq}"
+                )
 
         def forward(mask):
             with torch.no_grad():
@@ -117,7 +129,7 @@ def main() -> None:
 
         times = {name: {"fwd": [], "bwd": []} for name in masks}
         for r in range(args.repeats + 1):  # the first round warms up (FlexAttention compiles on GPU)
-            for name in (list(masks) if r % 2 == 0 else list(masks)[::-1]):
+            for name in list(masks) if r % 2 == 0 else list(masks)[::-1]:
                 fwd = timed(lambda: forward(masks[name]), device)[0]
                 bwd = timed(lambda: forward_backward(masks[name]), device)[0] if backward.get(name, True) else None
                 if r:
@@ -127,12 +139,16 @@ def main() -> None:
         for name, mask in masks.items():
             fwd = statistics.median(times[name]["fwd"])
             bwd = statistics.median(times[name]["bwd"]) if backward.get(name, True) else None
-            print(f"{seq:6d} {name:14s} {1e3 * prepare[name]:10.2f} {1e3 * fwd:9.2f} {fwd / base['fwd']:8.2f}x "
-                  + (f"{1e3 * bwd:10.2f} {bwd / base['bwd']:8.2f}x" if bwd else f"{'no backward':>10s} {'':>9s}")
-                  + f" {mask_bytes(mask):12,d}")
+            print(
+                f"{seq:6d} {name:14s} {1e3 * prepare[name]:10.2f} {1e3 * fwd:9.2f} {fwd / base['fwd']:8.2f}x "
+                + (f"{1e3 * bwd:10.2f} {bwd / base['bwd']:8.2f}x" if bwd else f"{'no backward':>10s} {'':>9s}")
+                + f" {mask_bytes(mask):12,d}"
+            )
     share = other.stop()
     if share is not None:
-        print(f"\nother processes used {100 * share:.0f}% of the machine's CPU time; above a few % the figures are disturbed")
+        print(
+            f"\nother processes used {100 * share:.0f}% of the machine's CPU time; above a few % the figures are disturbed"
+        )
 
 
 if __name__ == "__main__":

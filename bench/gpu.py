@@ -49,8 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FLASH = ("flash_attn_interface", "flash_attn")
-INSTALL = {"flash": "flash-attn is not installed: pip install 'cookbook[gpu]'",
-           "torchao": "torchao is not installed: pip install 'cookbook[fp8]'"}
+INSTALL = {
+    "flash": "flash-attn is not installed: pip install 'cookbook[gpu]'",
+    "torchao": "torchao is not installed: pip install 'cookbook[fp8]'",
+}
 
 
 @dataclass(frozen=True)
@@ -69,24 +71,96 @@ class Shape:
 
 
 FULL = Shape(
-    model=dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=128,
-               intermediate_size=8192, max_seq_len=4096),
-    seq=4096, micro_batch=2, warmup=3, steps=10,
-    loss_model=dict(vocab_size=8000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64,
-                    intermediate_size=1536, max_seq_len=512),
-    loss_seq=512, loss_steps=20,
-    generate=["--hidden-size", "2048", "--num-layers", "16", "--vocab-size", "32000", "--batch-size", "16",
-              "--prompt-len", "128", "--new-tokens", "128", "--repeats", "3", "--threads", "0"],
+    model=dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=8192,
+        max_seq_len=4096,
+    ),
+    seq=4096,
+    micro_batch=2,
+    warmup=3,
+    steps=10,
+    loss_model=dict(
+        vocab_size=8000,
+        hidden_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=1536,
+        max_seq_len=512,
+    ),
+    loss_seq=512,
+    loss_steps=20,
+    generate=[
+        "--hidden-size",
+        "2048",
+        "--num-layers",
+        "16",
+        "--vocab-size",
+        "32000",
+        "--batch-size",
+        "16",
+        "--prompt-len",
+        "128",
+        "--new-tokens",
+        "128",
+        "--repeats",
+        "3",
+        "--threads",
+        "0",
+    ],
 )
 SMOKE = Shape(
-    model=dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-               intermediate_size=128, max_seq_len=64),
-    seq=64, micro_batch=2, warmup=1, steps=2,
-    loss_model=dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                    intermediate_size=128, max_seq_len=64),
-    loss_seq=64, loss_steps=3,
-    generate=["--hidden-size", "64", "--num-layers", "2", "--vocab-size", "512", "--batch-size", "2",
-              "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--threads", "1"],
+    model=dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_seq_len=64,
+    ),
+    seq=64,
+    micro_batch=2,
+    warmup=1,
+    steps=2,
+    loss_model=dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_seq_len=64,
+    ),
+    loss_seq=64,
+    loss_steps=3,
+    generate=[
+        "--hidden-size",
+        "64",
+        "--num-layers",
+        "2",
+        "--vocab-size",
+        "512",
+        "--batch-size",
+        "2",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ],
 )
 
 
@@ -130,28 +204,60 @@ def installed(need: str | None) -> bool:
 # --------------------------------------------------------------------------- one rung (in its own process)
 
 
-def job_config(shape_model: dict, data: str, seq: int, micro_batch: int, iters: int, device: str, dtype: str,
-               rung: Rung, lr: float = 3e-4):
+def job_config(
+    shape_model: dict,
+    data: str,
+    seq: int,
+    micro_batch: int,
+    iters: int,
+    device: str,
+    dtype: str,
+    rung: Rung,
+    lr: float = 3e-4,
+):
     from cookbook.engine.config import build_config
 
-    return build_config({
-        "model": {"preset": "tiny", **shape_model},
-        "data": {"data_path": [data], "seq_length": seq, "split": "1,0,0", "reset_position_ids": rung.documents,
-                 "reset_attention_mask": rung.documents, "eod_mask_loss": rung.documents,
-                 "eod_id": shape_model["vocab_size"] - 1},
-        "optimizer": {"lr": lr, "lr_decay_style": "constant", "weight_decay": 0.1, "clip_grad": 1.0},
-        "training": {"train_iters": iters, "micro_batch_size": micro_batch, "global_batch_size": micro_batch,
-                     "dtype": dtype, "device": device, "eval_interval": 0, "eval_iters": 0, "seed": 1234,
-                     "compile": rung.compile, "fp8": rung.fp8, "attention_backend": rung.backend},
-    })
+    return build_config(
+        {
+            "model": {"preset": "tiny", **shape_model},
+            "data": {
+                "data_path": [data],
+                "seq_length": seq,
+                "split": "1,0,0",
+                "reset_position_ids": rung.documents,
+                "reset_attention_mask": rung.documents,
+                "eod_mask_loss": rung.documents,
+                "eod_id": shape_model["vocab_size"] - 1,
+            },
+            "optimizer": {"lr": lr, "lr_decay_style": "constant", "weight_decay": 0.1, "clip_grad": 1.0},
+            "training": {
+                "train_iters": iters,
+                "micro_batch_size": micro_batch,
+                "global_batch_size": micro_batch,
+                "dtype": dtype,
+                "device": device,
+                "eval_interval": 0,
+                "eval_iters": 0,
+                "seed": 1234,
+                "compile": rung.compile,
+                "fp8": rung.fp8,
+                "attention_backend": rung.backend,
+            },
+        }
+    )
 
 
 def write_data(work: str, shape_model: dict, samples: int, seq: int, documents: bool, counting: bool = False) -> str:
     from bench.train import write_random_tokens
 
     vocab = shape_model["vocab_size"]
-    return write_random_tokens(Path(work) / "bench_text_document", int(samples * (seq + 1) * 1.2) + 2000, vocab,
-                               eod=vocab - 1 if documents else None, counting=counting)
+    return write_random_tokens(
+        Path(work) / "bench_text_document",
+        int(samples * (seq + 1) * 1.2) + 2000,
+        vocab,
+        eod=vocab - 1 if documents else None,
+        counting=counting,
+    )
 
 
 def time_steps(step, batches, warmup: int, device) -> tuple[list[float], list[float]]:
@@ -179,8 +285,13 @@ def throughput(cfg, seq: int, tokens_per_step: int, times: list[float], device) 
     tokens_per_s = tokens_per_step / median
     tflops = cfg.flops_per_token(seq) * tokens_per_s / 1e12
     peak = peak_tflops(device)
-    return {"tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None, "step_s": median,
-            "memory_gib": peak_memory_gib(device)}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "step_s": median,
+        "memory_gib": peak_memory_gib(device),
+    }
 
 
 def run_train(rung: Rung, shape: Shape, device: str) -> dict:
@@ -211,8 +322,9 @@ def plan_estimate(cfg, shape: Shape, device) -> float:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     gpu = GPUS["H200"] if "H200" in name else GPUS["H100-80GB"]
-    return estimate(cfg, shape.seq, shape.micro_batch, gpu, 1, 1, tp=1, pp=1, mode="none",
-                    micro_batch=shape.micro_batch).total_gib
+    return estimate(
+        cfg, shape.seq, shape.micro_batch, gpu, 1, 1, tp=1, pp=1, mode="none", micro_batch=shape.micro_batch
+    ).total_gib
 
 
 def run_hf(rung: Rung, shape: Shape, device: str) -> dict:
@@ -254,8 +366,17 @@ def run_loss(rung: Rung, shape: Shape, device: str) -> dict:
         data = write_data(work, shape.loss_model, steps * 4, shape.loss_seq, rung.documents, counting=True)
         runs = []  # (losses, attention kernel) of the fp32 CPU run, then of the bf16 run on the device
         for where, dtype, backend in (("cpu", "fp32", "sdpa"), (device, "bf16", rung.backend)):
-            job = job_config(shape.loss_model, data, shape.loss_seq, 4, steps, where, dtype,
-                             Rung(rung.name, "loss", backend=backend, documents=rung.documents), lr=1e-3)
+            job = job_config(
+                shape.loss_model,
+                data,
+                shape.loss_seq,
+                4,
+                steps,
+                where,
+                dtype,
+                Rung(rung.name, "loss", backend=backend, documents=rung.documents),
+                lr=1e-3,
+            )
             trainer = Trainer(job)
             try:
                 if not runs:
@@ -269,8 +390,14 @@ def run_loss(rung: Rung, shape: Shape, device: str) -> dict:
     (ref, _), (got, attention) = runs
     diffs = [abs(a - b) for a, b in zip(ref, got)]
     relative = max(d / abs(a) for d, a in zip(diffs, ref))
-    return {"fp32_losses": ref, "bf16_losses": got, "max_abs_diff": max(diffs), "max_rel_diff": relative,
-            "attention": attention, "ok": relative <= LOSS_TOLERANCE}
+    return {
+        "fp32_losses": ref,
+        "bf16_losses": got,
+        "max_abs_diff": max(diffs),
+        "max_rel_diff": relative,
+        "attention": attention,
+        "ok": relative <= LOSS_TOLERANCE,
+    }
 
 
 def run_generate(rung: Rung, shape: Shape, device: str) -> dict:
@@ -280,12 +407,20 @@ def run_generate(rung: Rung, shape: Shape, device: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"bench/generate.py exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
-    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(cookbook|hf)\s+\S+\s+\S+\s+\S+\s+([\d.]+)\s", proc.stdout, re.M)}
+    rows = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(cookbook|hf)\s+\S+\s+\S+\s+\S+\s+([\d.]+)\s", proc.stdout, re.M)
+    }
     if set(rows) != {"cookbook", "hf"}:
         raise RuntimeError(f"bench/generate.py printed no cookbook and hf rows:\n{proc.stdout}")
     same = re.search(r"^same greedy tokens: .*$", proc.stdout, re.M)
-    return {"tokens_per_s": rows["cookbook"], "hf_tokens_per_s": rows["hf"], "vs_hf": rows["cookbook"] / rows["hf"],
-            "agreement": same.group(0) if same else None, "command": " ".join(cmd[1:])}
+    return {
+        "tokens_per_s": rows["cookbook"],
+        "hf_tokens_per_s": rows["hf"],
+        "vs_hf": rows["cookbook"] / rows["hf"],
+        "agreement": same.group(0) if same else None,
+        "command": " ".join(cmd[1:]),
+    }
 
 
 KINDS = {"train": run_train, "hf": run_hf, "loss": run_loss, "generate": run_generate}
@@ -303,7 +438,11 @@ def run_rung(rung: Rung, shape: Shape, device: str) -> dict:
     except CookbookError as e:
         result = {"status": "skipped", "note": str(e)}
     except Exception as e:  # an out-of-memory, a compile or kernel failure: this rung's row, not the run's end
-        result = {"status": "failed", "note": f"{type(e).__name__}: {last_line(str(e))}", "traceback": traceback.format_exc()}
+        result = {
+            "status": "failed",
+            "note": f"{type(e).__name__}: {last_line(str(e))}",
+            "traceback": traceback.format_exc(),
+        }
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -331,26 +470,41 @@ def run_isolated(rung: Rung, smoke: bool, timeout: float) -> dict:
         cmd += ["--smoke"] if smoke else []
         start = time.perf_counter()
         # a session of its own: on a timeout the rung's whole process group goes (bench/generate.py's too)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), start_new_session=True
+        )
         try:
             _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return {"status": "failed", "note": f"timed out after {timeout:g} s", "seconds": time.perf_counter() - start}
+            return {
+                "status": "failed",
+                "note": f"timed out after {timeout:g} s",
+                "seconds": time.perf_counter() - start,
+            }
         if out.is_file():
             return json.loads(out.read_text())
-        return {"status": "failed", "note": f"the process died (exit {proc.returncode}): {last_line(stderr)}",
-                "seconds": time.perf_counter() - start, "stderr": stderr[-4000:]}
+        return {
+            "status": "failed",
+            "note": f"the process died (exit {proc.returncode}): {last_line(stderr)}",
+            "seconds": time.perf_counter() - start,
+            "stderr": stderr[-4000:],
+        }
 
 
 def machine(device: str) -> dict:
     import torch
 
-    info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "device": device}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": device,
+    }
     try:
         import transformers
 
@@ -378,9 +532,13 @@ def derive(results: dict) -> None:
             r["vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"]
     sdpa = results.get("sdpa", {})
     if sdpa.get("status") == "ok" and sdpa.get("plan_gib"):
-        results["memory"] = {"status": "ok", "memory_gib": sdpa["memory_gib"], "plan_gib": sdpa["plan_gib"],
-                             "note": f"sdpa rung's peak {sdpa['memory_gib']:.1f} GiB; cookbook plan estimates "
-                                     f"{sdpa['plan_gib']:.1f} GiB ({sdpa['plan_gib'] / sdpa['memory_gib']:.2f}x)"}
+        results["memory"] = {
+            "status": "ok",
+            "memory_gib": sdpa["memory_gib"],
+            "plan_gib": sdpa["plan_gib"],
+            "note": f"sdpa rung's peak {sdpa['memory_gib']:.1f} GiB; cookbook plan estimates "
+            f"{sdpa['plan_gib']:.1f} GiB ({sdpa['plan_gib'] / sdpa['memory_gib']:.2f}x)",
+        }
 
 
 def fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -393,8 +551,10 @@ def table(results: dict) -> list[str]:
     for name, r in results.items():
         note = r.get("note", "")
         if r.get("status") == "ok" and "max_rel_diff" in r:
-            note = (f"{r['attention']}: max |bf16 - fp32| {r['max_abs_diff']:.2e} ({100 * r['max_rel_diff']:.2f}%) "
-                    f"over {len(r['fp32_losses'])} steps, fp32 loss {r['fp32_losses'][0]:.3f} -> {r['fp32_losses'][-1]:.3f}")
+            note = (
+                f"{r['attention']}: max |bf16 - fp32| {r['max_abs_diff']:.2e} ({100 * r['max_rel_diff']:.2f}%) "
+                f"over {len(r['fp32_losses'])} steps, fp32 loss {r['fp32_losses'][0]:.3f} -> {r['fp32_losses'][-1]:.3f}"
+            )
         elif "max_rel_diff" in r:
             note = f"bf16 off fp32 by {100 * r['max_rel_diff']:.2f}% (> {100 * LOSS_TOLERANCE:g}%)"
         elif r.get("status") == "ok" and "hf_tokens_per_s" in r:
@@ -402,10 +562,12 @@ def table(results: dict) -> list[str]:
         elif r.get("status") == "ok" and "attention" in r:
             note = f"attention {r['attention']}, loss {r['loss']:.3f}"
         mfu = r.get("mfu")
-        lines.append(f"{name:20s} {r.get('status', ''):8s} {fmt(r.get('tokens_per_s'), ',.0f'):>10s} "
-                     f"{fmt(r.get('tflops'), '.1f'):>8s} {fmt(mfu, '.1f', 100) + ('%' if mfu is not None else ''):>6s} "
-                     f"{fmt(r.get('step_s'), '.3f'):>7s} {fmt(r.get('memory_gib'), '.1f'):>8s} "
-                     f"{fmt(r.get('vs_hf'), '.2f') + ('x' if r.get('vs_hf') is not None else ''):>6s}  {note}")
+        lines.append(
+            f"{name:20s} {r.get('status', ''):8s} {fmt(r.get('tokens_per_s'), ',.0f'):>10s} "
+            f"{fmt(r.get('tflops'), '.1f'):>8s} {fmt(mfu, '.1f', 100) + ('%' if mfu is not None else ''):>6s} "
+            f"{fmt(r.get('step_s'), '.3f'):>7s} {fmt(r.get('memory_gib'), '.1f'):>8s} "
+            f"{fmt(r.get('vs_hf'), '.2f') + ('x' if r.get('vs_hf') is not None else ''):>6s}  {note}"
+        )
     return lines
 
 
@@ -420,11 +582,20 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, in this process (seconds)")
     ap.add_argument("--out", default="bench-gpu.json", help="the JSON file (rewritten after every rung)")
     ap.add_argument("--rungs", default=",".join(r.name for r in RUNGS), help="comma-separated rung names")
-    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                    help="each rung in its own process (default: on, except with --smoke)")
+    ap.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each rung in its own process (default: on, except with --smoke)",
+    )
     ap.add_argument("--rung-timeout", type=float, default=300.0, help="seconds one isolated rung may take")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run: later rungs are "
-                    "skipped once it is spent, and an isolated rung stops 30 s after it (0: no limit)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=420.0,
+        help="seconds for the whole run: later rungs are "
+        "skipped once it is spent, and an isolated rung stops 30 s after it (0: no limit)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one rung, write its result to --out
     args = ap.parse_args()
     shape, device = (SMOKE, "cpu") if args.smoke else (FULL, "cuda")
@@ -442,14 +613,19 @@ def main() -> int:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device here; bench/gpu.sh measures a GPU (--smoke runs its tiny CPU version)", file=sys.stderr)
+        print(
+            "error: no CUDA device here; bench/gpu.sh measures a GPU (--smoke runs its tiny CPU version)",
+            file=sys.stderr,
+        )
         return 2
     isolate = (not args.smoke) if args.isolate is None else args.isolate
     payload = {"machine": machine(device), "shape": asdict(shape), "smoke": args.smoke, "rungs": {}}
     results = payload["rungs"]
-    print(f"bench/gpu.py: {len(names)} rungs on {payload['machine'].get('gpu', device)}, torch {torch.__version__}"
-          f"{' (smoke: tiny shapes, CPU)' if args.smoke else ''}; {'one process per rung' if isolate else 'in this process'}",
-          flush=True)
+    print(
+        f"bench/gpu.py: {len(names)} rungs on {payload['machine'].get('gpu', device)}, torch {torch.__version__}"
+        f"{' (smoke: tiny shapes, CPU)' if args.smoke else ''}; {'one process per rung' if isolate else 'in this process'}",
+        flush=True,
+    )
     begin = time.perf_counter()
     for name in names:
         rung = BY_NAME[name]
@@ -458,15 +634,22 @@ def main() -> int:
         elif args.smoke and rung.compile:
             results[name] = {"status": "skipped", "note": "--smoke does not compile (minutes on a CPU)"}
         elif args.budget and time.perf_counter() - begin > args.budget:
-            results[name] = {"status": "skipped", "note": f"the run's budget of {args.budget:g} s is spent (--rungs to run it)"}
+            results[name] = {
+                "status": "skipped",
+                "note": f"the run's budget of {args.budget:g} s is spent (--rungs to run it)",
+            }
         elif isolate:
             left = args.budget - (time.perf_counter() - begin) + 30 if args.budget else float("inf")
             results[name] = run_isolated(rung, args.smoke, min(args.rung_timeout, left))
         else:
             results[name] = run_rung(rung, shape, device)
         r = results[name]
-        print(f"[{time.perf_counter() - begin:4.0f} s] {name}: {r['status']}" + (f" in {r['seconds']:.0f} s" if "seconds" in r else "")
-              + (f" ({r['note']})" if r.get("note") else ""), flush=True)
+        print(
+            f"[{time.perf_counter() - begin:4.0f} s] {name}: {r['status']}"
+            + (f" in {r['seconds']:.0f} s" if "seconds" in r else "")
+            + (f" ({r['note']})" if r.get("note") else ""),
+            flush=True,
+        )
         derive(results)
         write_json(out, payload)
     payload["seconds"] = time.perf_counter() - begin

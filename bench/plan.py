@@ -17,10 +17,10 @@ import copy
 import torch
 
 from cookbook.engine.metrics import activation_memory
+from cookbook.engine.plan import GIB, GPUS, estimate
 from cookbook.engine.recompute import apply_activation_checkpointing
 from cookbook.engine.trainer import next_token_loss
 from cookbook.model import ModelConfig, Transformer
-from cookbook.engine.plan import GIB, GPUS, estimate
 
 
 def main() -> None:
@@ -31,8 +31,15 @@ def main() -> None:
     print("| vocab | recompute | measured peak (MiB) | planned (MiB) | planned / measured |")
     print("|---|---|---|---|---|")
     for vocab in args.vocab:
-        cfg = ModelConfig(vocab_size=vocab, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                          intermediate_size=352, max_seq_len=args.seq)
+        cfg = ModelConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=352,
+            max_seq_len=args.seq,
+        )
         torch.manual_seed(0)
         plain = Transformer(cfg)
         plain.init_weights(0)
@@ -43,7 +50,12 @@ def main() -> None:
             model = copy.deepcopy(plain)
             apply_activation_checkpointing(model, mode)
             peak = activation_memory(lambda: next_token_loss(model, batch))[1] - grads
-            planned = estimate(cfg, args.seq, 2, GPUS["A100-80GB"], 1, 8, tp=1, pp=1, mode=mode, micro_batch=2).activations_gib * GIB
+            planned = (
+                estimate(
+                    cfg, args.seq, 2, GPUS["A100-80GB"], 1, 8, tp=1, pp=1, mode=mode, micro_batch=2
+                ).activations_gib
+                * GIB
+            )
             print(f"| {vocab} | {mode} | {peak / 2**20:.2f} | {planned / 2**20:.2f} | {planned / peak:.2f}x |")
 
 

@@ -101,7 +101,9 @@ def baseline(kind: str, tok_path: str, corpus: str, prefix: str, workers: int, v
 
 def ours(tok_path: str, corpus: str, prefix: str, workers: int, backend: str):
     start = time.perf_counter()
-    cfg = PreprocessConfig([corpus], prefix, tokenizer_model=tok_path, append_eod=True, workers=workers, tokenizer_backend=backend)
+    cfg = PreprocessConfig(
+        [corpus], prefix, tokenizer_model=tok_path, append_eod=True, workers=workers, tokenizer_backend=backend
+    )
     s = run(cfg, show_progress=False)
     return time.perf_counter() - start, s
 
@@ -134,8 +136,26 @@ def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, int, 
 def cookbook_process(corpus, prefix, tok: str, workers: int, extra=()) -> tuple[float, float, int]:
     """`cookbook preprocess` as a process: (wall, its own time from the summary, peak RSS)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
-    wall, rss, out = timed_process([sys.executable, "-m", "cookbook", "preprocess", "--input", str(corpus), "--output-prefix",
-                                    str(prefix), "--tokenizer-model", tok, "--append-eod", "-w", str(workers), "-q", *extra], env)
+    wall, rss, out = timed_process(
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "preprocess",
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-model",
+            tok,
+            "--append-eod",
+            "-w",
+            str(workers),
+            "-q",
+            *extra,
+        ],
+        env,
+    )
     own = float(re.search(r"time\W+([\d.,]+) s", out).group(1).replace(",", ""))
     return wall, own, rss
 
@@ -143,9 +163,23 @@ def cookbook_process(corpus, prefix, tok: str, workers: int, extra=()) -> tuple[
 def fast_path(python: str, checkout: str, corpus, prefix, tok: str) -> tuple[float, float, int]:
     """Megatron-LM's preprocess_data_fast.py --use-gigatoken: (wall, its own elapsed time without imports, peak RSS)."""
     env = {**os.environ, "PYTHONPATH": checkout}
-    wall, rss, out = timed_process([python, f"{checkout}/tools/preprocess_data_fast.py", "--input", str(corpus), "--output-prefix",
-                                    str(prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok,
-                                    "--use-gigatoken", "--append-eod"], env)
+    wall, rss, out = timed_process(
+        [
+            python,
+            f"{checkout}/tools/preprocess_data_fast.py",
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            tok,
+            "--use-gigatoken",
+            "--append-eod",
+        ],
+        env,
+    )
     return wall, float(re.search(r"Elapsed time: ([\d.]+) seconds", out).group(1)), rss
 
 
@@ -155,8 +189,12 @@ def fast_path_missing(python: str | None, checkout: str | None) -> str | None:
         return "pass --megatron-python and --megatron-lm (or set MEGATRON_PYTHON / MEGATRON_LM)"
     if not Path(checkout, "tools/preprocess_data_fast.py").exists():
         return f"{checkout} has no tools/preprocess_data_fast.py (it needs a Megatron-LM checkout of Aug 2026 or later)"
-    probe = subprocess.run([python, "-c", "import gigatoken, awkward, triton, megatron.core"], env={**os.environ, "PYTHONPATH": checkout},
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import gigatoken, awkward, triton, megatron.core"],
+        env={**os.environ, "PYTHONPATH": checkout},
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         return f"{python} cannot import its dependencies: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
     return None
@@ -179,14 +217,18 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
         return out
 
     blocks = stage("read + split lines", lambda: [b for _, b, _ in read_lines(corpus, int(block_mb * (1 << 20)))])
-    texts = stage("parse (orjson)", lambda blocks: [parse_lines(corpus, 1, b, ["text"], False)[0]["text"] for b in blocks],
-                  blocks)
+    texts = stage(
+        "parse (orjson)", lambda blocks: [parse_lines(corpus, 1, b, ["text"], False)[0]["text"] for b in blocks], blocks
+    )
     del blocks
     plain = stage("tokenize (native threads)", lambda texts: [tok.plain(t) for t in texts], texts)
     stage("special-text scan", lambda texts: [[i for i, x in enumerate(t) if tok.needs_exact(x)] for t in texts], texts)
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
-    built = stage("assemble (BOS/EOD, dtype)", lambda plain: [_wrap(f, n, tok.prefix, tok.suffix, tok.eod, dtype) for f, n in plain],
-                  plain)
+    built = stage(
+        "assemble (BOS/EOD, dtype)",
+        lambda plain: [_wrap(f, n, tok.prefix, tok.suffix, tok.eod, dtype) for f, n in plain],
+        plain,
+    )
     del plain, texts
     with tempfile.TemporaryDirectory() as d:
         from cookbook.data.indexed import IndexedDatasetWriter
@@ -201,8 +243,12 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
 
         waits = dict(recipe.HANDOFF)
         start = time.perf_counter()
-        run(PreprocessConfig([str(corpus)], f"{d}/p", tokenizer_model=tok_path, append_eod=True, workers=workers,
-                             block_mb=block_mb), show_progress=False)
+        run(
+            PreprocessConfig(
+                [str(corpus)], f"{d}/p", tokenizer_model=tok_path, append_eod=True, workers=workers, block_mb=block_mb
+            ),
+            show_progress=False,
+        )
         pipelined = time.perf_counter() - start
         waits = {k: v - waits[k] for k, v in recipe.HANDOFF.items()}
     size = corpus.stat().st_size
@@ -210,16 +256,25 @@ def profile(tok_path: str, corpus: Path, workers: int, block_mb: float = 2.0) ->
     print(f"profile ({size / 1e6:,.0f} MB, {workers} workers): each stage alone")
     for name, t in times.items():
         print(f"  {name:28s} {t:7.2f} s  {100 * t / total:5.1f}%  {size / 1e6 / max(t, 1e-9):8,.0f} MB/s")
-    print(f"  {'sum of stages':28s} {total:7.2f} s;  pipelined run (tokenizer load included): {pipelined:.2f} s, "
-          f"{size / 1e6 / pipelined:,.1f} MB/s")
-    print("  hand-off in the pipelined run: " + ", ".join(f"{k} {v:.2f} s" for k, v in waits.items())
-          + " (the main thread waiting means the reader is the slower side)")
+    print(
+        f"  {'sum of stages':28s} {total:7.2f} s;  pipelined run (tokenizer load included): {pipelined:.2f} s, "
+        f"{size / 1e6 / pipelined:,.1f} MB/s"
+    )
+    print(
+        "  hand-off in the pipelined run: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in waits.items())
+        + " (the main thread waiting means the reader is the slower side)"
+    )
 
 
 def memory(work: Path, texts: list[str], tok: str, workers: int) -> None:
     """Peak RSS per input format at 1x, 10x and 30x (the 30x with 60x documents mixed in)."""
     print(f"memory: peak RSS of `cookbook preprocess -w {workers}` (one process)")
-    print(f"  {'format':10s} " + " ".join(f"{label:>22s}" for label in ("1x", "10x", "30x + 60x documents")) + "   30x / 1x")
+    print(
+        f"  {'format':10s} "
+        + " ".join(f"{label:>22s}" for label in ("1x", "10x", "30x + 60x documents"))
+        + "   30x / 1x"
+    )
     for fmt in CORPUS_FORMATS:
         peaks = []
         for factor in (1, 10, 30):
@@ -237,20 +292,36 @@ def memory(work: Path, texts: list[str], tok: str, workers: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--kinds", default="sentencepiece,hf", help="sentencepiece (Llama 2 settings), sentencepiece-nfkc "
-                    "(nmt_nfkc normalization), hf (baseline: transformers, as Megatron-LM), hf-tokenizers "
-                    "(baseline: tokenizers.Tokenizer.encode, faster than transformers)")
+    ap.add_argument(
+        "--kinds",
+        default="sentencepiece,hf",
+        help="sentencepiece (Llama 2 settings), sentencepiece-nfkc "
+        "(nmt_nfkc normalization), hf (baseline: transformers, as Megatron-LM), hf-tokenizers "
+        "(baseline: tokenizers.Tokenizer.encode, faster than transformers)",
+    )
     ap.add_argument("--corpus-mb", type=float, default=None, help="default: the whole sample corpus (~31 MB)")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--tokenizer-backend", default="auto", help="cookbook's backend: auto, gigatoken or reference")
     ap.add_argument("--repeats", type=int, default=1, help="best of N for each side")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--scale", type=int, default=1, help="K distinct variants of the corpus (32: about 1 GB)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the multiprocessing baseline (slow on big corpora)")
-    ap.add_argument("--fast-path", action="store_true", help="also run Megatron-LM's preprocess_data_fast.py --use-gigatoken")
-    ap.add_argument("--megatron-python", default=os.environ.get("MEGATRON_PYTHON"), help="a Python >= 3.12 with gigatoken, awkward, triton, torch")
-    ap.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"), help="a Megatron-LM checkout (Aug 2026 or later)")
-    ap.add_argument("--memory", action="store_true", help="peak RSS at 1x/10x/30x of the sample corpus, every input format")
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip the multiprocessing baseline (slow on big corpora)"
+    )
+    ap.add_argument(
+        "--fast-path", action="store_true", help="also run Megatron-LM's preprocess_data_fast.py --use-gigatoken"
+    )
+    ap.add_argument(
+        "--megatron-python",
+        default=os.environ.get("MEGATRON_PYTHON"),
+        help="a Python >= 3.12 with gigatoken, awkward, triton, torch",
+    )
+    ap.add_argument(
+        "--megatron-lm", default=os.environ.get("MEGATRON_LM"), help="a Megatron-LM checkout (Aug 2026 or later)"
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="peak RSS at 1x/10x/30x of the sample corpus, every input format"
+    )
     ap.add_argument("--profile", action="store_true", help="where cookbook's time goes, stage by stage")
     args = ap.parse_args()
 
@@ -264,17 +335,25 @@ def main() -> None:
         if not corpus.exists():
             write_corpus(corpus, scaled_texts(base_texts, args.scale), "jsonl")
         docs, size = docs * args.scale, corpus.stat().st_size
-    print(f"corpus: {docs:,} documents, {size / 1e6:.1f} MB of text; workers={args.workers}; "
-          f"cpus={os.cpu_count()}; {platform.processor() or platform.machine()}; python {platform.python_version()}")
+    print(
+        f"corpus: {docs:,} documents, {size / 1e6:.1f} MB of text; workers={args.workers}; "
+        f"cpus={os.cpu_count()}; {platform.processor() or platform.machine()}; python {platform.python_version()}"
+    )
     results = []
     for kind in args.kinds.split(","):
         sp = kind.startswith("sentencepiece")
         out = work / {"sentencepiece": "sp.model", "sentencepiece-nfkc": "sp_nfkc.model"}.get(kind, "hf")
         if not out.exists():
-            train_tokenizer(TokenizerTrainConfig(
-                [str(corpus)], str(out), kind="sentencepiece" if sp else "hf-bpe", vocab_size=args.vocab_size,
-                max_documents=600, normalization="nmt_nfkc" if kind == "sentencepiece-nfkc" else "identity",
-            ))
+            train_tokenizer(
+                TokenizerTrainConfig(
+                    [str(corpus)],
+                    str(out),
+                    kind="sentencepiece" if sp else "hf-bpe",
+                    vocab_size=args.vocab_size,
+                    max_documents=600,
+                    normalization="nmt_nfkc" if kind == "sentencepiece-nfkc" else "identity",
+                )
+            )
         if args.fast_path and not sp:
             why = fast_path_missing(args.megatron_python, args.megatron_lm)
             if why:
@@ -285,28 +364,49 @@ def main() -> None:
                     fp.append(fast_path(args.megatron_python, args.megatron_lm, corpus, work / "fast", str(out)))
                     cb.append(cookbook_process(corpus, work / "cb", str(out), args.workers))
                 (fw, fo, fr), (cw, co, cr) = min(fp), min(cb)  # best of N by wall time
-                same = all(Path(f"{work}/fast_text_document{e}").read_bytes() == Path(f"{work}/cb_text_document{e}").read_bytes() for e in (".bin", ".idx"))
-                print(f"{kind:14s} fast path: wall {fw:6.1f} s (own {fo:6.1f} s, {size / 1e6 / fo:6.1f} MB/s), peak {fr / 2**30:5.2f} GiB | "
-                      f"cookbook: wall {cw:6.1f} s (own {co:6.1f} s, {size / 1e6 / co:6.1f} MB/s), peak {cr / 2**30:5.2f} GiB | "
-                      f"own-time ratio {fo / co:4.2f}x, wall ratio {fw / cw:4.2f}x | same bytes: {same}")
+                same = all(
+                    Path(f"{work}/fast_text_document{e}").read_bytes()
+                    == Path(f"{work}/cb_text_document{e}").read_bytes()
+                    for e in (".bin", ".idx")
+                )
+                print(
+                    f"{kind:14s} fast path: wall {fw:6.1f} s (own {fo:6.1f} s, {size / 1e6 / fo:6.1f} MB/s), peak {fr / 2**30:5.2f} GiB | "
+                    f"cookbook: wall {cw:6.1f} s (own {co:6.1f} s, {size / 1e6 / co:6.1f} MB/s), peak {cr / 2**30:5.2f} GiB | "
+                    f"own-time ratio {fo / co:4.2f}x, wall ratio {fw / cw:4.2f}x | same bytes: {same}"
+                )
         if args.profile:  # after the processes above: it holds the corpus in this process
             profile(str(out), corpus, args.workers)
         if args.no_baseline:
             continue
-        t_ours, s = min((ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers, args.tokenizer_backend) for _ in range(args.repeats)), key=lambda r: r[0])
-        t_base = min(baseline(kind, str(out), str(corpus), str(work / f"base_{kind}"), args.workers, args.vocab_size)
-                     for _ in range(args.repeats))
+        t_ours, s = min(
+            (
+                ours(str(out), str(corpus), str(work / f"ours_{kind}"), args.workers, args.tokenizer_backend)
+                for _ in range(args.repeats)
+            ),
+            key=lambda r: r[0],
+        )
+        t_base = min(
+            baseline(kind, str(out), str(corpus), str(work / f"base_{kind}"), args.workers, args.vocab_size)
+            for _ in range(args.repeats)
+        )
         same = all(
-            Path(s.outputs["text"] + ext).read_bytes() == (work / f"base_{kind}{ext}").read_bytes() for ext in (".bin", ".idx")
+            Path(s.outputs["text"] + ext).read_bytes() == (work / f"base_{kind}{ext}").read_bytes()
+            for ext in (".bin", ".idx")
         )
         ratio = t_base / t_ours
         results.append((kind, t_base, t_ours, ratio, same))
-        print(f"{kind:14s} baseline {t_base:7.2f} s ({docs / t_base:8,.1f} docs/s) | cookbook {t_ours:6.2f} s "
-              f"({docs / t_ours:8,.1f} docs/s, {s.tokenizer}) | ratio {ratio:5.2f}x | byte-identical: {same}")
+        print(
+            f"{kind:14s} baseline {t_base:7.2f} s ({docs / t_base:8,.1f} docs/s) | cookbook {t_ours:6.2f} s "
+            f"({docs / t_ours:8,.1f} docs/s, {s.tokenizer}) | ratio {ratio:5.2f}x | byte-identical: {same}"
+        )
     if args.memory:
         tok = work / "hf"
         if not tok.exists():
-            train_tokenizer(TokenizerTrainConfig([str(work / "corpus.jsonl")], str(tok), kind="hf-bpe", vocab_size=args.vocab_size, max_documents=600))
+            train_tokenizer(
+                TokenizerTrainConfig(
+                    [str(work / "corpus.jsonl")], str(tok), kind="hf-bpe", vocab_size=args.vocab_size, max_documents=600
+                )
+            )
         memory(work, base_texts, str(tok), args.workers)
     if not all(r[4] for r in results):
         sys.exit("outputs differ from the baseline")

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 
 from bench.train import OtherLoad  # noqa: E402
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,24 +68,37 @@ def build(args, root: Path) -> Path:
         if size > 4_000_000:
             break
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok = train_tokenizer(TokenizerTrainConfig([str(root / "docs.jsonl")], str(root / "tok"), kind="hf-bpe",
-                                               vocab_size=args.vocab_size))
+    tok = train_tokenizer(
+        TokenizerTrainConfig([str(root / "docs.jsonl")], str(root / "tok"), kind="hf-bpe", vocab_size=args.vocab_size)
+    )
     heads = max(1, args.hidden_size // 64)
-    cfg = ModelConfig(vocab_size=args.vocab_size + 64, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                      num_heads=heads, num_kv_heads=max(1, heads // 2),
-                      intermediate_size=256 * round(8 * args.hidden_size / 768),
-                      max_seq_len=max(256, args.prompt_len + args.max_tokens), init_std=0.05)
+    cfg = ModelConfig(
+        vocab_size=args.vocab_size + 64,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=256 * round(8 * args.hidden_size / 768),
+        max_seq_len=max(256, args.prompt_len + args.max_tokens),
+        init_std=0.05,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     state = model.state_dict()
     names = list(expected_shapes(cfg))
-    ckpt = Checkpoint(cfg, lambda: ((n, state[n]) for n in names), {n: state[n].dtype for n in names},
-                      hf_files={f.name: f for f in Path(tok).iterdir()})
+    ckpt = Checkpoint(
+        cfg,
+        lambda: ((n, state[n]) for n in names),
+        {n: state[n].dtype for n in names},
+        hf_files={f.name: f for f in Path(tok).iterdir()},
+    )
     folder = root / "model"
     folder.mkdir()
     hf.write(folder, ckpt, ckpt.tensors(), ckpt.dtypes)
-    print(f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads ({cfg.num_kv_heads} kv), "
-          f"FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}; {cfg.num_params() / 1e6:.1f}M parameters")
+    print(
+        f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads ({cfg.num_kv_heads} kv), "
+        f"FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}; {cfg.num_params() / 1e6:.1f}M parameters"
+    )
     return folder
 
 
@@ -98,9 +110,30 @@ def environment(args) -> dict:
 
 
 def start_server(folder: Path, args) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "serve", "--load", str(folder), "--port", "0", "--quiet",
-                             "--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(max(args.clients)),
-                             "--served-model-name", "bench"], env=environment(args), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "serve",
+            "--load",
+            str(folder),
+            "--port",
+            "0",
+            "--quiet",
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--max-batch-size",
+            str(max(args.clients)),
+            "--served-model-name",
+            "bench",
+        ],
+        env=environment(args),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()  # "serving bench at http://127.0.0.1:PORT/v1"
     if " at " not in line:
         proc.kill()
@@ -126,9 +159,12 @@ class Client:
     def stream(self, body: dict) -> tuple[float, float, int]:
         """(seconds to the first text, seconds to the end, tokens) of a streamed completion."""
         start = time.perf_counter()
-        self.conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True, "stream_options":
-                                                                  {"include_usage": True}}),
-                          {"Content-Type": "application/json"})
+        self.conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
+            {"Content-Type": "application/json"},
+        )
         r = self.conn.getresponse()
         first, tokens = None, 0
         for raw in r:  # the chunked body, line by line
@@ -149,7 +185,9 @@ def batched(clients: list[Client], prompts: list[list[int]], body: dict) -> tupl
     return time.perf_counter() - start, out["usage"]["completion_tokens"]
 
 
-def concurrent(clients: list[Client], prompts: list[list[int]], body: dict, pool: ThreadPoolExecutor) -> tuple[float, int]:
+def concurrent(
+    clients: list[Client], prompts: list[list[int]], body: dict, pool: ThreadPoolExecutor
+) -> tuple[float, int]:
     start = time.perf_counter()
     outs = list(pool.map(lambda cp: cp[0].complete({**body, "prompt": cp[1]}), zip(clients, prompts)))
     return time.perf_counter() - start, sum(o["usage"]["completion_tokens"] for o in outs)
@@ -157,11 +195,37 @@ def concurrent(clients: list[Client], prompts: list[list[int]], body: dict, pool
 
 def distill(args, folder: Path, root: Path, backend: str, url: str, run: int) -> float:
     out = root / f"distill-{backend}-{run}"
-    cmd = [sys.executable, "-m", "cookbook", "distill", "generate", "--teacher", str(folder), "--backend", backend,
-           "--prompts-from", str(root / "docs.jsonl"), "--prefix-tokens", str(args.prompt_len), "--max-tokens",
-           str(args.max_tokens), "--num-prompts", str(args.distill_prompts), "--temperature", "0.7", "--seed", "1",
-           "--no-dedup", "--output", str(out), "--device", args.device, "--dtype", args.dtype]
-    cmd += (["--batch-size", "32"] if backend == "cookbook" else ["--endpoint", url, "--concurrency", "32"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "cookbook",
+        "distill",
+        "generate",
+        "--teacher",
+        str(folder),
+        "--backend",
+        backend,
+        "--prompts-from",
+        str(root / "docs.jsonl"),
+        "--prefix-tokens",
+        str(args.prompt_len),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--num-prompts",
+        str(args.distill_prompts),
+        "--temperature",
+        "0.7",
+        "--seed",
+        "1",
+        "--no-dedup",
+        "--output",
+        str(out),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
+    cmd += ["--batch-size", "32"] if backend == "cookbook" else ["--endpoint", url, "--concurrency", "32"]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=environment(args), capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -182,8 +246,13 @@ def main() -> None:
     ap.add_argument("--distill-prompts", type=int, default=128, help="prompts per distill generate side (0: skip)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server and distill processes (on a "
-                    "busy machine more than one thread per process waits on the others at every op)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the server and distill processes (on a "
+        "busy machine more than one thread per process waits on the others at every op)",
+    )
     args = ap.parse_args()
     args.clients = [int(n) for n in args.clients.split(",")]
     if min(args.clients + [args.repeats, args.prompt_len, args.max_tokens]) < 1:
@@ -192,9 +261,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = build(args, root)
-        print(f"{args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy; {args.dtype}; {args.device}; "
-              f"threads {args.threads}; cpus {os.cpu_count()}; {platform.processor() or platform.machine()}; "
-              f"torch {torch.__version__}")
+        print(
+            f"{args.prompt_len}-token prompts, {args.max_tokens} new tokens, greedy; {args.dtype}; {args.device}; "
+            f"threads {args.threads}; cpus {os.cpu_count()}; {platform.processor() or platform.machine()}; "
+            f"torch {torch.__version__}"
+        )
         server, url = start_server(folder, args)
         try:
             g = torch.Generator().manual_seed(1)
@@ -210,33 +281,44 @@ def main() -> None:
                     times = {"batched": [], "concurrent": []}
                     tokens = {}
                     for r in range(args.repeats):
-                        for side in (("batched", "concurrent") if r % 2 == 0 else ("concurrent", "batched")):
-                            seconds, tokens[side] = (batched(clients, prompts[:n], body) if side == "batched"
-                                                     else concurrent(clients, prompts[:n], body, pool))
+                        for side in ("batched", "concurrent") if r % 2 == 0 else ("concurrent", "batched"):
+                            seconds, tokens[side] = (
+                                batched(clients, prompts[:n], body)
+                                if side == "batched"
+                                else concurrent(clients, prompts[:n], body, pool)
+                            )
                             times[side].append(seconds)
                     rate = {s: tokens[s] / statistics.median(t) for s, t in times.items()}
-                    print(f"{n:3d} {rate['batched']:14.1f} {rate['concurrent']:17.1f} "
-                          f"{rate['concurrent'] / rate['batched']:18.2f}x")
+                    print(
+                        f"{n:3d} {rate['batched']:14.1f} {rate['concurrent']:17.1f} "
+                        f"{rate['concurrent'] / rate['batched']:18.2f}x"
+                    )
                 n = max(args.clients)
                 runs = list(pool.map(lambda cp: cp[0].stream({**body, "prompt": cp[1]}), zip(clients, prompts[:n])))
                 ttft = sorted(r[0] for r in runs)
                 wall = max(r[1] for r in runs)
-                print(f"\nunder load: {n} streaming clients: time to first token median {statistics.median(ttft):.3f} s, "
-                      f"p90 {ttft[int(0.9 * (len(ttft) - 1))]:.3f} s; tokens/s per client (median) "
-                      f"{statistics.median(r[2] / r[1] for r in runs):.1f}, all clients {sum(r[2] for r in runs) / wall:.1f}")
+                print(
+                    f"\nunder load: {n} streaming clients: time to first token median {statistics.median(ttft):.3f} s, "
+                    f"p90 {ttft[int(0.9 * (len(ttft) - 1))]:.3f} s; tokens/s per client (median) "
+                    f"{statistics.median(r[2] / r[1] for r in runs):.1f}, all clients {sum(r[2] for r in runs) / wall:.1f}"
+                )
             if args.distill_prompts:
                 seconds = {"cookbook": [], "openai": []}
                 order = ("cookbook", "openai", "openai", "cookbook") if args.repeats >= 2 else ("cookbook", "openai")
                 for run, side in enumerate(order):
                     seconds[side].append(distill(args, folder, root, side, url, run))
                 med = {s: statistics.median(t) for s, t in seconds.items()}
-                print(f"\ndistill generate, {args.distill_prompts} prompts x {args.max_tokens} tokens (temperature 0.7): "
-                      f"--backend cookbook {med['cookbook']:.1f} s, --backend openai --concurrency 32 against serve "
-                      f"{med['openai']:.1f} s; openai/cookbook throughput {med['cookbook'] / med['openai']:.2f}x")
+                print(
+                    f"\ndistill generate, {args.distill_prompts} prompts x {args.max_tokens} tokens (temperature 0.7): "
+                    f"--backend cookbook {med['cookbook']:.1f} s, --backend openai --concurrency 32 against serve "
+                    f"{med['openai']:.1f} s; openai/cookbook throughput {med['cookbook'] / med['openai']:.2f}x"
+                )
             share = other.stop()
             if share is not None:
-                print(f"other processes used {100 * share:.0f}% of the machine's CPU time during the run; above a few % "
-                      "the figures are disturbed")
+                print(
+                    f"other processes used {100 * share:.0f}% of the machine's CPU time during the run; above a few % "
+                    "the figures are disturbed"
+                )
         finally:
             server.terminate()
             server.wait(30)

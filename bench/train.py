@@ -53,12 +53,13 @@ from cookbook.engine.config import build_config  # noqa: E402
 from cookbook.engine.distributed import shutdown  # noqa: E402
 from cookbook.engine.optim import param_groups  # noqa: E402
 from cookbook.engine.trainer import Trainer  # noqa: E402
-from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 from cookbook.errors import CookbookError  # noqa: E402
+from cookbook.formats.hf import hf_config, hf_name  # noqa: E402
 
 
-def write_random_tokens(prefix: Path, tokens: int, vocab: int, seed: int = 0, eod: int | None = None,
-                        counting: bool = False) -> str:
+def write_random_tokens(
+    prefix: Path, tokens: int, vocab: int, seed: int = 0, eod: int | None = None, counting: bool = False
+) -> str:
     """Documents of 100-1,000 uniformly random tokens, ``tokens`` in all (at least). ``eod``: each document ends
     with it (and holds it nowhere else), as ``preprocess --append-eod`` writes them. ``counting``: a learnable
     rule instead of noise (next = previous + 1, or + 2 one time in four), so that a loss falls."""
@@ -89,14 +90,23 @@ def build_trainer(args, data: str, iters: int) -> Trainer:
         model["hidden_size"] = args.hidden_size
     if args.num_layers:
         model["num_layers"] = args.num_layers
-    job = build_config({
-        "model": model,
-        "data": {"data_path": [data], "seq_length": args.seq_length, "split": "1,0,0"},
-        "optimizer": {"lr": args.lr, "lr_decay_style": "constant", "weight_decay": 0.1, "clip_grad": 1.0},
-        "training": {"train_iters": iters, "micro_batch_size": args.micro_batch_size,
-                     "global_batch_size": args.global_batch_size or args.micro_batch_size, "dtype": args.dtype,
-                     "device": args.device, "eval_interval": 0, "eval_iters": 0, "seed": 1234},
-    })
+    job = build_config(
+        {
+            "model": model,
+            "data": {"data_path": [data], "seq_length": args.seq_length, "split": "1,0,0"},
+            "optimizer": {"lr": args.lr, "lr_decay_style": "constant", "weight_decay": 0.1, "clip_grad": 1.0},
+            "training": {
+                "train_iters": iters,
+                "micro_batch_size": args.micro_batch_size,
+                "global_batch_size": args.global_batch_size or args.micro_batch_size,
+                "dtype": args.dtype,
+                "device": args.device,
+                "eval_interval": 0,
+                "eval_iters": 0,
+                "seed": 1234,
+            },
+        }
+    )
     return Trainer(job)
 
 
@@ -115,8 +125,11 @@ def build_hf(trainer: Trainer, state: dict[str, torch.Tensor]):
     cfg = trainer.job.model
     conf = hf_config(cfg)
     conf.pop("architectures"), conf.pop("model_type")
-    cls, model_cls = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if cfg.qkv_bias
-                      else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cls, model_cls = (
+        (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+        if cfg.qkv_bias
+        else (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    )
     with torch.device(trainer.device):
         model = model_cls(cls(**conf, attn_implementation="sdpa", use_cache=False))
     missing, unexpected = model.load_state_dict({hf_name(k): v for k, v in state.items()}, strict=False)
@@ -130,8 +143,9 @@ def make_adamw(model: torch.nn.Module, trainer: Trainer, fused: bool = False) ->
     """torch AdamW with the Trainer's settings and Megatron-LM's decay groups (as build_optimizer)."""
     o = trainer.job.optimizer
     kind = {"fused": True} if fused or trainer.device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2),
-                             eps=o.adam_eps, **kind)
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **kind
+    )
 
 
 def hf_loss(model, x: torch.Tensor) -> torch.Tensor:
@@ -221,8 +235,12 @@ def main() -> None:
     ap.add_argument("--global-batch-size", type=int, default=None, help="default: the micro batch (no accumulation)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
-    ap.add_argument("--rounds", type=int, default=None, help="alternations of the sides over the timed steps "
-                    "(default: one per step, ABBA order)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternations of the sides over the timed steps (default: one per step, ABBA order)",
+    )
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave torch's default)")
@@ -240,8 +258,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cookbook-bench-train-") as work:
         from cookbook.model.config import preset
+
         vocab = preset(args.preset).vocab_size
-        data = write_random_tokens(Path(work) / "random_text_document", int((per_side + 2) * gb * (args.seq_length + 1) * 1.1), vocab)
+        data = write_random_tokens(
+            Path(work) / "random_text_document", int((per_side + 2) * gb * (args.seq_length + 1) * 1.1), vocab
+        )
         trainer = build_trainer(args, data, per_side + 1)
         if accumulation != trainer.accumulation:
             raise SystemExit("--global-batch-size must be a multiple of --micro-batch-size")
@@ -252,12 +273,16 @@ def main() -> None:
         batches = [[trainer.loader.next().to(dev) for _ in range(accumulation)] for _ in range(per_side)]
         tokens_per_step = gb * args.seq_length
 
-        print(f"model: {args.preset} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
-              f"{cfg.num_kv_heads} kv heads, FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}; "
-              f"{cfg.num_params() / 1e6:.2f}M parameters)")
-        print(f"batch: {gb} x {args.seq_length} tokens ({args.micro_batch_size} micro x {accumulation} accumulation); "
-              f"{args.dtype}; {dev.type}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
-              f"{platform.processor() or platform.machine()}; torch {torch.__version__}; transformers {transformers.__version__}")
+        print(
+            f"model: {args.preset} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
+            f"{cfg.num_kv_heads} kv heads, FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}; "
+            f"{cfg.num_params() / 1e6:.2f}M parameters)"
+        )
+        print(
+            f"batch: {gb} x {args.seq_length} tokens ({args.micro_batch_size} micro x {accumulation} accumulation); "
+            f"{args.dtype}; {dev.type}; threads {torch.get_num_threads()}; cpus {os.cpu_count()}; "
+            f"{platform.processor() or platform.machine()}; torch {torch.__version__}; transformers {transformers.__version__}"
+        )
 
         sides = {"ours": lambda b: trainer.train_step(b)[0], "hf": hf.step}
 
@@ -265,12 +290,16 @@ def main() -> None:
         first = {name: fn(batches[0]) for name, fn in sides.items()}
         tol = 1e-4 if args.dtype == "fp32" else 5e-2
         diffs = {name: abs(loss - first["hf"]) for name, loss in first.items()}
-        print(f"first-step loss: ours {first['ours']:.6f}  hf {first['hf']:.6f}  |diff| {diffs['ours']:.2e} (tolerance {tol:g})"
-              + "".join(f"; {name} {loss:.6f}" for name, loss in first.items() if name not in ("ours", "hf")))
+        print(
+            f"first-step loss: ours {first['ours']:.6f}  hf {first['hf']:.6f}  |diff| {diffs['ours']:.2e} (tolerance {tol:g})"
+            + "".join(f"; {name} {loss:.6f}" for name, loss in first.items() if name not in ("ours", "hf"))
+        )
         bad = [name for name, d in diffs.items() if not d <= tol]
         if bad:
             shutdown()
-            raise SystemExit(f"{', '.join(bad)} and hf do not compute the same loss (|diff| {max(diffs[b] for b in bad):.2e} > {tol:g})")
+            raise SystemExit(
+                f"{', '.join(bad)} and hf do not compute the same loss (|diff| {max(diffs[b] for b in bad):.2e} > {tol:g})"
+            )
         for i in range(1, args.warmup):
             for fn in sides.values():
                 fn(batches[i])
@@ -294,16 +323,24 @@ def main() -> None:
         width = max(len(name) for name in sides)
         print(f"\n{'side':{width}s} {'median s/step':>14s} {'min':>8s} {'max':>8s} {'tokens/s':>10s} {'vs hf':>7s}")
         for name, t in times.items():
-            print(f"{name:{width}s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f} "
-                  f"{med['hf'] / med[name]:6.2f}x")
-        print(f"ratio ours/hf: {med['hf'] / med['ours']:.2f}x  (tokens/s; median of {args.steps} steps per side, "
-              f"{rounds} alternating rounds)")
-        print(f"ratio ours/hf, fastest step of each side: {best['hf'] / best['ours']:.2f}x  "
-              f"(the least disturbed by other work on the machine)")
+            print(
+                f"{name:{width}s} {med[name]:14.4f} {min(t):8.4f} {max(t):8.4f} {tokens_per_step / med[name]:10,.0f} "
+                f"{med['hf'] / med[name]:6.2f}x"
+            )
+        print(
+            f"ratio ours/hf: {med['hf'] / med['ours']:.2f}x  (tokens/s; median of {args.steps} steps per side, "
+            f"{rounds} alternating rounds)"
+        )
+        print(
+            f"ratio ours/hf, fastest step of each side: {best['hf'] / best['ours']:.2f}x  "
+            f"(the least disturbed by other work on the machine)"
+        )
         if other_share is not None:
-            print(f"other processes used {100 * other_share:.0f}% of the machine's CPU time during the timed steps "
-                  f"(this run: {os.cpu_count()} CPUs, {torch.get_num_threads()} threads); above a few % the figures are "
-                  "disturbed, the side with more small ops the more")
+            print(
+                f"other processes used {100 * other_share:.0f}% of the machine's CPU time during the timed steps "
+                f"(this run: {os.cpu_count()} CPUs, {torch.get_num_threads()} threads); above a few % the figures are "
+                "disturbed, the side with more small ops the more"
+            )
 
         shutdown()
 

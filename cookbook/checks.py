@@ -16,8 +16,15 @@ import typing
 from cookbook.errors import CookbookError
 
 
-def check_number(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> None:
+def check_number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """``value`` is a finite number within [low, high] (``low_open``/``high_open``: the bound itself is excluded);
     None passes. ``name`` is what the user wrote: a flag (--lr) or a config key."""
     if value is None:
@@ -62,8 +69,15 @@ def _field_types(cls) -> dict[str, tuple[type, ...]]:
 
 
 def _kind(types_: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-             tuple: "a list", dict: "a table"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        tuple: "a list",
+        dict: "a table",
+    }
     said = [names[t] for t in types_ if t in names]
     if float in types_:
         said = [s for s in said if s != "an integer"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cookbook.errors import CookbookError
 
@@ -49,7 +49,9 @@ def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> 
     file where a folder goes, or a place the system refuses (read-only, no permission) is one line naming ``flag``."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
-        raise CookbookError(f"{flag} {path} is a {'file' if folder else 'folder'}; name a {'folder' if folder else 'file'}")
+        raise CookbookError(
+            f"{flag} {path} is a {'file' if folder else 'folder'}; name a {'folder' if folder else 'file'}"
+        )
     where = path if path.is_dir() else path.parent
     while not where.exists() and where != where.parent:
         where = where.parent

@@ -35,7 +35,11 @@ def _names(param) -> tuple[list[str], list[str]]:
 
 
 def _type(param, ctx) -> str:
-    for get in (lambda: param.display_type_rich(ctx=ctx), lambda: param.make_metavar(ctx), lambda: param.make_metavar()):
+    for get in (
+        lambda: param.display_type_rich(ctx=ctx),
+        lambda: param.make_metavar(ctx),
+        lambda: param.make_metavar(),
+    ):
         try:
             value = get()
         except (AttributeError, TypeError):
@@ -75,7 +79,15 @@ def options_panel(*, name: str, params: list, ctx, markup_mode, console, **_) ->
     rows = []
     for param in params:
         names, negative = _names(param)
-        rows.append((param, names, negative, _type(param, ctx), _help(rich_utils._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode))))
+        rows.append(
+            (
+                param,
+                names,
+                negative,
+                _type(param, ctx),
+                _help(rich_utils._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode)),
+            )
+        )
     fit = max(SHORT, *(len(n) for _, names, negative, _, _ in rows for n in names + negative))
     cells = []
     for param, names, negative, kind, help_cell in rows:
@@ -84,14 +96,20 @@ def options_panel(*, name: str, params: list, ctx, markup_mode, console, **_) ->
             text.append(("\n" if i else "") + line, style=rich_utils.STYLE_OPTION)
         for line in _lines(negative, fit):
             text.append("\n" + line, style=rich_utils.STYLE_NEGATIVE_OPTION)
-        required = Text(rich_utils.REQUIRED_SHORT_STRING, style=rich_utils.STYLE_REQUIRED_SHORT) if param.required else Text("")
+        required = (
+            Text(rich_utils.REQUIRED_SHORT_STRING, style=rich_utils.STYLE_REQUIRED_SHORT)
+            if param.required
+            else Text("")
+        )
         cells.append((required, text, Text(kind, style=rich_utils.STYLE_TYPES), help_cell))
     any_required = any(c[0].plain for c in cells)
     longest = max(len(line) for c in cells for line in c[1].plain.splitlines())
     kind_width = max(len(c[2].plain) for c in cells)
     used = 4 + (2 if any_required else 0) + longest + 2 + kind_width + 1  # panel border and padding, the columns
     if console.width - used >= MIN_HELP:
-        table = Table(show_header=False, expand=True, box=None, pad_edge=False, padding=(0, 1), show_lines=False, leading=0)
+        table = Table(
+            show_header=False, expand=True, box=None, pad_edge=False, padding=(0, 1), show_lines=False, leading=0
+        )
         if any_required:
             table.add_column(no_wrap=True, width=1)
         table.add_column(no_wrap=True, min_width=longest, max_width=longest, overflow="ignore")
@@ -106,8 +124,15 @@ def options_panel(*, name: str, params: list, ctx, markup_mode, console, **_) ->
         for required, text, kind, help_cell in cells:
             body.add_row(Text.assemble(required, " " if any_required else "", text, "  ", kind))
             body.add_row(Padding(help_cell, (0, 0, 0, 4)))
-    console.print(Panel(body, border_style=rich_utils.STYLE_OPTIONS_PANEL_BORDER, title=name,
-                        title_align=rich_utils.ALIGN_OPTIONS_PANEL, box=box.ROUNDED))
+    console.print(
+        Panel(
+            body,
+            border_style=rich_utils.STYLE_OPTIONS_PANEL_BORDER,
+            title=name,
+            title_align=rich_utils.ALIGN_OPTIONS_PANEL,
+            box=box.ROUNDED,
+        )
+    )
 
 
 def install() -> None:

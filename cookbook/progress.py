@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -88,8 +88,10 @@ class RateBar:
             return
         dt = max(time.perf_counter() - self.start, 1e-9)
         of = f"/{self.total / 1e6:,.0f}" if self.total else ""
-        rates = (f"{self.bytes / 1e6:,.0f}{of} MB  {self.docs:,} docs  {self.bytes / dt / 1e6:,.1f} MB/s  "
-                 f"{self.tokens / dt:,.0f} tokens/s")
+        rates = (
+            f"{self.bytes / 1e6:,.0f}{of} MB  {self.docs:,} docs  {self.bytes / dt / 1e6:,.1f} MB/s  "
+            f"{self.tokens / dt:,.0f} tokens/s"
+        )
         self.progress.update(self.task, completed=self.bytes, rates=rates)
 
 
@@ -126,12 +128,19 @@ class GenerationBar:
         self.prompts = self.tokens = 0
         self.progress: Progress | None = None
 
-    def __enter__(self) -> "GenerationBar":
+    def __enter__(self) -> GenerationBar:
         self.start = time.perf_counter()
         if self.enabled:
-            self.progress = Progress(TextColumn("[bold]generate"), BarColumn(), TaskProgressColumn(),
-                                     TextColumn("{task.completed:,.0f}/{task.total:,.0f} prompts  {task.fields[rates]}"),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.progress = Progress(
+                TextColumn("[bold]generate"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} prompts  {task.fields[rates]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             self.progress.__enter__()
             self.task = self.progress.add_task("generate", total=self.total, completed=self.done, rates="")
         return self
@@ -156,26 +165,38 @@ class GenerationBar:
             self.progress.update(self.task, completed=written, rates=self.rates())
 
 
-
 class Tally:
     """Work done out of a known total (training steps, calibration samples). On a terminal a transient bar; elsewhere,
     with ``every`` seconds, one plain line at most that often ("calibration: 256/1024 samples, 31 s"), none with
     ``every=None`` (training, whose log lines are its progress). ``advance(n)`` or ``update(done)``; ``close()``."""
 
-    def __init__(self, description: str, total: int, unit: str = "", done: int = 0, every: float | None = 10.0,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str = "",
+        done: int = 0,
+        every: float | None = 10.0,
+        enabled: bool = True,
+    ):
         self.description, self.total, self.unit, self.done, self.every = description, total, unit, done, every
         self.enabled = enabled
         self.start = self.last = time.perf_counter()
         self.progress: Progress | None = None
         if enabled and console.is_terminal:
-            self.progress = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(),
-                                     TextColumn(f"{{task.completed:,.0f}}/{{task.total:,.0f}} {escape(unit)}"),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.progress = Progress(
+                TextColumn(f"[bold]{escape(description)}"),
+                BarColumn(),
+                TextColumn(f"{{task.completed:,.0f}}/{{task.total:,.0f}} {escape(unit)}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             self.task = self.progress.add_task(description, total=total, completed=done)
             self.progress.start()
 
-    def __enter__(self) -> "Tally":
+    def __enter__(self) -> Tally:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -190,8 +211,11 @@ class Tally:
             self.progress.update(self.task, completed=done)
         elif self.enabled and self.every is not None and time.perf_counter() - self.last >= self.every:
             self.last = time.perf_counter()
-            console.print(f"{self.description}: {done:,}/{self.total:,} {self.unit}, {self.last - self.start:,.0f} s",
-                          markup=False, highlight=False)
+            console.print(
+                f"{self.description}: {done:,}/{self.total:,} {self.unit}, {self.last - self.start:,.0f} s",
+                markup=False,
+                highlight=False,
+            )
 
     def close(self) -> None:
         if self.progress is not None:

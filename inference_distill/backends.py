@@ -46,12 +46,14 @@ from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 from cookbook.errors import CookbookError
-from inference_distill.sampling import Backend
 from cookbook.inference.sampling import Completion, Progress, SamplingParams, cut_at_stop
+from inference_distill.sampling import Backend
 
 BACKENDS = ("cookbook", "openai", "vllm")
-VLLM_MISSING = ("vLLM is not installed; pip install 'cookbook[vllm]' (needs CUDA) or use --backend openai against a "
-                "vllm serve, or --backend cookbook")
+VLLM_MISSING = (
+    "vLLM is not installed; pip install 'cookbook[vllm]' (needs CUDA) or use --backend openai against a "
+    "vllm serve, or --backend cookbook"
+)
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # cookbook's names -> vLLM's
 
 
@@ -136,7 +138,9 @@ class _Endpoints:
                 self.ready.wait(min(cooling) if cooling else None)  # a release, or a cool-down's end
             # the pool has concurrency x endpoints threads, so one slot is always free for the caller
             free = [i for i in range(len(self.urls)) if self.inflight[i] < self.concurrency]
-            i = min(free, key=lambda i: (self.cooldown[i] > now, i == avoid, self.inflight[i], (i - start) % len(self.urls)))
+            i = min(
+                free, key=lambda i: (self.cooldown[i] > now, i == avoid, self.inflight[i], (i - start) % len(self.urls))
+            )
             self.inflight[i] += 1
             return i
 
@@ -198,15 +202,26 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, endpoints: list[str], model: str | None = None, concurrency: int = 8, timeout: float = 600,
-                 retries: int = 5, api_key: str | None = None, backoff: float = 1.0, max_backoff: float = 60.0):
+    def __init__(
+        self,
+        endpoints: list[str],
+        model: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 600,
+        retries: int = 5,
+        api_key: str | None = None,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+    ):
         if not endpoints:
             raise CookbookError("--backend openai needs at least one --endpoint URL (e.g. http://HOST:8000)")
         if concurrency < 1 or retries < 0 or timeout <= 0:
             raise CookbookError("--concurrency must be at least 1, --retries at least 0 and --timeout positive")
         urls = [normalize_endpoint(e) for e in endpoints]
         if len(set(urls)) != len(urls):
-            raise CookbookError(f"an --endpoint is given twice: {', '.join(sorted({u for u in urls if urls.count(u) > 1}))}")
+            raise CookbookError(
+                f"an --endpoint is given twice: {', '.join(sorted({u for u in urls if urls.count(u) > 1}))}"
+            )
         self.endpoints = urls
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
         self.backoff, self.max_backoff = backoff, max_backoff
@@ -226,8 +241,9 @@ class OpenAIBackend:
     def _call(self, endpoint: str, path: str, body: dict | None = None) -> dict:
         """One HTTP request: the JSON answer, ``_Retry`` for a failure worth retrying, CookbookError for the rest."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(endpoint + path, data=data, headers=self._headers(),
-                                         method="GET" if body is None else "POST")
+        request = urllib.request.Request(
+            endpoint + path, data=data, headers=self._headers(), method="GET" if body is None else "POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 raw = response.read()
@@ -238,7 +254,9 @@ class OpenAIBackend:
             raise CookbookError(f"{endpoint}{path} refused the request (HTTP {e.code}): {message}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, DNS, timeout
             reason = getattr(e, "reason", None) or e
-            raise _Retry(one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)) from None
+            raise _Retry(
+                one_line(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
+            ) from None
         try:
             answer = json.loads(raw)
         except ValueError:
@@ -247,8 +265,9 @@ class OpenAIBackend:
             raise _Retry(f"the answer is not a JSON object: {one_line(raw.decode(errors='replace'), 120)}")
         return answer
 
-    def _with_retries(self, path: str, body: dict | None, check, cancelled: threading.Event | None = None,
-                      first: int | None = None):
+    def _with_retries(
+        self, path: str, body: dict | None, check, cancelled: threading.Event | None = None, first: int | None = None
+    ):
         """``check(answer)`` of the first good answer, trying endpoints as ``_Endpoints`` picks them (or only
         ``first`` when given), ``retries`` times more after the first try."""
         last_error, last_endpoint, avoid = "", "", None
@@ -257,7 +276,7 @@ class OpenAIBackend:
                 raise CookbookError("cancelled")
             i = first if first is not None else self._pick.acquire(avoid)
             endpoint = self.endpoints[i]
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
             try:
                 result = check(self._call(endpoint, path, body))
             except _Retry as e:
@@ -280,8 +299,10 @@ class OpenAIBackend:
                 self._pick.release(i, ok=True)
             return result
         tries = f"{self.retries + 1} tries" if self.retries else "1 try"
-        raise CookbookError(f"{last_endpoint}{path} failed after {tries}: {last_error}; check that the server is up "
-                            "(GET /health) or raise --retries / --timeout")
+        raise CookbookError(
+            f"{last_endpoint}{path} failed after {tries}: {last_error}; check that the server is up "
+            "(GET /health) or raise --retries / --timeout"
+        )
 
     def _served_model(self) -> str:
         def first_id(answer: dict) -> str:
@@ -293,18 +314,31 @@ class OpenAIBackend:
         try:
             return self._with_retries("/v1/models", None, first_id, first=0)
         except CookbookError as e:
-            raise CookbookError(f"cannot ask {self.endpoints[0]} which model it serves ({e}); pass --teacher "
-                                "MODEL_NAME to name it") from None
+            raise CookbookError(
+                f"cannot ask {self.endpoints[0]} which model it serves ({e}); pass --teacher MODEL_NAME to name it"
+            ) from None
 
     # --- the Backend interface
 
     def request_body(self, prompt: str, params: SamplingParams, seed: int) -> dict:
-        body = {"model": self.teacher, "prompt": prompt, "max_tokens": params.max_tokens, "n": params.n,
-                "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "stream": False}
+        body = {
+            "model": self.teacher,
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "n": params.n,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": seed,
+            "stream": False,
+        }
         if params.stop:
             body["stop"] = list(params.stop)
-        for key, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("top_k", 0),
-                             ("repetition_penalty", 1.0)):
+        for key, neutral in (
+            ("frequency_penalty", 0.0),
+            ("presence_penalty", 0.0),
+            ("top_k", 0),
+            ("repetition_penalty", 1.0),
+        ):
             if getattr(params, key) != neutral:
                 body[key] = getattr(params, key)
         return body
@@ -331,16 +365,21 @@ class OpenAIBackend:
             out.append(Completion(text, tokens, "stop" if stopped else finish(c.get("finish_reason"))))
         return out
 
-    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int],
-                 on_progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int], on_progress: Progress | None = None
+    ) -> list[list[Completion]]:
         params.check()
         if len(seeds) != len(prompts):
             raise CookbookError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cancelled = threading.Event()
 
         def one(i: int) -> list[Completion]:
-            return self._with_retries("/v1/completions", self.request_body(prompts[i], params, seeds[i]),
-                                      lambda answer: self.completions(answer, params), cancelled)
+            return self._with_retries(
+                "/v1/completions",
+                self.request_body(prompts[i], params, seeds[i]),
+                lambda answer: self.completions(answer, params),
+                cancelled,
+            )
 
         futures = {self._pool.submit(one, i): i for i in range(len(prompts))}
         results: list[list[Completion] | None] = [None] * len(prompts)
@@ -380,7 +419,11 @@ def server_message(e: urllib.error.HTTPError) -> str:
         return one_line(raw or e.reason or "no message")
     if isinstance(body, dict):
         err = body.get("error")
-        for candidate in (err.get("message") if isinstance(err, dict) else err, body.get("message"), body.get("detail")):
+        for candidate in (
+            err.get("message") if isinstance(err, dict) else err,
+            body.get("message"),
+            body.get("detail"),
+        ):
             if candidate:
                 return one_line(candidate if isinstance(candidate, str) else json.dumps(candidate))
     return one_line(raw)
@@ -405,8 +448,16 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, teacher: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        teacher: str,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
         from cookbook.engine.checkpoint import find_checkpoint
 
         try:
@@ -414,17 +465,24 @@ class VLLMBackend:
         except CookbookError:  # a run folder whose ``latest`` is broken: still ours, not vLLM's
             is_cookbook = True
         if is_cookbook or (Path(teacher) / "latest").is_file():
-            raise CookbookError(f"--teacher {teacher} is a cookbook checkpoint, which vLLM cannot load; convert it first: "
-                                f"cookbook convert --from cookbook --to hf --load-dir {teacher} --save-dir TEACHER_HF "
-                                "and pass --teacher TEACHER_HF")
+            raise CookbookError(
+                f"--teacher {teacher} is a cookbook checkpoint, which vLLM cannot load; convert it first: "
+                f"cookbook convert --from cookbook --to hf --load-dir {teacher} --save-dir TEACHER_HF "
+                "and pass --teacher TEACHER_HF"
+            )
         try:
             import vllm
         except ImportError:
             raise CookbookError(VLLM_MISSING) from None
         self.vllm, self.teacher = vllm, teacher
-        kwargs = dict(model=teacher, tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_utilization=gpu_memory_utilization, dtype=VLLM_DTYPES.get(dtype, dtype), seed=seed,
-                      trust_remote_code=trust_remote_code)
+        kwargs = dict(
+            model=teacher,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=VLLM_DTYPES.get(dtype, dtype),
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         try:
@@ -434,12 +492,21 @@ class VLLMBackend:
 
     def sampling_params(self, params: SamplingParams, seed: int):
         return self.vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-            max_tokens=params.max_tokens, stop=list(params.stop) or None, frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty, repetition_penalty=params.repetition_penalty, seed=seed)
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or -1,
+            max_tokens=params.max_tokens,
+            stop=list(params.stop) or None,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            repetition_penalty=params.repetition_penalty,
+            seed=seed,
+        )
 
-    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int],
-                 on_progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int], on_progress: Progress | None = None
+    ) -> list[list[Completion]]:
         params.check()
         if len(seeds) != len(prompts):
             raise CookbookError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -482,16 +549,32 @@ def check_backend(kind: str, teacher: str | None, endpoints: list[str]) -> None:
     if kind != "openai" and endpoints:
         raise CookbookError(f"--endpoint is for --backend openai, not {kind}; drop it or pass --backend openai")
     if kind == "openai" and not endpoints:
-        raise CookbookError("--backend openai needs at least one --endpoint URL of an OpenAI-compatible server "
-                            "(e.g. http://HOST:8000 of a vllm serve or cookbook serve)")
+        raise CookbookError(
+            "--backend openai needs at least one --endpoint URL of an OpenAI-compatible server "
+            "(e.g. http://HOST:8000 of a vllm serve or cookbook serve)"
+        )
     if kind != "openai" and not teacher:
-        raise CookbookError(f"--backend {kind} needs --teacher: a Hugging Face folder"
-                            + (" or a cookbook checkpoint" if kind == "cookbook" else ""))
+        raise CookbookError(
+            f"--backend {kind} needs --teacher: a Hugging Face folder"
+            + (" or a cookbook checkpoint" if kind == "cookbook" else "")
+        )
 
 
-def make_backend(kind: str, *, teacher: str | None, endpoints: list[str], tensor_parallel_size: int, concurrency: int,
-                 timeout: float, retries: int, device: str, dtype: str, batch_size: int,
-                 tokenizer_model: str | None, gpu_memory_utilization: float = 0.9) -> Backend:
+def make_backend(
+    kind: str,
+    *,
+    teacher: str | None,
+    endpoints: list[str],
+    tensor_parallel_size: int,
+    concurrency: int,
+    timeout: float,
+    retries: int,
+    device: str,
+    dtype: str,
+    batch_size: int,
+    tokenizer_model: str | None,
+    gpu_memory_utilization: float = 0.9,
+) -> Backend:
     """The backend ``distill generate --backend KIND`` runs. ``teacher``: a checkpoint or HF folder (cookbook, vllm),
     or the served model's name (openai; None asks the server); ``dtype``: cookbook's names (auto, bf16, fp32), or
     vLLM's own ("auto", ...) for vllm."""
@@ -499,8 +582,12 @@ def make_backend(kind: str, *, teacher: str | None, endpoints: list[str], tensor
     if kind == "openai":
         return OpenAIBackend(endpoints, model=teacher, concurrency=concurrency, timeout=timeout, retries=retries)
     if kind == "vllm":
-        return VLLMBackend(teacher, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                           gpu_memory_utilization=gpu_memory_utilization)
+        return VLLMBackend(
+            teacher,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
     from inference_distill.local import CookbookBackend
 
     return CookbookBackend(teacher, device, dtype, batch_size, tokenizer_model=tokenizer_model)

@@ -50,7 +50,9 @@ def text_hash(continuation: str) -> bytes:
 @dataclass
 class FilterConfig:
     min_tokens: int = 0  # completions with fewer generated tokens are dropped ("short")
-    max_repeat_ratio: float | None = None  # drop texts whose n-gram repeat ratio is above this ("repetitive"); None = off
+    max_repeat_ratio: float | None = (
+        None  # drop texts whose n-gram repeat ratio is above this ("repetitive"); None = off
+    )
     ngram: int = 3  # n of the repeat ratio, in words
     dedup: bool = True  # drop exact duplicates of a kept continuation ("duplicate")
 
@@ -59,7 +61,9 @@ class FilterConfig:
         if self.min_tokens < 0:
             raise CookbookError(f"--min-tokens {self.min_tokens} is negative")
         if self.max_repeat_ratio is not None and not 0 <= self.max_repeat_ratio <= 1:
-            raise CookbookError(f"--max-repeat-ratio {self.max_repeat_ratio} is not in [0, 1] (leave it out to keep repetitive texts)")
+            raise CookbookError(
+                f"--max-repeat-ratio {self.max_repeat_ratio} is not in [0, 1] (leave it out to keep repetitive texts)"
+            )
         if self.ngram < 1:
             raise CookbookError(f"--ngram {self.ngram} must be at least 1")
 
@@ -117,4 +121,8 @@ class Filter:
         ``generated_tokens``, ``filtered`` (per reason); hashes = the dedup keys of the kept ones, in order.
         Pass both to ``ShardWriter.write``."""
         shard, self._shard = self._shard, _Tally()
-        return {"completions": shard.completions, "generated_tokens": shard.generated_tokens, "filtered": shard.filtered}, shard.hashes
+        return {
+            "completions": shard.completions,
+            "generated_tokens": shard.generated_tokens,
+            "filtered": shard.filtered,
+        }, shard.hashes

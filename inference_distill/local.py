@@ -22,15 +22,22 @@ class CookbookBackend:
 
     name = "cookbook"
 
-    def __init__(self, teacher: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                 tokenizer_model: str | None = None):
+    def __init__(
+        self,
+        teacher: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 16,
+        tokenizer_model: str | None = None,
+    ):
         if batch_size < 1:
             raise CookbookError(f"--batch-size {batch_size} must be at least 1")
         self.teacher, self.batch_size = str(teacher), batch_size
         self.generator: LocalGenerator | None = LocalGenerator.load(teacher, device, dtype, tokenizer_model)
 
-    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int],
-                 on_progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int], on_progress: Progress | None = None
+    ) -> list[list[Completion]]:
         if self.generator is None:
             raise CookbookError("the cookbook backend was closed; create a new one")
         return self.generator.complete(prompts, params, seeds, self.batch_size, on_progress)

@@ -149,7 +149,9 @@ class _JsonlCorpus:
         self.files = expand_inputs([path])
         for f in self.files:
             if f.name.endswith(".gz"):
-                raise CookbookError(f"{f} is compressed and prompts need random access to its lines; decompress it (gunzip) or preprocess it into an indexed dataset")
+                raise CookbookError(
+                    f"{f} is compressed and prompts need random access to its lines; decompress it (gunzip) or preprocess it into an indexed dataset"
+                )
         self.tokenizer = tokenizer
         self.special = special_ids(tokenizer)
         self.key = text_key
@@ -178,7 +180,9 @@ class _JsonlCorpus:
                 nonblank = np.fromiter((bool(b.strip()) for b in block), dtype=bool, count=len(block))
                 texts, bad = parse_lines(path, first, block, [self.key], skip_bad=True)
                 if bad:
-                    raise CookbookError(f"bad input line {bad[0]}; every line needs a string under {self.key!r} (is the text under another key?)")
+                    raise CookbookError(
+                        f"bad input line {bad[0]}; every line needs a string under {self.key!r} (is the text under another key?)"
+                    )
                 texts = texts[self.key]
                 rows = np.flatnonzero(nonblank)
                 assert len(rows) == len(texts)  # parse_lines skips exactly the blank lines
@@ -200,7 +204,9 @@ class _JsonlCorpus:
             obj = json.loads(raw)
             value = obj[self.key]
         except (ValueError, KeyError, TypeError):
-            raise CookbookError(f"{path}:{int(self.line[d])} changed since it was read; do not edit the input while generating") from None
+            raise CookbookError(
+                f"{path}:{int(self.line[d])} changed since it was read; do not edit the input while generating"
+            ) from None
         ids = [i for v in (value if isinstance(value, list) else [value]) for i in self.tokenizer.tokenize(v)]
         ids = np.asarray(ids, dtype=np.int64)
         content = ids[~np.isin(ids, self.special)][:need]
@@ -234,7 +240,9 @@ class PromptSource:
         text_key: str = "text",
     ):
         if (prefix_tokens is None) == (prefix_fraction is None):
-            raise CookbookError("give exactly one of --prefix-tokens (tokens per prompt) and --prefix-fraction (a share of each document)")
+            raise CookbookError(
+                "give exactly one of --prefix-tokens (tokens per prompt) and --prefix-fraction (a share of each document)"
+            )
         if prefix_tokens is not None and prefix_tokens < 1:
             raise CookbookError(f"--prefix-tokens {prefix_tokens} must be at least 1")
         if prefix_fraction is not None and not 0 < prefix_fraction <= 1:
@@ -242,7 +250,9 @@ class PromptSource:
         if min_doc_tokens is not None and min_doc_tokens < 0:
             raise CookbookError(f"--min-doc-tokens {min_doc_tokens} is negative")
         if num_prompts is not None and num_prompts < 1:
-            raise CookbookError(f"--num-prompts {num_prompts} must be at least 1 (or left out for every eligible document)")
+            raise CookbookError(
+                f"--num-prompts {num_prompts} must be at least 1 (or left out for every eligible document)"
+            )
         self.path = str(path)
         self.prefix_tokens, self.prefix_fraction = prefix_tokens, prefix_fraction
         self.min_doc_tokens, self.num_prompts, self.seed = min_doc_tokens, num_prompts, seed
@@ -258,7 +268,9 @@ class PromptSource:
             self.kind = "jsonl"
             self._corpus = _JsonlCorpus(p, tokenizer, text_key)
         else:
-            raise CookbookError(f"{path} does not exist; give an indexed dataset prefix (without .bin/.idx), a .jsonl file or a folder of .jsonl files")
+            raise CookbookError(
+                f"{path} does not exist; give an indexed dataset prefix (without .bin/.idx), a .jsonl file or a folder of .jsonl files"
+            )
         self._order: np.ndarray | None = None  # document of each prompt
         self._plen: np.ndarray | None = None  # its prefix length
         self._documents = 0
@@ -279,7 +291,11 @@ class PromptSource:
         if self.num_prompts is not None:
             order = order[: self.num_prompts]
         if len(order) == 0:
-            rule = "more tokens than its prefix" if self.min_doc_tokens is None else f"at least {self.min_doc_tokens} tokens and its prefix"
+            rule = (
+                "more tokens than its prefix"
+                if self.min_doc_tokens is None
+                else f"at least {self.min_doc_tokens} tokens and its prefix"
+            )
             raise CookbookError(
                 f"no document in {self.path} is long enough for a prompt (one needs {rule}; the longest of its "
                 f"{len(lengths)} documents has {int(lengths.max(initial=0))} tokens); lower --prefix-tokens or --min-doc-tokens"

@@ -22,10 +22,10 @@ class Backend(Protocol):
     name: str  # "cookbook", "openai" or "vllm"
     teacher: str  # what the output records name as the teacher (a path, or the served model's name)
 
-    def generate(self, prompts: list[str], params: SamplingParams, seeds: list[int],
-                 on_progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], params: SamplingParams, seeds: list[int], on_progress: Progress | None = None
+    ) -> list[list[Completion]]:
         """One list of ``params.n`` completions per prompt, in the prompts' order."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...

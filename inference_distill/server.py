@@ -69,14 +69,21 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from cookbook.errors import CookbookError
-from cookbook.inference.engine import Engine, Sequence as Row
+from cookbook.inference.engine import Engine
+from cookbook.inference.engine import Sequence as Row
 from cookbook.inference.generator import LocalGenerator
 from cookbook.inference.logprobs import MAX_LOGPROBS, TokenLogprob
 from cookbook.inference.sampling import Completion, SamplingError, SamplingParams, check_seed, cut_at_stop
 from cookbook.inference.text import Detokenizer
 
-ROUTES = {"/v1/completions": "POST", "/v1/models": "GET", "/health": "GET", "/tokenize": "POST",
-          "/detokenize": "POST", "/tokenizer_info": "GET"}
+ROUTES = {
+    "/v1/completions": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/tokenize": "POST",
+    "/detokenize": "POST",
+    "/tokenizer_info": "GET",
+}
 MODEL_ROUTE = "/v1/models/"  # + a model id
 DRAIN_LIMIT = 8 * 1024 * 1024  # a refused body up to this size is read and dropped, so the client sees the answer
 DRAIN_WAIT = 2.0  # seconds the rest of a refused body may take to arrive
@@ -84,8 +91,13 @@ MAX_JSON_DEPTH = 64  # nesting of arrays and objects a request body may have
 MAX_STOP = 32  # stop strings per request
 POLL = 0.05  # seconds between looks at a waiting client's socket
 # fields this server cannot honour, with the values that ask for nothing (anything else is refused)
-UNSUPPORTED = {"suffix": (None, ""), "logit_bias": (None, {}), "ignore_eos": (None, False), "min_tokens": (None, 0),
-               "prompt_logprobs": (None,)}
+UNSUPPORTED = {
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "ignore_eos": (None, False),
+    "min_tokens": (None, 0),
+    "prompt_logprobs": (None,),
+}
 
 
 @dataclass
@@ -161,8 +173,9 @@ def read_json(raw: bytes):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, "the request body holds a lone surrogate escape (\\ud800-\\udfff); send valid "
-                           "Unicode") from None
+            raise ApiError(
+                400, "the request body holds a lone surrogate escape (\\ud800-\\udfff); send valid Unicode"
+            ) from None
     return value
 
 
@@ -171,7 +184,9 @@ def _kind(v) -> str:
         return "null"
     if isinstance(v, bool):
         return "a boolean"
-    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}.get(type(v), "a value")
+    return {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}.get(
+        type(v), "a value"
+    )
 
 
 def _is_int(v) -> bool:
@@ -227,8 +242,9 @@ def read_prompts(v) -> list[str | list[int]]:
             return [v]
         if all(isinstance(p, list) for p in v):
             return [_token_list(p, f"prompt {i}") for i, p in enumerate(v)]
-    raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
-                   "prompt")
+    raise ApiError(
+        400, "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists", "prompt"
+    )
 
 
 def read_stop(v) -> tuple[str, ...]:
@@ -249,19 +265,29 @@ def sampling_params(body: dict, max_prompts: int, max_tokens_limit: int, allow_n
     if top_k < -1:
         raise ApiError(400, f"top_k {top_k} must be -1 or 0 (off) or positive", "top_k")
     params = SamplingParams(
-        max_tokens=_int(body, "max_tokens", 16), temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0), top_k=max(top_k, 0), n=_int(body, "n", 1), stop=read_stop(body.get("stop")),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0), presence_penalty=_number(body, "presence_penalty", 0.0),
+        max_tokens=_int(body, "max_tokens", 16),
+        temperature=_number(body, "temperature", 1.0),
+        top_p=_number(body, "top_p", 1.0),
+        top_k=max(top_k, 0),
+        n=_int(body, "n", 1),
+        stop=read_stop(body.get("stop")),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
     )
     try:
         params.check(allow_no_tokens=allow_no_tokens)
     except SamplingError as e:
-        message = str(e) + ("; max_tokens 0 needs echo (it scores the prompt)" if e.param == "max_tokens" and
-                            params.max_tokens == 0 else "")
+        message = str(e) + (
+            "; max_tokens 0 needs echo (it scores the prompt)"
+            if e.param == "max_tokens" and params.max_tokens == 0
+            else ""
+        )
         raise ApiError(400, message, e.param) from None
     if params.max_tokens > max_tokens_limit:
-        raise ApiError(400, f"max_tokens {params.max_tokens} is above this server's limit of {max_tokens_limit}", "max_tokens")
+        raise ApiError(
+            400, f"max_tokens {params.max_tokens} is above this server's limit of {max_tokens_limit}", "max_tokens"
+        )
     if params.n > max_prompts:
         raise ApiError(400, f"n {params.n} is above this server's limit of {max_prompts} completions per prompt", "n")
     best_of = body.get("best_of")
@@ -300,14 +326,20 @@ class CompletionServer(ThreadingHTTPServer):
         self.cfg, self.generator = cfg, generator
         self.model_name = cfg.model_name or Path(cfg.load).resolve().name
         self.max_model_len = cfg.max_model_len or generator.model.config.max_seq_len
-        self.engine = Engine(generator.model, eos_id=generator.eos, max_batch_size=cfg.max_batch_size,
-                             max_model_len=self.max_model_len, kv_tokens=cfg.kv_cache_tokens)
+        self.engine = Engine(
+            generator.model,
+            eos_id=generator.eos,
+            max_batch_size=cfg.max_batch_size,
+            max_model_len=self.max_model_len,
+            kv_tokens=cfg.kv_cache_tokens,
+        )
         self.created = int(time.time())
         try:
             super().__init__((cfg.host, cfg.port), _Handler)
         except OSError as e:
-            raise CookbookError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port or "
-                                "--host") from None
+            raise CookbookError(
+                f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port or --host"
+            ) from None
         self.engine_thread = threading.Thread(target=self.engine.serve_forever, name="engine", daemon=True)
         self.engine_thread.start()
 
@@ -331,8 +363,14 @@ class CompletionServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
     def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cookbook",
-                "root": self.cfg.load, "max_model_len": self.max_model_len}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "cookbook",
+            "root": self.cfg.load,
+            "max_model_len": self.max_model_len,
+        }
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -342,8 +380,12 @@ class CompletionServer(ThreadingHTTPServer):
         if model is not None and not isinstance(model, str):
             raise ApiError(400, f"'model' must be a string, not {_kind(model)}", "model")
         if model is not None and model not in (self.model_name, self.cfg.load):
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                "model",
+                "model_not_found",
+            )
 
     # ----------------------------------------------------------------------- tokenizer routes
 
@@ -387,8 +429,9 @@ class CompletionServer(ThreadingHTTPServer):
             raise ApiError(400, "'prompt' is required", "prompt")
         prompts = read_prompts(body["prompt"])
         if len(prompts) > cfg.max_prompts:
-            raise ApiError(400, f"{len(prompts)} prompts is above this server's limit of {cfg.max_prompts} per request",
-                           "prompt")
+            raise ApiError(
+                400, f"{len(prompts)} prompts is above this server's limit of {cfg.max_prompts} per request", "prompt"
+            )
         echo = _bool(body, "echo")
         params = sampling_params(body, cfg.max_prompts, cfg.max_tokens_limit, allow_no_tokens=echo)
         logprobs = _int(body, "logprobs", None)
@@ -407,7 +450,9 @@ class CompletionServer(ThreadingHTTPServer):
         include_usage = _bool(options or {}, "include_usage")
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t < gen.vocab_size for t in stop_ids):
-            raise ApiError(400, f"'stop_token_ids' must be a list of token ids in [0, {gen.vocab_size})", "stop_token_ids")
+            raise ApiError(
+                400, f"'stop_token_ids' must be a list of token ids in [0, {gen.vocab_size})", "stop_token_ids"
+            )
 
         ids = [gen.encode(p) for p in prompts]
         vocab = gen.vocab_size
@@ -417,9 +462,14 @@ class CompletionServer(ThreadingHTTPServer):
             if min(p) < 0 or max(p) >= vocab:
                 raise ApiError(400, f"prompt {i} holds a token id outside the vocabulary [0, {vocab})", "prompt")
             if len(p) + params.max_tokens > self.max_model_len:
-                raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but prompt {i} "
-                               f"has {len(p)} tokens and max_tokens is {params.max_tokens}; shorten the prompt or lower "
-                               "max_tokens", "prompt", "context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"this model's maximum context length is {self.max_model_len} tokens, but prompt {i} "
+                    f"has {len(p)} tokens and max_tokens is {params.max_tokens}; shorten the prompt or lower "
+                    "max_tokens",
+                    "prompt",
+                    "context_length_exceeded",
+                )
         return CompletionRequest(prompts, ids, params, seed, echo, logprobs, stream, include_usage, stop_ids)
 
     def rows(self, req: CompletionRequest, updates: queue.Queue) -> list[Row]:
@@ -434,16 +484,24 @@ class CompletionServer(ThreadingHTTPServer):
         rows = []
         for p in req.ids:
             rows += self.generator.rows(
-                p, req.params, req.seed, req.stop_ids, top_logprobs=req.logprobs,
-                prompt_top_logprobs=req.logprobs if req.echo else None, deadline=deadline,
-                on_step=updates.put if req.stream else finished)
+                p,
+                req.params,
+                req.seed,
+                req.stop_ids,
+                top_logprobs=req.logprobs,
+                prompt_top_logprobs=req.logprobs if req.echo else None,
+                deadline=deadline,
+                on_step=updates.put if req.stream else finished,
+            )
         return rows
 
     def prompt_text(self, req: CompletionRequest, i: int) -> str:
         prompt = req.prompts[i]
         return prompt if isinstance(prompt, str) else self.generator.decode(req.ids[i])
 
-    def logprobs(self, entries: list[TokenLogprob | None], tokens: list[tuple[int, str]], k: int, offset: int = 0) -> dict:
+    def logprobs(
+        self, entries: list[TokenLogprob | None], tokens: list[tuple[int, str]], k: int, offset: int = 0
+    ) -> dict:
         """OpenAI's legacy logprobs object for ``tokens`` (id, the text it adds) and their ``entries`` (None: no
         logprob, the first prompt token); alternatives are named by their own text, -inf is sent as -9999.0."""
         text = self.generator.text
@@ -458,9 +516,12 @@ class CompletionServer(ThreadingHTTPServer):
             for token, lp in e.top[:k]:
                 alternatives.setdefault(text.piece(token), max(lp, -9999.0))
             top.append(alternatives)
-        return {"tokens": [t for _, t in tokens], "token_logprobs": [None if e is None else max(e.logprob, -9999.0)
-                                                                     for e in entries],
-                "top_logprobs": top, "text_offset": offsets}
+        return {
+            "tokens": [t for _, t in tokens],
+            "token_logprobs": [None if e is None else max(e.logprob, -9999.0) for e in entries],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
     def choice(self, req: CompletionRequest, k: int, row: Row, done: Completion) -> dict:
         """Choice ``k`` (prompt k // n, sample k % n): its finished ``row`` and what it ``done`` as a completion."""
@@ -480,21 +541,31 @@ class CompletionServer(ThreadingHTTPServer):
     def usage(self, req: CompletionRequest, done: list[Completion]) -> dict:
         prompt_tokens = sum(len(p) for p in req.ids)
         completion_tokens = sum(c.tokens for c in done)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def response(self, req: CompletionRequest, rows: list[Row], rid: str, created: int) -> dict:
         done = [self.generator.finish(r, req.stop_ids) for r in rows]
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [self.choice(req, k, r, c) for k, (r, c) in enumerate(zip(rows, done))],
-                "usage": self.usage(req, done)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": [self.choice(req, k, r, c) for k, (r, c) in enumerate(zip(rows, done))],
+            "usage": self.usage(req, done),
+        }
 
 
 def failure(rows: list[Row]) -> ApiError | None:
     """The error a request ends with when a row did not finish normally."""
     for r in rows:
         if r.finish_reason == "timeout":
-            return ApiError(408, "the request ran past this server's --request-timeout and was cancelled", None, "timeout")
+            return ApiError(
+                408, "the request ran past this server's --request-timeout and was cancelled", None, "timeout"
+            )
         if r.finish_reason == "error":
             return ApiError(500, f"generation failed: {r.error}")
     return None
@@ -532,8 +603,12 @@ class _Handler(BaseHTTPRequestHandler):
         words = line.split()
         if len(words) < 3:  # empty, or HTTP/0.9 (which the standard library would answer without a status line)
             self.command, self.requestline, self.request_version = None, line, "HTTP/1.1"
-            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1" if len(words) == 2
-                            else f"bad request line {line[:100]!r}; expected METHOD PATH HTTP/1.1")
+            self.send_error(
+                400,
+                "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1"
+                if len(words) == 2
+                else f"bad request line {line[:100]!r}; expected METHOD PATH HTTP/1.1",
+            )
             return False
         return super().parse_request()
 
@@ -596,20 +671,30 @@ class _Handler(BaseHTTPRequestHandler):
                 elif path in ROUTES:
                     route, allowed = path, ROUTES[path]
                 else:
-                    raise ApiError(404, f"no route {path[:200]}; use POST /v1/completions, GET /v1/models, GET /health, "
-                                   "POST /tokenize, POST /detokenize or GET /tokenizer_info")
+                    raise ApiError(
+                        404,
+                        f"no route {path[:200]}; use POST /v1/completions, GET /v1/models, GET /health, "
+                        "POST /tokenize, POST /detokenize or GET /tokenizer_info",
+                    )
                 if method != allowed:
                     raise ApiError(405, f"{path[:200]} takes {allowed}, not {method}")
                 if method == "GET":
                     self._drain()
                     if route == "model":
-                        name = unquote(path[len(MODEL_ROUTE):])
+                        name = unquote(path[len(MODEL_ROUTE) :])
                         if name not in (server.model_name, server.cfg.load):
-                            raise ApiError(404, f"the model '{name[:200]}' does not exist; this server serves "
-                                           f"'{server.model_name}'", "model", "model_not_found")
+                            raise ApiError(
+                                404,
+                                f"the model '{name[:200]}' does not exist; this server serves '{server.model_name}'",
+                                "model",
+                                "model_not_found",
+                            )
                         return self._send(200, server.model_card())
-                    answers = {"/health": lambda: {"status": "ok"}, "/v1/models": server.models,
-                               "/tokenizer_info": lambda: server.generator.text.info(server.max_model_len)}
+                    answers = {
+                        "/health": lambda: {"status": "ok"},
+                        "/v1/models": server.models,
+                        "/tokenizer_info": lambda: server.generator.text.info(server.max_model_len),
+                    }
                     return self._send(200, answers[route]())
                 body = read_json(self._read_body_once())
                 if route == "/tokenize":
@@ -705,7 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
                 text, count, reason = done.text, done.tokens, done.finish_reason
                 texts = gen.text.token_texts(row.tokens[:count], row.prompt)
             else:
-                st.texts += [st.reader.add(t) for t in row.tokens[len(st.texts):]]
+                st.texts += [st.reader.add(t) for t in row.tokens[len(st.texts) :]]
                 text, found = cut_at_stop(gen.continuation(row.prompt, row.tokens), req.params.stop)
                 text = (text if found else text[: len(text) - hold]).rstrip("\ufffd")  # not yet: half a character
                 reason, texts = None, st.texts
@@ -713,7 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
                 while count < len(texts) and covered + len(texts[count]) <= len(text):
                     covered += len(texts[count])
                     count += 1
-            delta = text[len(st.text):] if text.startswith(st.text) else ""
+            delta = text[len(st.text) :] if text.startswith(st.text) else ""
             head = server.prompt_text(req, k // req.params.n) if req.echo and not st.echoed else ""
             logprobs = None
             if req.logprobs is not None:
@@ -728,8 +813,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             st.text, st.sent = st.text + delta, st.sent + len(head) + len(delta)
             st.tokens, st.echoed, st.finished = count, True, reason is not None
-            event({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                   "choices": [{"index": k, "text": head + delta, "logprobs": logprobs, "finish_reason": reason}]})
+            event(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [{"index": k, "text": head + delta, "logprobs": logprobs, "finish_reason": reason}],
+                }
+            )
 
         try:
             while True:
@@ -745,8 +837,16 @@ class _Handler(BaseHTTPRequestHandler):
             if error is not None:
                 event(error.body())
             elif req.include_usage:
-                event({"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                       "choices": [], "usage": server.usage(req, [gen.finish(r, req.stop_ids) for r in rows])})
+                event(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": server.model_name,
+                        "choices": [],
+                        "usage": server.usage(req, [gen.finish(r, req.stop_ids) for r in rows]),
+                    }
+                )
             event(b"[DONE]")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -775,7 +875,9 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
             self._send(error.status, error.body(), close=True)
         else:
-            self._send(error.status, error.body(), close=not self._body_read and bool(self.headers.get("Transfer-Encoding")))
+            self._send(
+                error.status, error.body(), close=not self._body_read and bool(self.headers.get("Transfer-Encoding"))
+            )
 
     def _send(self, status: int, payload: dict, close: bool = False) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")

@@ -53,8 +53,8 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cookbook.data.jsonl import dumps
 from cookbook.errors import CookbookError
@@ -139,7 +139,11 @@ class ShardWriter:
             }
             self._open_manifest()
             self._clean()
-            self._done = {k: self._read_stats(k) for k in range(self.num_shards) if self.shard_path(k).exists() and self.stats_path(k).exists()}
+            self._done = {
+                k: self._read_stats(k)
+                for k in range(self.num_shards)
+                if self.shard_path(k).exists() and self.stats_path(k).exists()
+            }
         except BaseException:
             self._discard()
             raise
@@ -151,7 +155,9 @@ class ShardWriter:
             return
         others = [p.name for p in self.folder.iterdir() if not p.name.startswith(".")]
         if others:
-            raise CookbookError(f"{self.folder} is not empty and holds no {MANIFEST} (it has {sorted(others)[0]}); choose a new or empty --output")
+            raise CookbookError(
+                f"{self.folder} is not empty and holds no {MANIFEST} (it has {sorted(others)[0]}); choose a new or empty --output"
+            )
 
     def _discard(self) -> None:
         """Close; and when this writer made the manifest but wrote no shard, remove the manifest, then the lock file and
@@ -175,7 +181,9 @@ class ShardWriter:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise CookbookError(f"another run is writing to {self.folder}; wait for it to end or choose another --output") from None
+            raise CookbookError(
+                f"another run is writing to {self.folder}; wait for it to end or choose another --output"
+            ) from None
         except OSError:  # a filesystem without flock: go on unlocked
             pass
         return f
@@ -192,10 +200,18 @@ class ShardWriter:
         except ValueError:
             raise CookbookError(f"{path} is not valid JSON; was it edited? Choose a new --output") from None
         if not isinstance(old, dict) or old.get("format") != FORMAT:
-            raise CookbookError(f"{path} was not written by this version of cookbook distill generate; choose a new --output")
+            raise CookbookError(
+                f"{path} was not written by this version of cookbook distill generate; choose a new --output"
+            )
         mine, theirs = self.manifest["identity"], old.get("identity", {})
-        diffs = [(k, theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
-        diffs += [(k, old.get(k), self.manifest[k]) for k in ("prompts", "prompts_per_shard") if old.get(k) != self.manifest[k]]
+        diffs = [
+            (k, theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)
+        ]
+        diffs += [
+            (k, old.get(k), self.manifest[k])
+            for k in ("prompts", "prompts_per_shard")
+            if old.get(k) != self.manifest[k]
+        ]
         if diffs:
             key, was, now = diffs[0]
             raise CookbookError(
@@ -216,7 +232,9 @@ class ShardWriter:
         try:
             stats = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            raise CookbookError(f"{path} is not valid JSON; delete it and {self.shard_path(k).name} to generate that shard again") from None
+            raise CookbookError(
+                f"{path} is not valid JSON; delete it and {self.shard_path(k).name} to generate that shard again"
+            ) from None
         stats.pop("hashes", None)
         return stats
 
@@ -256,7 +274,9 @@ class ShardWriter:
         """The dedup keys of every record already written: a resumed ``Filter`` starts from them."""
         seen: set[bytes] = set()
         for k in self._done:
-            seen.update(bytes.fromhex(h) for h in json.loads(self.stats_path(k).read_text(encoding="utf-8")).get("hashes", []))
+            seen.update(
+                bytes.fromhex(h) for h in json.loads(self.stats_path(k).read_text(encoding="utf-8")).get("hashes", [])
+            )
         return seen
 
     def write(self, k: int, records: list[dict], stats: dict | None = None, hashes: Iterable[bytes] = ()) -> None:
@@ -286,7 +306,7 @@ class ShardWriter:
             self._lock.close()  # releases the flock
             self._lock = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

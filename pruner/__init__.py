@@ -14,5 +14,16 @@ from pruner.importance import Scores, calibrate, magnitude_scores, random_scores
 from pruner.slicing import Selection, keep_all, prune_model, select, slice_state_dict
 from pruner.spec import PruneSpec, target_config
 
-__all__ = ["PruneSpec", "target_config", "Scores", "calibrate", "magnitude_scores", "random_scores", "Selection",
-           "keep_all", "select", "slice_state_dict", "prune_model"]
+__all__ = [
+    "PruneSpec",
+    "target_config",
+    "Scores",
+    "calibrate",
+    "magnitude_scores",
+    "random_scores",
+    "Selection",
+    "keep_all",
+    "select",
+    "slice_state_dict",
+    "prune_model",
+]

@@ -23,14 +23,18 @@ def calibration_samples(prefix: str, samples: int, seq_length: int, vocab_size: 
         raise CookbookError(f"--calib-data: {e}") from None
     stream, need = dataset.bin, seq_length + 1
     if dataset.num_tokens < need:
-        raise CookbookError(f"--calib-data {prefix} holds {dataset.num_tokens} tokens, fewer than one sample of "
-                            f"{need}; give more data or a shorter --calib-seq-length")
+        raise CookbookError(
+            f"--calib-data {prefix} holds {dataset.num_tokens} tokens, fewer than one sample of "
+            f"{need}; give more data or a shorter --calib-seq-length"
+        )
     starts = np.linspace(0, dataset.num_tokens - need, samples).round().astype(np.int64)
     tokens = torch.from_numpy(np.stack([np.asarray(stream[s : s + need], dtype=np.int64) for s in starts]))
     top = int(tokens.max())
     if top >= vocab_size:
-        raise CookbookError(f"--calib-data {prefix} holds token id {top} but the model's vocabulary has {vocab_size} ids; "
-                            "calibrate on data made with the model's tokenizer")
+        raise CookbookError(
+            f"--calib-data {prefix} holds token id {top} but the model's vocabulary has {vocab_size} ids; "
+            "calibrate on data made with the model's tokenizer"
+        )
     return tokens
 
 

@@ -76,8 +76,15 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, samples: torch.Tensor, batch_size: int, *, activation: bool = True,
-              block_influence: bool = True, on_batch: Callable[[int], None] | None = None) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    samples: torch.Tensor,
+    batch_size: int,
+    *,
+    activation: bool = True,
+    block_influence: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Calibration:
     """One forward pass over ``samples`` [n, seq + 1] with hooks: activation scores and/or block influence.
     ``on_batch(samples)`` after each batch (progress)."""
     cfg = model.config
@@ -94,33 +101,39 @@ def calibrate(model: nn.Module, samples: torch.Tensor, batch_size: int, *, activ
     def hook_norm(index: int):
         def hook(module, args, output):
             add(("hidden", index), output.abs().sum((0, 1)))
+
         return hook
 
     def hook_heads(index: int):
         def hook(module, args):
             x = args[0]
             add(("heads", index), x.view(*x.shape[:2], cfg.num_heads, cfg.head_dim).float().norm(dim=-1).sum((0, 1)))
+
         return hook
 
     def hook_neurons(index: int):
         def hook(module, args):
             add(("neurons", index), args[0].abs().sum((0, 1)))
+
         return hook
 
     def hook_block(index: int):
         def hook(module, args, output):
             cos = F.cosine_similarity(args[0].float(), output.float(), dim=-1)  # [b, s]
             add(("influence", index), (1 - cos).sum())
+
         return hook
 
     try:
         for i, name in enumerate(names):
             layer = model.layers[name]
             if activation:
-                handles += [layer.attention_norm.register_forward_hook(hook_norm(i)),
-                            layer.mlp_norm.register_forward_hook(hook_norm(i)),
-                            layer.attention.wo.register_forward_pre_hook(hook_heads(i)),
-                            layer.mlp.w_down.register_forward_pre_hook(hook_neurons(i))]
+                handles += [
+                    layer.attention_norm.register_forward_hook(hook_norm(i)),
+                    layer.mlp_norm.register_forward_hook(hook_norm(i)),
+                    layer.attention.wo.register_forward_pre_hook(hook_heads(i)),
+                    layer.mlp.w_down.register_forward_pre_hook(hook_neurons(i)),
+                ]
             if block_influence:
                 handles.append(layer.register_forward_hook(hook_block(i)))
         if activation:
@@ -158,8 +171,9 @@ def group_scores(heads: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, samples: torch.Tensor, batch_size: int,
-                     on_batch: Callable[[int], None] | None = None) -> float:
+def calibration_loss(
+    model: nn.Module, samples: torch.Tensor, batch_size: int, on_batch: Callable[[int], None] | None = None
+) -> float:
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for inputs, targets in _batches(samples, batch_size, device):
@@ -172,8 +186,13 @@ def calibration_loss(model: nn.Module, samples: torch.Tensor, batch_size: int,
 
 
 @torch.no_grad()
-def layer_removal_importance(model: nn.Module, samples: torch.Tensor, batch_size: int, base_loss: float | None = None,
-                             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+def layer_removal_importance(
+    model: nn.Module,
+    samples: torch.Tensor,
+    batch_size: int,
+    base_loss: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """[num_layers]: the calibration loss with each layer removed alone, minus the whole model's (a pass over the
     samples per layer, and one more without ``base_loss``)."""
     was_training = model.training
@@ -210,12 +229,17 @@ def magnitude_scores(model: nn.Module) -> Scores:
         gate, up, down = mlp.w_gate.weight.float(), mlp.w_up.weight.float(), mlp.w_down.weight.float()
         heads = wq.view(a, d, h).pow(2).sum((1, 2)) + wo.view(h, a, d).pow(2).sum((0, 2))
         scores.heads[i] = heads.cpu()
-        scores.groups[i] = (group_scores(heads, g) + wk.view(g, d, h).pow(2).sum((1, 2)) + wv.view(g, d, h).pow(2).sum((1, 2))).cpu()
+        scores.groups[i] = (
+            group_scores(heads, g) + wk.view(g, d, h).pow(2).sum((1, 2)) + wv.view(g, d, h).pow(2).sum((1, 2))
+        ).cpu()
         scores.neurons[i] = (gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).cpu()
         reads = torch.cat([wq, wk, wv]) * n1
-        scores.hidden[i] = (reads.pow(2).sum(0) + wo.pow(2).sum(1) + (torch.cat([gate, up]) * n2).pow(2).sum(0)
-                            + down.pow(2).sum(1)).cpu()
-    final = model.tok_embeddings.weight.float().pow(2).sum(0) + (model.output.weight.float() * model.norm.weight.float()).pow(2).sum(0)
+        scores.hidden[i] = (
+            reads.pow(2).sum(0) + wo.pow(2).sum(1) + (torch.cat([gate, up]) * n2).pow(2).sum(0) + down.pow(2).sum(1)
+        ).cpu()
+    final = model.tok_embeddings.weight.float().pow(2).sum(0) + (
+        model.output.weight.float() * model.norm.weight.float()
+    ).pow(2).sum(0)
     scores.hidden[-1] = final.cpu()
     return scores
 
@@ -244,8 +268,22 @@ def check_method(importance: str, layer_importance: str) -> None:
     if importance not in IMPORTANCE:
         raise CookbookError(f"unknown --importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
     if layer_importance not in LAYER_IMPORTANCE:
-        raise CookbookError(f"unknown --layer-importance {layer_importance!r}; choose one of {', '.join(LAYER_IMPORTANCE)}")
+        raise CookbookError(
+            f"unknown --layer-importance {layer_importance!r}; choose one of {', '.join(LAYER_IMPORTANCE)}"
+        )
 
 
-__all__ = ["IMPORTANCE", "LAYER_IMPORTANCE", "Scores", "Calibration", "calibrate", "calibration_loss", "group_scores",
-           "layer_removal_importance", "magnitude_scores", "random_scores", "layers_to_drop", "check_method"]
+__all__ = [
+    "IMPORTANCE",
+    "LAYER_IMPORTANCE",
+    "Scores",
+    "Calibration",
+    "calibrate",
+    "calibration_loss",
+    "group_scores",
+    "layer_removal_importance",
+    "magnitude_scores",
+    "random_scores",
+    "layers_to_drop",
+    "check_method",
+]

@@ -39,8 +39,11 @@ def write_checkpoint(save: str | Path, model: nn.Module, sections: dict[str, dic
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
     model_section = {k: v for k, v in model.config.to_dict().items() if v is not None}
-    write_save_files(tmp, {"model": model_section, "data": sections.get("data", {})},
-                     {"step": 0, "consumed_samples": 0, **train_state})
+    write_save_files(
+        tmp,
+        {"model": model_section, "data": sections.get("data", {})},
+        {"step": 0, "consumed_samples": 0, **train_state},
+    )
     return commit_save(tmp, final)
 
 

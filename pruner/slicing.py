@@ -51,9 +51,13 @@ class Selection:
 def keep_all(cfg: ModelConfig) -> Selection:
     """The selection that removes nothing."""
     every = range(cfg.num_layers)
-    return Selection(list(every), torch.arange(cfg.hidden_size),
-                     {i: torch.arange(cfg.num_heads) for i in every}, {i: torch.arange(cfg.num_kv_heads) for i in every},
-                     {i: torch.arange(cfg.intermediate_size) for i in every})
+    return Selection(
+        list(every),
+        torch.arange(cfg.hidden_size),
+        {i: torch.arange(cfg.num_heads) for i in every},
+        {i: torch.arange(cfg.num_kv_heads) for i in every},
+        {i: torch.arange(cfg.intermediate_size) for i in every},
+    )
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -54,7 +54,9 @@ def parse_layer_ids(value: str | None) -> list[int]:
     try:
         return [int(v) for v in value.replace(",", " ").split()]
     except ValueError:
-        raise CookbookError(f"--drop-layer-ids {value!r} must be layer numbers separated by commas, e.g. 3,7,12") from None
+        raise CookbookError(
+            f"--drop-layer-ids {value!r} must be layer numbers separated by commas, e.g. 3,7,12"
+        ) from None
 
 
 def resolve_groups(src: ModelConfig, heads: int, groups: int | None) -> int:
@@ -82,12 +84,16 @@ def target_config(src: ModelConfig, spec: PruneSpec, tp: int = 1) -> ModelConfig
             raise CookbookError(f"{flag} must be a positive integer, not {value!r}")
         have = getattr(src, name)
         if value > have:
-            raise CookbookError(f"{flag} {value} is larger than the model's {have}; pruning only removes (the source {name} is {have})")
+            raise CookbookError(
+                f"{flag} {value} is larger than the model's {have}; pruning only removes (the source {name} is {have})"
+            )
     heads = spec.num_heads if spec.num_heads is not None else src.num_heads
     groups = resolve_groups(src, heads, spec.num_kv_heads)
     if heads % groups:
-        raise CookbookError(f"--num-attention-heads-remain {heads} is not divisible by --num-query-groups-remain {groups}; "
-                            "each query group must keep the same number of heads")
+        raise CookbookError(
+            f"--num-attention-heads-remain {heads} is not divisible by --num-query-groups-remain {groups}; "
+            "each query group must keep the same number of heads"
+        )
     per_group = src.num_heads // src.num_kv_heads
     if heads // groups > per_group:
         raise CookbookError(
@@ -97,7 +103,9 @@ def target_config(src: ModelConfig, spec: PruneSpec, tp: int = 1) -> ModelConfig
 
     layers = src.num_layers
     if spec.drop_layer_ids and spec.drop_layers is not None:
-        raise CookbookError("give --drop-layers N (chosen by layer importance) or --drop-layer-ids 3,7 (chosen by you), not both")
+        raise CookbookError(
+            "give --drop-layers N (chosen by layer importance) or --drop-layer-ids 3,7 (chosen by you), not both"
+        )
     if spec.drop_layers is not None and spec.drop_layers < 0:
         raise CookbookError(f"--drop-layers must be a non-negative number of layers, not {spec.drop_layers}")
     bad = [i for i in spec.drop_layer_ids if not 0 <= i < layers]
@@ -106,12 +114,16 @@ def target_config(src: ModelConfig, spec: PruneSpec, tp: int = 1) -> ModelConfig
     if len(set(spec.drop_layer_ids)) != len(spec.drop_layer_ids):
         raise CookbookError(f"--drop-layer-ids {','.join(map(str, spec.drop_layer_ids))} names a layer twice")
     if spec.layers_to_drop >= layers:
-        raise CookbookError(f"dropping {spec.layers_to_drop} of the model's {layers} layers leaves none; drop at most {layers - 1}")
+        raise CookbookError(
+            f"dropping {spec.layers_to_drop} of the model's {layers} layers leaves none; drop at most {layers - 1}"
+        )
 
     cfg = src.replace(
         hidden_size=spec.hidden_size or src.hidden_size,
         intermediate_size=spec.intermediate_size or src.intermediate_size,
-        num_heads=heads, num_kv_heads=groups, head_dim=src.head_dim,
+        num_heads=heads,
+        num_kv_heads=groups,
+        head_dim=src.head_dim,
         num_layers=layers - spec.layers_to_drop,
     )
     check_tensor_parallel(cfg, tp)
@@ -123,12 +135,16 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     Megatron-LM checkpoints need it): the pruned shape must allow it."""
     if tp is None or tp <= 1:
         return
-    for name, flag, value in (("intermediate size", "--intermediate-size-remain", cfg.intermediate_size),
-                              ("attention heads", "--num-attention-heads-remain", cfg.num_heads),
-                              ("query groups", "--num-query-groups-remain", cfg.num_kv_heads)):
+    for name, flag, value in (
+        ("intermediate size", "--intermediate-size-remain", cfg.intermediate_size),
+        ("attention heads", "--num-attention-heads-remain", cfg.num_heads),
+        ("query groups", "--num-query-groups-remain", cfg.num_kv_heads),
+    ):
         if value % tp:
-            raise CookbookError(f"the pruned {name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
-                                f"choose {flag} as a multiple of {tp}")
+            raise CookbookError(
+                f"the pruned {name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
+                f"choose {flag} as a multiple of {tp}"
+            )
 
 
 __all__ = ["PruneSpec", "parse_layer_ids", "resolve_groups", "target_config", "check_tensor_parallel"]

@@ -18,16 +18,16 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cookbook.engine import cookbook_format
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable
-from cookbook.engine import cookbook_format
 from cookbook.formats import hf, megatron, megatron_dist
 from cookbook.formats.stream import DTYPES, Checkpoint, Tensors, cast, checked
 from cookbook.progress import console
@@ -46,7 +46,7 @@ MEGATRON_WRITERS = {"torch": megatron.write, "torch_dist": megatron_dist.write} 
 HINTS = {  # the output holds no optimizer state
     "cookbook": "it holds no optimizer state: train from it with cookbook pretrain --load {save} --finetune ...",
     "megatron": "it holds no optimizer or RNG state: load it in Megatron-LM with --ckpt-format {ckpt_format} --load {save} "
-                "--finetune (or --no-load-optim --no-load-rng to keep its iteration)",
+    "--finetune (or --no-load-optim --no-load-rng to keep its iteration)",
 }
 
 
@@ -61,7 +61,9 @@ class ConvertConfig:
     dtype: str | None = None  # bf16 | fp16 | fp32; None keeps the source's
     make_vocab_size_divisible_by: int = 128
     transformer_impl: str = "transformer_engine"  # Megatron target: transformer_engine or local layer names
-    ckpt_format: str = "torch"  # Megatron target: torch (mp_rank_* files) or torch_dist (megatron-core's distributed format)
+    ckpt_format: str = (
+        "torch"  # Megatron target: torch (mp_rank_* files) or torch_dist (megatron-core's distributed format)
+    )
     max_shard_size: str = "5GB"  # Hugging Face target: the largest safetensors shard
     overwrite: bool = False
 
@@ -83,8 +85,17 @@ def parse_size(text: str) -> int:
     if not m:
         raise CookbookError(f"--max-shard-size {text!r} is not a size such as 5GB or 500MB")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return max(1, int(float(m.group(1)) * scale))
 
 
@@ -96,8 +107,10 @@ def check(cfg: ConvertConfig) -> None:
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise CookbookError(f"unknown --dtype {cfg.dtype!r}; use {', '.join(DTYPES)}")
     if cfg.target != "megatron" and (cfg.tp, cfg.pp) != (1, 1):
-        raise CookbookError(f"--tp and --pp split a Megatron-LM checkpoint; --to {cfg.target} takes neither "
-                            "(cookbook checkpoints reshard when loaded)")
+        raise CookbookError(
+            f"--tp and --pp split a Megatron-LM checkpoint; --to {cfg.target} takes neither "
+            "(cookbook checkpoints reshard when loaded)"
+        )
     if cfg.tp < 1 or cfg.pp < 1 or cfg.make_vocab_size_divisible_by < 1:
         raise CookbookError("--tp, --pp and --make-vocab-size-divisible-by must be positive integers")
     if cfg.transformer_impl not in megatron.IMPLS:
@@ -105,8 +118,10 @@ def check(cfg: ConvertConfig) -> None:
     if cfg.ckpt_format not in megatron.CKPT_FORMATS:
         raise CookbookError(f"unknown --ckpt-format {cfg.ckpt_format!r}; use {' or '.join(megatron.CKPT_FORMATS)}")
     if cfg.target != "megatron" and cfg.ckpt_format != "torch":
-        raise CookbookError(f"--ckpt-format chooses the Megatron-LM format written; --to {cfg.target} takes none "
-                            "(--from megatron reads either format as it finds it)")
+        raise CookbookError(
+            f"--ckpt-format chooses the Megatron-LM format written; --to {cfg.target} takes none "
+            "(--from megatron reads either format as it finds it)"
+        )
     parse_size(cfg.max_shard_size)
     load, save = Path(cfg.load_dir), Path(cfg.save_dir)
     if not load.exists():
@@ -114,7 +129,9 @@ def check(cfg: ConvertConfig) -> None:
     if save.resolve() == load.resolve() or load.resolve() in save.resolve().parents:
         raise CookbookError(f"--save-dir {save} is or lies inside --load-dir {load}; choose a folder elsewhere")
     if save.exists() and not cfg.overwrite:
-        raise CookbookError(f"--save-dir {save} already exists; pass --overwrite to replace it, or choose another folder")
+        raise CookbookError(
+            f"--save-dir {save} already exists; pass --overwrite to replace it, or choose another folder"
+        )
     check_writable(save.parent, "--save-dir", folder=True)
 
 
@@ -147,8 +164,9 @@ def _write(cfg: ConvertConfig, tmp: Path, ckpt: Checkpoint, tensors: Tensors, dt
     elif cfg.target == "cookbook":
         cookbook_format.write(tmp, final, ckpt, tensors, dtypes)
     else:
-        args = megatron.arguments(final, ckpt, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by,
-                                  cfg.transformer_impl, cfg.ckpt_format)
+        args = megatron.arguments(
+            final, ckpt, dtypes, cfg.tp, cfg.pp, cfg.make_vocab_size_divisible_by, cfg.transformer_impl, cfg.ckpt_format
+        )
         MEGATRON_WRITERS[cfg.ckpt_format](tmp / f"iter_{args.iteration:07d}", ckpt.config, args, tensors, cfg.tp)
         megatron.finish(tmp, args.iteration, ckpt)
 
@@ -173,9 +191,18 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
     dtypes = {name: dtype or d for name, d in ckpt.dtypes.items()}
     stream = cast(checked(ckpt.tensors(), ckpt.config, f"--load-dir {cfg.load_dir}"), dtype)
     counted = {"tensors": 0, "bytes": 0}
-    progress = Progress(TextColumn("[bold]convert"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
-                        console=console, transient=True, disable=not (show_progress and console.is_terminal))
+    progress = Progress(
+        TextColumn("[bold]convert"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[name]}"),
+        console=console,
+        transient=True,
+        disable=not (show_progress and console.is_terminal),
+    )
 
     def shown(tensors: Tensors) -> Tensors:
         for name, tensor in tensors:
@@ -190,12 +217,21 @@ def run(cfg: ConvertConfig, show_progress: bool = True) -> ConvertResult:
     notes = list(ckpt.notes)
     if cfg.target in HINTS:
         notes.append(HINTS[cfg.target].format(save=cfg.save_dir, ckpt_format=cfg.ckpt_format))
-    return ConvertResult(Path(cfg.save_dir), ckpt.description, ckpt.config.num_params(), counted["tensors"],
-                         counted["bytes"], time.perf_counter() - start, notes)
+    return ConvertResult(
+        Path(cfg.save_dir),
+        ckpt.description,
+        ckpt.config.num_params(),
+        counted["tensors"],
+        counted["bytes"],
+        time.perf_counter() - start,
+        notes,
+    )
 
 
 def render(r: ConvertResult, target: str) -> list[str]:
     """What ``cookbook convert`` prints: one line, then a line per note."""
-    done = (f"[green]converted[/green] {escape(r.source)} ({r.params / 1e6:,.1f}M parameters) to {target} in "
-            f"{escape(str(r.save_dir))}: {r.tensors:,} tensors, {r.bytes / 1e9:,.2f} GB in {r.seconds:,.1f} s")
+    done = (
+        f"[green]converted[/green] {escape(r.source)} ({r.params / 1e6:,.1f}M parameters) to {target} in "
+        f"{escape(str(r.save_dir))}: {r.tensors:,} tensors, {r.bytes / 1e9:,.2f} GB in {r.seconds:,.1f} s"
+    )
     return [done, *(f"[yellow]note:[/yellow] {escape(note)}" for note in r.notes)]

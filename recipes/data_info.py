@@ -39,7 +39,9 @@ def info(prefix: str) -> DataInfo:
         lo = min(int(ds.bin[i : i + step].min()) for i in range(0, tokens, step))
         hi = max(int(ds.bin[i : i + step].max()) for i in range(0, tokens, step))
     lengths = document_lengths(ds)
-    return DataInfo(prefix, ds.num_documents, len(ds), tokens, ds.dtype.name, lo, hi, lengths, int((lengths == 0).sum()))
+    return DataInfo(
+        prefix, ds.num_documents, len(ds), tokens, ds.dtype.name, lo, hi, lengths, int((lengths == 0).sum())
+    )
 
 
 def histogram(lengths: np.ndarray, bins: int = 12) -> list[tuple[int, int, int]]:
@@ -64,8 +66,11 @@ def render(d: DataInfo) -> list[Table]:
     table = Table(title=d.prefix, show_header=False, title_justify="left")
     longest = int(d.document_lengths.max()) if d.documents else 0
     for name, value in [
-        ("documents", f"{d.documents:,}"), ("sequences", f"{d.sequences:,}"), ("tokens", f"{d.tokens:,}"),
-        ("dtype", d.dtype), ("token ids", "none" if d.min_id is None else f"{d.min_id} .. {d.max_id}"),
+        ("documents", f"{d.documents:,}"),
+        ("sequences", f"{d.sequences:,}"),
+        ("tokens", f"{d.tokens:,}"),
+        ("dtype", d.dtype),
+        ("token ids", "none" if d.min_id is None else f"{d.min_id} .. {d.max_id}"),
         ("empty documents", f"{d.empty_documents:,}"),
         ("tokens / document", f"mean {d.tokens / max(d.documents, 1):,.1f}, max {longest:,}"),
     ]:

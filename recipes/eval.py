@@ -117,8 +117,16 @@ def run_passkey(cfg: EvalConfig):
     tokenizer = _tokenizer(cfg)  # before the weights: a missing one fails at once
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     lengths = cfg.seq_lengths or [model.config.max_seq_len]
-    trials = passkey_eval(model, tokenizer, lengths, list(cfg.passkey_depths), cfg.passkey_trials,
-                                  cfg.passkey_digits, cfg.seed, cfg.batch_size)
+    trials = passkey_eval(
+        model,
+        tokenizer,
+        lengths,
+        list(cfg.passkey_depths),
+        cfg.passkey_trials,
+        cfg.passkey_digits,
+        cfg.seed,
+        cfg.batch_size,
+    )
     dumped = None
     if cfg.dump_dir:
         extra = {"load": cfg.load, "dtype": _dtype(model), "seed": cfg.seed, "model": sections["model"]}
@@ -160,8 +168,11 @@ def run_tasks(load: str, tasks: list[str], **options):
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise CookbookError("--tasks runs lm-evaluation-harness, which is not installed; pip install 'cookbook[eval]'") from None
-    from cookbook.inference.harness import TasksConfig, run_tasks as evaluate_tasks
+        raise CookbookError(
+            "--tasks runs lm-evaluation-harness, which is not installed; pip install 'cookbook[eval]'"
+        ) from None
+    from cookbook.inference.harness import TasksConfig
+    from cookbook.inference.harness import run_tasks as evaluate_tasks
 
     return evaluate_tasks(TasksConfig(load=load, tasks=tasks, **options))
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cookbook.engine import checkpoint, job
+from cookbook.engine.checkpoint import model_format
 from cookbook.engine.config import JobConfig
 from cookbook.errors import CookbookError
-from cookbook.engine.checkpoint import model_format
 from cookbook.progress import console
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -68,10 +68,14 @@ def plan_extension(model: dict, rope_type: str, factor: float, seq_length: int |
     if rope_type not in ROPE_TYPES:
         raise CookbookError(f"unknown --rope-type {rope_type!r}; choose one of {', '.join(ROPE_TYPES)}")
     if not factor > 1:
-        raise CookbookError(f"--interp-factor {factor:g} must be greater than 1 (it stretches the context by that factor)")
+        raise CookbookError(
+            f"--interp-factor {factor:g} must be greater than 1 (it stretches the context by that factor)"
+        )
     original, before = original_context(model)
     if before > 1 and rope_type != "linear":
-        raise CookbookError(f"the checkpoint is already extended linearly (factor {before:g}); extend it again with --rope-type linear, or start from the unscaled checkpoint")
+        raise CookbookError(
+            f"the checkpoint is already extended linearly (factor {before:g}); extend it again with --rope-type linear, or start from the unscaled checkpoint"
+        )
     current = round(original * before)  # the context the checkpoint handles now
     total = before * factor
     target = round(current * factor)
@@ -95,8 +99,11 @@ def plan_extension(model: dict, rope_type: str, factor: float, seq_length: int |
 
 def extended(config: JobConfig, ext: Extension) -> JobConfig:
     """The job at the new length: the scaled RoPE and context, and samples of the new length."""
-    return dataclasses.replace(config, model=config.model.replace(rope_scaling=ext.rope_scaling, max_seq_len=ext.max_seq_len),
-                               data=dataclasses.replace(config.data, seq_length=ext.seq_length))
+    return dataclasses.replace(
+        config,
+        model=config.model.replace(rope_scaling=ext.rope_scaling, max_seq_len=ext.max_seq_len),
+        data=dataclasses.replace(config.data, seq_length=ext.seq_length),
+    )
 
 
 def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
@@ -116,8 +123,9 @@ def write_scaled(ckpt: Path, save: Path, ext: Extension) -> Path:
     return checkpoint.commit_save(tmp, final)
 
 
-def extension_job(config_file, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
-                  here: bool = True) -> tuple[job.Job, Extension]:
+def extension_job(
+    config_file, flags: dict[str, dict], rope_type: str, interp_factor: float | None, here: bool = True
+) -> tuple[job.Job, Extension]:
     """The training job of an extension, and the extension. The scaling is planned from --load's model (the same
     whether the run starts or continues in --save); where --load is not here (a dry run), --preset stands in."""
     _need_factor(interp_factor)
@@ -129,16 +137,27 @@ def extension_job(config_file, flags: dict[str, dict], rope_type: str, interp_fa
     return j.replace(extended(j.config, ext)), ext
 
 
-def dry_run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
-            world_size: int, gpu: str) -> None:
+def dry_run(
+    config_file: str | Path | None,
+    flags: dict[str, dict],
+    rope_type: str,
+    interp_factor: float | None,
+    world_size: int,
+    gpu: str,
+) -> None:
     """Validate an extension job for ``world_size`` processes without devices (``cookbook pretrain --dry-run``'s
     checks and estimate at the new length)."""
     j, _ = extension_job(config_file, flags, rope_type, interp_factor, here=False)
     job.dry_run(j, world_size, gpu)
 
 
-def run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, interp_factor: float | None,
-        no_train: bool = False) -> dict:
+def run(
+    config_file: str | Path | None,
+    flags: dict[str, dict],
+    rope_type: str,
+    interp_factor: float | None,
+    no_train: bool = False,
+) -> dict:
     sections = job.read_sections(config_file, flags)
     load, save = sections.get("checkpoint", {}).get("load"), sections.get("checkpoint", {}).get("save")
     if not load:
@@ -149,8 +168,12 @@ def run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, 
     if no_train:
         model_format(load)  # a missing or wrong --load is named first
         source = checkpoint.find_checkpoint(load) or job.convert_hf(Path(load), Path(save) / job.HF_SOURCE)
-        ext = plan_extension(checkpoint.read_config(source)["model"], rope_type, interp_factor,
-                             sections.get("data", {}).get("seq_length"))
+        ext = plan_extension(
+            checkpoint.read_config(source)["model"],
+            rope_type,
+            interp_factor,
+            sections.get("data", {}).get("seq_length"),
+        )
         _announce(ext)
         path = write_scaled(source, Path(save), ext)
         console.print(f"[green]wrote[/green] {path} (weights unchanged, config scaled; no training)")
@@ -162,7 +185,9 @@ def run(config_file: str | Path | None, flags: dict[str, dict], rope_type: str, 
 
 def _need_factor(interp_factor: float | None) -> None:
     if interp_factor is None:
-        raise CookbookError("cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)")
+        raise CookbookError(
+            "cookbook extend needs --interp-factor: how many times longer the new context is (2 for 4k -> 8k)"
+        )
 
 
 def _announce(ext: Extension) -> None:

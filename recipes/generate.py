@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cookbook.errors import CookbookError
 from cookbook.inference.sampling import SamplingParams
 
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -62,8 +61,12 @@ def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     from cookbook.inference.generator import LocalGenerator
     from cookbook.progress import console
 
-    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or 0,
-                            top_p=1.0 if cfg.top_p is None else cfg.top_p)
+    params = SamplingParams(
+        max_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or 0,
+        top_p=1.0 if cfg.top_p is None else cfg.top_p,
+    )
     params.check()
     if cfg.batch_size < 1:
         raise CookbookError(f"--batch-size {cfg.batch_size} must be at least 1")
@@ -72,8 +75,15 @@ def run(cfg: GenerateConfig, on_result=None) -> list[dict]:
     prompts = read_prompts(cfg)
     generator = LocalGenerator.load(cfg.load, cfg.device, cfg.dtype, cfg.tokenizer_model, cfg.tokenizer_type)
     records = []
-    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task("generate", total=len(prompts))
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[start : start + cfg.batch_size]

@@ -29,7 +29,9 @@ def resolve_prefixes(inputs: list[str], output_prefix: str | None = None) -> lis
         output = Path(output_prefix).resolve() if output_prefix else None
         prefixes = [p for p in dataset_prefixes(inputs[0]) if Path(p).resolve() != output]
         if not prefixes:
-            raise CookbookError(f"the folder {inputs[0]} holds no .bin/.idx datasets" + (" but the output" if output else ""))
+            raise CookbookError(
+                f"the folder {inputs[0]} holds no .bin/.idx datasets" + (" but the output" if output else "")
+            )
         _check_partitions(Path(inputs[0]))
         return prefixes
     prefixes = []
@@ -84,5 +86,7 @@ def run(inputs: list[str], output_prefix: str) -> MergeSummary:
 def render(s: MergeSummary) -> str:
     """What ``cookbook merge`` prints: one line."""
     datasets = f"{len(s.prefixes)} dataset{'s' if len(s.prefixes) != 1 else ''}"
-    return (f"[green]merged[/green] {datasets} into {s.output_prefix}.bin/.idx: "
-            f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})")
+    return (
+        f"[green]merged[/green] {datasets} into {s.output_prefix}.bin/.idx: "
+        f"{s.documents:,} documents, {s.sequences:,} sequences, {s.tokens:,} tokens ({s.dtype})"
+    )

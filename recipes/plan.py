@@ -48,21 +48,32 @@ class PlanResult:
         if r.recompute != "none":
             flags += f" --recompute-granularity {r.recompute}"
         flags += f" --micro-batch-size {r.micro_batch} --global-batch-size {self.global_batch}"
-        return (f"recommended: tp={r.tp} pp={r.pp} dp={r.dp}, recompute {r.recompute}, micro batch {r.micro_batch}: "
-                f"{r.total_gib:.1f} GiB per GPU, ~{r.step_seconds:.2f} s per step, MFU ~{r.mfu:.0%} (an estimate); "
-                f"{self.why()}  [{flags}]")
+        return (
+            f"recommended: tp={r.tp} pp={r.pp} dp={r.dp}, recompute {r.recompute}, micro batch {r.micro_batch}: "
+            f"{r.total_gib:.1f} GiB per GPU, ~{r.step_seconds:.2f} s per step, MFU ~{r.mfu:.0%} (an estimate); "
+            f"{self.why()}  [{flags}]"
+        )
 
     def why(self) -> str:
         """The rule that chose the recommendation, in this case's words."""
         r, fastest = self.recommended, self.fitting[0]
         if r is fastest:
             return "the fastest layout that fits"
-        simpler = next(f"{what} {mine} instead of {theirs}" for what, mine, theirs in (
-            ("pipeline parallel", r.pp, fastest.pp), ("tensor parallel", r.tp, fastest.tp),
-            ("recompute", r.recompute, fastest.recompute), ("micro batch", r.micro_batch, fastest.micro_batch),
-            ("step", f"{r.step_seconds:.2f} s", f"{fastest.step_seconds:.2f} s")) if mine != theirs)
-        return (f"within {TIE - 1:.0%} of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and "
-                f"simpler: {simpler}")
+        simpler = next(
+            f"{what} {mine} instead of {theirs}"
+            for what, mine, theirs in (
+                ("pipeline parallel", r.pp, fastest.pp),
+                ("tensor parallel", r.tp, fastest.tp),
+                ("recompute", r.recompute, fastest.recompute),
+                ("micro batch", r.micro_batch, fastest.micro_batch),
+                ("step", f"{r.step_seconds:.2f} s", f"{fastest.step_seconds:.2f} s"),
+            )
+            if mine != theirs
+        )
+        return (
+            f"within {TIE - 1:.0%} of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and "
+            f"simpler: {simpler}"
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,10 +94,19 @@ def resolve_model(preset: str | None, overrides: dict | None) -> ModelConfig:
     return preset_config(preset, **overrides)
 
 
-def run(preset: str | None = None, seq_length: int | None = None, global_batch: int = 1024, gpu: str = "A100-80GB",
-        num_gpus: int = 8, gpus_per_node: int = 8, micro_batch_sizes: tuple[int, ...] = (1, 2, 4),
-        max_tp: int | None = None, max_pp: int | None = None, model: ModelConfig | None = None,
-        **overrides) -> PlanResult:
+def run(
+    preset: str | None = None,
+    seq_length: int | None = None,
+    global_batch: int = 1024,
+    gpu: str = "A100-80GB",
+    num_gpus: int = 8,
+    gpus_per_node: int = 8,
+    micro_batch_sizes: tuple[int, ...] = (1, 2, 4),
+    max_tp: int | None = None,
+    max_pp: int | None = None,
+    model: ModelConfig | None = None,
+    **overrides,
+) -> PlanResult:
     """Estimate every layout of ``num_gpus`` GPUs for the model and recommend the fastest that fits.
 
     The model is ``model``, else ``preset`` with ``overrides`` (ModelConfig field names), else a
@@ -99,15 +119,27 @@ def run(preset: str | None = None, seq_length: int | None = None, global_batch: 
     if num_gpus < 1 or gpus_per_node < 1 or seq < 1 or global_batch < 1:
         raise CookbookError("--num-gpus, --gpus-per-node, --seq-length and --global-batch-size must be positive")
     if num_gpus > gpus_per_node and num_gpus % gpus_per_node:
-        raise CookbookError(f"{num_gpus} GPUs are not a whole number of nodes of {gpus_per_node}; use a multiple of {gpus_per_node}")
+        raise CookbookError(
+            f"{num_gpus} GPUs are not a whole number of nodes of {gpus_per_node}; use a multiple of {gpus_per_node}"
+        )
     if not micro_batch_sizes or min(micro_batch_sizes) < 1:
         raise CookbookError("--micro-batch-sizes must list positive sizes")
     if global_batch % min(micro_batch_sizes):
-        raise CookbookError(f"global batch {global_batch} is not a multiple of any micro batch size in {list(micro_batch_sizes)}")
+        raise CookbookError(
+            f"global batch {global_batch} is not a multiple of any micro batch size in {list(micro_batch_sizes)}"
+        )
 
     node = min(num_gpus, gpus_per_node)
-    tps = [t for t in (1, 2, 4, 8) if t <= node and t <= (max_tp or node) and num_gpus % t == 0
-           and cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and seq % t == 0]
+    tps = [
+        t
+        for t in (1, 2, 4, 8)
+        if t <= node
+        and t <= (max_tp or node)
+        and num_gpus % t == 0
+        and cfg.num_heads % t == 0
+        and cfg.num_kv_heads % t == 0
+        and seq % t == 0
+    ]
     layouts = []
     for tp in tps:
         for pp in _divisors(cfg.num_layers, max_pp or cfg.num_layers):
@@ -122,16 +154,27 @@ def run(preset: str | None = None, seq_length: int | None = None, global_batch: 
     if not layouts:
         raise CookbookError(
             f"no layout of {num_gpus} GPUs divides global batch {global_batch} into micro batches {list(micro_batch_sizes)} "
-            f"per data-parallel rank; use a global batch that is a multiple of the GPU count")
+            f"per data-parallel rank; use a global batch that is a multiple of the GPU count"
+        )
     layouts.sort(key=lambda x: x.step_seconds)
-    result = PlanResult(cfg.to_dict(), cfg.num_params(), seq, global_batch, gpu, num_gpus, gpus_per_node,
-                        HEADROOM * spec.memory_gib, layouts)
+    result = PlanResult(
+        cfg.to_dict(),
+        cfg.num_params(),
+        seq,
+        global_batch,
+        gpu,
+        num_gpus,
+        gpus_per_node,
+        HEADROOM * spec.memory_gib,
+        layouts,
+    )
     fitting = result.fitting
     if not fitting:
         least = min(layouts, key=lambda x: x.total_gib)
         raise CookbookError(
             f"no layout fits in {HEADROOM:.0%} of a {gpu}'s {spec.memory_gib:g} GiB: the smallest ({least.name}) needs "
-            f"{least.total_gib:.1f} GiB per GPU; use more GPUs, a larger GPU or a shorter --seq-length")
+            f"{least.total_gib:.1f} GiB per GPU; use more GPUs, a larger GPU or a shorter --seq-length"
+        )
     # the fastest that fits; within 1% of it the simpler layout: less pp, less tp, less recompute, smaller micro batch
     order = {m: i for i, m in enumerate(MODES)}
     close = [x for x in fitting if x.step_seconds <= TIE * fitting[0].step_seconds]
@@ -143,21 +186,48 @@ def render(result: PlanResult, limit: int | None = 25, show_all: bool = False, w
     """The layouts as a rich table, fastest first (only those that fit unless ``show_all``): the layout, the memory
     per GPU and the estimates, narrow enough for 80 columns; ``wide`` adds the memory's parts."""
     rows = result.layouts if show_all else result.fitting
-    title = (f"{result.params / 1e9:.2f}B parameters, seq {result.seq_length}, global batch {result.global_batch}, "
-             f"{result.num_gpus} x {result.gpu} ({result.gpus_per_node} per node); memory per GPU in GiB "
-             f"(limit {result.memory_limit_gib:.1f}); step time and MFU are estimates")
+    title = (
+        f"{result.params / 1e9:.2f}B parameters, seq {result.seq_length}, global batch {result.global_batch}, "
+        f"{result.num_gpus} x {result.gpu} ({result.gpus_per_node} per node); memory per GPU in GiB "
+        f"(limit {result.memory_limit_gib:.1f}); step time and MFU are estimates"
+    )
     table = Table(title=title, title_justify="left")
     parts = ("params", "grads", "optim", "transient", "activ.") if wide else ()
-    for name in ("tp", "pp", "dp", "recompute", "micro", "accum", *parts, "GiB", *(("fits",) if show_all else ()), "step s", "MFU"):
+    for name in (
+        "tp",
+        "pp",
+        "dp",
+        "recompute",
+        "micro",
+        "accum",
+        *parts,
+        "GiB",
+        *(("fits",) if show_all else ()),
+        "step s",
+        "MFU",
+    ):
         table.add_column(name, justify="left" if name in ("recompute", "fits") else "right", no_wrap=True)
     for x in rows[:limit] if limit else rows:
         style = "bold green" if x is result.recommended else (None if x.fits else "dim")
         memory = [x.params_gib, x.grads_gib, x.optimizer_gib, x.transient_gib, x.activations_gib] if wide else []
-        table.add_row(str(x.tp), str(x.pp), str(x.dp), x.recompute, str(x.micro_batch), str(x.micro_batches),
-                      *(f"{m:.1f}" for m in memory), f"{x.total_gib:.1f}", *(("yes" if x.fits else "no",) if show_all else ()),
-                      f"{x.step_seconds:.2f}" + ("*" if x.comm_bound else ""), f"{x.mfu:.0%}", style=style)
+        table.add_row(
+            str(x.tp),
+            str(x.pp),
+            str(x.dp),
+            x.recompute,
+            str(x.micro_batch),
+            str(x.micro_batches),
+            *(f"{m:.1f}" for m in memory),
+            f"{x.total_gib:.1f}",
+            *(("yes" if x.fits else "no",) if show_all else ()),
+            f"{x.step_seconds:.2f}" + ("*" if x.comm_bound else ""),
+            f"{x.mfu:.0%}",
+            style=style,
+        )
     shown = len(rows[:limit] if limit else rows)
-    table.caption = ("* FSDP communication bound (its all-gather and reduce-scatter exceed the compute)"
-                     + (f"; the fastest {shown} of {len(rows)}" if shown < len(rows) else "")
-                     + ("" if wide else "; --wide: the memory's parts"))
+    table.caption = (
+        "* FSDP communication bound (its all-gather and reduce-scatter exceed the compute)"
+        + (f"; the fastest {shown} of {len(rows)}" if shown < len(rows) else "")
+        + ("" if wide else "; --wide: the memory's parts")
+    )
     return table

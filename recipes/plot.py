@@ -21,7 +21,9 @@ def metrics_file(run: str | Path) -> Path:
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise CookbookError(f"{run} has no metrics.jsonl; give a save folder of cookbook pretrain/extend or a metrics.jsonl file")
+        raise CookbookError(
+            f"{run} has no metrics.jsonl; give a save folder of cookbook pretrain/extend or a metrics.jsonl file"
+        )
     return path
 
 
@@ -48,8 +50,16 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: list[str], output: str | Path, labels: list[str] | None = None, metric: str = "loss",
-         split: str = "both", smooth: int = 1, title: str | None = None, log_y: bool = False) -> Path:
+def plot(
+    runs: list[str],
+    output: str | Path,
+    labels: list[str] | None = None,
+    metric: str = "loss",
+    split: str = "both",
+    smooth: int = 1,
+    title: str | None = None,
+    log_y: bool = False,
+) -> Path:
     """Draw the runs' curves into ``output`` (PNG), written under a temporary name and renamed."""
     if not runs:
         raise CookbookError("cookbook plot needs at least one run (a save folder or a metrics.jsonl)")
@@ -98,4 +108,3 @@ def plot(runs: list[str], output: str | Path, labels: list[str] | None = None, m
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return output
-

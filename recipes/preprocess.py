@@ -83,14 +83,18 @@ class PreprocessSummary:
     partitions_reused: int = 0
     partitions_done: int = 0
 
-    def add(self, other: "PreprocessSummary") -> None:
+    def add(self, other: PreprocessSummary) -> None:
         """Add a partition's counts."""
         for name in ("documents", "sequences", "tokens", "empty", "skipped_rows", "bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skipped.extend(other.skipped[: max(0, SKIPPED_KEPT - len(self.skipped))])
         for given, c in other.inputs.items():
             mine = self.inputs.setdefault(given, InputCounts())
-            mine.documents, mine.skipped, mine.bytes = mine.documents + c.documents, mine.skipped + c.skipped, mine.bytes + c.bytes
+            mine.documents, mine.skipped, mine.bytes = (
+                mine.documents + c.documents,
+                mine.skipped + c.skipped,
+                mine.bytes + c.bytes,
+            )
 
 
 HANDOFF = {"main thread waited": 0.0, "reader thread waited": 0.0}  # seconds, summed over runs (bench --profile)
@@ -151,7 +155,9 @@ def _check(cfg: PreprocessConfig) -> None:
     if cfg.jobs < 1:
         raise CookbookError(f"--jobs must be at least 1, got {cfg.jobs}")
     if cfg.partition_index is not None and not 0 <= cfg.partition_index < cfg.partitions:
-        raise CookbookError(f"--partition-index must be in [0, {cfg.partitions}) for --partitions {cfg.partitions}, got {cfg.partition_index}")
+        raise CookbookError(
+            f"--partition-index must be in [0, {cfg.partitions}) for --partitions {cfg.partitions}, got {cfg.partition_index}"
+        )
 
 
 def _fingerprint(cfg: PreprocessConfig, inputs: list[Input], tok: Tokenizer) -> dict:
@@ -160,7 +166,11 @@ def _fingerprint(cfg: PreprocessConfig, inputs: list[Input], tok: Tokenizer) -> 
     def stamp(path) -> list:
         p = Path(path)
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
-        return [str(p), sum(f.stat().st_size for f in files if f.is_file()), max((f.stat().st_mtime_ns for f in files if f.is_file()), default=0)]
+        return [
+            str(p),
+            sum(f.stat().st_size for f in files if f.is_file()),
+            max((f.stat().st_mtime_ns for f in files if f.is_file()), default=0),
+        ]
 
     return {
         "inputs": [stamp(i.path) for i in inputs],
@@ -267,15 +277,20 @@ def render(s: PreprocessSummary, cfg: PreprocessConfig) -> list:
         ("empty documents", f"{s.empty:,}"),
         ("skipped lines", f"{s.skipped_rows:,}"),
         ("input", f"{s.bytes / 1e6:,.1f} MB"),
-        ("time", f"{s.seconds:,.2f} s  ({s.documents / seconds:,.0f} docs/s, "
-                 f"{s.bytes / 1e6 / seconds:,.1f} MB/s, {s.tokens / seconds:,.0f} tokens/s)"),
+        (
+            "time",
+            f"{s.seconds:,.2f} s  ({s.documents / seconds:,.0f} docs/s, "
+            f"{s.bytes / 1e6 / seconds:,.1f} MB/s, {s.tokens / seconds:,.0f} tokens/s)",
+        ),
         ("tokenizer", s.tokenizer),
     ]
     if cfg.partitions > 1:
         reused = f"{s.partitions_reused:,} reused from an earlier run"
         rows.append(("partitions", f"{s.partitions_done:,} written, {reused}"))
-    rows += [(f"input {escape(name)}", f"{c.documents:,} documents, {c.skipped:,} skipped, {c.bytes / 1e6:,.1f} MB")
-             for name, c in s.inputs.items()]
+    rows += [
+        (f"input {escape(name)}", f"{c.documents:,} documents, {c.skipped:,} skipped, {c.bytes / 1e6:,.1f} MB")
+        for name, c in s.inputs.items()
+    ]
     rows += [(f"output ({key})", f"{prefix}.bin/.idx") for key, prefix in s.outputs.items()]
     table = Table(title="preprocess", show_header=False, title_justify="left")
     for row in rows:
@@ -317,7 +332,9 @@ def _partitioned(cfg, tok, dtype, inputs, summary, show_progress) -> None:
     for i in sorted(results):
         summary.add(results[i])
     if cfg.partition_index is not None:
-        summary.outputs = {k: str(parts_folder(p) / part_name(cfg.partition_index, cfg.partitions)) for k, p in summary.outputs.items()}
+        summary.outputs = {
+            k: str(parts_folder(p) / part_name(cfg.partition_index, cfg.partitions)) for k, p in summary.outputs.items()
+        }
         return
     if summary.documents == 0:
         return
@@ -351,12 +368,20 @@ def _job(cfg: PreprocessConfig, index: int) -> PreprocessSummary:
     tok = _load_tokenizer(cfg, max(1, cfg.workers // cfg.jobs))
     outputs = {k: output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
     with rate_progress("", None, enabled=False) as bar:
-        return _write_partition(cfg, tok, optimal_dtype(tok.vocab_size), inputs, partition(inputs, index, cfg.partitions), outputs, bar)
+        return _write_partition(
+            cfg, tok, optimal_dtype(tok.vocab_size), inputs, partition(inputs, index, cfg.partitions), outputs, bar
+        )
 
 
 def _load_tokenizer(cfg: PreprocessConfig, threads: int) -> Tokenizer:
-    return load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type, vocab_file=cfg.vocab_file, merge_file=cfg.merge_file,
-                          threads=threads, backend=cfg.tokenizer_backend)
+    return load_tokenizer(
+        cfg.tokenizer_model,
+        cfg.tokenizer_type,
+        vocab_file=cfg.vocab_file,
+        merge_file=cfg.merge_file,
+        threads=threads,
+        backend=cfg.tokenizer_backend,
+    )
 
 
 def _range_bytes(inputs: list[Input], r: tuple[int, int, int | None]) -> int:
@@ -368,18 +393,32 @@ def _scanned(tok: Tokenizer, batches):
     """Each block with, per key, the texts the fast encoder cannot do: found here, in the reader thread, which
     would otherwise wait for the main thread (bench/preprocess.py --profile)."""
     for n, batch in batches:
-        yield n, batch, {k: tok.special_texts(v) if all(type(x) is str for x in v) else None for k, v in batch.texts.items()}
+        yield (
+            n,
+            batch,
+            {k: tok.special_texts(v) if all(type(x) is str for x in v) else None for k, v in batch.texts.items()},
+        )
 
 
-def _write(cfg, tok, dtype, inputs: list[Input], part: Partition | None, prefixes: dict[str, str], bar,
-           require_documents: bool = False) -> PreprocessSummary:
+def _write(
+    cfg,
+    tok,
+    dtype,
+    inputs: list[Input],
+    part: Partition | None,
+    prefixes: dict[str, str],
+    bar,
+    require_documents: bool = False,
+) -> PreprocessSummary:
     """Tokenize every input (or one partition of them) into datasets at ``prefixes``; return the counts."""
     s = PreprocessSummary(outputs=prefixes)
     block = max(1 << 16, int(cfg.block_mb * (1 << 20)))
     first = cfg.json_keys[0]
     with ExitStack() as stack:
         writers = {k: stack.enter_context(IndexedDatasetWriter(p, dtype)) for k, p in prefixes.items()}
-        for n, batch, special in _prefetch(_scanned(tok, read_partition(inputs, part, cfg.json_keys, cfg.skip_bad_lines, block))):
+        for n, batch, special in _prefetch(
+            _scanned(tok, read_partition(inputs, part, cfg.json_keys, cfg.skip_bad_lines, block))
+        ):
             docs, tokens = s.documents, s.tokens
             counts = s.inputs.setdefault(inputs[n].given, InputCounts())
             s.skipped.extend(batch.skipped[: max(0, SKIPPED_KEPT - len(s.skipped))])

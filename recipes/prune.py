@@ -38,8 +38,8 @@ from rich.table import Table
 
 from cookbook.data.indexed import dataset_prefix
 from cookbook.engine import checkpoint, job
-from cookbook.engine.config import build_config
 from cookbook.engine.checkpoint import model_sections
+from cookbook.engine.config import build_config
 from cookbook.errors import CookbookError
 from cookbook.fileio import write_text_atomic
 from cookbook.model.config import ModelConfig
@@ -77,7 +77,12 @@ class PruneConfig:
     def settings(self, source: Path, seed: int) -> dict:
         """What decides the pruned weights (a rerun must match them to reuse the pruned checkpoint)."""
         keys = ("importance", "layer_importance", "calib_data", "calib_samples", "calib_seq_length")
-        return {"load": str(source.resolve()), "spec": self.spec.to_dict(), "seed": seed, **{k: getattr(self, k) for k in keys}}
+        return {
+            "load": str(source.resolve()),
+            "spec": self.spec.to_dict(),
+            "seed": seed,
+            **{k: getattr(self, k) for k in keys},
+        }
 
 
 # --------------------------------------------------------------------------- checks before any work
@@ -96,7 +101,9 @@ def _check_options(opts: PruneConfig, sections: dict, src: ModelConfig, target: 
     check_method(opts.importance, opts.layer_importance)
     if _needs_calibration(opts, src, target) and not opts.calib_data:
         why = "--importance activation" if opts.importance == "activation" else f"--drop-layers {opts.spec.drop_layers}"
-        raise CookbookError(f"{why} needs calibration data: pass --calib-data PREFIX (an indexed dataset made with the model's tokenizer)")
+        raise CookbookError(
+            f"{why} needs calibration data: pass --calib-data PREFIX (an indexed dataset made with the model's tokenizer)"
+        )
     if not isinstance(opts.batch_size, int) or opts.batch_size < 1:
         raise CookbookError(f"--calib-batch-size must be a positive number of samples, not {opts.batch_size!r}")
     if not isinstance(opts.heal_steps, int) or opts.heal_steps < 0:
@@ -121,9 +128,14 @@ def _eval_streams(opts: PruneConfig, src_sections: dict, sections: dict, vocab_s
                 raise CookbookError(f"--eval-data {source} does not exist")
             from cookbook.data.tokenizer import load_tokenizer
 
-            data = {**src_sections.get("data", {}), **{k: v for k, v in sections.get("data", {}).items() if v is not None}}
+            data = {
+                **src_sections.get("data", {}),
+                **{k: v for k, v in sections.get("data", {}).items() if v is not None},
+            }
             if not data.get("tokenizer_model"):
-                raise CookbookError(f"--eval-data {source} is text, and the checkpoint names no tokenizer; pass --tokenizer-model")
+                raise CookbookError(
+                    f"--eval-data {source} is text, and the checkpoint names no tokenizer; pass --tokenizer-model"
+                )
             tokenizer = load_tokenizer(data["tokenizer_model"], data.get("tokenizer_type"))
             streams[source] = file_stream(path, tokenizer, append_eod=True)
         else:
@@ -133,20 +145,31 @@ def _eval_streams(opts: PruneConfig, src_sections: dict, sections: dict, vocab_s
                 raise CookbookError(f"--eval-data: {e}") from None
         top = int(streams[source].max())
         if top >= vocab_size:
-            raise CookbookError(f"--eval-data {source} holds token id {top} but the model's vocabulary has {vocab_size} ids")
+            raise CookbookError(
+                f"--eval-data {source} holds token id {top} but the model's vocabulary has {vocab_size} ids"
+            )
     return streams
 
 
-def heal_job(config_file, flags: dict, opts: PruneConfig, teacher: str, save: Path, stand_in: ModelConfig | None = None) -> job.Job:
+def heal_job(
+    config_file, flags: dict, opts: PruneConfig, teacher: str, save: Path, stand_in: ModelConfig | None = None
+) -> job.Job:
     """The healing run: the pruned weights (``SAVE/pruned``; the run in SAVE when the same command runs again) trained
     ``--heal-steps`` iterations, distilling from ``teacher`` (the unpruned model) unless --no-kd, or --kd-teacher
     names another. ``stand_in``: the pruned model's config, to check the job before the pruned weights exist."""
-    heal = {**flags, "model": {k: v for k, v in flags.get("model", {}).items() if k != "preset"},
-            "checkpoint": {**flags.get("checkpoint", {}), "load": str(save / PRUNED), "save": str(save)}}
+    heal = {
+        **flags,
+        "model": {k: v for k, v in flags.get("model", {}).items() if k != "preset"},
+        "checkpoint": {**flags.get("checkpoint", {}), "load": str(save / PRUNED), "save": str(save)},
+    }
     j = job.resolve(config_file, heal, continue_in_save="the healing", stand_in=stand_in)
     t = j.config.training
     kd_teacher = t.kd_teacher or (teacher if opts.kd else None)
-    return j.replace(dataclasses.replace(j.config, training=dataclasses.replace(t, train_iters=opts.heal_steps, kd_teacher=kd_teacher)))
+    return j.replace(
+        dataclasses.replace(
+            j.config, training=dataclasses.replace(t, train_iters=opts.heal_steps, kd_teacher=kd_teacher)
+        )
+    )
 
 
 def _check_heal(config_file, flags: dict, opts: PruneConfig, source: str, save: Path, target: ModelConfig) -> None:
@@ -170,7 +193,9 @@ def _precision(model, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
-def _perplexity(model, streams: dict[str, torch.Tensor], seq_length: int, batch_size: int, dtype: str) -> dict[str, float]:
+def _perplexity(
+    model, streams: dict[str, torch.Tensor], seq_length: int, batch_size: int, dtype: str
+) -> dict[str, float]:
     from cookbook.inference.perplexity import evaluate
 
     if not streams:
@@ -181,8 +206,9 @@ def _perplexity(model, streams: dict[str, torch.Tensor], seq_length: int, batch_
     return {r.name: r.ppl for r in results}
 
 
-def _scores(model, opts: PruneConfig, samples: torch.Tensor | None, seed: int,
-            width: bool) -> tuple[Scores | None, torch.Tensor | None, dict]:
+def _scores(
+    model, opts: PruneConfig, samples: torch.Tensor | None, seed: int, width: bool
+) -> tuple[Scores | None, torch.Tensor | None, dict]:
     """Width scores (None when no width shrinks), layer importance (None when no layer is chosen by importance),
     and calibration facts."""
     spec, facts = opts.spec, {}
@@ -194,10 +220,21 @@ def _scores(model, opts: PruneConfig, samples: torch.Tensor | None, seed: int,
             raise CookbookError("calibration samples are needed for activation importance and --drop-layers N")
         start = time.perf_counter()
         with Tally("calibration", samples.shape[0], "samples") as tally:
-            cal = calibrate(model, samples, opts.batch_size, activation=activation,
-                            block_influence=by_importance and opts.layer_importance == "block-influence", on_batch=tally.advance)
-        facts = {"samples": samples.shape[0], "seq_length": samples.shape[1] - 1, "tokens": cal.tokens,
-                 "loss": cal.loss, "seconds": round(time.perf_counter() - start, 2)}
+            cal = calibrate(
+                model,
+                samples,
+                opts.batch_size,
+                activation=activation,
+                block_influence=by_importance and opts.layer_importance == "block-influence",
+                on_batch=tally.advance,
+            )
+        facts = {
+            "samples": samples.shape[0],
+            "seq_length": samples.shape[1] - 1,
+            "tokens": cal.tokens,
+            "loss": cal.loss,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
     if not width:
         scores = None
     elif activation:
@@ -211,8 +248,12 @@ def _scores(model, opts: PruneConfig, samples: torch.Tensor | None, seed: int,
         if opts.layer_importance == "block-influence":
             layer_scores = cal.block_influence
         else:
-            with Tally("layer importance (each layer removed)", samples.shape[0] * len(model.layers), "samples") as tally:
-                layer_scores = layer_removal_importance(model, samples, opts.batch_size, base_loss=cal.loss, on_batch=tally.advance)
+            with Tally(
+                "layer importance (each layer removed)", samples.shape[0] * len(model.layers), "samples"
+            ) as tally:
+                layer_scores = layer_removal_importance(
+                    model, samples, opts.batch_size, base_loss=cal.loss, on_batch=tally.advance
+                )
         facts["layer_importance"] = [round(float(v), 6) for v in layer_scores]
     return scores, layer_scores, facts
 
@@ -251,15 +292,17 @@ def _write_report(save: Path, report: dict) -> Path:
 def run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
     """Prune (and heal); returns the report written to ``--save/prune_report.json``."""
     from cookbook.engine.checkpoint import model_format
-    from cookbook.inference.load import load_model
     from cookbook.engine.distributed import pick_device
     from cookbook.engine.precision import announce, choose_dtype
+    from cookbook.inference.load import load_model
     from pruner.calib import calibration_samples
     from pruner.save import param_count, write_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CookbookError("cookbook prune runs in one process; to heal on many GPUs, prune without --heal-steps, then "
-                            "torchrun ... -m cookbook pretrain --load PRUNED --finetune --kd-teacher SOURCE")
+        raise CookbookError(
+            "cookbook prune runs in one process; to heal on many GPUs, prune without --heal-steps, then "
+            "torchrun ... -m cookbook pretrain --load PRUNED --finetune --kd-teacher SOURCE"
+        )
     sections = job.read_sections(config_file, overrides)
     ck = sections.get("checkpoint", {})
     if not ck.get("load"):
@@ -287,7 +330,9 @@ def run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
     report = _read_report(save)
     reuse = checkpoint.find_checkpoint(pruned_dir) is not None if heal else False
     if reuse and report is None:
-        raise CookbookError(f"--save {save} holds a pruned model but no {REPORT} (a run stopped while saving); choose another --save")
+        raise CookbookError(
+            f"--save {save} holds a pruned model but no {REPORT} (a run stopped while saving); choose another --save"
+        )
     if reuse and report.get("settings") != settings:
         raise CookbookError(f"--save {save} holds a pruned model made with other settings; choose another --save")
     if (save / "latest").is_file() and not reuse:
@@ -305,16 +350,24 @@ def run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
         start = time.perf_counter()
         model, _ = load_model(source, device, "fp32")
         announce(asked, dtype, why)  # once the weights have loaded: a damaged checkpoint is its one line
-        report["params"] = {"before": src.num_params(), "after": target.num_params(),
-                            "before_non_embedding": src.num_params(embeddings=False),
-                            "after_non_embedding": target.num_params(embeddings=False)}
+        report["params"] = {
+            "before": src.num_params(),
+            "after": target.num_params(),
+            "before_non_embedding": src.num_params(embeddings=False),
+            "after_non_embedding": target.num_params(embeddings=False),
+        }
         report["shape"] = {"before": _shape(src), "after": _shape(target)}
-        ppl = {name: {"before": value} for name, value in _perplexity(model, streams, eval_seq, opts.batch_size, dtype).items()}
+        ppl = {
+            name: {"before": value}
+            for name, value in _perplexity(model, streams, eval_seq, opts.batch_size, dtype).items()
+        }
         with _precision(model, dtype):
             pruned, removed, facts = prune(model, opts, samples, seed)
         del model
         if param_count(pruned) != target.num_params():
-            raise CookbookError(f"internal error: the pruned model has {param_count(pruned)} parameters, its config {target.num_params()}")
+            raise CookbookError(
+                f"internal error: the pruned model has {param_count(pruned)} parameters, its config {target.num_params()}"
+            )
         report["removed"], report["calibration"] = removed, facts
         for name, value in _perplexity(pruned, streams, eval_seq, opts.batch_size, dtype).items():
             ppl[name]["pruned"] = value
@@ -342,8 +395,14 @@ def run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
 
 
 def _shape(cfg: ModelConfig) -> dict:
-    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
+    return {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+    }
 
 
 # --------------------------------------------------------------------------- dry run and output
@@ -364,7 +423,9 @@ def dry_run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
         where = f"--load {load} is not here" if load else "no --load"
         console.print(f"[yellow]{where}: checking with preset {sections['model']['preset']}[/yellow]")
     else:
-        raise CookbookError(f"--load {load} holds no checkpoint here; give --preset for its model to check the prune without it")
+        raise CookbookError(
+            f"--load {load} holds no checkpoint here; give --preset for its model to check the prune without it"
+        )
     target = target_config(src, opts.spec, sections.get("parallel", {}).get("tp") or 1)
     _check_options(opts, sections, src, target)
     seq = sections.get("data", {}).get("seq_length") or src.max_seq_len
@@ -375,8 +436,10 @@ def dry_run(config_file, overrides: dict[str, dict], opts: PruneConfig) -> dict:
         else:
             console.print(f"[yellow]--calib-data {opts.calib_data} is not here (needed where the prune runs)[/yellow]")
     params = {"before": src.num_params(), "after": target.num_params()}
-    console.print(f"[green]dry run: the prune is valid: {params['before'] / 1e9:.2f}B -> {params['after'] / 1e9:.2f}B "
-                  f"parameters ({100 * params['after'] / params['before']:.1f}%)[/green]")
+    console.print(
+        f"[green]dry run: the prune is valid: {params['before'] / 1e9:.2f}B -> {params['after'] / 1e9:.2f}B "
+        f"parameters ({100 * params['after'] / params['before']:.1f}%)[/green]"
+    )
     return {"before": _shape(src), "after": _shape(target), "params": params}
 
 
@@ -392,18 +455,33 @@ def render_shapes(result: dict) -> Table:
     for key in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
         table.add_row(key, f"{result['before'][key]:,}", f"{result['after'][key]:,}")
     p = result["params"]
-    table.add_row("parameters", _fmt_params(p["before"]), f"{_fmt_params(p['after'])} ({100 * p['after'] / p['before']:.1f}%)")
+    table.add_row(
+        "parameters", _fmt_params(p["before"]), f"{_fmt_params(p['after'])} ({100 * p['after'] / p['before']:.1f}%)"
+    )
     return table
 
 
 def render(report: dict) -> list[Table]:
     """The report's shapes and parameters, what was removed, and the perplexities."""
-    tables = [render_shapes({"before": report["shape"]["before"], "after": report["shape"]["after"], "params": report["params"]})]
+    tables = [
+        render_shapes(
+            {"before": report["shape"]["before"], "after": report["shape"]["after"], "params": report["params"]}
+        )
+    ]
     removed = report["removed"]
     t = Table(title="removed", show_header=False, title_justify="left")
     dropped = removed["dropped_layers"]
-    t.add_row("layers", f"{len(dropped)}" + (f" (layer {', '.join(map(str, dropped))})" if len(dropped) == 1 else
-                                             f" (layers {', '.join(map(str, dropped))})" if dropped else ""))
+    t.add_row(
+        "layers",
+        f"{len(dropped)}"
+        + (
+            f" (layer {', '.join(map(str, dropped))})"
+            if len(dropped) == 1
+            else f" (layers {', '.join(map(str, dropped))})"
+            if dropped
+            else ""
+        ),
+    )
     t.add_row("hidden channels", f"{removed['hidden_channels_removed']:,}")
     heads = sum(len(v) for v in removed["heads_removed"].values())
     groups = sum(len(v) for v in removed["query_groups_removed"].values())
@@ -418,7 +496,13 @@ def render(report: dict) -> list[Table]:
         for col in ("before", "pruned", "healed"):
             p.add_column(col, justify="right")
         for name, v in data.items():
-            p.add_row(name, *(f"{v[c]:.3f}" if c in v and math.isfinite(v[c]) else ("inf" if c in v else "") for c in ("before", "pruned", "healed")))
+            p.add_row(
+                name,
+                *(
+                    f"{v[c]:.3f}" if c in v and math.isfinite(v[c]) else ("inf" if c in v else "")
+                    for c in ("before", "pruned", "healed")
+                ),
+            )
         tables.append(p)
     return tables
 

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers_data import write_jsonl
 
 from cookbook.data.sample_corpus import stdlib_sources
 from cookbook.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-from helpers_data import write_jsonl
 
 # --dtype auto means fp32 on every CPU in the suite (cookbook/engine/precision.py): a test means the same whether or
 # not this machine has bf16 units; the commands' subprocesses inherit it. tests/test_precision.py injects capabilities.
@@ -84,7 +84,9 @@ def sp_unigram(tok_dir, train_jsonl) -> Path:
 def sp_nfkc(tok_dir, train_jsonl) -> Path:
     """A SentencePiece model with a normalization table (gigatoken only gets its ASCII texts)."""
     return train_tokenizer(
-        TokenizerTrainConfig([str(train_jsonl)], str(tok_dir / "sp_nfkc.model"), vocab_size=600, normalization="nmt_nfkc")
+        TokenizerTrainConfig(
+            [str(train_jsonl)], str(tok_dir / "sp_nfkc.model"), vocab_size=600, normalization="nmt_nfkc"
+        )
     )
 
 
@@ -95,15 +97,23 @@ def sp_odd(tok_dir, train_jsonl) -> Path:
 
     lines = [line for t in stdlib_texts(80, offset=200) for line in t.split("\n") if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(tok_dir / "sp_odd"), vocab_size=600, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=True, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(tok_dir / "sp_odd"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=True,
+        minloglevel=2,
     )
     return tok_dir / "sp_odd.model"
 
 
 @pytest.fixture(scope="session")
 def hf_tokenizer(tok_dir, train_jsonl) -> Path:
-    return train_tokenizer(TokenizerTrainConfig([str(train_jsonl)], str(tok_dir / "hf_bpe"), kind="hf-bpe", vocab_size=700))
+    return train_tokenizer(
+        TokenizerTrainConfig([str(train_jsonl)], str(tok_dir / "hf_bpe"), kind="hf-bpe", vocab_size=700)
+    )
 
 
 @pytest.fixture(scope="session")

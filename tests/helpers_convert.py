@@ -16,15 +16,34 @@ VOCAB = 100  # not a multiple of 128: Megatron pads it
 KINDS = {
     "llama-gqa": ("llama", dict(num_key_value_heads=2)),
     "llama-mha-tied": ("llama", dict(tie_word_embeddings=True)),
-    "llama3-rope": ("llama", dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}, max_position_embeddings=16384)),
+    "llama3-rope": (
+        "llama",
+        dict(
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            max_position_embeddings=16384,
+        ),
+    ),
     "linear-rope": ("llama", dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen2-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
 }
-SHAPES = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
-              max_position_embeddings=64, rms_norm_eps=1e-5)
+SHAPES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 
 
 def make_hf(folder: Path, kind: str, tokenizer: Path | None = None, seed: int = 0, **overrides) -> Path:
@@ -33,9 +52,16 @@ def make_hf(folder: Path, kind: str, tokenizer: Path | None = None, seed: int = 
     import transformers
 
     model_type, extra = KINDS[kind]
-    conf_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[model_type]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[model_type]
+    conf_cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[model_type]
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+    }[model_type]
     torch.manual_seed(seed)
     model = model_cls(conf_cls(**{**SHAPES, **extra, **overrides}))
     with torch.no_grad():
@@ -44,7 +70,7 @@ def make_hf(folder: Path, kind: str, tokenizer: Path | None = None, seed: int = 
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if tokenizer is not None:
-        for f in (tokenizer.iterdir() if tokenizer.is_dir() else [tokenizer]):
+        for f in tokenizer.iterdir() if tokenizer.is_dir() else [tokenizer]:
             shutil.copyfile(f, folder / ("tokenizer.model" if f.suffix == ".model" else f.name))
     return Path(folder)
 
@@ -59,7 +85,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out = {}
     for f in files:
         out.update(load_file(folder / f))
@@ -68,8 +96,11 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def side_files(folder: Path) -> dict[str, bytes]:
     """Every non-weight file's bytes (config.json, tokenizer files, generation_config.json)."""
-    return {p.name: p.read_bytes() for p in folder.iterdir()
-            if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json"
+    }
 
 
 # --------------------------------------------------------------------------- Megatron-LM files
@@ -96,7 +127,9 @@ def reassemble(files: dict[tuple[int, int], dict], ffn: int) -> dict[str, torch.
     rank, norms replicated (and checked to be equal), layers renumbered from each stage's offset."""
     tp = 1 + max(t for t, _ in files)
     pp = 1 + max(s for _, s in files)
-    layers_per_stage = [len({k.split(".")[2] for k in files[0, s]["model"] if k.startswith("decoder.layers.")}) for s in range(pp)]
+    layers_per_stage = [
+        len({k.split(".")[2] for k in files[0, s]["model"] if k.startswith("decoder.layers.")}) for s in range(pp)
+    ]
     out = {}
     for s in range(pp):
         offset = sum(layers_per_stage[:s])
@@ -114,13 +147,19 @@ def reassemble(files: dict[tuple[int, int], dict], ffn: int) -> dict[str, torch.
             elif key.endswith("linear_fc1.weight"):
                 half = ffn // tp
                 out[name] = torch.cat([r[:half] for r in shards] + [r[half:] for r in shards])
-            elif key.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")):
+            elif key.endswith(
+                ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")
+            ):
                 out[name] = torch.cat(shards)
             else:  # norms: replicated
                 assert all(torch.equal(shards[0], x) for x in shards), key
                 out[name] = shards[0]
-            if name == "output_layer.weight" and s > 0 and "embedding.word_embeddings.weight" in out \
-                    and not files[0, 0]["args"].untie_embeddings_and_output_weights:
+            if (
+                name == "output_layer.weight"
+                and s > 0
+                and "embedding.word_embeddings.weight" in out
+                and not files[0, 0]["args"].untie_embeddings_and_output_weights
+            ):
                 assert torch.equal(out[name], out["embedding.word_embeddings.weight"])  # the last stage's tied copy
                 del out[name]
     return out
@@ -138,8 +177,11 @@ def dist_tensors(root: Path) -> dict[str, torch.Tensor]:
 
     it_dir = dist_dir(root)
     metadata = dcp.FileSystemReader(str(it_dir)).read_metadata().state_dict_metadata
-    out = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in metadata.items()
-           if isinstance(md, TensorStorageMetadata) and not k.startswith("optimizer.")}
+    out = {
+        k: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for k, md in metadata.items()
+        if isinstance(md, TensorStorageMetadata) and not k.startswith("optimizer.")
+    }
     dcp.load(out, checkpoint_id=str(it_dir), no_dist=True)
     return out
 

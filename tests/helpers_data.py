@@ -48,7 +48,9 @@ def train_sp(folder: Path, texts: list[str], vocab_size: int = 400, model_type: 
     folder.mkdir(parents=True, exist_ok=True)
     corpus = write_jsonl(folder / f"{name}-train.jsonl", texts)
     return train_tokenizer(
-        TokenizerTrainConfig([str(corpus)], str(folder / f"{name}.model"), model_type=model_type, vocab_size=vocab_size, threads=1)
+        TokenizerTrainConfig(
+            [str(corpus)], str(folder / f"{name}.model"), model_type=model_type, vocab_size=vocab_size, threads=1
+        )
     )
 
 
@@ -58,11 +60,17 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args, cwd: Path | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``python -m cookbook ARGS`` in a subprocess; text output captured."""
     return subprocess.run(
         [sys.executable, "-m", "cookbook", *map(str, args)],
-        cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -149,9 +157,12 @@ def write_zst(path: Path, texts, frames: int = 2) -> Path:
 
     raw = jsonl_bytes(texts)
     cuts = [len(raw) * i // frames for i in range(frames + 1)]
-    Path(path).write_bytes(b"".join(
-        zstandard.ZstdCompressor(write_checksum=bool(i % 2)).compress(raw[cuts[i] : cuts[i + 1]]) for i in range(frames)
-    ))
+    Path(path).write_bytes(
+        b"".join(
+            zstandard.ZstdCompressor(write_checksum=bool(i % 2)).compress(raw[cuts[i] : cuts[i + 1]])
+            for i in range(frames)
+        )
+    )
     return Path(path)
 
 

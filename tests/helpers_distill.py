@@ -12,8 +12,16 @@ from cookbook.formats.stream import Checkpoint, expected_shapes
 from cookbook.model import ModelConfig, Transformer
 
 # a vocabulary padded past the tokenizer's 600 pieces, as pretraining pads it
-TINY = dict(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-            max_seq_len=128, init_std=0.2)
+TINY = dict(
+    vocab_size=640,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=128,
+    init_std=0.2,
+)
 
 
 def make_teacher(root, tokenizer, **overrides) -> dict:
@@ -26,8 +34,9 @@ def make_teacher(root, tokenizer, **overrides) -> dict:
     state = model.state_dict()
     names = list(expected_shapes(model.config))
     files = {f.name: f for f in tokenizer.iterdir()} if tokenizer.is_dir() else {"tokenizer.model": tokenizer}
-    ckpt = Checkpoint(model.config, lambda: ((n, state[n]) for n in names), {n: state[n].dtype for n in names},
-                      hf_files=files)
+    ckpt = Checkpoint(
+        model.config, lambda: ((n, state[n]) for n in names), {n: state[n].dtype for n in names}, hf_files=files
+    )
     (root / "hf").mkdir()
     hf.write(root / "hf", ckpt, ckpt.tensors(), ckpt.dtypes)
     run(ConvertConfig("hf", "cookbook", str(root / "hf"), str(root / "ckpt")), show_progress=False)

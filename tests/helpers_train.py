@@ -32,15 +32,53 @@ def write_token_dataset(prefix: Path, documents: int = 200, vocab: int = VOCAB, 
     return str(prefix)
 
 
-TINY = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--num-query-groups", "2", "--ffn-hidden-size", "128", "--vocab-size", str(VOCAB),
-        "--max-position-embeddings", "64"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--vocab-size",
+    str(VOCAB),
+    "--max-position-embeddings",
+    "64",
+]
 
 
 def train_flags(data: str, save: Path | None, iters: int, **extra) -> list[str]:
-    flags = TINY + ["--data-path", data, "--seq-length", "32", "--train-iters", str(iters), "--micro-batch-size", "2",
-                    "--dtype", "fp32", "--device", "cpu", "--log-interval", "1", "--eval-interval", "0",
-                    "--lr", "3e-3", "--lr-warmup-iters", "2", "--min-lr", "3e-4", "--seed", "7"]
+    flags = TINY + [
+        "--data-path",
+        data,
+        "--seq-length",
+        "32",
+        "--train-iters",
+        str(iters),
+        "--micro-batch-size",
+        "2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--min-lr",
+        "3e-4",
+        "--seed",
+        "7",
+    ]
     if save is not None:
         flags += ["--save", str(save)]
     for key, value in extra.items():
@@ -58,8 +96,17 @@ def env(threads: int = 1) -> dict:
 def command(flags: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "cookbook", "pretrain", *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "cookbook", "pretrain", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cookbook",
+        "pretrain",
+        *flags,
+    ]
 
 
 def pretrain(flags: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:

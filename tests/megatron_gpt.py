@@ -51,7 +51,9 @@ def setup():
     import torch.distributed as dist
     from megatron.core import tensor_parallel
 
-    dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    dist.init_process_group(
+        "gloo", rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1))
+    )
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self  # the tied output layer's copy at PP > 1 is all-reduced "on cuda"
@@ -71,22 +73,44 @@ def gpt(args, num_layers: int, pre_process: bool = True, post_process: bool = Tr
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu, activation_func=F.silu, add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias, use_cpu_initialization=True, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False, attention_dropout=0.0, hidden_dropout=0.0,
-        tensor_model_parallel_size=_tp(), pipeline_model_parallel_size=_pp(), pipeline_dtype=torch.float32,
+        num_layers=num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu,
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=_tp(),
+        pipeline_model_parallel_size=_pp(),
+        pipeline_dtype=torch.float32,
     )
     return GPTModel(
-        config, get_gpt_layer_local_spec(normalization=args.normalization), vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings, pre_process=pre_process, post_process=post_process,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        config,
+        get_gpt_layer_local_spec(normalization=args.normalization),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
     ).eval()
 
 
@@ -123,7 +147,6 @@ def check(case: dict) -> dict:
     from pathlib import Path
 
     import transformers
-
     from helpers_convert import megatron_files
 
     files = megatron_files(Path(case["megatron"]))
@@ -161,20 +184,45 @@ def run_args(spec: dict, tp: int, pp: int) -> argparse.Namespace:
     multiple = 128 * tp
     interp = spec.get("interpolation")
     return argparse.Namespace(
-        num_layers=spec["layers"], hidden_size=spec["hidden"], ffn_hidden_size=spec["ffn"], num_attention_heads=heads,
-        group_query_attention=spec["groups"] != heads, num_query_groups=spec["groups"],
-        kv_channels=spec.get("head_dim") or spec["hidden"] // heads, max_position_embeddings=spec.get("max_positions", 64),
-        seq_length=spec.get("max_positions", 64), position_embedding_type="rope", use_rotary_position_embeddings=False,
-        rotary_base=spec.get("theta", 10000), rotary_percent=1.0, rotary_interleaved=False,
-        rotary_seq_len_interpolation_factor=interp, use_rope_scaling=False, rope_scaling_factor=8.0,
-        normalization="RMSNorm", norm_epsilon=spec.get("eps", 1e-5), apply_layernorm_1p=False, swiglu=True,
-        add_bias_linear=False, add_qkv_bias=spec.get("qkv_bias", False),
-        untie_embeddings_and_output_weights=not spec.get("tied", False), num_experts=None, vocab_size=None,
-        padded_vocab_size=-(-vocab // multiple) * multiple, make_vocab_size_divisible_by=128,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=spec.get("tokenizer"),
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, ckpt_format="torch_dist",
-        transformer_impl="local", params_dtype=torch.float32, attention_backend=AttnBackend.auto,
-        use_distributed_optimizer=False, consumed_train_samples=640, iteration=spec.get("iteration", 20),
+        num_layers=spec["layers"],
+        hidden_size=spec["hidden"],
+        ffn_hidden_size=spec["ffn"],
+        num_attention_heads=heads,
+        group_query_attention=spec["groups"] != heads,
+        num_query_groups=spec["groups"],
+        kv_channels=spec.get("head_dim") or spec["hidden"] // heads,
+        max_position_embeddings=spec.get("max_positions", 64),
+        seq_length=spec.get("max_positions", 64),
+        position_embedding_type="rope",
+        use_rotary_position_embeddings=False,
+        rotary_base=spec.get("theta", 10000),
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        rotary_seq_len_interpolation_factor=interp,
+        use_rope_scaling=False,
+        rope_scaling_factor=8.0,
+        normalization="RMSNorm",
+        norm_epsilon=spec.get("eps", 1e-5),
+        apply_layernorm_1p=False,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=spec.get("qkv_bias", False),
+        untie_embeddings_and_output_weights=not spec.get("tied", False),
+        num_experts=None,
+        vocab_size=None,
+        padded_vocab_size=-(-vocab // multiple) * multiple,
+        make_vocab_size_divisible_by=128,
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=spec.get("tokenizer"),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        ckpt_format="torch_dist",
+        transformer_impl="local",
+        params_dtype=torch.float32,
+        attention_backend=AttnBackend.auto,
+        use_distributed_optimizer=False,
+        consumed_train_samples=640,
+        iteration=spec.get("iteration", 20),
     )
 
 
@@ -201,7 +249,9 @@ def save_dist(case: dict) -> dict:
     parallel(tp, pp)
     args = run_args(case["spec"], tp, pp)
     torch.manual_seed(case.get("seed", 0))
-    model = gpt(args, args.num_layers, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+    model = gpt(
+        args, args.num_layers, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    )
     randomize(model, case.get("seed", 0))
     metadata = {"singleton_local_shards": bool(case.get("singleton")), "chained_optim_avoid_prefix": True}
     model_sd = model.sharded_state_dict(metadata=dict(metadata))
@@ -209,14 +259,27 @@ def save_dist(case: dict) -> dict:
     for moment in ("exp_avg", "exp_avg_sq"):
         optimizer["state"][moment] = {
             k: make_sharded_optimizer_tensor(v, torch.zeros_like(v.data), prefix=f"optimizer.state.{moment}")
-            for k, v in model_sd.items() if hasattr(v, "data") and isinstance(v.data, torch.Tensor) and not k.endswith("_extra_state")
+            for k, v in model_sd.items()
+            if hasattr(v, "data") and isinstance(v.data, torch.Tensor) and not k.endswith("_extra_state")
         }
     ranks = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
-    rng = ShardedObject("rng_state", [{"random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}],
-                        (pp, tp), ranks, replica_id=parallel_state.get_data_parallel_rank())
-    state = {"model": model_sd, "optimizer": optimizer, "rng_state": rng, "args": args, "checkpoint_version": 3.0,
-             "iteration": args.iteration, "opt_param_scheduler": {"num_steps": 640, "max_lr": 3e-4},
-             "num_floating_point_operations_so_far": 1.5e12}
+    rng = ShardedObject(
+        "rng_state",
+        [{"random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}],
+        (pp, tp),
+        ranks,
+        replica_id=parallel_state.get_data_parallel_rank(),
+    )
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer,
+        "rng_state": rng,
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": args.iteration,
+        "opt_param_scheduler": {"num_steps": 640, "max_lr": 3e-4},
+        "num_floating_point_operations_so_far": 1.5e12,
+    }
     root = Path(case["megatron"])
     it_dir = root / f"iter_{args.iteration:07d}"
     if torch.distributed.get_rank() == 0:
@@ -255,8 +318,14 @@ def load_dist(case: dict) -> dict:
     out = logits(model, torch.tensor(case["tokens"]), args.vocab_size)
     if torch.distributed.get_rank() == 0:
         torch.save(out, case["logits"])
-    return {"name": case["name"], "missing": sorted(missing), "unexpected": sorted(unexpected),
-            "iteration": common["iteration"], "padded_vocab": args.padded_vocab_size, "tp": tp}
+    return {
+        "name": case["name"],
+        "missing": sorted(missing),
+        "unexpected": sorted(unexpected),
+        "iteration": common["iteration"],
+        "padded_vocab": args.padded_vocab_size,
+        "tp": tp,
+    }
 
 
 if __name__ == "__main__":

@@ -43,8 +43,16 @@ from cookbook.engine.trainer import next_token_inputs, next_token_loss
 from cookbook.model import ModelConfig
 
 STEPS, GLOBAL_BATCH, MICRO_BATCHES, SEQ, VOCAB, SEED = 10, 8, 4, 16, 96, 7
-CFG = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                  max_seq_len=64, qkv_bias=True)
+CFG = ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=64,
+    qkv_bias=True,
+)
 CLIP = 0.5  # small enough to clip
 EVAL_AFTER = (4, STEPS - 1)  # eval (forward only) after these steps: mid-run, then training goes on
 DOCS = DocumentFlags(eod=VOCAB - 1, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
@@ -113,13 +121,23 @@ def train_one_process(documents: DocumentFlags | None) -> dict:
         losses.append(float(total))
         if step in EVAL_AFTER:
             with torch.no_grad():
-                evals.append(sum(float(next_token_loss(model, m, documents=documents))
-                                 for m in batches[0].chunk(MICRO_BATCHES)) / MICRO_BATCHES)
-    return {"losses": losses, "grad_norms": grad_norms, "evals": evals, "initial": initial, "first_grads": first_grads,
-            "final": named_full([model])}
+                evals.append(
+                    sum(float(next_token_loss(model, m, documents=documents)) for m in batches[0].chunk(MICRO_BATCHES))
+                    / MICRO_BATCHES
+                )
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "evals": evals,
+        "initial": initial,
+        "first_grads": first_grads,
+        "final": named_full([model]),
+    }
 
 
-def train_pipeline(pp: int, virtual: int, schedule_name: str, world: int, documents: DocumentFlags | None) -> dict | None:
+def train_pipeline(
+    pp: int, virtual: int, schedule_name: str, world: int, documents: DocumentFlags | None
+) -> dict | None:
     dims = ParallelDims(pp=pp, layers_per_virtual_stage=CFG.num_layers // (pp * virtual)).resolve(world)
     mesh = dims.build_mesh("cpu")
     pp_mesh, dp_mesh = mesh["pp"], mesh["dp_shard"]
@@ -136,7 +154,9 @@ def train_pipeline(pp: int, virtual: int, schedule_name: str, world: int, docume
     losses, grad_norms, evals = [], [], []
     for step in range(STEPS):
         x = next_token_inputs(batches[step, dp_rank * per_rank : (dp_rank + 1) * per_rank], documents=documents)
-        loss = pipeline_step(schedule, x.inputs, x.targets, is_first, is_last, positions=x.positions, **x.model_kwargs())
+        loss = pipeline_step(
+            schedule, x.inputs, x.targets, is_first, is_last, positions=x.positions, **x.model_kwargs()
+        )
         if step == 0:
             first_grads = gather_to_rank0(named_full(chunks, grads=True))
         grad_norms.append(float(clip_grad_norm_pp([p for c in chunks for p in c.parameters()], CLIP, pp_mesh)))
@@ -147,15 +167,23 @@ def train_pipeline(pp: int, virtual: int, schedule_name: str, world: int, docume
         losses.append(float(loss) / dp)
         if step in EVAL_AFTER:  # forward only, between training steps, on the first step's rows
             x = next_token_inputs(batches[0, dp_rank * per_rank : (dp_rank + 1) * per_rank], documents=documents)
-            value = pipeline_eval(schedule, x.inputs, x.targets, is_first, is_last, positions=x.positions, **x.model_kwargs())
+            value = pipeline_eval(
+                schedule, x.inputs, x.targets, is_first, is_last, positions=x.positions, **x.model_kwargs()
+            )
             value = broadcast_from_last_stage(value, pp_mesh, torch.device("cpu"))
             dist.all_reduce(value, group=dp_mesh.get_group())
             evals.append(float(value) / dp)
     final = gather_to_rank0(named_full(chunks))
     if dist.get_rank() != 0:
         return None
-    return {"losses": losses, "grad_norms": grad_norms, "evals": evals, "initial": initial, "first_grads": first_grads,
-            "final": final}
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "evals": evals,
+        "initial": initial,
+        "first_grads": first_grads,
+        "final": final,
+    }
 
 
 def main() -> None:
@@ -171,8 +199,11 @@ def main() -> None:
     result = {}
     for variant in args.variants.split(","):
         documents = {"plain": None, "docs": DOCS}[variant]
-        result[variant] = (train_one_process(documents) if args.pp == 1 else
-                           train_pipeline(args.pp, args.chunks, args.schedule, d.world_size, documents))
+        result[variant] = (
+            train_one_process(documents)
+            if args.pp == 1
+            else train_pipeline(args.pp, args.chunks, args.schedule, d.world_size, documents)
+        )
     save_result(d.is_main, result, args.out)
     shutdown()
 

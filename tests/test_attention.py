@@ -27,8 +27,16 @@ from cookbook.model import ModelConfig, Transformer
 from cookbook.model.model import repeat_kv
 
 EOD = 95
-TINY = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                   max_seq_len=64, qkv_bias=True)
+TINY = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=64,
+    qkv_bias=True,
+)
 ALL = DocumentFlags(EOD, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
 
 
@@ -45,8 +53,11 @@ def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         lq, lk = qi.shape[1], ki.shape[1]
         assert 0 < lq <= max_seqlen_q and lq <= lk <= max_seqlen_k
         allowed = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
-        out.append(F.scaled_dot_product_attention(qi, repeat_kv(ki[None], qi.shape[0])[0],
-                                                  repeat_kv(vi[None], qi.shape[0])[0], attn_mask=allowed).transpose(0, 1))
+        out.append(
+            F.scaled_dot_product_attention(
+                qi, repeat_kv(ki[None], qi.shape[0])[0], repeat_kv(vi[None], qi.shape[0])[0], attn_mask=allowed
+            ).transpose(0, 1)
+        )
     return torch.cat(out)
 
 
@@ -171,10 +182,14 @@ def test_context_parallel_chunks_equal_rows_of_the_whole_sequence(backend, cp, r
             chunks = query_chunks(seq, (rank, cp))
             mask = AttentionMask(backend, docs, chunks, 2, "cpu")
             for start, length in chunks.items():
-                got = mask.attend(q[:, :, start : start + length], k[:, :, : start + length], v[:, :, : start + length], start)
+                got = mask.attend(
+                    q[:, :, start : start + length], k[:, :, : start + length], v[:, :, : start + length], start
+                )
                 torch.testing.assert_close(got, whole[:, :, start : start + length], rtol=0, atol=1e-5)
                 if needs_grad(backend):
-                    want_grads = torch.autograd.grad(whole[:, :, start : start + length].sum(), (q, k, v), retain_graph=True)
+                    want_grads = torch.autograd.grad(
+                        whole[:, :, start : start + length].sum(), (q, k, v), retain_graph=True
+                    )
                     for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), want_grads, strict=True):
                         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -216,7 +231,9 @@ def test_auto_picks_sdpa_on_cpu_and_refuses_what_cannot_run(monkeypatch):
 
     # a GPU without flash-attn: flash is refused with the install line; auto falls back to flex (documents) or sdpa
     monkeypatch.setattr(attention, "installed_flash", lambda device: None)
-    with pytest.raises(CookbookError, match=r"flash-attn, which is not installed \(or does not import\): pip install 'cookbook\[gpu\]'"):
+    with pytest.raises(
+        CookbookError, match=r"flash-attn, which is not installed \(or does not import\): pip install 'cookbook\[gpu\]'"
+    ):
         resolve_backend("flash", cuda, torch.bfloat16, 128, True)
     with pytest.raises(CookbookError, match="--dtype bf16"):
         resolve_backend("flash", cuda, torch.float32, 128, True)
@@ -235,6 +252,7 @@ def test_auto_picks_sdpa_on_cpu_and_refuses_what_cannot_run(monkeypatch):
 
 def test_flash_attn_that_does_not_import_counts_as_missing(monkeypatch):
     """A flash-attn wheel built for another torch raises at import: refused like a missing one, not a traceback."""
+
     def broken(name):
         raise OSError("undefined symbol: _ZN3c10...")
 

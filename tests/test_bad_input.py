@@ -16,9 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from cookbook.data.tokenizer import load_tokenizer
-from cookbook.errors import CookbookError
 from helpers_data import (
     assert_one_line_error,
     documents,
@@ -30,6 +27,9 @@ from helpers_data import (
     train_sp,
     write_jsonl,
 )
+
+from cookbook.data.tokenizer import load_tokenizer
+from cookbook.errors import CookbookError
 
 GOOD = b'{"text": "a good document"}\n'
 
@@ -96,7 +96,11 @@ def _bad_line_case(name):
     def make(d: Path, tok: Path):
         src = d / f"{name}.jsonl"
         src.write_bytes(content)
-        return preprocess_args([src], d / "out" / "corpus", tok, "-q"), [f"{src.name}:{line}", "--skip-bad-lines", *words]
+        return preprocess_args([src], d / "out" / "corpus", tok, "-q"), [
+            f"{src.name}:{line}",
+            "--skip-bad-lines",
+            *words,
+        ]
 
     return make
 
@@ -111,7 +115,10 @@ def _second_file(d, tok):
 def _second_key(d, tok):
     """--json-keys text,title: a line without 'title' fails the run; neither dataset is written."""
     src = write_jsonl(d / "k.jsonl", [{"text": "a", "title": "b"}] * 4 + [{"text": "no title"}])
-    return preprocess_args([src], d / "out" / "corpus", tok, "--json-keys", "text,title", "-q"), ["k.jsonl:5", "'title'"]
+    return preprocess_args([src], d / "out" / "corpus", tok, "--json-keys", "text,title", "-q"), [
+        "k.jsonl:5",
+        "'title'",
+    ]
 
 
 def _file_case(name: str, content: bytes):
@@ -262,7 +269,10 @@ def test_skip_bad_lines_keeps_exactly_the_good_documents(tmp_path, tok, tokenize
     assert _summary_value(text, "skipped lines") == n_bad
     assert _summary_value(text, "documents") == len(good)
     assert "mixed.jsonl:2" in text.replace("\n", "")  # the first skipped line is named (a long path may wrap)
-    assert sorted(p.name for p in files_under(tmp_path / "out")) == ["corpus_text_document.bin", "corpus_text_document.idx"]
+    assert sorted(p.name for p in files_under(tmp_path / "out")) == [
+        "corpus_text_document.bin",
+        "corpus_text_document.idx",
+    ]
 
 
 def write_line(text: str) -> bytes:
@@ -274,14 +284,16 @@ def test_skip_bad_lines_in_process_reports_locations(tmp_path, tok, tokenizer):
     src.write_bytes(GOOD + b"[1]\n" + GOOD + b"\n" + b'{"text": 3}\n')
     from recipes.preprocess import PreprocessConfig, run
 
-    s = run(PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1), show_progress=False)
+    s = run(
+        PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1), show_progress=False
+    )
     assert s.documents == 2
     assert [w.split(": ")[0] for w in s.skipped] == [f"{src}:2", f"{src}:5"]
 
 
 def test_skip_bad_lines_with_no_good_line_fails(tmp_path, tok):
     src = tmp_path / "allbad.jsonl"
-    src.write_bytes(b"[1]\nnope\n{\"text\": 1}\n")
+    src.write_bytes(b'[1]\nnope\n{"text": 1}\n')
     proc = preprocess_cli([src], tmp_path / "out" / "corpus", tok, "--skip-bad-lines", "-q")
     assert_one_line_error(proc, "allbad.jsonl", "3")
     assert files_under(tmp_path / "out") == []
@@ -339,14 +351,25 @@ def test_line_numbers_across_blocks(tmp_path, tok):
     from recipes.preprocess import PreprocessConfig, run
 
     with pytest.raises(CookbookError, match=r"long\.jsonl:3001: key 'text'"):
-        run(PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), block_mb=0.0001, workers=1), show_progress=False)
+        run(
+            PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), block_mb=0.0001, workers=1), show_progress=False
+        )
 
 
 # --------------------------------------------------------------------------- --debug
 
 
 def test_debug_shows_traceback(tmp_path, tok):
-    args = ["preprocess", "--input", tmp_path / "nope.jsonl", "--output-prefix", tmp_path / "o", "--tokenizer-model", tok, "-q"]
+    args = [
+        "preprocess",
+        "--input",
+        tmp_path / "nope.jsonl",
+        "--output-prefix",
+        tmp_path / "o",
+        "--tokenizer-model",
+        tok,
+        "-q",
+    ]
     proc = run_cli("--debug", *args)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr

@@ -21,8 +21,14 @@ from bench.gpu import RUNGS  # noqa: E402
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT.parent)
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT.parent,
+    )
 
 
 def test_smoke_run_reports_every_rung(tmp_path):
@@ -58,8 +64,9 @@ def test_a_rung_that_hangs_is_its_row_and_the_budget_skips_the_rest(tmp_path):
     """Isolated rungs: one that outlives its timeout is killed and reported; once the budget is spent the next rung
     is skipped with the flag that reruns it; the table and the JSON come out all the same."""
     out = tmp_path / "gpu.json"
-    proc = bench("--smoke", "--isolate", "--rungs", "sdpa,hf", "--rung-timeout", "0.5", "--budget", "0.2",
-                 "--out", str(out))
+    proc = bench(
+        "--smoke", "--isolate", "--rungs", "sdpa,hf", "--rung-timeout", "0.5", "--budget", "0.2", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rungs"]
     assert rows["sdpa"]["status"] == "failed" and "timed out after 0.5 s" in rows["sdpa"]["note"]
@@ -78,4 +85,5 @@ def test_an_isolated_rung_reports_from_its_own_process(tmp_path):
 def test_unknown_rung_is_one_line():
     proc = bench("--smoke", "--rungs", "sdpa,warp")
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: unknown rung(s) warp; known: " + ", ".join(r.name for r in RUNGS))
+        "error: unknown rung(s) warp; known: " + ", ".join(r.name for r in RUNGS)
+    )

@@ -11,10 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import cookbook
-from cookbook.data.indexed import IndexedDataset
-from cookbook.data.tokenizer import load_tokenizer
 from helpers_data import (
     assert_one_line_error,
     files_under,
@@ -24,6 +20,10 @@ from helpers_data import (
     train_sp,
     write_jsonl,
 )
+
+import cookbook
+from cookbook.data.indexed import IndexedDataset
+from cookbook.data.tokenizer import load_tokenizer
 
 COMMANDS = ["preprocess", "merge", "data", "tokenizer", "sample-corpus"]
 
@@ -70,7 +70,19 @@ def test_console_script():
 @pytest.mark.parametrize(
     "command, flags",
     [
-        (["preprocess"], ["--input", "--output-prefix", "--tokenizer-model", "--tokenizer-type", "--append-eod", "--workers", "--json-keys", "--skip-bad-lines"]),
+        (
+            ["preprocess"],
+            [
+                "--input",
+                "--output-prefix",
+                "--tokenizer-model",
+                "--tokenizer-type",
+                "--append-eod",
+                "--workers",
+                "--json-keys",
+                "--skip-bad-lines",
+            ],
+        ),
         (["merge"], ["--input", "--output-prefix"]),
         (["data", "info"], ["--decode", "--tokenizer"]),
         (["tokenizer", "train"], ["--input", "--output", "--kind", "--model-type", "--vocab-size"]),
@@ -201,8 +213,12 @@ def test_data_info_decode_prints_long_lines_verbatim(tmp_path, sp_tok):
 def test_data_info_counts_empty_documents(tmp_path, sp_tok):
     """SentencePieceTokenizer adds no BOS: "" is a document with no tokens, still counted."""
     texts = ["", "hello world", "", ""]
-    prefix = preprocess([write_jsonl(tmp_path / "e.jsonl", texts)], tmp_path / "e", sp_tok, tokenizer_type="SentencePieceTokenizer")
-    proc = run_cli("data", "info", prefix, "--decode", "4", "--tokenizer", sp_tok, "--tokenizer-type", "SentencePieceTokenizer")
+    prefix = preprocess(
+        [write_jsonl(tmp_path / "e.jsonl", texts)], tmp_path / "e", sp_tok, tokenizer_type="SentencePieceTokenizer"
+    )
+    proc = run_cli(
+        "data", "info", prefix, "--decode", "4", "--tokenizer", sp_tok, "--tokenizer-type", "SentencePieceTokenizer"
+    )
     assert_ok(proc)
     text = output(proc)
     assert _row(text, "documents") == "4"
@@ -233,8 +249,20 @@ CHECK = TEXTS[:4] + ["  two leading spaces", "tab\tand\nnewline", "a <s> literal
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_tokenizer_train_sentencepiece(tmp_path, train_corpus, model_type):
-    proc = run_cli("tokenizer", "train", "--input", train_corpus, "--output", tmp_path / "tok", "--kind", "sentencepiece",
-                   "--model-type", model_type, "--vocab-size", "400")
+    proc = run_cli(
+        "tokenizer",
+        "train",
+        "--input",
+        train_corpus,
+        "--output",
+        tmp_path / "tok",
+        "--kind",
+        "sentencepiece",
+        "--model-type",
+        model_type,
+        "--vocab-size",
+        "400",
+    )
     assert_ok(proc)
     path = tmp_path / "tok.model"  # the .model suffix is added
     assert path.exists()
@@ -255,8 +283,18 @@ def test_tokenizer_train_sentencepiece(tmp_path, train_corpus, model_type):
 
 def test_tokenizer_train_sentencepiece_kinds_differ(tmp_path, train_corpus):
     for model_type in ("bpe", "unigram"):
-        proc = run_cli("tokenizer", "train", "-i", train_corpus, "-o", tmp_path / f"{model_type}.model",
-                       "--model-type", model_type, "--vocab-size", "400")
+        proc = run_cli(
+            "tokenizer",
+            "train",
+            "-i",
+            train_corpus,
+            "-o",
+            tmp_path / f"{model_type}.model",
+            "--model-type",
+            model_type,
+            "--vocab-size",
+            "400",
+        )
         assert_ok(proc)
     assert (tmp_path / "bpe.model").read_bytes() != (tmp_path / "unigram.model").read_bytes()
 
@@ -264,7 +302,9 @@ def test_tokenizer_train_sentencepiece_kinds_differ(tmp_path, train_corpus):
 def test_tokenizer_train_hf_bpe_loads_in_transformers(tmp_path, train_corpus):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    proc = run_cli("tokenizer", "train", "--input", train_corpus, "--output", out, "--kind", "hf-bpe", "--vocab-size", "500")
+    proc = run_cli(
+        "tokenizer", "train", "--input", train_corpus, "--output", out, "--kind", "hf-bpe", "--vocab-size", "500"
+    )
     assert_ok(proc)
     assert (out / "tokenizer.json").exists()
     ours = load_tokenizer(out)
@@ -285,7 +325,10 @@ def test_tokenizer_train_bad_requests(tmp_path, train_corpus):
     assert_one_line_error(run_cli(*base, "--kind", "wordpiece"), "wordpiece")
     assert_one_line_error(run_cli(*base, "--model-type", "char"), "char")
     assert_one_line_error(run_cli(*base, "--vocab-size", "10"), "10")
-    assert_one_line_error(run_cli("tokenizer", "train", "--input", tmp_path / "none.jsonl", "--output", tmp_path / "t.model"), "none.jsonl")
+    assert_one_line_error(
+        run_cli("tokenizer", "train", "--input", tmp_path / "none.jsonl", "--output", tmp_path / "t.model"),
+        "none.jsonl",
+    )
     assert files_under(tmp_path) == []
 
 
@@ -317,6 +360,7 @@ def test_sample_corpus_into_missing_folder(tmp_path):
 
 def test_help_examples_end_to_end(tmp_path):
     """sample-corpus -> tokenizer train -> preprocess -> merge -> data info, as --help shows them."""
+
     def ok(*args):
         proc = run_cli(*args, cwd=tmp_path)
         assert_ok(proc)
@@ -324,7 +368,17 @@ def test_help_examples_end_to_end(tmp_path):
 
     ok("sample-corpus", "corpus.jsonl", "--max-mb", "0.3")
     ok("tokenizer", "train", "--input", "corpus.jsonl", "--output", "tok.model", "--vocab-size", "600")
-    ok("preprocess", "--input", "corpus.jsonl", "--output-prefix", "data/corpus", "--tokenizer", "tok.model", "--append-eod", "-q")
+    ok(
+        "preprocess",
+        "--input",
+        "corpus.jsonl",
+        "--output-prefix",
+        "data/corpus",
+        "--tokenizer",
+        "tok.model",
+        "--append-eod",
+        "-q",
+    )
     ok("preprocess", "-i", "corpus.jsonl", "-o", "data/again", "-t", "tok.model", "-q")
     ok("merge", "--input", "data/", "--output-prefix", "data/all")
     text = ok("data", "info", "data/all", "--decode", "1", "--tokenizer", "tok.model")

@@ -81,6 +81,10 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
     text = json.dumps(live(), indent=1, ensure_ascii=False)
-    one_line = re.sub(r"\{\n([^{}\[\]]*?)\n\s*\}", lambda m: "{" + " ".join(line.strip() for line in m.group(1).splitlines()) + "}", text)
+    one_line = re.sub(
+        r"\{\n([^{}\[\]]*?)\n\s*\}",
+        lambda m: "{" + " ".join(line.strip() for line in m.group(1).splitlines()) + "}",
+        text,
+    )
     FILE.write_text(one_line + "\n")  # one line per flag: a diff shows what changed
     print(f"wrote {FILE}")

@@ -15,14 +15,26 @@ from helpers_train import check, pretrain
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine.checkpoint import find_checkpoint
-from cookbook.inference.load import load_model
 from cookbook.engine.metrics import read_metrics
 from cookbook.engine.trainer import next_token_loss
-from cookbook.inference.perplexity import evaluate, file_stream
 from cookbook.inference.generator import generate
+from cookbook.inference.load import load_model
+from cookbook.inference.perplexity import evaluate, file_stream
 
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-         "--ffn-hidden-size", "128", "--max-position-embeddings", "64"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--max-position-embeddings",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +42,69 @@ def trained(tmp_path_factory, sp_model):
     """A tiny model trained 8 iterations on preprocessed stdlib text; valid loss logged at the end."""
     folder = tmp_path_factory.mktemp("run")
     corpus = write_jsonl(folder / "corpus.jsonl", stdlib_texts(30, offset=400))
-    check(run_cli("preprocess", "--input", corpus, "--output-prefix", folder / "data", "--tokenizer-model", sp_model, "--append-eod"))
+    check(
+        run_cli(
+            "preprocess",
+            "--input",
+            corpus,
+            "--output-prefix",
+            folder / "data",
+            "--tokenizer-model",
+            sp_model,
+            "--append-eod",
+        )
+    )
     data = str(folder / "data_text_document")
     save = folder / "ckpt"
-    check(pretrain(SMALL + ["--data-path", data, "--tokenizer-model", str(sp_model), "--seq-length", "32", "--split", "90,10,0",
-                            "--train-iters", "8", "--micro-batch-size", "2", "--eval-interval", "8", "--eval-iters", "2",
-                            "--dtype", "fp32", "--device", "cpu", "--save", str(save)]))
+    check(
+        pretrain(
+            SMALL
+            + [
+                "--data-path",
+                data,
+                "--tokenizer-model",
+                str(sp_model),
+                "--seq-length",
+                "32",
+                "--split",
+                "90,10,0",
+                "--train-iters",
+                "8",
+                "--micro-batch-size",
+                "2",
+                "--eval-interval",
+                "8",
+                "--eval-iters",
+                "2",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                "--save",
+                str(save),
+            ]
+        )
+    )
     heldout = write_jsonl(folder / "heldout.jsonl", [t[:3000] for t in stdlib_texts(2, offset=600)])
-    check(run_cli("preprocess", "--input", heldout, "--output-prefix", folder / "heldout", "--tokenizer-model", sp_model, "--append-eod"))
-    return {"save": save, "data": data, "heldout": heldout, "heldout_data": str(folder / "heldout_text_document"), "tokenizer": sp_model}
+    check(
+        run_cli(
+            "preprocess",
+            "--input",
+            heldout,
+            "--output-prefix",
+            folder / "heldout",
+            "--tokenizer-model",
+            sp_model,
+            "--append-eod",
+        )
+    )
+    return {
+        "save": save,
+        "data": data,
+        "heldout": heldout,
+        "heldout_data": str(folder / "heldout_text_document"),
+        "tokenizer": sp_model,
+    }
 
 
 def test_checkpoint_records_the_padded_tokenizer_vocab(trained):
@@ -63,9 +129,26 @@ def test_loaded_model_reproduces_the_logged_valid_loss(trained):
 
 
 def test_eval_command_equals_evaluate(trained, tmp_path):
-    proc = run_cli("eval", "--load", trained["save"], "--ppl-files", trained["heldout"], "--data-path", trained["heldout_data"],
-                   "--seq-length", "16,32", "--stride", "8", "--batch-size", "3", "--append-eod", "--device", "cpu",
-                   "--dump-dir", tmp_path)
+    proc = run_cli(
+        "eval",
+        "--load",
+        trained["save"],
+        "--ppl-files",
+        trained["heldout"],
+        "--data-path",
+        trained["heldout_data"],
+        "--seq-length",
+        "16,32",
+        "--stride",
+        "8",
+        "--batch-size",
+        "3",
+        "--append-eod",
+        "--device",
+        "cpu",
+        "--dump-dir",
+        tmp_path,
+    )
     check(proc)
     assert "perplexity" in proc.stdout
     dumped = json.loads((tmp_path / "perplexity.json").read_text())
@@ -87,8 +170,25 @@ def test_generate_command_equals_generate(trained, tmp_path):
     prompts = ["import os\n", "def main(", "class A:"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[1:]) + "\n")
     out = tmp_path / "gen.jsonl"
-    proc = run_cli("generate", "--load", trained["save"], "--prompt", prompts[0], "--prompts-file", tmp_path / "prompts.txt",
-                   "--max-new-tokens", "12", "--temperature", "0", "--batch-size", "2", "--device", "cpu", "--output", out)
+    proc = run_cli(
+        "generate",
+        "--load",
+        trained["save"],
+        "--prompt",
+        prompts[0],
+        "--prompts-file",
+        tmp_path / "prompts.txt",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        out,
+    )
     check(proc)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == prompts
@@ -97,7 +197,7 @@ def test_generate_command_equals_generate(trained, tmp_path):
     ids = [tok.tokenize(p) for p in prompts]
     new = generate(model, ids, 12, temperature=0, eos_id=tok.eod)
     for r, prompt, tokens in zip(records, ids, new):  # the continuation as it reads after its prompt
-        assert r["text"] == tok.decode(prompt + [t for t in tokens if t != tok.eod])[len(tok.decode(prompt)):]
+        assert r["text"] == tok.decode(prompt + [t for t in tokens if t != tok.eod])[len(tok.decode(prompt)) :]
         assert r["tokens"] == len(tokens)
 
 
@@ -106,7 +206,17 @@ def test_commands_bad_input(trained, tmp_path):
     assert_one_line_error(run_cli("generate", "--load", tmp_path, "--prompt", "x"), "holds no cookbook checkpoint")
     assert_one_line_error(run_cli("generate", "--load", trained["save"], "--prompt", "x", "--top-p", "1.5"), "top")
     assert_one_line_error(run_cli("eval", "--load", trained["save"]), "nothing to evaluate")
-    assert_one_line_error(run_cli("eval", "--load", trained["save"], "--data-path", trained["data"], "--seq-length", "8,x"), "--seq-length")
-    assert_one_line_error(run_cli("eval", "--load", trained["save"], "--ppl-files", tmp_path / "none.jsonl"), "none.jsonl")
-    assert_one_line_error(run_cli("eval", "--load", trained["save"], "--data-path", trained["data"], "--seq-length", "8", "--stride", "9"), "stride")
+    assert_one_line_error(
+        run_cli("eval", "--load", trained["save"], "--data-path", trained["data"], "--seq-length", "8,x"),
+        "--seq-length",
+    )
+    assert_one_line_error(
+        run_cli("eval", "--load", trained["save"], "--ppl-files", tmp_path / "none.jsonl"), "none.jsonl"
+    )
+    assert_one_line_error(
+        run_cli(
+            "eval", "--load", trained["save"], "--data-path", trained["data"], "--seq-length", "8", "--stride", "9"
+        ),
+        "stride",
+    )
     assert find_checkpoint(trained["save"]) is not None

@@ -34,8 +34,16 @@ from cookbook.model import ModelConfig, Transformer
 from cookbook.model.model import KVCache
 
 SCRIPT = Path(__file__).with_name("tp_train.py")
-TINY = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                   max_seq_len=64, qkv_bias=True)
+TINY = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=64,
+    qkv_bias=True,
+)
 
 
 def run(out: Path, nproc: int, *args: str) -> dict:
@@ -66,8 +74,18 @@ def dp2_cp2(tmp_path_factory):
     return run(tmp_path_factory.mktemp("cp") / "dp2_cp2.pt", 4, "--cp", "2", "--variants", "base,docs")
 
 
-@pytest.mark.parametrize("layout, variant", [("cp2", "base"), ("cp2_tp2", "base"), ("cp2_tp2", "sp"), ("dp2_cp2", "base"),
-                                             ("cp2", "docs"), ("cp2_tp2", "docs"), ("dp2_cp2", "docs")])
+@pytest.mark.parametrize(
+    "layout, variant",
+    [
+        ("cp2", "base"),
+        ("cp2_tp2", "base"),
+        ("cp2_tp2", "sp"),
+        ("dp2_cp2", "base"),
+        ("cp2", "docs"),
+        ("cp2_tp2", "docs"),
+        ("dp2_cp2", "docs"),
+    ],
+)
 def test_context_parallel_run_equals_one_process(request, one_process, layout, variant):
     """``docs``: rows packed from documents with --reset-position-ids --reset-attention-mask --eod-mask-loss; the
     documents cross the load-balanced chunks, and the cp ranks score different numbers of tokens."""
@@ -105,8 +123,11 @@ def test_shard_batch_pairs_each_input_with_its_next_token():
 
 def test_check_cp_refuses_uneven_chunks():
     check_cp(16, 4)
-    with pytest.raises(CookbookError, match=r"cuts each sequence into 6 equal chunks, but the sequence has 16 tokens; "
-                                            r"use a --seq-length divisible by 6"):
+    with pytest.raises(
+        CookbookError,
+        match=r"cuts each sequence into 6 equal chunks, but the sequence has 16 tokens; "
+        r"use a --seq-length divisible by 6",
+    ):
         check_cp(16, 3)
     with pytest.raises(CookbookError, match="at least 1"):
         check_cp(16, 0)
@@ -119,7 +140,9 @@ def test_attention_over_a_split_sequence_equals_causal_attention(cp):
     """Each rank's queries against the whole sequence's keys, put back in order, are causal attention (fp64)."""
     torch.manual_seed(cp)
     q, k, v = (torch.randn(2, 4, 4 * cp, 8, dtype=torch.float64) for _ in range(3))
-    got = unshard_sequence([causal_attention_cp(shard_sequence(q, r, cp, dim=2), k, v, r, cp) for r in range(cp)], dim=2)
+    got = unshard_sequence(
+        [causal_attention_cp(shard_sequence(q, r, cp, dim=2), k, v, r, cp) for r in range(cp)], dim=2
+    )
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=1e-12)
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_convert import KINDS, VOCAB, hf_model, make_hf, read_safetensors, side_files
 
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine.checkpoint import Checkpointer
-from cookbook.inference.load import load_model
 from cookbook.formats.hf import rope_from_config
+from cookbook.inference.load import load_model
 from cookbook.model import ModelConfig, Transformer
-from helpers_convert import KINDS, VOCAB, hf_model, make_hf, read_safetensors, side_files
 from recipes.convert import ConvertConfig, run
 
 transformers = pytest.importorskip("transformers")
@@ -32,8 +32,10 @@ def convert(source: str, target: str, load: Path, save: Path, **kw):
 def models(tmp_path_factory, hf_tokenizer, sp_model) -> dict[str, Path]:
     """One Hugging Face folder per kind; the Llama 2 style ones carry a SentencePiece tokenizer.model."""
     root = tmp_path_factory.mktemp("hf_models")
-    return {kind: make_hf(root / kind, kind, sp_model if kind == "llama-mha-tied" else hf_tokenizer, seed=i)
-            for i, kind in enumerate(KINDS)}
+    return {
+        kind: make_hf(root / kind, kind, sp_model if kind == "llama-mha-tied" else hf_tokenizer, seed=i)
+        for i, kind in enumerate(KINDS)
+    }
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -50,7 +52,9 @@ def test_hf_cookbook_hf_is_exact(models, kind, tmp_path):
         assert want[name].dtype == got[name].dtype and torch.equal(want[name], got[name]), name
     files, carried = side_files(tmp_path / "hf"), side_files(src)
     assert {name: files[name] for name in carried} == carried  # config.json, tokenizer, generation_config.json
-    added = set() if "tokenizer.json" in carried else {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    added = (
+        set() if "tokenizer.json" in carried else {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    )
     assert set(files) - set(carried) == added
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -65,7 +69,9 @@ def test_hf_to_cookbook_gives_transformers_logits(models, kind, tmp_path):
     ours, sections = load_model(tmp_path / "ck", device="cpu")
     theirs = hf_model(models[kind])
     assert ours.config.tie_embeddings == theirs.config.tie_word_embeddings
-    assert (ours.config.rope_scaling or {}).get("rope_type") == (KINDS[kind][1].get("rope_scaling") or {}).get("rope_type")
+    assert (ours.config.rope_scaling or {}).get("rope_type") == (KINDS[kind][1].get("rope_scaling") or {}).get(
+        "rope_type"
+    )
     tokens = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(tokens) - theirs(tokens).logits).abs().max().item()
@@ -124,14 +130,26 @@ def test_a_trained_checkpoint_converts_to_hf(tmp_path, sp_model):
     SentencePiece tokenizer named in config.toml) becomes a transformers model with the same logits, a
     fresh config.json, and the tokenizer as tokenizer.model plus the tokenizer.json AutoTokenizer loads (Llama2Tokenizer's
     ids: config.toml names no type); the rope scaling of an extended model is in config.json."""
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                      max_seq_len=32, tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        max_seq_len=32,
+        tie_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randint(0, VOCAB, (1, 8))).sum().backward()
     opt.step()
-    sections = {"model": {k: v for k, v in cfg.to_dict().items() if v is not None}, "data": {"tokenizer_model": str(sp_model)}}
+    sections = {
+        "model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "data": {"tokenizer_model": str(sp_model)},
+    }
     Checkpointer(tmp_path / "run", keep_last=0, is_main=True).save(7, model, opt, sections, {"step": 7})
     convert("cookbook", "hf", tmp_path / "run", tmp_path / "hf")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -162,12 +180,16 @@ def test_an_extended_run_keeps_the_hf_config(models, tmp_path):
     convert("cookbook", "hf", tmp_path / "extended", tmp_path / "hf")
     want, got = json.loads((src / "config.json").read_text()), json.loads((tmp_path / "hf" / "config.json").read_text())
     assert got.pop("max_position_embeddings") == 128 and want.pop("max_position_embeddings") == 64
-    assert rope_from_config(got) == (10000.0, {"rope_type": "linear", "factor": 2.0}) and rope_from_config(want) == (10000.0, None)
+    assert rope_from_config(got) == (10000.0, {"rope_type": "linear", "factor": 2.0}) and rope_from_config(want) == (
+        10000.0,
+        None,
+    )
     for key in ("rope_parameters", "rope_scaling", "rope_theta"):  # transformers 5 writes the first, 4 the others
         got.pop(key, None), want.pop(key, None)
     assert got == want
-    assert {k: v for k, v in side_files(tmp_path / "hf").items() if k != "config.json"} == \
-        {k: v for k, v in side_files(src).items() if k != "config.json"}
+    assert {k: v for k, v in side_files(tmp_path / "hf").items() if k != "config.json"} == {
+        k: v for k, v in side_files(src).items() if k != "config.json"
+    }
     tokens = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(4))
     ours = Transformer(cfg).eval()
     ours.load_state_dict(model.state_dict())
@@ -186,9 +208,30 @@ def test_pretrain_finetunes_from_a_converted_checkpoint(tmp_path, hf_tokenizer):
     result = convert("hf", "cookbook", src, tmp_path / "ck")
     assert any("--finetune" in note for note in result.notes)  # the summary says how to train from it
     data = write_token_dataset(tmp_path / "data" / "tokens", vocab=96)
-    flags = ["--load", str(tmp_path / "ck"), "--data-path", data, "--seq-length", "32", "--train-iters", "1",
-             "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu", "--lr", "0", "--min-lr", "0",
-             "--eval-interval", "0", "--log-interval", "1"]
+    flags = [
+        "--load",
+        str(tmp_path / "ck"),
+        "--data-path",
+        data,
+        "--seq-length",
+        "32",
+        "--train-iters",
+        "1",
+        "--micro-batch-size",
+        "2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--lr",
+        "0",
+        "--min-lr",
+        "0",
+        "--eval-interval",
+        "0",
+        "--log-interval",
+        "1",
+    ]
     # without --finetune there is no optimizer state to resume: one line that says what to do
     assert_one_line_error(pretrain(flags + ["--save", str(tmp_path / "resume")]), "holds weights only", "--finetune")
     proc = check(pretrain(flags + ["--finetune", "--save", str(tmp_path / "run")]))

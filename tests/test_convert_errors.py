@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import pytest
-
-from cookbook.errors import CookbookError
 from helpers_convert import make_hf
 from helpers_data import assert_one_line_error, run_cli
+
+from cookbook.errors import CookbookError
 from recipes.convert import ConvertConfig, run
 
 pytest.importorskip("transformers")
@@ -44,12 +44,26 @@ def edited_copy(src: Path, dst: Path, **config) -> Path:
 
 def test_cli_errors_are_one_line(src, tmp_path):
     proc = run_cli("convert", "--help")
-    assert proc.returncode == 0 and all(f in proc.stdout for f in ("--from", "--to", "--load-dir", "--save-dir", "--tp", "--pp",
-                                                                     "--dtype", "--make-vocab-size-divisible-by", "--overwrite",
-                                                                     "--ckpt-format"))
+    assert proc.returncode == 0 and all(
+        f in proc.stdout
+        for f in (
+            "--from",
+            "--to",
+            "--load-dir",
+            "--save-dir",
+            "--tp",
+            "--pp",
+            "--dtype",
+            "--make-vocab-size-divisible-by",
+            "--overwrite",
+            "--ckpt-format",
+        )
+    )
     proc = run_cli("convert", "--from", "gguf", "--to", "hf", "--load-dir", src, "--save-dir", tmp_path / "x")
     assert_one_line_error(proc, "--from 'gguf' is not a format", "hf, cookbook, megatron")
-    proc = run_cli("convert", "--from", "hf", "--to", "megatron", "--load-dir", src, "--save-dir", tmp_path / "x", "--tp", "4")
+    proc = run_cli(
+        "convert", "--from", "hf", "--to", "megatron", "--load-dir", src, "--save-dir", tmp_path / "x", "--tp", "4"
+    )
     assert_one_line_error(proc, "--tp 4 does not divide the model's 2 query groups")
     assert nothing_written(tmp_path / "x")
 
@@ -79,14 +93,40 @@ def test_bad_flags(src, tmp_path):
 
 
 def test_unsupported_architectures(src, tmp_path):
-    refused("mixture-of-experts", "hf", "cookbook", edited_copy(src, tmp_path / "moe", model_type="mixtral", num_local_experts=8),
-            tmp_path / "o")
-    refused("'gpt2' model; cookbook converts Llama-family models", "hf", "cookbook",
-            edited_copy(src, tmp_path / "gpt2", model_type="gpt2"), tmp_path / "o")
-    refused("hidden_act 'gelu'", "hf", "cookbook", edited_copy(src, tmp_path / "gelu", hidden_act="gelu"), tmp_path / "o")
-    refused("biases on linear layers", "hf", "cookbook", edited_copy(src, tmp_path / "bias", attention_bias=True), tmp_path / "o")
-    yarn = edited_copy(src, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                                                "original_max_position_embeddings": 32})
+    refused(
+        "mixture-of-experts",
+        "hf",
+        "cookbook",
+        edited_copy(src, tmp_path / "moe", model_type="mixtral", num_local_experts=8),
+        tmp_path / "o",
+    )
+    refused(
+        "'gpt2' model; cookbook converts Llama-family models",
+        "hf",
+        "cookbook",
+        edited_copy(src, tmp_path / "gpt2", model_type="gpt2"),
+        tmp_path / "o",
+    )
+    refused(
+        "hidden_act 'gelu'", "hf", "cookbook", edited_copy(src, tmp_path / "gelu", hidden_act="gelu"), tmp_path / "o"
+    )
+    refused(
+        "biases on linear layers",
+        "hf",
+        "cookbook",
+        edited_copy(src, tmp_path / "bias", attention_bias=True),
+        tmp_path / "o",
+    )
+    yarn = edited_copy(
+        src,
+        tmp_path / "yarn",
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 32,
+        },
+    )
     refused("has no Megatron-LM equivalent", "hf", "megatron", yarn, tmp_path / "o")
 
 
@@ -100,10 +140,20 @@ def test_missing_files_and_mismatches(src, tmp_path):
     (no_weights / "model.safetensors").unlink()
     refused("holds no model.safetensors", "hf", "cookbook", no_weights, tmp_path / "o")
     refused("implies", "hf", "cookbook", edited_copy(src, tmp_path / "wide", intermediate_size=128), tmp_path / "o")
-    refused("has no tensor model.layers.4", "hf", "cookbook", edited_copy(src, tmp_path / "deep", num_hidden_layers=5),
-            tmp_path / "o")
-    refused("holds tensor model.layers.3", "hf", "cookbook", edited_copy(src, tmp_path / "shallow", num_hidden_layers=3),
-            tmp_path / "o")
+    refused(
+        "has no tensor model.layers.4",
+        "hf",
+        "cookbook",
+        edited_copy(src, tmp_path / "deep", num_hidden_layers=5),
+        tmp_path / "o",
+    )
+    refused(
+        "holds tensor model.layers.3",
+        "hf",
+        "cookbook",
+        edited_copy(src, tmp_path / "shallow", num_hidden_layers=3),
+        tmp_path / "o",
+    )
     run(ConvertConfig("hf", "megatron", str(src), str(tmp_path / "mg"), tp=2), show_progress=False)
     shutil.rmtree(tmp_path / "mg" / "iter_0000001" / "mp_rank_01")
     refused("lacks mp_rank_01/model_optim_rng.pt", "megatron", "hf", tmp_path / "mg", tmp_path / "o")
@@ -141,7 +191,6 @@ def test_bad_torch_dist_checkpoints(src, tmp_path):
     one line, nothing at --save-dir; a chunk that reads as garbage fails midway and leaves nothing either."""
     import torch
     import torch.distributed.checkpoint as dcp
-
     from helpers_convert import dist_tensors
 
     good = tmp_path / "good"
@@ -172,13 +221,28 @@ def test_bad_torch_dist_checkpoints(src, tmp_path):
     (zarr / it / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1}')
     refused("names the 'zarr' backend", "megatron", "hf", zarr, out)
 
-    refused(r"has shape \(256, 64\), which does not match the args \(hidden 128.*the args do not match the weights", "megatron", "hf",
-            dist_copy(good, tmp_path / "wide", hidden_size=128), out)
+    refused(
+        r"has shape \(256, 64\), which does not match the args \(hidden 128.*the args do not match the weights",
+        "megatron",
+        "hf",
+        dist_copy(good, tmp_path / "wide", hidden_size=128),
+        out,
+    )
     refused("not \\[3 layers", "megatron", "hf", dist_copy(good, tmp_path / "deep", num_layers=3), out)
-    refused("holds output_layer.weight but its args tie the embeddings", "megatron", "hf",
-            dist_copy(good, tmp_path / "tied", untie_embeddings_and_output_weights=False), out)
-    refused("vocabulary \\(300, args.vocab_size\\) is larger than the embedding's 256 rows", "megatron", "hf",
-            dist_copy(good, tmp_path / "vocab", vocab_size=300), out)
+    refused(
+        "holds output_layer.weight but its args tie the embeddings",
+        "megatron",
+        "hf",
+        dist_copy(good, tmp_path / "tied", untie_embeddings_and_output_weights=False),
+        out,
+    )
+    refused(
+        "vocabulary \\(300, args.vocab_size\\) is larger than the embedding's 256 rows",
+        "megatron",
+        "hf",
+        dist_copy(good, tmp_path / "vocab", vocab_size=300),
+        out,
+    )
     refused("mixture-of-experts", "megatron", "hf", dist_copy(good, tmp_path / "moe", num_experts=8), out)
     refused("uses LayerNorm", "megatron", "hf", dist_copy(good, tmp_path / "layernorm", normalization="LayerNorm"), out)
     refused("without --swiglu", "megatron", "hf", dist_copy(good, tmp_path / "gelu", swiglu=False), out)
@@ -193,5 +257,12 @@ def test_bad_torch_dist_checkpoints(src, tmp_path):
         shutil.copyfile(good / it / name, experts / it / name)
     refused("mixture-of-experts model", "megatron", "hf", experts, out)
 
-    refused("--ckpt-format chooses the Megatron-LM format written; --to hf takes none", "hf", "hf", src, out, ckpt_format="torch_dist")
+    refused(
+        "--ckpt-format chooses the Megatron-LM format written; --to hf takes none",
+        "hf",
+        "hf",
+        src,
+        out,
+        ckpt_format="torch_dist",
+    )
     refused("unknown --ckpt-format 'zarr'", "hf", "megatron", src, out, ckpt_format="zarr")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_convert import VOCAB, load_megatron, make_hf, megatron_files, read_safetensors, reassemble, side_files
 
 from cookbook.formats.pickles import TorchFileWriter
-from helpers_convert import VOCAB, load_megatron, make_hf, megatron_files, read_safetensors, reassemble, side_files
 from recipes.convert import ConvertConfig, run
 
 pytest.importorskip("transformers")
@@ -31,10 +31,19 @@ def convert(source: str, target: str, load: Path, save: Path, **kw):
 def models(tmp_path_factory, hf_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("megatron_hf")
     gqa = {"num_attention_heads": 8, "num_key_value_heads": 4}  # 4 groups of 2 heads: TP 4 divides them
-    kinds = {"gqa": ("llama-gqa", gqa), "mha-tied": ("llama-mha-tied", {}), "mha": ("llama-gqa", {"num_key_value_heads": 4}),
-             "gqa-tied": ("llama-gqa", {**gqa, "tie_word_embeddings": True}), "qwen2-bias": ("qwen2-bias", {}),
-             "llama3-rope": ("llama3-rope", {}), "linear-rope": ("linear-rope", {})}
-    return {name: make_hf(root / name, kind, hf_tokenizer, seed=i, **extra) for i, (name, (kind, extra)) in enumerate(kinds.items())}
+    kinds = {
+        "gqa": ("llama-gqa", gqa),
+        "mha-tied": ("llama-mha-tied", {}),
+        "mha": ("llama-gqa", {"num_key_value_heads": 4}),
+        "gqa-tied": ("llama-gqa", {**gqa, "tie_word_embeddings": True}),
+        "qwen2-bias": ("qwen2-bias", {}),
+        "llama3-rope": ("llama3-rope", {}),
+        "linear-rope": ("linear-rope", {}),
+    }
+    return {
+        name: make_hf(root / name, kind, hf_tokenizer, seed=i, **extra)
+        for i, (name, (kind, extra)) in enumerate(kinds.items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +64,16 @@ def test_megatron_core_gpt_model_is_the_oracle(models, tp1, tmp_path):
         convert("hf", "megatron", models[name], tmp_path / f"{name}-pp2", pp=2, transformer_impl="local")
         cases.append({"name": f"{name}-pp2", "megatron": str(tmp_path / f"{name}-pp2"), "stages": True})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), "torch", str(tmp_path / "cases.json")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), "torch", str(tmp_path / "cases.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    results = {r["name"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
+    results = {
+        r["name"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))
+    }
     assert sorted(results) == sorted(c["name"] for c in cases)
     for name in tp1:
         assert results[name]["max_diff"] < 1e-5, results[name]
@@ -118,7 +133,10 @@ def test_megatron_round_trips_are_exact(models, tmp_path):
     for key in a:
         assert sorted(a[key]["model"]) == sorted(d[key]["model"])
         for name, value in a[key]["model"].items():
-            assert (value is None and d[key]["model"][name] is None) or torch.equal(value, d[key]["model"][name]), (key, name)
+            assert (value is None and d[key]["model"][name] is None) or torch.equal(value, d[key]["model"][name]), (
+                key,
+                name,
+            )
     b, a1 = reassemble(megatron_files(tmp_path / "b"), FFN), reassemble(a, FFN)  # TP 1 and TP 2: padded differently
     assert sorted(a1) == sorted(b)
     for k, v in b.items():
@@ -152,10 +170,15 @@ LEGACY = {  # mcore (local spec) name -> Megatron-LM's pre-mcore name (REFERENCE
     "decoder.final_layernorm.weight": ("encoder", "final_norm.weight"),
     "output_layer.weight": ("output_layer", "weight"),
 }
-LEGACY_LAYER = {"input_layernorm.weight": "input_norm.weight", "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
-                "self_attention.linear_qkv.bias": "self_attention.query_key_value.bias",
-                "self_attention.linear_proj.weight": "self_attention.dense.weight", "pre_mlp_layernorm.weight": "post_attention_norm.weight",
-                "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight", "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight"}
+LEGACY_LAYER = {
+    "input_layernorm.weight": "input_norm.weight",
+    "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
+    "self_attention.linear_qkv.bias": "self_attention.query_key_value.bias",
+    "self_attention.linear_proj.weight": "self_attention.dense.weight",
+    "pre_mlp_layernorm.weight": "post_attention_norm.weight",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+}
 
 
 def legacy_copy(src: Path, dst: Path) -> None:
@@ -190,7 +213,10 @@ def test_legacy_megatron_names(models, name, tmp_path):
     query_key_value.weight, ...) at TP 2, PP 2 convert to the same Hugging Face model."""
     convert("hf", "megatron", models[name], tmp_path / "mcore", tp=2, pp=2, transformer_impl="local")
     legacy_copy(tmp_path / "mcore", tmp_path / "legacy")
-    assert "language_model" in load_megatron(tmp_path / "legacy" / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt")["model"]
+    assert (
+        "language_model"
+        in load_megatron(tmp_path / "legacy" / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt")["model"]
+    )
     convert("megatron", "hf", tmp_path / "legacy", tmp_path / "hf")
     want, got = read_safetensors(models[name]), read_safetensors(tmp_path / "hf")
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)

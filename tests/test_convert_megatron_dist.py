@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_convert import (
     dist_common,
     dist_dir,
@@ -26,6 +25,7 @@ from helpers_convert import (
     read_safetensors,
     side_files,
 )
+
 from recipes.convert import ConvertConfig, run
 
 pytest.importorskip("transformers")
@@ -50,8 +50,17 @@ def convert(source: str, target: str, load: Path, save: Path, **kw):
 def oracle(mode: str, cases: list[dict], folder: Path) -> dict[str, dict]:
     """megatron_gpt.py over two gloo processes; its JSON lines by case name."""
     (folder / f"{mode}.json").write_text(json.dumps(cases))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ORACLE), mode,
-           str(folder / f"{mode}.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ORACLE),
+        mode,
+        str(folder / f"{mode}.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {r["name"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
@@ -65,9 +74,20 @@ def tokens(vocab: int) -> list[list[int]]:
 def saved(tmp_path_factory, hf_tokenizer) -> dict[str, dict]:
     """megatron-core GPTModels saved as torch_dist checkpoints, with their logits."""
     root = tmp_path_factory.mktemp("megatron_dist")
-    cases = [dict(name=name, tp=tp, pp=pp, singleton=singleton, spec={**SPEC, "tokenizer": str(hf_tokenizer), **spec}, seed=i,
-                  tokens=tokens(SPEC["vocab"]), megatron=str(root / name), logits=str(root / f"{name}.pt"))
-             for i, (name, (tp, pp, spec, singleton)) in enumerate(SAVED.items())]
+    cases = [
+        dict(
+            name=name,
+            tp=tp,
+            pp=pp,
+            singleton=singleton,
+            spec={**SPEC, "tokenizer": str(hf_tokenizer), **spec},
+            seed=i,
+            tokens=tokens(SPEC["vocab"]),
+            megatron=str(root / name),
+            logits=str(root / f"{name}.pt"),
+        )
+        for i, (name, (tp, pp, spec, singleton)) in enumerate(SAVED.items())
+    ]
     oracle("save-dist", cases, root)
     return {c["name"]: c for c in cases}
 
@@ -101,14 +121,21 @@ def test_megatron_core_torch_dist_to_transformers(saved, name, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the run's tokenizer travels along
 
 
-HF_KINDS = {"gqa": ("llama-gqa", {}), "qwen2-bias": ("qwen2-bias", {}), "llama3-rope": ("llama3-rope", {}),
-            "linear-rope": ("linear-rope", {"tie_word_embeddings": True})}
+HF_KINDS = {
+    "gqa": ("llama-gqa", {}),
+    "qwen2-bias": ("qwen2-bias", {}),
+    "llama3-rope": ("llama3-rope", {}),
+    "linear-rope": ("linear-rope", {"tie_word_embeddings": True}),
+}
 
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory, hf_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dist_hf")
-    return {name: make_hf(root / name, kind, hf_tokenizer, seed=i, **extra) for i, (name, (kind, extra)) in enumerate(HF_KINDS.items())}
+    return {
+        name: make_hf(root / name, kind, hf_tokenizer, seed=i, **extra)
+        for i, (name, (kind, extra)) in enumerate(HF_KINDS.items())
+    }
 
 
 def test_hf_to_torch_dist_loads_strictly_in_megatron_core(hf_models, tmp_path):
@@ -124,8 +151,16 @@ def test_hf_to_torch_dist_loads_strictly_in_megatron_core(hf_models, tmp_path):
             with torch.no_grad():
                 want[name] = hf_model(src)(torch.tensor(toks)).logits
             for load_tp in (1, 2):
-                cases.append(dict(name=f"{name}-tp{tp}-load{load_tp}", tp=load_tp, megatron=str(out), tokens=toks,
-                                  logits=str(tmp_path / f"{name}-tp{tp}-load{load_tp}.pt"), hf=name))
+                cases.append(
+                    dict(
+                        name=f"{name}-tp{tp}-load{load_tp}",
+                        tp=load_tp,
+                        megatron=str(out),
+                        tokens=toks,
+                        logits=str(tmp_path / f"{name}-tp{tp}-load{load_tp}.pt"),
+                        hf=name,
+                    )
+                )
     results = oracle("load-dist", cases, tmp_path)
     assert sorted(results) == sorted(c["name"] for c in cases)
     for case in cases:
@@ -146,15 +181,30 @@ def test_torch_dist_layout(hf_models, tmp_path):
     it_dir = dist_dir(tmp_path / "mg")
     assert it_dir.name == "iter_0000001" and (tmp_path / "mg" / "hf" / "config.json").is_file()
     assert json.loads((it_dir / "metadata.json").read_text()) == {
-        "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
-    assert sorted(p.name for p in it_dir.glob("*.distcp")) == sorted(f"__0_{i}.distcp" for i in range(4 + 2))  # embedding, 4 layers, norm
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
+    assert sorted(p.name for p in it_dir.glob("*.distcp")) == sorted(
+        f"__0_{i}.distcp" for i in range(4 + 2)
+    )  # embedding, 4 layers, norm
     common = dist_common(tmp_path / "mg")
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 1
     assert common["content_metadata"] == {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     args = common["args"]
-    assert (args.ckpt_format, args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == ("torch_dist", 2, 2)
+    assert (args.ckpt_format, args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (
+        "torch_dist",
+        2,
+        2,
+    )
     assert (args.vocab_size, args.padded_vocab_size, args.no_save_optim, args.no_save_rng) == (100, 256, True, True)
-    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.add_position_embedding) == (4, 64, 4, True)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.add_position_embedding) == (
+        4,
+        64,
+        4,
+        True,
+    )
     assert "--ckpt-format torch_dist" in result.notes[-1] and "--finetune" in result.notes[-1]
     assert "--no-load-optim --no-load-rng" in result.notes[-1]
 
@@ -163,18 +213,29 @@ def test_torch_dist_layout(hf_models, tmp_path):
     md = dcp.FileSystemReader(str(it_dir)).read_metadata().state_dict_metadata
     fc1 = md["decoder.layers.mlp.linear_fc1.weight"]
     assert tuple(fc1.size) == (4, 192, 64)
-    assert sorted(tuple(c.offsets) for c in fc1.chunks if c.offsets[0] == 0) == [(0, 0, 0), (0, 48, 0), (0, 96, 0), (0, 144, 0)]
+    assert sorted(tuple(c.offsets) for c in fc1.chunks if c.offsets[0] == 0) == [
+        (0, 0, 0),
+        (0, 48, 0),
+        (0, 96, 0),
+        (0, 144, 0),
+    ]
     assert {tuple(c.sizes) for c in md["decoder.layers.self_attention.linear_proj.weight"].chunks} == {(1, 64, 32)}
     assert not any(k.startswith(("optimizer", "rng_state")) for k in md)
-    assert dist_objects(tmp_path / "mg") == {f"decoder.layers.{m}._extra_state/shard_{i}_4" for i in range(4)
-                                              for m in ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")}
+    assert dist_objects(tmp_path / "mg") == {
+        f"decoder.layers.{m}._extra_state/shard_{i}_4"
+        for i in range(4)
+        for m in ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+    }
     got, hf = dist_tensors(tmp_path / "mg"), read_safetensors(src)
     emb = got["embedding.word_embeddings.weight"]
     assert emb.shape == (256, 64) and "output_layer.weight" not in got  # tied
     assert torch.equal(emb[:100], hf["model.embed_tokens.weight"]) and (emb[100:] == emb[99]).all()
     gate, up = hf["model.layers.3.mlp.gate_proj.weight"], hf["model.layers.3.mlp.up_proj.weight"]
     assert torch.equal(got["decoder.layers.mlp.linear_fc1.weight"][3], torch.cat([gate, up]))
-    assert torch.equal(got["decoder.layers.self_attention.linear_qkv.layer_norm_weight"][2], hf["model.layers.2.input_layernorm.weight"])
+    assert torch.equal(
+        got["decoder.layers.self_attention.linear_qkv.layer_norm_weight"][2],
+        hf["model.layers.2.input_layernorm.weight"],
+    )
 
 
 def test_torch_dist_round_trips_are_exact(saved, hf_models, tmp_path):
@@ -229,9 +290,12 @@ def test_local_spec_names_read_too(hf_models, tmp_path):
 
     src = hf_models["gqa"]
     convert("hf", "megatron", src, tmp_path / "te", tp=2, ckpt_format="torch_dist")
-    renamed = {k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
-                .replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"): v
-               for k, v in dist_tensors(tmp_path / "te").items()}
+    renamed = {
+        k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight").replace(
+            "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"
+        ): v
+        for k, v in dist_tensors(tmp_path / "te").items()
+    }
     assert "decoder.layers.input_layernorm.weight" in renamed
     local = tmp_path / "local" / "iter_0000001"
     dcp.save(renamed, checkpoint_id=str(local), no_dist=True)
@@ -304,11 +368,18 @@ assert not [m for m in sys.modules if m.split(".")[0] == "megatron"]
 def test_converting_needs_no_megatron_core(saved, hf_models, tmp_path):
     """With megatron-core impossible to import, a checkpoint megatron-core saved (its args hold megatron-core's
     enums) converts to Hugging Face, and Hugging Face converts to torch_dist and back."""
-    steps = [("megatron", "hf", saved["gqa-bias-tp2"]["megatron"], str(tmp_path / "hf"), {}),
-             ("hf", "megatron", str(hf_models["gqa"]), str(tmp_path / "dist"), {"tp": 2, "ckpt_format": "torch_dist"}),
-             ("megatron", "hf", str(tmp_path / "dist"), str(tmp_path / "back"), {})]
-    proc = subprocess.run([sys.executable, "-c", BLOCK_MEGATRON, json.dumps(steps)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).parents[1])
+    steps = [
+        ("megatron", "hf", saved["gqa-bias-tp2"]["megatron"], str(tmp_path / "hf"), {}),
+        ("hf", "megatron", str(hf_models["gqa"]), str(tmp_path / "dist"), {"tp": 2, "ckpt_format": "torch_dist"}),
+        ("megatron", "hf", str(tmp_path / "dist"), str(tmp_path / "back"), {}),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_MEGATRON, json.dumps(steps)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     convert("megatron", "hf", Path(saved["gqa-bias-tp2"]["megatron"]), tmp_path / "hf_here")
     want, got = read_safetensors(tmp_path / "hf_here"), read_safetensors(tmp_path / "hf")

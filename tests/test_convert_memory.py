@@ -39,15 +39,26 @@ atexit.register(peak)
 """
 CONVERT = PEAK + "from cookbook.cli import main\nmain(sys.argv[1:])\n"
 # the control: the same imports, then the big model's tensors all at once
-HOLD_ALL = PEAK + "import recipes.convert\nfrom cookbook.formats import hf\nheld = list(hf.read(sys.argv[1]).tensors())\n"
+HOLD_ALL = (
+    PEAK + "import recipes.convert\nfrom cookbook.formats import hf\nheld = list(hf.read(sys.argv[1]).tensors())\n"
+)
 
 
 def big_config(hidden: int = 768, layers: int = 10, vocab: int = 8000) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
-                       num_kv_heads=hidden // 128, intermediate_size=8 * hidden // 3 // 64 * 64, max_seq_len=256)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        num_kv_heads=hidden // 128,
+        intermediate_size=8 * hidden // 3 // 64 * 64,
+        max_seq_len=256,
+    )
 
 
-TINY = ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
+TINY = ModelConfig(
+    vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64
+)
 
 
 def write_random_hf(folder: Path, cfg: ModelConfig) -> int:
@@ -67,13 +78,21 @@ def write_random_hf(folder: Path, cfg: ModelConfig) -> int:
 
 def measure(code: str, *args, limit: int | None = None) -> tuple[int, int, int, str]:
     """(exit code, peak resident bytes, peak address space bytes, output) of ``python -c code args``."""
+
     def limited():
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          preexec_fn=limited, cwd=Path(__file__).parents[1], env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        cwd=Path(__file__).parents[1],
+        env=env,
+        timeout=600,
+    )
     peaks = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("PEAK")]
     hwm, vm = map(int, peaks[-1]) if peaks else (0, 0)
     return proc.returncode, hwm, vm, proc.stdout + proc.stderr
@@ -88,7 +107,19 @@ CHAIN = [  # every reader and every writer once: hf -> megatron (torch) -> megat
 
 
 def convert_args(root: Path, source: str, target: str, load: str, save: str, extra: list[str]) -> list[str]:
-    return ["convert", "-q", "--from", source, "--to", target, "--load-dir", root / load, "--save-dir", root / save, *extra]
+    return [
+        "convert",
+        "-q",
+        "--from",
+        source,
+        "--to",
+        target,
+        "--load-dir",
+        root / load,
+        "--save-dir",
+        root / save,
+        *extra,
+    ]
 
 
 def test_a_model_larger_than_the_memory_limit_converts(tmp_path):
@@ -125,24 +156,38 @@ def main() -> None:
     for name, cfg in (("tiny", TINY), ("big", big_config(a.hidden_size, a.num_layers, a.vocab_size))):
         size = write_random_hf(root / name / "hf", cfg)
         layer = sum(torch.Size(s).numel() * 4 for n, s in expected_shapes(cfg).items() if n.startswith("layers.0."))
-        for step in CHAIN + [("hf", "cookbook", "hf", "cookbook_direct", []), ("megatron", "hf", "megatron", "hf_from_megatron", []),
-                             ("megatron", "megatron", "megatron", "megatron_tp1", []),
-                             ("hf", "megatron", "hf", "dist_direct", ["--ckpt-format", "torch_dist", "--tp", "2"]),
-                             ("megatron", "hf", "megatron_dist", "hf_from_dist", [])]:
+        for step in CHAIN + [
+            ("hf", "cookbook", "hf", "cookbook_direct", []),
+            ("megatron", "hf", "megatron", "hf_from_megatron", []),
+            ("megatron", "megatron", "megatron", "megatron_tp1", []),
+            ("hf", "megatron", "hf", "dist_direct", ["--ckpt-format", "torch_dist", "--tp", "2"]),
+            ("megatron", "hf", "megatron_dist", "hf_from_dist", []),
+        ]:
             start = time.perf_counter()
             rc, hwm, vm, out = measure(CONVERT, *convert_args(root / name, *step))
             assert rc == 0, out
             direction = f"{step[0]}{' (torch_dist)' if step[2] == 'megatron_dist' else ''} -> {step[1]} {' '.join(step[4])}".strip()
-            rows.append(dict(model=name, direction=direction, model_mb=size / 1e6,
-                             layer_mb=layer / 1e6, peak_rss_mb=hwm / 1e6, peak_vm_mb=vm / 1e6, seconds=time.perf_counter() - start))
+            rows.append(
+                dict(
+                    model=name,
+                    direction=direction,
+                    model_mb=size / 1e6,
+                    layer_mb=layer / 1e6,
+                    peak_rss_mb=hwm / 1e6,
+                    peak_vm_mb=vm / 1e6,
+                    seconds=time.perf_counter() - start,
+                )
+            )
     base = {r["direction"]: r for r in rows if r["model"] == "tiny"}
     print("| direction | model | one layer | peak RSS | RSS over the tiny model's | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["model"] == "big":
             over = r["peak_rss_mb"] - base[r["direction"]]["peak_rss_mb"]
-            print(f"| {r['direction']} | {r['model_mb']:,.0f} MB | {r['layer_mb']:,.0f} MB | {r['peak_rss_mb']:,.0f} MB "
-                  f"| {over:,.0f} MB ({over / r['layer_mb']:.1f} layers) | {r['seconds']:.1f} |")
+            print(
+                f"| {r['direction']} | {r['model_mb']:,.0f} MB | {r['layer_mb']:,.0f} MB | {r['peak_rss_mb']:,.0f} MB "
+                f"| {over:,.0f} MB ({over / r['layer_mb']:.1f} layers) | {r['seconds']:.1f} |"
+            )
     print(json.dumps(rows))
 
 

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_convert import make_hf
 
 from cookbook.errors import CookbookError
-from helpers_convert import make_hf
 from recipes.convert import READERS, ConvertConfig, run
 
 pytest.importorskip("transformers")
 
 DOC = Path(__file__).parents[1] / "docs" / "convert.md"
-FORMATS = {"hf": ("hf", {}), "cookbook": ("cookbook", {}), "megatron torch": ("megatron", {"ckpt_format": "torch"}),
-           "megatron torch_dist": ("megatron", {"ckpt_format": "torch_dist"})}
+FORMATS = {
+    "hf": ("hf", {}),
+    "cookbook": ("cookbook", {}),
+    "megatron torch": ("megatron", {"ckpt_format": "torch"}),
+    "megatron torch_dist": ("megatron", {"ckpt_format": "torch_dist"}),
+}
 TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
 # each row's model: (helpers_convert kind, transformers config changes)
 ROWS = {
@@ -33,10 +37,23 @@ ROWS = {
     "RoPE theta 500000": ("llama-gqa", {"rope_theta": 500000.0}),
     "RoPE scaling linear": ("linear-rope", {"num_key_value_heads": 2}),
     "RoPE scaling llama3 (low 1, high 4, original 8192)": ("llama3-rope", {}),
-    "RoPE scaling llama3 with other constants": ("llama3-rope", {"rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+    "RoPE scaling llama3 with other constants": (
+        "llama3-rope",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 2.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        },
+    ),
     "RoPE scaling dynamic": ("llama-gqa", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
-    "RoPE scaling yarn": ("llama-gqa", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
+    "RoPE scaling yarn": (
+        "llama-gqa",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    ),
 }
 
 

@@ -20,14 +20,28 @@ import torch
 
 from cookbook.engine.checkpoint import Checkpointer
 from cookbook.errors import CookbookError
-from cookbook.model import ModelConfig, Transformer
-from inference_distill.backends import (VLLM_MISSING, OpenAIBackend, VLLMBackend, make_backend, normalize_endpoint,
-                                        split_tokens)
 from cookbook.inference.sampling import Completion, SamplingParams, cut_at_stop
+from cookbook.model import ModelConfig, Transformer
+from inference_distill.backends import (
+    VLLM_MISSING,
+    OpenAIBackend,
+    VLLMBackend,
+    make_backend,
+    normalize_endpoint,
+    split_tokens,
+)
 
 # a vocabulary padded past the tokenizer's 600 pieces, as pretraining pads it; a large init for clear greedy choices
-TINY = dict(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-            max_seq_len=128, init_std=0.2)
+TINY = dict(
+    vocab_size=640,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=128,
+    init_std=0.2,
+)
 PROMPTS = ["def main(", "import os\n", "class A:", "x", "for i in range(10):\n    print(i)"]
 SEEDS = [11, 12, 13, 14, 15]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -50,13 +64,16 @@ def checkpoint(tmp_path_factory, sp_model) -> str:
     torch.manual_seed(0)
     cfg = ModelConfig(**TINY)
     model = Transformer(cfg)
-    sections = {"model": {k: v for k, v in cfg.to_dict().items() if v is not None},
-                "data": {"tokenizer_model": str(sp_model)}}
+    sections = {
+        "model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "data": {"tokenizer_model": str(sp_model)},
+    }
     root = tmp_path_factory.mktemp("teacher") / "run"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        Checkpointer(root, keep_last=0, is_main=True).save(1, model, torch.optim.AdamW(model.parameters()), sections,
-                                                           {"step": 1})
+        Checkpointer(root, keep_last=0, is_main=True).save(
+            1, model, torch.optim.AdamW(model.parameters()), sections, {"step": 1}
+        )
     return str(root)
 
 
@@ -87,8 +104,10 @@ def servers(checkpoint, local):
 
     out = []
     for _ in range(2):
-        server = make_server(ServeConfig(checkpoint, port=0, device="cpu", max_batch_size=SERVER_BATCH, log_requests=False),
-                             generator=local.generator)
+        server = make_server(
+            ServeConfig(checkpoint, port=0, device="cpu", max_batch_size=SERVER_BATCH, log_requests=False),
+            generator=local.generator,
+        )
         server.answered = 0
         read = server.read_completion
 
@@ -131,8 +150,9 @@ class Stub(BaseHTTPRequestHandler):
         srv.seen.append((self.path, dict(self.headers), body))
         status = srv.script.pop(0) if srv.script else 200
         if status == 200:
-            request = urllib.request.Request(srv.upstream + self.path, data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                srv.upstream + self.path, data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=30) as r:
                 data = r.read()
         else:
@@ -167,7 +187,9 @@ def test_openai_backend_gives_the_cookbook_backends_completions(servers, local):
     progress = []
     with OpenAIBackend([url + "/v1/"], concurrency=3) as backend:  # the URL as a client library takes it
         assert backend.name == "openai" and backend.teacher == "run"  # asked of /v1/models: the folder's name
-        out = backend.generate(PROMPTS, GREEDY, SEEDS, on_progress=lambda p, t: progress.append((p, t, threading.current_thread())))
+        out = backend.generate(
+            PROMPTS, GREEDY, SEEDS, on_progress=lambda p, t: progress.append((p, t, threading.current_thread()))
+        )
         assert out == local.generate(PROMPTS, GREEDY, SEEDS)  # greedy: the batch does not matter
         assert {c.finish_reason for cs in out for c in cs} <= {"stop", "length"} and out[0][0].tokens > 0
         # progress from the caller's thread, once per prompt, adding up to the tokens generated
@@ -175,8 +197,9 @@ def test_openai_backend_gives_the_cookbook_backends_completions(servers, local):
         assert sum(p for p, _, _ in progress) == len(PROMPTS)
         assert sum(t for _, t, _ in progress) == sum(c.tokens for cs in out for c in cs)
 
-        sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3,
-                                 frequency_penalty=0.5)
+        sampled = SamplingParams(
+            max_tokens=10, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3, frequency_penalty=0.5
+        )
         got = backend.generate(PROMPTS, sampled, SEEDS)
         assert got == oracle(local, PROMPTS, sampled, SEEDS)
         assert got == backend.generate(PROMPTS, sampled, SEEDS)  # the same seeds: the same completions
@@ -190,7 +213,9 @@ def test_n_completions_per_prompt(servers, local):
         params = SamplingParams(max_tokens=8, temperature=1.0, n=3)
         got, want = backend.generate(PROMPTS, params, SEEDS), oracle(local, PROMPTS, params, SEEDS)
         assert [len(cs) for cs in got] == [3] * len(PROMPTS)
-        assert [[(c.text, c.finish_reason) for c in cs] for cs in got] == [[(c.text, c.finish_reason) for c in cs] for cs in want]
+        assert [[(c.text, c.finish_reason) for c in cs] for cs in got] == [
+            [(c.text, c.finish_reason) for c in cs] for cs in want
+        ]
         # the server reports only the total of n completions: the split keeps it, and is exact for those cut at max_tokens
         for g, w in zip(got, want):
             assert sum(c.tokens for c in g) == sum(c.tokens for c in w)
@@ -282,13 +307,38 @@ def test_request_bodies_send_extensions_only_when_set():
     backend = OpenAIBackend(["http://127.0.0.1:9"], model="m")
     try:
         plain = backend.request_body("p", SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9), 3)
-        assert plain == {"model": "m", "prompt": "p", "max_tokens": 5, "n": 1, "temperature": 0.7, "top_p": 0.9,
-                         "seed": 3, "stream": False}  # only OpenAI's own names: a strict server takes it
-        full = backend.request_body("p", SamplingParams(top_k=40, repetition_penalty=2.0, frequency_penalty=0.5,
-                                                        presence_penalty=-0.5, stop=("</s>", "\n\n"), n=2), 4)
-        assert {k: full[k] for k in ("top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "n")} == \
-            {"top_k": 40, "repetition_penalty": 2.0, "frequency_penalty": 0.5, "presence_penalty": -0.5,
-             "stop": ["</s>", "\n\n"], "n": 2}
+        assert plain == {
+            "model": "m",
+            "prompt": "p",
+            "max_tokens": 5,
+            "n": 1,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seed": 3,
+            "stream": False,
+        }  # only OpenAI's own names: a strict server takes it
+        full = backend.request_body(
+            "p",
+            SamplingParams(
+                top_k=40,
+                repetition_penalty=2.0,
+                frequency_penalty=0.5,
+                presence_penalty=-0.5,
+                stop=("</s>", "\n\n"),
+                n=2,
+            ),
+            4,
+        )
+        assert {
+            k: full[k] for k in ("top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "n")
+        } == {
+            "top_k": 40,
+            "repetition_penalty": 2.0,
+            "frequency_penalty": 0.5,
+            "presence_penalty": -0.5,
+            "stop": ["</s>", "\n\n"],
+            "n": 2,
+        }
         with pytest.raises(CookbookError, match="seeds"):
             backend.generate(PROMPTS, GREEDY, [0])
     finally:
@@ -298,15 +348,21 @@ def test_request_bodies_send_extensions_only_when_set():
 def test_answers_are_mapped_by_index():
     backend = OpenAIBackend(["http://127.0.0.1:9"], model="m")
     params = SamplingParams(max_tokens=4, n=3, stop=("END",))
-    answer = {"choices": [{"index": 2, "text": "cc", "finish_reason": "length"},
-                          {"index": 0, "text": "a END b", "finish_reason": "length"},  # a server that kept the stop string
-                          {"index": 1, "text": "bbbbbbbb", "finish_reason": None}],
-              "usage": {"completion_tokens": 10}}
+    answer = {
+        "choices": [
+            {"index": 2, "text": "cc", "finish_reason": "length"},
+            {"index": 0, "text": "a END b", "finish_reason": "length"},  # a server that kept the stop string
+            {"index": 1, "text": "bbbbbbbb", "finish_reason": None},
+        ],
+        "usage": {"completion_tokens": 10},
+    }
     got = backend.completions(answer, params)
     assert [c.text for c in got] == ["a ", "bbbbbbbb", "cc"]
     assert [c.finish_reason for c in got] == ["stop", "length", "length"]
     assert sum(c.tokens for c in got) == 10
-    with_ids = {"choices": [{"index": i, "text": "x", "finish_reason": "stop", "token_ids": [1] * (i + 1)} for i in range(3)]}
+    with_ids = {
+        "choices": [{"index": i, "text": "x", "finish_reason": "stop", "token_ids": [1] * (i + 1)} for i in range(3)]
+    }
     assert [c.tokens for c in backend.completions(with_ids, params)] == [1, 2, 3]
     backend.close()
 
@@ -321,7 +377,10 @@ def test_split_tokens_keeps_the_total():
     assert split_tokens(3, [choice("abc", "length"), choice("abc", "length")], 4) == [2, 1]
     assert split_tokens(0, [choice("", "stop"), choice("", "stop")], 4) == [0, 0]
     assert split_tokens(8, [choice("abc", "length"), choice("", "length")], 4) == [4, 4]
-    assert split_tokens(9, [choice("abc", "length"), choice("", "length")], 4) == [7, 2]  # more than they hold: by length
+    assert split_tokens(9, [choice("abc", "length"), choice("", "length")], 4) == [
+        7,
+        2,
+    ]  # more than they hold: by length
 
 
 def test_endpoint_urls():
@@ -353,8 +412,15 @@ class FakeLLM:
         outputs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             reasons = ["stop", "length", "abort", None]
-            outs = [types.SimpleNamespace(index=j, text=f"{prompt}|{p.seed}|{j} STOP tail", token_ids=list(range(j + 2)),
-                                          finish_reason=reasons[(i + j) % 4]) for j in range(p.n)]
+            outs = [
+                types.SimpleNamespace(
+                    index=j,
+                    text=f"{prompt}|{p.seed}|{j} STOP tail",
+                    token_ids=list(range(j + 2)),
+                    finish_reason=reasons[(i + j) % 4],
+                )
+                for j in range(p.n)
+            ]
             outputs.append(types.SimpleNamespace(request_id=str(i), prompt=prompt, outputs=outs[::-1]))  # any order
         return outputs
 
@@ -373,20 +439,42 @@ def test_vllm_adapter_maps_parameters_and_outputs(fake_vllm):
     """Our mapping onto vLLM's API, checked against a stand-in module: real vLLM was not run here."""
     backend = VLLMBackend("org/teacher-hf", tensor_parallel_size=8, dtype="bf16", max_model_len=4096, seed=3)
     (llm,) = FakeLLM.instances
-    assert llm.kwargs == {"model": "org/teacher-hf", "tensor_parallel_size": 8, "gpu_memory_utilization": 0.9,
-                          "dtype": "bfloat16", "seed": 3, "trust_remote_code": False, "max_model_len": 4096}
+    assert llm.kwargs == {
+        "model": "org/teacher-hf",
+        "tensor_parallel_size": 8,
+        "gpu_memory_utilization": 0.9,
+        "dtype": "bfloat16",
+        "seed": 3,
+        "trust_remote_code": False,
+        "max_model_len": 4096,
+    }
     assert backend.name == "vllm" and backend.teacher == "org/teacher-hf"
-    params = SamplingParams(max_tokens=4096, temperature=0.7, top_p=0.9, n=2, stop=("STOP",), frequency_penalty=0.5,
-                            repetition_penalty=2.0)
+    params = SamplingParams(
+        max_tokens=4096, temperature=0.7, top_p=0.9, n=2, stop=("STOP",), frequency_penalty=0.5, repetition_penalty=2.0
+    )
     progress = []
     out = backend.generate(["p0", "p1"], params, [7, 8], on_progress=lambda p, t: progress.append((p, t)))
-    (prompts, sent, use_tqdm), = llm.calls
+    ((prompts, sent, use_tqdm),) = llm.calls
     assert prompts == ["p0", "p1"] and use_tqdm is False
     assert [vars(s) for s in sent] == [
-        {"n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 4096, "stop": ["STOP"],
-         "frequency_penalty": 0.5, "presence_penalty": 0.0, "repetition_penalty": 2.0, "seed": seed} for seed in (7, 8)]
-    assert out == [[Completion("p0|7|0 ", 2, "stop"), Completion("p0|7|1 ", 3, "stop")],
-                   [Completion("p1|8|0 ", 2, "stop"), Completion("p1|8|1 ", 3, "stop")]]  # cut at the stop string
+        {
+            "n": 2,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": -1,
+            "max_tokens": 4096,
+            "stop": ["STOP"],
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.0,
+            "repetition_penalty": 2.0,
+            "seed": seed,
+        }
+        for seed in (7, 8)
+    ]
+    assert out == [
+        [Completion("p0|7|0 ", 2, "stop"), Completion("p0|7|1 ", 3, "stop")],
+        [Completion("p1|8|0 ", 2, "stop"), Completion("p1|8|1 ", 3, "stop")],
+    ]  # cut at the stop string
     assert progress == [(2, 10)]  # vLLM batches the call: one report at its end
 
     # without a stop string: vLLM's finish reasons; "abort" and none mean a cut-off text, i.e. "length"
@@ -419,15 +507,29 @@ def test_vllm_refuses_a_cookbook_checkpoint(fake_vllm, checkpoint):
 
 
 def make(kind, **overrides):
-    args = dict(teacher=None, endpoints=[], tensor_parallel_size=1, concurrency=4, timeout=5, retries=0, device="cpu",
-                dtype="fp32", batch_size=4, tokenizer_model=None)
+    args = dict(
+        teacher=None,
+        endpoints=[],
+        tensor_parallel_size=1,
+        concurrency=4,
+        timeout=5,
+        retries=0,
+        device="cpu",
+        dtype="fp32",
+        batch_size=4,
+        tokenizer_model=None,
+    )
     return make_backend(kind, **{**args, **overrides})
 
 
 def test_make_backend(servers, checkpoint, fake_vllm):
-    cases = [(("llamacpp",), "unknown --backend 'llamacpp'"), (("openai",), "needs at least one --endpoint"),
-             (("cookbook",), "needs --teacher"), (("vllm",), "needs --teacher"),
-             (("cookbook", {"teacher": checkpoint, "endpoints": ["http://h:1"]}), "--endpoint is for --backend openai")]
+    cases = [
+        (("llamacpp",), "unknown --backend 'llamacpp'"),
+        (("openai",), "needs at least one --endpoint"),
+        (("cookbook",), "needs --teacher"),
+        (("vllm",), "needs --teacher"),
+        (("cookbook", {"teacher": checkpoint, "endpoints": ["http://h:1"]}), "--endpoint is for --backend openai"),
+    ]
     for args, message in cases:
         kind, overrides = args[0], (args[1] if len(args) > 1 else {})
         with pytest.raises(CookbookError, match=message) as e:
@@ -439,8 +541,9 @@ def test_make_backend(servers, checkpoint, fake_vllm):
     backend.close()
     backend = make("vllm", teacher="org/teacher-hf", tensor_parallel_size=2, dtype="auto", gpu_memory_utilization=0.8)
     assert backend.name == "vllm"
-    assert {k: FakeLLM.instances[-1].kwargs[k] for k in ("tensor_parallel_size", "dtype", "gpu_memory_utilization")} == \
-        {"tensor_parallel_size": 2, "dtype": "auto", "gpu_memory_utilization": 0.8}
+    assert {
+        k: FakeLLM.instances[-1].kwargs[k] for k in ("tensor_parallel_size", "dtype", "gpu_memory_utilization")
+    } == {"tensor_parallel_size": 2, "dtype": "auto", "gpu_memory_utilization": 0.8}
     backend = make("cookbook", teacher=checkpoint)
     assert backend.name == "cookbook" and backend.teacher == checkpoint and backend.batch_size == 4
     backend.close()
@@ -476,15 +579,39 @@ def test_sigterm_stops_an_openai_run_at_once(tmp_path, checkpoint):
     server.daemon_threads, server.posts = True, 0
     url = start(server)
     prompts = tmp_path / "docs.jsonl"
-    prompts.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n" * 3}) + "\n" for i in range(6)))
+    prompts.write_text(
+        "".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n" * 3}) + "\n" for i in range(6))
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "distill", "generate", "--backend", "openai", "--endpoint", url,
-                             "--teacher", checkpoint, "--prompts-from", str(prompts), "--prefix-tokens", "4", "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "distill",
+            "generate",
+            "--backend",
+            "openai",
+            "--endpoint",
+            url,
+            "--teacher",
+            checkpoint,
+            "--prompts-from",
+            str(prompts),
+            "--prefix-tokens",
+            "4",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while server.posts == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode() if proc.poll() is not None else "no request"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read().decode() if proc.poll() is not None else "no request"
+            )
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         start_wait = time.monotonic()

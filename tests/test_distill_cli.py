@@ -25,10 +25,42 @@ from cookbook.data.tokenizer import load_tokenizer, tokenizer_difference
 from cookbook.engine.checkpoint import find_checkpoint, read_config
 from recipes.distill import blend
 
-TINY = ["--preset", "tiny", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-        "--ffn-hidden-size", "128", "--max-position-embeddings", "64"]
-RUN = ["--seq-length", "32", "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu", "--log-interval", "1",
-       "--eval-interval", "0", "--lr", "3e-3", "--lr-warmup-iters", "1", "--seed", "7"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--max-position-embeddings",
+    "64",
+]
+RUN = [
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--dtype",
+    "fp32",
+    "--device",
+    "cpu",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "0",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +70,40 @@ def student(tmp_path_factory, sp_model, train_jsonl) -> dict:
     root = tmp_path_factory.mktemp("distill-train")
     real = preprocess([train_jsonl], root / "real", sp_model, append_eod=True)
     save = root / "student"
-    check(run_cli("pretrain", *TINY, *RUN, "--data-path", real, "--tokenizer-model", sp_model, "--train-iters", "3",
-                  "--save", save, timeout=300))
+    check(
+        run_cli(
+            "pretrain",
+            *TINY,
+            *RUN,
+            "--data-path",
+            real,
+            "--tokenizer-model",
+            sp_model,
+            "--train-iters",
+            "3",
+            "--save",
+            save,
+            timeout=300,
+        )
+    )
     synthetic = root / "synthetic"
     synthetic.mkdir()
     texts = [f"def f{i}(x):\n    return x + {i}  # synthetic sample {i}" for i in range(40)]
     for k in range(2):
-        write_jsonl(synthetic / f"shard_{k:05d}.jsonl", [{"text": t, "prefix": t[:8], "doc_id": i} for i, t in enumerate(texts) if i % 2 == k])
+        write_jsonl(
+            synthetic / f"shard_{k:05d}.jsonl",
+            [{"text": t, "prefix": t[:8], "doc_id": i} for i, t in enumerate(texts) if i % 2 == k],
+        )
     (synthetic / "summary.json").write_text("{}")
-    return {"root": root, "real": real, "save": save, "synthetic": synthetic, "texts": texts, "tokenizer": sp_model,
-            "jsonl": train_jsonl}
+    return {
+        "root": root,
+        "real": real,
+        "save": save,
+        "synthetic": synthetic,
+        "texts": texts,
+        "tokenizer": sp_model,
+        "jsonl": train_jsonl,
+    }
 
 
 def test_blend_weights():
@@ -59,9 +115,27 @@ def test_blend_weights():
 
 def test_distill_train_with_blend_and_kd_then_continue(tmp_path, student):
     save = tmp_path / "distilled"
-    flags = ["distill", "train", "--load", student["save"], "--synthetic", student["synthetic"], "--data-path", student["real"],
-             "--synthetic-weight", "0.25", "--kd-teacher", student["save"], "--kd-ratio", "0.5", "--kd-temperature", "2",
-             *RUN, "--save", save]
+    flags = [
+        "distill",
+        "train",
+        "--load",
+        student["save"],
+        "--synthetic",
+        student["synthetic"],
+        "--data-path",
+        student["real"],
+        "--synthetic-weight",
+        "0.25",
+        "--kd-teacher",
+        student["save"],
+        "--kd-ratio",
+        "0.5",
+        "--kd-temperature",
+        "2",
+        *RUN,
+        "--save",
+        save,
+    ]
     proc = check(run_cli(*flags, "--train-iters", "3", timeout=300))
     assert "tokenized 40 synthetic documents" in proc.stderr
 
@@ -74,7 +148,9 @@ def test_distill_train_with_blend_and_kd_then_continue(tmp_path, student):
 
     config = read_config(find_checkpoint(save))
     assert config["data"]["data_path"] == ["0.75", student["real"], "0.25", str(dataset)]
-    assert config["training"]["kd_teacher"] == student["save"].as_posix() or config["training"]["kd_teacher"] == str(student["save"])
+    assert config["training"]["kd_teacher"] == student["save"].as_posix() or config["training"]["kd_teacher"] == str(
+        student["save"]
+    )
     assert sorted(losses(save)) == [1, 2, 3]
 
     # the same command with more iterations continues the run; the tokenized data are reused
@@ -91,8 +167,22 @@ def test_kd_teacher_with_another_tokenizer_is_refused(tmp_path, student, sp_mode
     shutil.copytree(student["save"], teacher)
     ckpt = find_checkpoint(teacher)
     shutil.copyfile(sp_unigram, ckpt / "hf" / "tokenizer.model")  # the tokenizer its save carries
-    proc = run_cli("distill", "train", "--load", student["save"], "--synthetic", student["synthetic"], "--kd-teacher", teacher,
-                   *RUN, "--train-iters", "2", "--save", tmp_path / "out", timeout=300)
+    proc = run_cli(
+        "distill",
+        "train",
+        "--load",
+        student["save"],
+        "--synthetic",
+        student["synthetic"],
+        "--kd-teacher",
+        teacher,
+        *RUN,
+        "--train-iters",
+        "2",
+        "--save",
+        tmp_path / "out",
+        timeout=300,
+    )
     assert_one_line_error(proc, "another tokenizer")
     assert not (tmp_path / "out" / "latest").exists()
 
@@ -104,16 +194,48 @@ def test_distill_train_bad_input(tmp_path, student):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(run_cli(*base, "--synthetic", empty), "shard_")
-    assert_one_line_error(run_cli(*base, "--synthetic", student["synthetic"], "--synthetic-weight", "0.5"), "--data-path")
-    assert_one_line_error(run_cli(*base, "--synthetic", student["synthetic"], "--data-path", student["real"], "--synthetic-weight", "1.5"),
-                          "between 0 and 1")
+    assert_one_line_error(
+        run_cli(*base, "--synthetic", student["synthetic"], "--synthetic-weight", "0.5"), "--data-path"
+    )
+    assert_one_line_error(
+        run_cli(
+            *base, "--synthetic", student["synthetic"], "--data-path", student["real"], "--synthetic-weight", "1.5"
+        ),
+        "between 0 and 1",
+    )
 
 
 def test_distill_train_dry_run_with_preset(tmp_path):
-    proc = check(run_cli("distill", "train", "--load", tmp_path / "not-here", "--preset", "llama2-13b", "--synthetic", tmp_path / "s",
-                         "--data-path", "data/pile_text_document", "--seq-length", "4096", "--micro-batch-size", "1",
-                         "--global-batch-size", "128", "--tensor-model-parallel-size", "8", "--sequence-parallel",
-                         "--save", tmp_path / "out", "--dry-run", "--world-size", "32", "--gpu", "A100-80GB"))
+    proc = check(
+        run_cli(
+            "distill",
+            "train",
+            "--load",
+            tmp_path / "not-here",
+            "--preset",
+            "llama2-13b",
+            "--synthetic",
+            tmp_path / "s",
+            "--data-path",
+            "data/pile_text_document",
+            "--seq-length",
+            "4096",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "128",
+            "--tensor-model-parallel-size",
+            "8",
+            "--sequence-parallel",
+            "--save",
+            tmp_path / "out",
+            "--dry-run",
+            "--world-size",
+            "32",
+            "--gpu",
+            "A100-80GB",
+        )
+    )
     assert "valid for 32 processes" in proc.stderr
     assert json.dumps("synthetic_text_document")[1:-1] in proc.stderr
 
@@ -122,8 +244,27 @@ def test_distill_train_dry_run_with_preset(tmp_path):
 
 
 def generate_flags(student, output, *extra) -> list[str]:
-    return ["distill", "generate", "--teacher", student["save"], "--prompts-from", student["jsonl"], "--prefix-tokens", "12",
-            "--max-tokens", "6", "--temperature", "0.8", "--device", "cpu", "--batch-size", "4", "--output", output, *extra]
+    return [
+        "distill",
+        "generate",
+        "--teacher",
+        student["save"],
+        "--prompts-from",
+        student["jsonl"],
+        "--prefix-tokens",
+        "12",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--output",
+        output,
+        *extra,
+    ]
 
 
 def read_shards(folder: Path) -> list[dict]:
@@ -132,8 +273,12 @@ def read_shards(folder: Path) -> list[dict]:
 
 def test_generate_cookbook_backend(tmp_path, student):
     out = tmp_path / "synthetic"
-    proc = check(run_cli(*generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "2",
-                                         "--no-dedup"), timeout=300))
+    proc = check(
+        run_cli(
+            *generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "2", "--no-dedup"),
+            timeout=300,
+        )
+    )
     assert "wrote 20 records from 10 prompts" in proc.stderr
     assert sorted(p.name for p in out.glob("shard_*.jsonl")) == [f"shard_{k:05d}.jsonl" for k in range(4)]  # 3+3+3+1
     records = read_shards(out)
@@ -141,17 +286,30 @@ def test_generate_cookbook_backend(tmp_path, student):
     tok = load_tokenizer(student["tokenizer"])
     for r in records:
         assert r["text"].startswith(r["prefix"]) and len(r["text"]) > len(r["prefix"])
-        assert r["teacher"] == str(student["save"]) and r["sampling"]["temperature"] == 0.8 and r["sampling"]["max_tokens"] == 6
+        assert (
+            r["teacher"] == str(student["save"])
+            and r["sampling"]["temperature"] == 0.8
+            and r["sampling"]["max_tokens"] == 6
+        )
         assert 1 <= r["generated_tokens"] <= 6 and r["finish_reason"] in ("stop", "length")
-        assert r["prefix_tokens"] == 12 and len(tok.tokenize(r["prefix"])) >= 12 - 2  # a decode/re-encode may merge a piece or two
+        assert (
+            r["prefix_tokens"] == 12 and len(tok.tokenize(r["prefix"])) >= 12 - 2
+        )  # a decode/re-encode may merge a piece or two
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == 20 and summary["prompts"] == 10
     # the same command again: everything is done, nothing changes
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    check(run_cli(*generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "2", "--no-dedup"), timeout=300))
+    check(
+        run_cli(
+            *generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "2", "--no-dedup"),
+            timeout=300,
+        )
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # another sampling setting into the same folder is refused
-    proc = run_cli(*generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "1", "--no-dedup"))
+    proc = run_cli(
+        *generate_flags(student, out, "--num-prompts", "10", "--prompts-per-shard", "3", "--n", "1", "--no-dedup")
+    )
     assert_one_line_error(proc, "sampling")
 
 
@@ -161,8 +319,12 @@ def test_generate_killed_run_resumes_without_duplicates_or_gaps(tmp_path, studen
     check(run_cli(*generate_flags(student, whole, *flags), timeout=300))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cookbook", *map(str, generate_flags(student, killed, *flags))],
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cookbook", *map(str, generate_flags(student, killed, *flags))],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "shard_00003.jsonl").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -175,7 +337,8 @@ def test_generate_killed_run_resumes_without_duplicates_or_gaps(tmp_path, studen
     proc = check(run_cli(*generate_flags(student, killed, *flags), timeout=300))
     assert f"{written} of 40 shards already written" in proc.stderr
     assert sorted(p.name for p in killed.iterdir() if not p.name.startswith(".")) == sorted(
-        p.name for p in whole.iterdir() if not p.name.startswith("."))
+        p.name for p in whole.iterdir() if not p.name.startswith(".")
+    )
     for shard in whole.glob("shard_*.jsonl"):  # the same records, each prompt once
         assert (killed / shard.name).read_bytes() == shard.read_bytes()
     indices = [r["prompt_index"] for r in read_shards(killed)]
@@ -188,8 +351,19 @@ def test_generate_killed_run_resumes_without_duplicates_or_gaps(tmp_path, studen
 def test_generate_bad_input(tmp_path, student):
     assert_one_line_error(run_cli(*generate_flags(student, tmp_path / "o", "--backend", "nope")), "--backend")
     assert_one_line_error(run_cli(*generate_flags(student, tmp_path / "o", "--temperature", "-1")), "temperature")
-    assert_one_line_error(run_cli("distill", "generate", "--teacher", student["save"], "--prompts-from", tmp_path / "missing.jsonl",
-                                  "--output", tmp_path / "o"), "does not exist")
+    assert_one_line_error(
+        run_cli(
+            "distill",
+            "generate",
+            "--teacher",
+            student["save"],
+            "--prompts-from",
+            tmp_path / "missing.jsonl",
+            "--output",
+            tmp_path / "o",
+        ),
+        "does not exist",
+    )
     assert_one_line_error(run_cli(*generate_flags(student, tmp_path / "o", "--backend", "openai")), "--endpoint")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("shard_*"))
 
@@ -200,14 +374,28 @@ def test_generate_missing_or_broken_teacher_is_named_and_leaves_nothing(tmp_path
     folder takes the next run with the right teacher."""
     out = tmp_path / "synth"
     for extra in ([], ["--tokenizer-model", student["tokenizer"]]):
-        proc = run_cli("distill", "generate", "--teacher", tmp_path / "big", "--prompts-from", student["jsonl"], "--output", out, *extra)
+        proc = run_cli(
+            "distill",
+            "generate",
+            "--teacher",
+            tmp_path / "big",
+            "--prompts-from",
+            student["jsonl"],
+            "--output",
+            out,
+            *extra,
+        )
         err = assert_one_line_error(proc, f"{tmp_path / 'big'} does not exist")
         assert "--from" not in err and not out.exists()
-    broken = tmp_path / "broken"  # the student's save with a model config that cannot be built: found, then fails to load
+    broken = (
+        tmp_path / "broken"
+    )  # the student's save with a model config that cannot be built: found, then fails to load
     shutil.copytree(student["save"], broken)
     config = find_checkpoint(broken) / "config.toml"
     config.write_text(config.read_text().replace("num_kv_heads = 2", "num_kv_heads = 3"))
-    assert_one_line_error(run_cli(*generate_flags({**student, "save": broken}, out, "--num-prompts", "2")), "num_kv_heads 3")
+    assert_one_line_error(
+        run_cli(*generate_flags({**student, "save": broken}, out, "--num-prompts", "2")), "num_kv_heads 3"
+    )
     assert not out.exists()
     proc = check(run_cli(*generate_flags(student, out, "--num-prompts", "2"), timeout=300))
     assert "wrote 2 records" in proc.stderr
@@ -216,9 +404,30 @@ def test_generate_missing_or_broken_teacher_is_named_and_leaves_nothing(tmp_path
 def test_generate_openai_backend_against_cookbook_serve(tmp_path, student):
     """Two `cookbook serve` processes on loopback behind the openai backend write what the cookbook backend writes
     in process (greedy decoding), and the records name the served model as the teacher."""
-    servers = [subprocess.Popen([sys.executable, "-m", "cookbook", "serve", "--load", str(student["save"]), "--port", "0",
-                                 "--device", "cpu", "--served-model-name", "tiny-teacher", "--quiet"],
-                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    servers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cookbook",
+                "serve",
+                "--load",
+                str(student["save"]),
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+                "--served-model-name",
+                "tiny-teacher",
+                "--quiet",
+            ],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         urls = []
         for server in servers:
@@ -227,8 +436,22 @@ def test_generate_openai_backend_against_cookbook_serve(tmp_path, student):
             urls.append(line.split(" at ")[1].strip())
         greedy = ["--num-prompts", "8", "--prompts-per-shard", "4", "--temperature", "0", "--no-dedup"]
         check(run_cli(*generate_flags(student, tmp_path / "local", *greedy), timeout=300))
-        check(run_cli(*generate_flags(student, tmp_path / "remote", *greedy, "--backend", "openai", "--endpoint", ",".join(urls),
-                                      "--concurrency", "2"), timeout=300))
+        check(
+            run_cli(
+                *generate_flags(
+                    student,
+                    tmp_path / "remote",
+                    *greedy,
+                    "--backend",
+                    "openai",
+                    "--endpoint",
+                    ",".join(urls),
+                    "--concurrency",
+                    "2",
+                ),
+                timeout=300,
+            )
+        )
     finally:
         for server in servers:
             server.send_signal(signal.SIGTERM)

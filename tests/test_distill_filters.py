@@ -8,25 +8,28 @@ import pytest
 
 import inference_distill.filters as filters
 from cookbook.errors import CookbookError
-from inference_distill.filters import Filter, FilterConfig, repeat_ratio, text_hash
 from cookbook.inference.sampling import Completion
+from inference_distill.filters import Filter, FilterConfig, repeat_ratio, text_hash
 
 
 def done(text: str, tokens: int = 10) -> Completion:
     return Completion(text=text, tokens=tokens, finish_reason="stop")
 
 
-@pytest.mark.parametrize("text, n, ratio", [
-    ("a b a b a b", 2, 3 / 5),  # ab ba ab ba ab: 2 unique of 5
-    ("a a a a", 1, 3 / 4),  # a: 1 unique of 4
-    ("a a a a", 2, 2 / 3),  # aa aa aa: 1 of 3
-    ("the cat sat on the mat", 2, 0.0),
-    ("the cat sat on the mat", 1, 1 / 6),  # "the" twice
-    ("x y z x y z x y z", 3, 4 / 7),  # xyz yzx zxy xyz yzx zxy xyz: 3 unique of 7
-    ("  a\tb\n a   b ", 2, 1 / 3),  # whitespace of any kind splits words: ab ba ab
-    ("two words", 3, 0.0),  # fewer words than n
-    ("", 1, 0.0),
-])
+@pytest.mark.parametrize(
+    "text, n, ratio",
+    [
+        ("a b a b a b", 2, 3 / 5),  # ab ba ab ba ab: 2 unique of 5
+        ("a a a a", 1, 3 / 4),  # a: 1 unique of 4
+        ("a a a a", 2, 2 / 3),  # aa aa aa: 1 of 3
+        ("the cat sat on the mat", 2, 0.0),
+        ("the cat sat on the mat", 1, 1 / 6),  # "the" twice
+        ("x y z x y z x y z", 3, 4 / 7),  # xyz yzx zxy xyz yzx zxy xyz: 3 unique of 7
+        ("  a\tb\n a   b ", 2, 1 / 3),  # whitespace of any kind splits words: ab ba ab
+        ("two words", 3, 0.0),  # fewer words than n
+        ("", 1, 0.0),
+    ],
+)
 def test_repeat_ratio_by_hand(text, n, ratio):
     assert repeat_ratio(text, n) == pytest.approx(ratio)
 
@@ -40,7 +43,9 @@ def test_each_reason():
     assert f.keep("prompt then a fine answer", done("then a fine answer", tokens=5)) is None
     assert f.keep("prompt and x", done("and x", tokens=4)) == "short"
     assert f.keep("go go go go go go", done("go go go", tokens=9)) == "repetitive"  # 4 of 5 bigrams repeat
-    assert f.keep("the record text", done("  then a fine answer\n", tokens=7)) == "duplicate"  # same continuation, stripped
+    assert (
+        f.keep("the record text", done("  then a fine answer\n", tokens=7)) == "duplicate"
+    )  # same continuation, stripped
     assert f.keep("the record text", done("then a fine answer!", tokens=7)) is None
     assert f.counts == {"short": 1, "repetitive": 1, "duplicate": 1} and f.kept == 2
 
@@ -56,7 +61,11 @@ def test_duplicates_are_remembered_across_calls_and_shards_and_seeded_by_seen():
     f = Filter(FilterConfig())
     assert [f.keep(t, done(t)) for t in ("x", "y", "x", "z")] == [None, None, "duplicate", None]
     stats, hashes = f.end_shard()
-    assert stats == {"completions": 4, "generated_tokens": 40, "filtered": {"short": 0, "repetitive": 0, "duplicate": 1}}
+    assert stats == {
+        "completions": 4,
+        "generated_tokens": 40,
+        "filtered": {"short": 0, "repetitive": 0, "duplicate": 1},
+    }
     assert hashes == [text_hash("x"), text_hash("y"), text_hash("z")]
     assert f.keep("y", done("y")) == "duplicate"  # a later shard
     assert f.end_shard()[1] == []
@@ -81,11 +90,14 @@ def test_text_hash_is_16_bytes_of_the_stripped_text():
     assert text_hash(" abc\n") == text_hash("abc") != text_hash("abd")
 
 
-@pytest.mark.parametrize("cfg, needle", [
-    (FilterConfig(min_tokens=-1), "--min-tokens -1"),
-    (FilterConfig(max_repeat_ratio=1.5), "--max-repeat-ratio 1.5"),
-    (FilterConfig(ngram=0), "--ngram 0"),
-])
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        (FilterConfig(min_tokens=-1), "--min-tokens -1"),
+        (FilterConfig(max_repeat_ratio=1.5), "--max-repeat-ratio 1.5"),
+        (FilterConfig(ngram=0), "--ngram 0"),
+    ],
+)
 def test_bad_config_is_a_one_line_error(cfg, needle):
     with pytest.raises(CookbookError, match=needle):
         Filter(cfg)

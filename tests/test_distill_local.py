@@ -8,11 +8,10 @@ import shutil
 import pytest
 
 from cookbook.errors import CookbookError
-from inference_distill.local import CookbookBackend
-from cookbook.inference.generator import LocalGenerator
+from cookbook.inference.generator import LocalGenerator, generate
 from cookbook.inference.load import load_model_and_tokenizer
 from cookbook.inference.sampling import SamplingParams, cut_at_stop
-from cookbook.inference.generator import generate
+from inference_distill.local import CookbookBackend
 
 PROMPTS = ["def main(", "import os\n", "class A:", "x", "for i in range(10):\n    print(i)"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -28,7 +27,7 @@ def test_cookbook_and_hf_teachers_give_the_generators_completions(teacher, local
     ids = [tok.tokenize(p) for p in PROMPTS]
     new = generate(local.model, ids, 12, temperature=0, eos_id=tok.eod)
     for prompt, tokens, (c,) in zip(ids, new, ours):
-        text = tok.decode(prompt + [t for t in tokens if t != tok.eod and t < 600])[len(tok.decode(prompt)):]
+        text = tok.decode(prompt + [t for t in tokens if t != tok.eod and t < 600])[len(tok.decode(prompt)) :]
         assert c.text == text and c.tokens == len(tokens)
         assert c.finish_reason == ("stop" if tokens[-1] == tok.eod else "length")
     assert ids[0][0] == tok.bos  # text prompts are tokenized as Megatron does: with BOS
@@ -74,7 +73,7 @@ def test_stop_strings_cut_the_text_and_end_the_completion(local):
 
 
 def test_a_stop_string_within_one_token_ends_the_row_at_that_token(local):
-    (c,), = local.complete(["def main("], SamplingParams(max_tokens=24, temperature=0), [0])
+    ((c,),) = local.complete(["def main("], SamplingParams(max_tokens=24, temperature=0), [0])
     tok = local.tokenizer
     ids = tok.tokenize("def main(")
     new = generate(local.model, [ids], 24, temperature=0)[0]
@@ -84,7 +83,7 @@ def test_a_stop_string_within_one_token_ends_the_row_at_that_token(local):
     assert tok.eod not in new[:k]
     stop = (char,)
     assert new[k] in local.stop_ids(stop)
-    (cut,), = local.complete(["def main("], SamplingParams(max_tokens=24, temperature=0, stop=stop), [0])
+    ((cut,),) = local.complete(["def main("], SamplingParams(max_tokens=24, temperature=0, stop=stop), [0])
     assert cut.text == cut_at_stop(c.text, stop)[0] and cut.finish_reason == "stop"
 
 
@@ -106,8 +105,9 @@ def test_cookbook_backend_reports_progress(teacher):
 def test_generate_command_loads_a_hugging_face_folder_too(teacher, local):
     from recipes.generate import GenerateConfig, run
 
-    records = run(GenerateConfig(load=str(teacher["hf"]), prompts=PROMPTS[:2], max_new_tokens=12, temperature=0,
-                                 device="cpu"))
+    records = run(
+        GenerateConfig(load=str(teacher["hf"]), prompts=PROMPTS[:2], max_new_tokens=12, temperature=0, device="cpu")
+    )
     tok = local.tokenizer
     new = generate(local.model, [tok.tokenize(p) for p in PROMPTS[:2]], 12, temperature=0, eos_id=tok.eod)
     assert [r["tokens"] for r in records] == [len(t) for t in new]
@@ -118,8 +118,11 @@ def test_bad_teachers_and_requests_are_one_line_errors(teacher, tmp_path, local)
     no_tokenizer.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copyfile(teacher["hf"] / f, no_tokenizer / f)
-    cases = {tmp_path / "missing": "does not exist", tmp_path: "holds no cookbook checkpoint",
-             no_tokenizer: "no tokenizer.json or tokenizer.model"}
+    cases = {
+        tmp_path / "missing": "does not exist",
+        tmp_path: "holds no cookbook checkpoint",
+        no_tokenizer: "no tokenizer.json or tokenizer.model",
+    }
     for path, message in cases.items():
         with pytest.raises(CookbookError, match=message) as e:
             load_model_and_tokenizer(path, device="cpu")

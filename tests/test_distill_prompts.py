@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from helpers_data import documents, make_texts, preprocess, write_jsonl
 
 from cookbook.data.indexed import IndexedDatasetWriter
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.errors import CookbookError
-from helpers_data import documents, make_texts, preprocess, write_jsonl
 from inference_distill.prompts import Prompt, PromptSource
 
 N = 8  # prefix tokens in most tests
@@ -108,6 +108,7 @@ def test_prefix_fraction_takes_a_share_of_each_document(corpus, tok):
 
 def test_order_is_a_seeded_permutation_of_the_eligible_documents(corpus, tok):
     _, prefix, docs = corpus
+
     def order(seed, **kw):
         s = PromptSource(prefix, tok, prefix_tokens=N, seed=seed, **kw)
         return [p.doc_id for p in s.prompts(0, s.count())]
@@ -141,7 +142,10 @@ def test_prompts_by_index_do_not_depend_on_what_was_asked_before(corpus, tok):
 def test_a_document_of_several_sequences_is_one_document(tmp_path, tok):
     """Preprocess with split sentences writes one sequence per sentence ([BOS s1] [BOS s2 EOD]): the prompt runs
     across the boundary, without the inner BOS."""
-    sentences = [[f"sentence {d} {k}: " + " ".join(make_texts(1, seed=d * 10 + k, min_words=6, max_words=9)) for k in range(3)] for d in range(6)]
+    sentences = [
+        [f"sentence {d} {k}: " + " ".join(make_texts(1, seed=d * 10 + k, min_words=6, max_words=9)) for k in range(3)]
+        for d in range(6)
+    ]
     seqs = [[tok.tokenize(s) for s in doc] for doc in sentences]
     for doc in seqs:
         doc[-1].append(tok.eod)
@@ -154,7 +158,9 @@ def test_a_document_of_several_sequences_is_one_document(tmp_path, tok):
     for p in source.prompts(0, 6):
         ids = [t for s in seqs[p.doc_id] for t in s if t not in (tok.bos, tok.eod)]
         assert p.text == tok.decode(ids[: first + 5])
-    jsonl = write_jsonl(tmp_path / "split.jsonl", [{"text": doc} for doc in sentences])  # lists of sentences, as preprocess reads them
+    jsonl = write_jsonl(
+        tmp_path / "split.jsonl", [{"text": doc} for doc in sentences]
+    )  # lists of sentences, as preprocess reads them
     same = PromptSource(jsonl, tok, prefix_tokens=first + 5)
     assert [p.text for p in same.prompts(0, 6)] == [p.text for p in source.prompts(0, 6)]
 
@@ -164,22 +170,27 @@ def test_jsonl_doc_ids_are_the_id_field_or_file_and_line(tmp_path, tok):
     folder.mkdir()
     long = make_texts(4, seed=9, min_words=30, max_words=30)
     write_jsonl(folder / "a.jsonl", [{"text": long[0], "id": "doc-a"}, {"text": long[1], "id": 17}])
-    (folder / "b.jsonl").write_text("\n" + json.dumps({"text": long[2], "id": [1]}) + "\n" + json.dumps({"text": long[3]}) + "\n")
+    (folder / "b.jsonl").write_text(
+        "\n" + json.dumps({"text": long[2], "id": [1]}) + "\n" + json.dumps({"text": long[3]}) + "\n"
+    )
     (folder / "notes.txt").write_text("not read")
     source = PromptSource(folder, tok, prefix_tokens=4)
     assert source.kind == "jsonl" and source.documents == 4
     assert sorted(map(str, (p.doc_id for p in source.prompts(0, 4)))) == ["17", "b.jsonl:2", "b.jsonl:3", "doc-a"]
 
 
-@pytest.mark.parametrize("kw, needle", [
-    ({}, "exactly one of --prefix-tokens"),
-    ({"prefix_tokens": 4, "prefix_fraction": 0.5}, "exactly one of --prefix-tokens"),
-    ({"prefix_tokens": 0}, "--prefix-tokens 0 must be at least 1"),
-    ({"prefix_fraction": 0.0}, "--prefix-fraction 0.0 is not in (0, 1]"),
-    ({"prefix_fraction": 1.5}, "--prefix-fraction 1.5 is not in (0, 1]"),
-    ({"prefix_tokens": 4, "num_prompts": 0}, "--num-prompts 0"),
-    ({"prefix_tokens": 4, "min_doc_tokens": -1}, "--min-doc-tokens -1"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({}, "exactly one of --prefix-tokens"),
+        ({"prefix_tokens": 4, "prefix_fraction": 0.5}, "exactly one of --prefix-tokens"),
+        ({"prefix_tokens": 0}, "--prefix-tokens 0 must be at least 1"),
+        ({"prefix_fraction": 0.0}, "--prefix-fraction 0.0 is not in (0, 1]"),
+        ({"prefix_fraction": 1.5}, "--prefix-fraction 1.5 is not in (0, 1]"),
+        ({"prefix_tokens": 4, "num_prompts": 0}, "--num-prompts 0"),
+        ({"prefix_tokens": 4, "min_doc_tokens": -1}, "--min-doc-tokens -1"),
+    ],
+)
 def test_bad_options_are_one_line_errors(corpus, tok, kw, needle):
     with pytest.raises(CookbookError, match="^[^\n]*$") as e:
         PromptSource(corpus[1], tok, **kw)

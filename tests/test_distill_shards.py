@@ -63,7 +63,16 @@ def driver(tmp_path) -> Path:
 
 
 def run_driver(driver: Path, folder: Path, total=23, per_shard=5, sleep=0.0, crash_at=0, filtering=1, wait=True):
-    args = [sys.executable, str(driver), str(folder), str(total), str(per_shard), str(sleep), str(crash_at), str(filtering)]
+    args = [
+        sys.executable,
+        str(driver),
+        str(folder),
+        str(total),
+        str(per_shard),
+        str(sleep),
+        str(crash_at),
+        str(filtering),
+    ]
     if not wait:
         return subprocess.Popen(args)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
@@ -77,15 +86,23 @@ def contents(folder: Path) -> dict[str, bytes]:
 
 
 def records(folder: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted(folder.glob("shard_*.jsonl")) for line in p.read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line)
+        for p in sorted(folder.glob("shard_*.jsonl"))
+        for line in p.read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def write_some(folder: Path, shards, total=23, per_shard=5) -> ShardWriter:
     w = ShardWriter(folder, IDENTITY, total, per_shard)
     for k in shards:
         start, stop = w.bounds(k)
-        w.write(k, [{"prompt": i} for i in range(start, stop)], {"generated_tokens": 10 * (stop - start), "filtered": {"short": 1}},
-                [bytes([k]) * 16])
+        w.write(
+            k,
+            [{"prompt": i} for i in range(start, stop)],
+            {"generated_tokens": 10 * (stop - start), "filtered": {"short": 1}},
+            [bytes([k]) * 16],
+        )
     return w
 
 
@@ -97,8 +114,16 @@ def test_layout_and_summary_with_a_partial_last_shard(tmp_path):
     assert summary == {"shards": 5, "prompts": 23, "records": 23, "generated_tokens": 230, "filtered": {"short": 5}}
     assert json.loads((folder / "summary.json").read_text()) == summary
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["identity"] == json.loads(json.dumps(IDENTITY)) and (manifest["prompts"], manifest["prompts_per_shard"], manifest["shards"]) == (23, 5, 5)
-    assert sorted(contents(folder)) == ["manifest.json", *[f"shard_{k:05d}.{e}" for k in range(5) for e in ("jsonl", "stats.json")], "summary.json"]
+    assert manifest["identity"] == json.loads(json.dumps(IDENTITY)) and (
+        manifest["prompts"],
+        manifest["prompts_per_shard"],
+        manifest["shards"],
+    ) == (23, 5, 5)
+    assert sorted(contents(folder)) == [
+        "manifest.json",
+        *[f"shard_{k:05d}.{e}" for k in range(5) for e in ("jsonl", "stats.json")],
+        "summary.json",
+    ]
     assert [r["prompt"] for r in records(folder)] == list(range(23))
     assert json.loads((folder / "shard_00004.stats.json").read_text())["prompts"] == 3
 
@@ -106,12 +131,19 @@ def test_layout_and_summary_with_a_partial_last_shard(tmp_path):
 def test_reopen_after_a_crash_lists_the_missing_shards_and_removes_leftovers(tmp_path):
     folder = tmp_path / "out"
     write_some(folder, range(3)).close()
-    (folder / f".shard_00003.jsonl.tmp-{os.getpid() + 1}").write_text('{"prompt": 15}\n')  # killed while writing shard 3
-    (folder / "shard_00003.stats.json").write_text('{"shard": 3, "records": 5, "hashes": ["ff"]}')  # or just after its stats
+    (folder / f".shard_00003.jsonl.tmp-{os.getpid() + 1}").write_text(
+        '{"prompt": 15}\n'
+    )  # killed while writing shard 3
+    (folder / "shard_00003.stats.json").write_text(
+        '{"shard": 3, "records": 5, "hashes": ["ff"]}'
+    )  # or just after its stats
     (folder / ".summary.json.tmp-1").write_text("{")
     w = ShardWriter(folder, IDENTITY, 23, 5)
     assert w.pending() == [3, 4]
-    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == ["manifest.json", *[f"shard_{k:05d}.{e}" for k in range(3) for e in ("jsonl", "stats.json")]]
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == [
+        "manifest.json",
+        *[f"shard_{k:05d}.{e}" for k in range(3) for e in ("jsonl", "stats.json")],
+    ]
     assert sorted(w.done_stats()) == [0, 1, 2] and w.done_stats()[1]["records"] == 5
     assert w.totals() == {"shards": 3, "prompts": 15, "records": 15, "generated_tokens": 150, "filtered": {"short": 3}}
     assert w.seen_hashes() == {bytes([k]) * 16 for k in range(3)}
@@ -120,13 +152,16 @@ def test_reopen_after_a_crash_lists_the_missing_shards_and_removes_leftovers(tmp
     w.close()
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"identity": {**IDENTITY, "seed": 2}}, "seed = 1 but this run has seed = 2"),
-    ({"identity": {**IDENTITY, "sampling": {"temperature": 1.0}}}, "sampling = "),
-    ({"identity": {**IDENTITY, "extra": "x"}}, "extra = null but this run has extra = \"x\""),
-    ({"total": 24}, "prompts = 23 but this run has prompts = 24"),
-    ({"prompts_per_shard": 4}, "prompts_per_shard = 5 but this run has prompts_per_shard = 4"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"identity": {**IDENTITY, "seed": 2}}, "seed = 1 but this run has seed = 2"),
+        ({"identity": {**IDENTITY, "sampling": {"temperature": 1.0}}}, "sampling = "),
+        ({"identity": {**IDENTITY, "extra": "x"}}, 'extra = null but this run has extra = "x"'),
+        ({"total": 24}, "prompts = 23 but this run has prompts = 24"),
+        ({"prompts_per_shard": 4}, "prompts_per_shard = 5 but this run has prompts_per_shard = 4"),
+    ],
+)
 def test_a_changed_run_is_refused(tmp_path, change, needle):
     folder = tmp_path / "out"
     write_some(folder, [0]).close()
@@ -183,7 +218,18 @@ def test_a_crash_at_every_rename_resumes_to_the_uninterrupted_output(tmp_path, d
     total, per_shard = 13, 5
     run_driver(driver, tmp_path / "whole", total, per_shard)
     expected = contents(tmp_path / "whole")
-    assert [r["prompt"] for r in records(tmp_path / "whole")] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]  # 4, 9 short; 12 repeats 0
+    assert [r["prompt"] for r in records(tmp_path / "whole")] == [
+        0,
+        1,
+        2,
+        3,
+        5,
+        6,
+        7,
+        8,
+        10,
+        11,
+    ]  # 4, 9 short; 12 repeats 0
     assert json.loads(expected["summary.json"])["filtered"] == {"short": 2, "repetitive": 0, "duplicate": 1}
     renames = 1 + 2 * 3 + 1
     for crash_at in range(1, renames + 1):

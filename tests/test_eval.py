@@ -13,18 +13,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers_data import make_texts, write_jsonl
 from torch import nn
 
 from cookbook.data.indexed import IndexedDatasetWriter
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.errors import CookbookError
 from cookbook.formats.hf import hf_config, hf_name
-from cookbook.model import ModelConfig, Transformer
-from helpers_data import make_texts, write_jsonl
-from recipes.eval import dump, render
 from cookbook.inference.perplexity import PerplexityResult, evaluate, file_stream, indexed_stream, window_nll, windows
+from cookbook.model import ModelConfig, Transformer
+from recipes.eval import dump, render
 
-CFG = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160, max_seq_len=32)
+CFG = dict(
+    vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160, max_seq_len=32
+)
 CPU = torch.device("cpu")
 
 
@@ -256,13 +258,29 @@ def test_evaluate_render_and_dump(tmp_path, model, stream):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, model, stream, tokenizer):
-    run = lambda **kw: window_nll(**{**dict(model=model, stream=stream, seq_length=16, stride=None,  # noqa: E731
-                                            batch_size=1, device=CPU, show_progress=False), **kw})
+    run = lambda **kw: window_nll(
+        **{
+            **dict(
+                model=model,
+                stream=stream,
+                seq_length=16,
+                stride=None,  # noqa: E731
+                batch_size=1,
+                device=CPU,
+                show_progress=False,
+            ),
+            **kw,
+        }
+    )
     for kw, needle in [
-        (dict(seq_length=0), "--seq-length"), (dict(seq_length=-4), "--seq-length"),
-        (dict(stride=17), "larger than --seq-length"), (dict(stride=0), "--stride"),
-        (dict(batch_size=0), "--batch-size"), (dict(stream=stream[:1]), "at least 2"),
-        (dict(stream=stream[None]), "1-D"), (dict(stream=torch.tensor([1, 128, 3])), "vocabulary has 128"),
+        (dict(seq_length=0), "--seq-length"),
+        (dict(seq_length=-4), "--seq-length"),
+        (dict(stride=17), "larger than --seq-length"),
+        (dict(stride=0), "--stride"),
+        (dict(batch_size=0), "--batch-size"),
+        (dict(stream=stream[:1]), "at least 2"),
+        (dict(stream=stream[None]), "1-D"),
+        (dict(stream=torch.tensor([1, 128, 3])), "vocabulary has 128"),
         (dict(stream=torch.tensor([1, -1, 3])), "negative"),
     ]:
         with pytest.raises(CookbookError, match=needle):

@@ -19,10 +19,10 @@ from helpers_train import check, losses, train_flags
 
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine.checkpoint import find_checkpoint, read_config, read_train_state
-from cookbook.inference.load import load_model
 from cookbook.errors import CookbookError
-from recipes.extend import plan_extension
+from cookbook.inference.load import load_model
 from cookbook.inference.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer
+from recipes.extend import plan_extension
 
 BASE = {"max_seq_len": 32}
 
@@ -30,13 +30,25 @@ BASE = {"max_seq_len": 32}
 # --------------------------------------------------------------------------- the scaled config
 
 
-@pytest.mark.parametrize("rope_type, scaling, max_seq_len", [
-    ("linear", {"rope_type": "linear", "factor": 2.0}, 64),
-    ("dynamic", {"rope_type": "dynamic", "factor": 2.0}, 32),
-    ("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}, 64),
-    ("llama3", {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0}, 64),
-])
+@pytest.mark.parametrize(
+    "rope_type, scaling, max_seq_len",
+    [
+        ("linear", {"rope_type": "linear", "factor": 2.0}, 64),
+        ("dynamic", {"rope_type": "dynamic", "factor": 2.0}, 32),
+        ("yarn", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}, 64),
+        (
+            "llama3",
+            {
+                "rope_type": "llama3",
+                "factor": 2.0,
+                "original_max_position_embeddings": 32,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+            },
+            64,
+        ),
+    ],
+)
 def test_each_rope_type_gets_the_transformers_config(rope_type, scaling, max_seq_len):
     ext = plan_extension(BASE, rope_type, 2.0, None)
     assert (ext.rope_scaling, ext.max_seq_len, ext.seq_length, ext.original) == (scaling, max_seq_len, 64, 32)
@@ -48,7 +60,12 @@ def test_each_rope_type_gets_the_transformers_config(rope_type, scaling, max_seq
 def test_linear_scaling_composes_and_others_refuse():
     once = plan_extension(BASE, "linear", 2.0, 64)
     twice = plan_extension({"max_seq_len": once.max_seq_len, "rope_scaling": once.rope_scaling}, "linear", 2.0, None)
-    assert (twice.rope_scaling, twice.max_seq_len, twice.seq_length, twice.original) == ({"rope_type": "linear", "factor": 4.0}, 128, 128, 32)
+    assert (twice.rope_scaling, twice.max_seq_len, twice.seq_length, twice.original) == (
+        {"rope_type": "linear", "factor": 4.0},
+        128,
+        128,
+        32,
+    )
     assert "total factor 4" in twice.note
     with pytest.raises(CookbookError, match="already extended linearly"):
         plan_extension({"max_seq_len": 64, "rope_scaling": once.rope_scaling}, "yarn", 2.0, None)
@@ -56,12 +73,15 @@ def test_linear_scaling_composes_and_others_refuse():
         plan_extension({"max_seq_len": 64, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "linear", 2.0, None)
 
 
-@pytest.mark.parametrize("rope_type, factor, seq, message", [
-    ("linear", 1.0, None, "must be greater than 1"),
-    ("linear", 0.5, None, "must be greater than 1"),
-    ("linear", 2.0, 48, "use --seq-length 64 or --interp-factor 1.5"),
-    ("ntk-by-magic", 2.0, None, "unknown --rope-type"),
-])
+@pytest.mark.parametrize(
+    "rope_type, factor, seq, message",
+    [
+        ("linear", 1.0, None, "must be greater than 1"),
+        ("linear", 0.5, None, "must be greater than 1"),
+        ("linear", 2.0, 48, "use --seq-length 64 or --interp-factor 1.5"),
+        ("ntk-by-magic", 2.0, None, "unknown --rope-type"),
+    ],
+)
 def test_bad_extensions_are_clear_errors(rope_type, factor, seq, message):
     with pytest.raises(CookbookError, match=message):
         plan_extension(BASE, rope_type, factor, seq)
@@ -86,9 +106,32 @@ def base(tmp_path_factory, tokenized, sp_model):
 
 
 def extend_flags(tokenized, load, save, iters: int, *extra: str) -> list[str]:
-    return ["extend", "--load", str(load), "--save", str(save), "--data-path", tokenized, "--train-iters", str(iters),
-            "--micro-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "0",
-            "--device", "cpu", "--dtype", "fp32", *extra]
+    return [
+        "extend",
+        "--load",
+        str(load),
+        "--save",
+        str(save),
+        "--data-path",
+        tokenized,
+        "--train-iters",
+        str(iters),
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-iters",
+        "1",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        *extra,
+    ]
 
 
 def test_pi_run_trains_at_twice_the_context_and_resumes(tmp_path, tokenized, base):
@@ -111,7 +154,20 @@ def test_pi_run_trains_at_twice_the_context_and_resumes(tmp_path, tokenized, bas
 
 def test_no_train_writes_the_same_weights_under_the_scaled_config(tmp_path, base):
     save = tmp_path / "yarn"
-    check(run_cli("extend", "--load", str(base), "--save", str(save), "--interp-factor", "4", "--rope-type", "yarn", "--no-train"))
+    check(
+        run_cli(
+            "extend",
+            "--load",
+            str(base),
+            "--save",
+            str(save),
+            "--interp-factor",
+            "4",
+            "--rope-type",
+            "yarn",
+            "--no-train",
+        )
+    )
     scaled, _ = load_model(save, device="cpu")
     original, _ = load_model(base, device="cpu")
     assert scaled.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
@@ -133,7 +189,20 @@ def test_extended_checkpoint_runs_in_transformers_at_the_long_length(tmp_path, b
     from recipes.convert import ConvertConfig, run
 
     scaled, hf = tmp_path / "scaled", tmp_path / "hf"
-    check(run_cli("extend", "--load", str(base), "--save", str(scaled), "--interp-factor", "2", "--rope-type", rope_type, "--no-train"))
+    check(
+        run_cli(
+            "extend",
+            "--load",
+            str(base),
+            "--save",
+            str(scaled),
+            "--interp-factor",
+            "2",
+            "--rope-type",
+            rope_type,
+            "--no-train",
+        )
+    )
     run(ConvertConfig("cookbook", "hf", str(scaled), str(hf)), show_progress=False)
     conf = json.loads((hf / "config.json").read_text())
     scaling = conf.get("rope_scaling") or conf.get("rope_parameters")
@@ -147,14 +216,22 @@ def test_extended_checkpoint_runs_in_transformers_at_the_long_length(tmp_path, b
 
 
 def test_extend_bad_input_is_one_line(tmp_path, tokenized, base):
-    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--seq-length", "48")),
-                          "does not match --interp-factor 2")
-    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "1")), "must be greater than 1")
+    assert_one_line_error(
+        run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--seq-length", "48")),
+        "does not match --interp-factor 2",
+    )
+    assert_one_line_error(
+        run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "1")), "must be greater than 1"
+    )
     assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2)), "needs --interp-factor")
-    assert_one_line_error(run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--rope-type", "ntk")),
-                          "unknown --rope-type 'ntk'")
-    assert_one_line_error(run_cli(*extend_flags(tokenized, tmp_path / "nothing", tmp_path / "x", 2, "--interp-factor", "2")),
-                          "holds no checkpoint")
+    assert_one_line_error(
+        run_cli(*extend_flags(tokenized, base, tmp_path / "x", 2, "--interp-factor", "2", "--rope-type", "ntk")),
+        "unknown --rope-type 'ntk'",
+    )
+    assert_one_line_error(
+        run_cli(*extend_flags(tokenized, tmp_path / "nothing", tmp_path / "x", 2, "--interp-factor", "2")),
+        "holds no checkpoint",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -180,13 +257,33 @@ def test_passkey_answers_are_read_and_scored():
     assert read_answer(" 48213. Remember") == "48213"
     assert read_answer(" the key is 4821") == "4821"
     assert read_answer(" none") == ""
-    trials = [PasskeyTrial(64, 0.5, "1", "1", True), PasskeyTrial(64, 0.5, "2", "3", False), PasskeyTrial(128, 0.0, "5", "5", True)]
+    trials = [
+        PasskeyTrial(64, 0.5, "1", "1", True),
+        PasskeyTrial(64, 0.5, "2", "3", False),
+        PasskeyTrial(128, 0.0, "5", "5", True),
+    ]
     assert accuracy(trials) == {(64, 0.5): 0.5, (128, 0.0): 1.0}
 
 
 def test_passkey_command_writes_its_table_and_json(tmp_path, base):
-    proc = check(run_cli("eval", "--load", str(base), "--passkey", "--seq-length", "160,200", "--passkey-depths", "0,1",
-                         "--passkey-trials", "2", "--device", "cpu", "--dump-dir", str(tmp_path)))
+    proc = check(
+        run_cli(
+            "eval",
+            "--load",
+            str(base),
+            "--passkey",
+            "--seq-length",
+            "160,200",
+            "--passkey-depths",
+            "0,1",
+            "--passkey-trials",
+            "2",
+            "--device",
+            "cpu",
+            "--dump-dir",
+            str(tmp_path),
+        )
+    )
     assert "passkey retrieval accuracy" in proc.stdout
     dumped = json.loads((tmp_path / "passkey.json").read_text())
     assert [(r["length"], r["depth"]) for r in dumped["accuracy"]] == [(160, 0.0), (160, 1.0), (200, 0.0), (200, 1.0)]
@@ -205,13 +302,29 @@ def test_plot_draws_several_runs_into_one_png(tmp_path):
         write_jsonl(tmp_path / name / "metrics.jsonl", records)
     out = tmp_path / "fig" / "loss.png"
     # a save folder and a metrics.jsonl file
-    proc = check(run_cli("plot", str(tmp_path / "pi"), str(tmp_path / "nopi" / "metrics.jsonl"), "--label", "with PI",
-                         "--label", "without PI", "-o", str(out), "--smooth", "3"))
+    proc = check(
+        run_cli(
+            "plot",
+            str(tmp_path / "pi"),
+            str(tmp_path / "nopi" / "metrics.jsonl"),
+            "--label",
+            "with PI",
+            "--label",
+            "without PI",
+            "-o",
+            str(out),
+            "--smooth",
+            "3",
+        )
+    )
     assert "wrote" in proc.stdout
     head = out.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])
     assert width > 500 and height > 300
     assert_one_line_error(run_cli("plot", str(tmp_path / "missing"), "-o", str(out)), "has no metrics.jsonl")
-    assert_one_line_error(run_cli("plot", str(tmp_path / "pi"), "--metric", "nope", "-o", str(tmp_path / "x.png")), "no both 'nope' records")
+    assert_one_line_error(
+        run_cli("plot", str(tmp_path / "pi"), "--metric", "nope", "-o", str(tmp_path / "x.png")),
+        "no both 'nope' records",
+    )
     assert not (tmp_path / "x.png").exists()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from helpers_data import write_jsonl
+
 from recipes.preprocess import PreprocessConfig, run
 
 SCRIPT = """
@@ -22,10 +23,15 @@ print(s.tokenizer)
 def test_same_bytes_without_gigatoken_and_orjson(tmp_path, sp_model, hf_tokenizer, corpus_texts):
     jsonl = write_jsonl(tmp_path / "in.jsonl", corpus_texts)
     for name, tok in (("sp", sp_model), ("hf", hf_tokenizer)):
-        fast = run(PreprocessConfig([str(jsonl)], str(tmp_path / f"fast_{name}"), str(tok), append_eod=True), show_progress=False)
+        fast = run(
+            PreprocessConfig([str(jsonl)], str(tmp_path / f"fast_{name}"), str(tok), append_eod=True),
+            show_progress=False,
+        )
         proc = subprocess.run(
             [sys.executable, "-c", SCRIPT, str(jsonl), str(tmp_path / f"slow_{name}"), str(tok)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert "gigatoken" not in proc.stdout and "gigatoken" in fast.tokenizer
         for ext in (".bin", ".idx"):

@@ -44,7 +44,9 @@ def test_help_at_80_columns_shows_every_flag_whole(path, command):
     assert max(map(len, lines)) <= 80, max(lines, key=len)
     for param in command.params:
         for name in param.opts + param.secondary_opts if is_option(param) else []:
-            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.output), f"{name} is cut or missing:\n{result.output}"
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.output), (
+                f"{name} is cut or missing:\n{result.output}"
+            )
     assert "…" not in result.output
 
 
@@ -86,7 +88,7 @@ def test_training_prints_a_summary_logs_its_first_step_and_says_when_it_is_done(
     data = write_token_dataset(tmp_path / "data" / "tok")
     save = tmp_path / "run"
     flags = train_flags(data, save, 3, load=save)
-    flags[flags.index("--dtype"): flags.index("--dtype") + 2] = []  # auto: fp32 on any CPU here (COOKBOOK_CPU_BF16=0)
+    flags[flags.index("--dtype") : flags.index("--dtype") + 2] = []  # auto: fp32 on any CPU here (COOKBOOK_CPU_BF16=0)
     flags[flags.index("--log-interval") + 1] = "2"
     first = check(run_cli("pretrain", *flags, "--print-config", timeout=300)).stderr
     assert "[model]" in first and "[optimizer]" in first  # the whole config, asked for

@@ -16,8 +16,16 @@ from helpers_train import check, losses, pretrain, train_flags, write_token_data
 from cookbook.engine.loss import cross_entropy
 from cookbook.model import ModelConfig, Transformer
 
-CFG = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                  max_seq_len=64, qkv_bias=True)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=64,
+    qkv_bias=True,
+)
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
@@ -27,11 +35,18 @@ def data(tmp_path_factory):
 
 
 def test_fp8_is_refused_without_fp8_tensor_cores(tmp_path, data):
-    assert_one_line_error(pretrain(train_flags(data, tmp_path / "x", 2) + ["--fp8"]), "--fp8 needs an NVIDIA GPU with FP8 tensor cores")
+    assert_one_line_error(
+        pretrain(train_flags(data, tmp_path / "x", 2) + ["--fp8"]), "--fp8 needs an NVIDIA GPU with FP8 tensor cores"
+    )
 
 
 def test_fp8_with_tensor_parallel_is_refused_before_any_work(tmp_path, data):
-    flags = train_flags(data, tmp_path / "x", 2, tensor_model_parallel_size=2) + ["--fp8", "--dry-run", "--world-size", "2"]
+    flags = train_flags(data, tmp_path / "x", 2, tensor_model_parallel_size=2) + [
+        "--fp8",
+        "--dry-run",
+        "--world-size",
+        "2",
+    ]
     assert_one_line_error(pretrain(flags), "--fp8 with tensor parallel is not supported yet")
 
 

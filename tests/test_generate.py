@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from cookbook.errors import CookbookError
-from cookbook.model import ModelConfig, Transformer
-from cookbook.model.model import KVCache
 from cookbook.inference.engine import STOP_CHECK_EVERY
 from cookbook.inference.generator import generate
 from cookbook.inference.sampling import filter_logits, sample
+from cookbook.model import ModelConfig, Transformer
+from cookbook.model.model import KVCache
 
-TINY = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-            max_seq_len=64)
+TINY = dict(
+    vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64
+)
 CASES = {
     "mha": dict(num_kv_heads=4),
     "gqa": dict(),
@@ -109,8 +110,9 @@ def test_greedy_equals_transformers_generate(case):
         prompt = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
         ours = generate(model, prompt.tolist(), new, temperature=0)[0]
         with torch.no_grad():
-            theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=new, min_new_tokens=new)[0, length:].tolist()
+            theirs = hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new, min_new_tokens=new
+            )[0, length:].tolist()
         assert ours == theirs, f"{case}, prompt of {length}"
 
 
@@ -164,10 +166,19 @@ def test_top_k_1_equals_greedy():
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0)
     logits = probs.log()
-    kept = {p: set(torch.isfinite(filter_logits(logits, top_p=p)).nonzero().flatten().tolist())
-            for p in (0.3, 0.5 - 1e-3, 0.6, 0.79, 0.9, 0.96, 1.0)}
-    assert kept == {0.3: {1}, 0.5 - 1e-3: {1}, 0.6: {1, 3}, 0.79: {1, 3}, 0.9: {1, 3, 2}, 0.96: {0, 1, 2, 3},
-                    1.0: {0, 1, 2, 3}}
+    kept = {
+        p: set(torch.isfinite(filter_logits(logits, top_p=p)).nonzero().flatten().tolist())
+        for p in (0.3, 0.5 - 1e-3, 0.6, 0.79, 0.9, 0.96, 1.0)
+    }
+    assert kept == {
+        0.3: {1},
+        0.5 - 1e-3: {1},
+        0.6: {1, 3},
+        0.79: {1, 3},
+        0.9: {1, 3, 2},
+        0.96: {0, 1, 2, 3},
+        1.0: {0, 1, 2, 3},
+    }
     # on a batch, per row, and top_k before top_p
     both = filter_logits(torch.stack([logits, logits.flip(0)]), top_k=3, top_p=0.9)
     assert torch.isfinite(both).tolist() == [[False, True, True, True], [True, True, True, False]]
@@ -190,9 +201,18 @@ def test_sampling_is_reproducible_by_seed():
 def test_bad_sampling_settings_and_prompts_are_clear_errors():
     model = tiny_model()
     nan, inf = float("nan"), float("inf")
-    for kwargs in (dict(temperature=-1.0), dict(temperature=nan), dict(temperature=inf), dict(top_k=-1),
-                   dict(top_p=0.0), dict(top_p=1.5), dict(top_p=nan), dict(repetition_penalty=inf),
-                   dict(frequency_penalty=nan), dict(presence_penalty=-inf)):
+    for kwargs in (
+        dict(temperature=-1.0),
+        dict(temperature=nan),
+        dict(temperature=inf),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=nan),
+        dict(repetition_penalty=inf),
+        dict(frequency_penalty=nan),
+        dict(presence_penalty=-inf),
+    ):
         with pytest.raises(CookbookError) as e:
             generate(model, [[1, 2]], 3, **kwargs)
         assert next(iter(kwargs)) in str(e.value) and "\n" not in str(e.value)
@@ -221,14 +241,21 @@ def test_repetition_penalty_equals_transformers_generate(penalty):
     for prompt, row in zip(prompts, ours):
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
-                                 min_new_tokens=24, repetition_penalty=penalty)[0, len(prompt):].tolist()
+            theirs = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=24,
+                min_new_tokens=24,
+                repetition_penalty=penalty,
+            )[0, len(prompt) :].tolist()
         assert row == theirs, f"prompt of {len(prompt)}"
     assert ours != generate(model, prompts, 24, temperature=0)  # the penalty changed something
 
 
-def reference_penalised_greedy(model, prompt: list[int], new: int, frequency: float, presence: float,
-                               repetition: float = 1.0) -> list[int]:
+def reference_penalised_greedy(
+    model, prompt: list[int], new: int, frequency: float, presence: float, repetition: float = 1.0
+) -> list[int]:
     """The penalties written out: a full forward per step, no cache, counts kept in a python dict."""
     seq, out = list(prompt), []
     for _ in range(new):
@@ -250,8 +277,15 @@ def test_frequency_and_presence_penalties_equal_a_reference_loop(frequency, pres
     model = tiny_model()
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 12, 5)]
-    ours = generate(model, prompts, 20, temperature=0, frequency_penalty=frequency, presence_penalty=presence,
-                    repetition_penalty=repetition)
+    ours = generate(
+        model,
+        prompts,
+        20,
+        temperature=0,
+        frequency_penalty=frequency,
+        presence_penalty=presence,
+        repetition_penalty=repetition,
+    )
     assert ours == [reference_penalised_greedy(model, p, 20, frequency, presence, repetition) for p in prompts]
     assert ours != generate(model, prompts, 20, temperature=0)
 
@@ -260,8 +294,21 @@ def test_default_penalties_change_nothing_and_penalties_apply_before_sampling():
     model = tiny_model(init_std=0.02)
     prompts = [[1, 2, 3], [4, 5]]
     plain = generate(model, prompts, 16, temperature=0.9, top_p=0.9, seed=3)
-    assert generate(model, prompts, 16, temperature=0.9, top_p=0.9, seed=3, repetition_penalty=1.0,
-                    frequency_penalty=0.0, presence_penalty=0.0, stop_ids=()) == plain
+    assert (
+        generate(
+            model,
+            prompts,
+            16,
+            temperature=0.9,
+            top_p=0.9,
+            seed=3,
+            repetition_penalty=1.0,
+            frequency_penalty=0.0,
+            presence_penalty=0.0,
+            stop_ids=(),
+        )
+        == plain
+    )
     # a strong presence penalty under sampling: no token is drawn twice within a row while others remain
     out = generate(model, prompts, 16, temperature=1.0, seed=3, presence_penalty=2.0, frequency_penalty=2.0)
     free = generate(model, prompts, 16, temperature=1.0, seed=3)
@@ -311,6 +358,17 @@ def test_generate_commands_refuse_bad_sampling_in_one_line(teacher, tmp_path):
     for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan")):
         proc = run_cli("generate", "--load", teacher["cookbook"], "--prompt", "x", flag, value, "--device", "cpu")
         assert_one_line_error(proc, flag[2:].split("-")[0], value)
-    proc = run_cli("distill", "generate", "--dry-run", "--teacher", teacher["cookbook"], "--prompts-from",
-                   tmp_path / "docs.jsonl", "--output", tmp_path / "out", "--temperature", "inf")
+    proc = run_cli(
+        "distill",
+        "generate",
+        "--dry-run",
+        "--teacher",
+        teacher["cookbook"],
+        "--prompts-from",
+        tmp_path / "docs.jsonl",
+        "--output",
+        tmp_path / "out",
+        "--temperature",
+        "inf",
+    )
     assert_one_line_error(proc, "temperature", "inf")

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_data import megatron_build
 
 from cookbook.data.gpt_dataset import GPTSamples, parse_split, split_ranges
 from cookbook.data.indexed import IndexedDataset
 from cookbook.errors import CookbookError
-from helpers_data import megatron_build
 
 gpt = pytest.importorskip("megatron.core.datasets.gpt_dataset")
-from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexed  # noqa: E402
 from megatron.core.datasets.blended_megatron_dataset_config import (  # noqa: E402
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
+from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexed  # noqa: E402
 from megatron.core.datasets.utils import Split  # noqa: E402
 
 
@@ -26,14 +26,30 @@ class StubTokenizer:
     unique_identifiers = {"class": "StubTokenizer"}
 
 
-def megatron_dataset(prefix, lo, hi, seq_len, num_samples, seed, reset_position_ids=False, reset_attention_mask=False,
-                     eod_mask_loss=False):
+def megatron_dataset(
+    prefix,
+    lo,
+    hi,
+    seq_len,
+    num_samples,
+    seed,
+    reset_position_ids=False,
+    reset_attention_mask=False,
+    eod_mask_loss=False,
+):
     config = gpt.GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_len, split="1,0,0", tokenizer=StubTokenizer(),
-        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
+        random_seed=seed,
+        sequence_length=seq_len,
+        split="1,0,0",
+        tokenizer=StubTokenizer(),
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
         path_to_cache=None,
     )
-    return gpt.GPTDataset(MegatronIndexed(prefix), prefix, np.arange(lo, hi, dtype=np.int32), num_samples, Split.train, config)
+    return gpt.GPTDataset(
+        MegatronIndexed(prefix), prefix, np.arange(lo, hi, dtype=np.int32), num_samples, Split.train, config
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +59,17 @@ def prefix(tmp_path_factory):
     return megatron_build(tmp_path_factory.mktemp("gpt") / "ds", docs)
 
 
-@pytest.mark.parametrize("seq_len,num_samples,seed", [
-    (16, None, 1234), (16, 50, 7), (32, 900, 1234), (7, 5000, 3), (64, 230, 99), (5, 2000, 1),
-])
+@pytest.mark.parametrize(
+    "seq_len,num_samples,seed",
+    [
+        (16, None, 1234),
+        (16, 50, 7),
+        (32, 900, 1234),
+        (7, 5000, 3),
+        (64, 230, 99),
+        (5, 2000, 1),
+    ],
+)
 @pytest.mark.parametrize("split", [(0, 150), (10, 120)])
 def test_indices_and_tokens_equal_megatron(prefix, seq_len, num_samples, seed, split):
     ours = GPTSamples(IndexedDataset(prefix), *split, seq_len, num_samples, seed)
@@ -70,7 +94,9 @@ def documents_prefix(tmp_path_factory):
     return megatron_build(tmp_path_factory.mktemp("gpt_eod") / "ds", docs)
 
 
-@pytest.mark.parametrize("flags", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize(
+    "flags", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]
+)
 def test_document_flags_equal_megatron(documents_prefix, flags):
     """--reset-position-ids, --reset-attention-mask and --eod-mask-loss: our samples put through ``document_inputs``
     give megatron-core's position ids, attention mask (True where it masks) and loss mask, sample by sample."""
@@ -80,8 +106,10 @@ def test_document_flags_equal_megatron(documents_prefix, flags):
 
     ours = GPTSamples(IndexedDataset(documents_prefix), 0, 120, 48, 300, 5)
     theirs = megatron_dataset(documents_prefix, 0, 120, 48, 300, 5, *flags)
-    positions, documents, keep = document_inputs(torch.from_numpy(np.stack([ours[i] for i in range(len(ours))]))[:, :-1],
-                                                 DocumentFlags(StubTokenizer.eod, *flags))
+    positions, documents, keep = document_inputs(
+        torch.from_numpy(np.stack([ours[i] for i in range(len(ours))]))[:, :-1],
+        DocumentFlags(StubTokenizer.eod, *flags),
+    )
     causal = torch.ones(48, 48, dtype=torch.bool).tril()
     for i in range(len(ours)):
         want = theirs[i]
@@ -98,8 +126,10 @@ def test_split_matches_megatron():
     for split, n in (("969,30,1", 1786), ("98,2,0", 1001), ("1", 10), ("1,1,1", 10), ("80,20", 7), ("1,1,1", 7)):
         ranges = split_ranges(parse_split(split), n)
         matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-        expected = [(int(round(lo * float(n))), int(round(hi * float(n)))) if (lo, hi) != (None, None) else None
-                    for lo, hi in [m if m is not None else (None, None) for m in matrix]]
+        expected = [
+            (int(round(lo * float(n))), int(round(hi * float(n)))) if (lo, hi) != (None, None) else None
+            for lo, hi in [m if m is not None else (None, None) for m in matrix]
+        ]
         assert [r if r[0] != r[1] else None for r in ranges] == [e if e and e[0] != e[1] else None for e in expected]
 
 
@@ -109,9 +139,16 @@ def test_bad_split_strings():
             parse_split(bad)
 
 
-@pytest.mark.parametrize("weights,size", [
-    ([0.3, 0.7], 1000), ([1, 1, 1], 777), ([0.5, 0.25, 0.125, 0.125], 3000), ([1.0], 10), ([0.001, 0.999], 5000),
-])
+@pytest.mark.parametrize(
+    "weights,size",
+    [
+        ([0.3, 0.7], 1000),
+        ([1, 1, 1], 777),
+        ([0.5, 0.25, 0.125, 0.125], 3000),
+        ([1.0], 10),
+        ([0.001, 0.999], 5000),
+    ],
+)
 def test_blending_equals_megatron_helper(weights, size):
     from megatron.core.datasets import helpers_cpp
 
@@ -162,7 +199,9 @@ def test_a_dataset_too_small_for_a_split(prefix, tmp_path):
     assert len(splits["valid"]) == 40 and np.bincount(splits["valid"].dataset_index).tolist() == [20, 20]
     assert splits["test"] is None and notes == []  # neither has test documents; both have valid ones
     splits = build_splits(["0.5", prefix, "0.5", small], "95,2,3", 16, 1, SplitSizes(100, 40, 40), notes)
-    assert isinstance(splits["valid"], GPTSamples) and splits["valid"].dataset.prefix == str(prefix)  # the big one alone
+    assert isinstance(splits["valid"], GPTSamples) and splits["valid"].dataset.prefix == str(
+        prefix
+    )  # the big one alone
     assert len(splits["test"]) == 40 and np.bincount(splits["test"].dataset_index).tolist() == [20, 20]
     assert len(notes) == 1 and str(small) in notes[0] and "--split 95,2,3" in notes[0] and "20 documents" in notes[0]
     with pytest.raises(CookbookError, match=r"--split 1,98,1 leaves the train split of .*small without documents"):

@@ -19,8 +19,25 @@ def run_cli(*args, timeout: float = 300):
 
 
 RUN = ["--dtype", "fp32", "--device", "cpu"]
-TRAIN = ["--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-3", "--lr-warmup-iters", "1",
-         "--log-interval", "1", "--eval-interval", "0", "--seed", "3", *RUN]
+TRAIN = [
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--train-iters",
+    "3",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "0",
+    "--seed",
+    "3",
+    *RUN,
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +52,41 @@ def model(tmp_path_factory, sp_model):
 
 def perplexity(load, tmp, *extra) -> list[dict]:
     dump = tmp / f"eval_{abs(hash((str(load), extra)))}"
-    check(run_cli("eval", "--load", load, "--ppl-files", tmp.parent / "heldout.jsonl", "--seq-length", "32",
-                  "--dump-dir", dump, *RUN, *extra, timeout=300))
+    check(
+        run_cli(
+            "eval",
+            "--load",
+            load,
+            "--ppl-files",
+            tmp.parent / "heldout.jsonl",
+            "--seq-length",
+            "32",
+            "--dump-dir",
+            dump,
+            *RUN,
+            *extra,
+            timeout=300,
+        )
+    )
     return json.loads((dump / "perplexity.json").read_text())["results"]
 
 
 def greedy(load) -> str:
-    return check(run_cli("generate", "--load", load, "--prompt", "def", "--max-new-tokens", "8", "--temperature", "0",
-                         *RUN, timeout=300)).stdout
+    return check(
+        run_cli(
+            "generate",
+            "--load",
+            load,
+            "--prompt",
+            "def",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            *RUN,
+            timeout=300,
+        )
+    ).stdout
 
 
 def same_perplexity(a: list[dict], b: list[dict]) -> None:
@@ -62,10 +106,33 @@ def test_prune_and_extend_without_training(model):
     tmp = model["root"] / "outputs"
     tmp.mkdir()
     for kind in ("hf", "cookbook"):
-        check(run_cli("prune", "--load", model[kind], "--hidden-size-remain", "48", "--importance", "magnitude",
-                      "--save", tmp / f"pruned_{kind}", timeout=300))
-        check(run_cli("extend", "--load", model[kind], "--interp-factor", "2", "--no-train",
-                      "--save", tmp / f"extended_{kind}", timeout=300))
+        check(
+            run_cli(
+                "prune",
+                "--load",
+                model[kind],
+                "--hidden-size-remain",
+                "48",
+                "--importance",
+                "magnitude",
+                "--save",
+                tmp / f"pruned_{kind}",
+                timeout=300,
+            )
+        )
+        check(
+            run_cli(
+                "extend",
+                "--load",
+                model[kind],
+                "--interp-factor",
+                "2",
+                "--no-train",
+                "--save",
+                tmp / f"extended_{kind}",
+                timeout=300,
+            )
+        )
     same_perplexity(perplexity(tmp / "pruned_hf", tmp), perplexity(tmp / "pruned_cookbook", tmp))
     same_perplexity(perplexity(tmp / "extended_hf", tmp), perplexity(tmp / "extended_cookbook", tmp))
 
@@ -74,11 +141,37 @@ def test_finetune_and_extend_runs_start_from_the_folder(model):
     tmp = model["root"] / "runs"
     tmp.mkdir()
     for kind in ("hf", "cookbook"):
-        check(run_cli("pretrain", "--load", model[kind], "--finetune", "--data-path", model["data"], *TRAIN,
-                      "--save", tmp / f"tuned_{kind}", timeout=300))
-        check(run_cli("extend", "--load", model[kind], "--interp-factor", "2", "--data-path", model["data"], *TRAIN,
-                      "--seq-length", "256",  # twice the context of 128
-                      "--save", tmp / f"extended_{kind}", timeout=300))
+        check(
+            run_cli(
+                "pretrain",
+                "--load",
+                model[kind],
+                "--finetune",
+                "--data-path",
+                model["data"],
+                *TRAIN,
+                "--save",
+                tmp / f"tuned_{kind}",
+                timeout=300,
+            )
+        )
+        check(
+            run_cli(
+                "extend",
+                "--load",
+                model[kind],
+                "--interp-factor",
+                "2",
+                "--data-path",
+                model["data"],
+                *TRAIN,
+                "--seq-length",
+                "256",  # twice the context of 128
+                "--save",
+                tmp / f"extended_{kind}",
+                timeout=300,
+            )
+        )
     assert (tmp / "tuned_hf" / ".hf_source").is_dir()
     for run in ("tuned", "extended"):
         ours, oracle = losses(tmp / f"{run}_hf"), losses(tmp / f"{run}_cookbook")

@@ -16,23 +16,88 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TRICKY, stdlib_texts
+from helpers_data import run_cli
+
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.formats.hf import write_side_files
 from cookbook.formats.hf_tokenizer import read_sentencepiece
 from cookbook.formats.stream import Checkpoint, tokenizer_files
 from cookbook.model import ModelConfig
-from helpers_data import run_cli
 
 transformers = pytest.importorskip("transformers")
 
-PIECES = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "a", "b", "word", "Word", "x1", "42", "3.14", "é", "ß", "日本",
-          "😀", "👍🏽", "👨\u200d👩", "🇫🇷", "\u00a0", "\u3000", "\u034f", "\u0301", "\ufe0f", "\u200b", "\u200d", "ﬁ",
-          "ｆｕｌｌ", "½", "가", "\u1100\u1161", "ㄱㅏ", "<s>", "</s>", "<unk>", "<EOD>", "<CLS>", "<0x41>", "▁", "▁▁", "def",
-          "return", "(", ")", ":", "#", "'"]
-LITERAL = [" leading", "  two leading", "trailing ", "a  b   c    d", "\tx\n y ", "<s>", "</s>", "x<s>y", "<s> hi </s>",
-           " <s>", "<EOD>", "a<EOD> b", "😀", "12345", "   ", "\u00a8 a \u00a8", "▁x", "<0x41>"]
+PIECES = [
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "a",
+    "b",
+    "word",
+    "Word",
+    "x1",
+    "42",
+    "3.14",
+    "é",
+    "ß",
+    "日本",
+    "😀",
+    "👍🏽",
+    "👨\u200d👩",
+    "🇫🇷",
+    "\u00a0",
+    "\u3000",
+    "\u034f",
+    "\u0301",
+    "\ufe0f",
+    "\u200b",
+    "\u200d",
+    "ﬁ",
+    "ｆｕｌｌ",
+    "½",
+    "가",
+    "\u1100\u1161",
+    "ㄱㅏ",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<EOD>",
+    "<CLS>",
+    "<0x41>",
+    "▁",
+    "▁▁",
+    "def",
+    "return",
+    "(",
+    ")",
+    ":",
+    "#",
+    "'",
+]
+LITERAL = [
+    " leading",
+    "  two leading",
+    "trailing ",
+    "a  b   c    d",
+    "\tx\n y ",
+    "<s>",
+    "</s>",
+    "x<s>y",
+    "<s> hi </s>",
+    " <s>",
+    "<EOD>",
+    "a<EOD> b",
+    "😀",
+    "12345",
+    "   ",
+    "\u00a8 a \u00a8",
+    "▁x",
+    "<0x41>",
+]
 
 
 def varied_texts(n: int = 300, seed: int = 0) -> list[str]:
@@ -46,7 +111,11 @@ def varied_texts(n: int = 300, seed: int = 0) -> list[str]:
 
 
 TEXTS = varied_texts()
-CASES = [(f, k) for f in ("sp_model", "sp_unigram", "sp_nfkc", "sp_odd") for k in ("Llama2Tokenizer", "SentencePieceTokenizer")]
+CASES = [
+    (f, k)
+    for f in ("sp_model", "sp_unigram", "sp_nfkc", "sp_odd")
+    for k in ("Llama2Tokenizer", "SentencePieceTokenizer")
+]
 LOSSLESS = {"sp_model", "sp_unigram"}  # identity normalization, whitespace kept: decode(encode(text)) == text
 
 
@@ -54,8 +123,16 @@ def write_folder(folder: Path, carried: dict[str, Path], kind: str | None, note:
     """What convert --to hf writes beside the weights: config.json and the tokenizer files; no note for the user,
     or one that says ``note``."""
     folder.mkdir()
-    cfg = ModelConfig(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                      max_seq_len=256, **model)
+    cfg = ModelConfig(
+        vocab_size=640,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        max_seq_len=256,
+        **model,
+    )
     ckpt = Checkpoint(cfg, tensors=lambda: iter(()), dtypes={}, hf_files=carried, tokenizer_type=kind)
     write_side_files(folder, ckpt, torch.float32)
     assert len(ckpt.notes) == (note is not None) and all(note in n for n in ckpt.notes), ckpt.notes
@@ -75,8 +152,13 @@ def table_safe(text: str) -> bool:
     """No combining mark and no Hangul jamo: tokenizers' Precompiled normalizer applies a normalization table
     (NFKC) as sentencepiece does. (It maps a grapheme cluster by its first mapped character, dropping the marks
     after it, and does not compose jamo across characters.)"""
-    return not any(unicodedata.category(c).startswith("M") or unicodedata.name(c, "").startswith(
-        ("HANGUL CHOSEONG", "HANGUL JUNGSEONG", "HANGUL JONGSEONG", "HANGUL LETTER", "HALFWIDTH HANGUL")) for c in text)
+    return not any(
+        unicodedata.category(c).startswith("M")
+        or unicodedata.name(c, "").startswith(
+            ("HANGUL CHOSEONG", "HANGUL JUNGSEONG", "HANGUL JONGSEONG", "HANGUL LETTER", "HALFWIDTH HANGUL")
+        )
+        for c in text
+    )
 
 
 def assert_same_ids(theirs, ours, texts: list[str], unigram: bool) -> None:
@@ -100,7 +182,12 @@ def test_sentencepiece_folder_gives_our_ids(request, tmp_path, fixture, kind):
     path = request.getfixturevalue(fixture)
     folder = write_folder(tmp_path / "hf", tokenizer_files(path), kind)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+        "config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     ours = load_tokenizer(path, kind, backend="reference")
     assert_backed_by(theirs, folder / "tokenizer.json")
@@ -122,10 +209,14 @@ def test_sentencepiece_folder_gives_our_ids(request, tmp_path, fixture, kind):
 def test_literal_special_strings(sp_model, tmp_path):
     """Llama2Tokenizer: "<s>" in a text is text, as in sentencepiece, and BOS comes first; SentencePieceTokenizer:
     Megatron's special strings become their ids, and no BOS."""
-    llama = transformers.AutoTokenizer.from_pretrained(write_folder(tmp_path / "llama", tokenizer_files(sp_model), "Llama2Tokenizer"))
+    llama = transformers.AutoTokenizer.from_pretrained(
+        write_folder(tmp_path / "llama", tokenizer_files(sp_model), "Llama2Tokenizer")
+    )
     ids = llama("<s>x</s>").input_ids
     assert ids[0] == llama.bos_token_id == 1 and ids.count(1) == 1 and 2 not in ids
-    megatron = transformers.AutoTokenizer.from_pretrained(write_folder(tmp_path / "sp", tokenizer_files(sp_model), "SentencePieceTokenizer"))
+    megatron = transformers.AutoTokenizer.from_pretrained(
+        write_folder(tmp_path / "sp", tokenizer_files(sp_model), "SentencePieceTokenizer")
+    )
     ours = load_tokenizer(sp_model, "SentencePieceTokenizer")
     ids = megatron("<s>x<EOD>").input_ids
     assert ids[0] == 1 and ids[-1] == ours.eod == megatron.eos_token_id and ids == ours.tokenize("<s>x<EOD>")
@@ -180,20 +271,32 @@ def test_convert_to_hf_output_loads_in_autotokenizer_without_protobuf(tmp_path, 
     from cookbook.engine.checkpoint import Checkpointer
     from cookbook.model import Transformer
 
-    cfg = ModelConfig(vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=640, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, max_seq_len=64
+    )
     model = Transformer(cfg)
-    sections = {"model": {k: v for k, v in cfg.to_dict().items() if v is not None},
-                "data": {"tokenizer_model": str(sp_model), "tokenizer_type": "SentencePieceTokenizer"}}
-    Checkpointer(tmp_path / "run", keep_last=0, is_main=True).save(3, model, torch.optim.AdamW(model.parameters()), sections, {"step": 3})
-    proc = run_cli("convert", "--from", "cookbook", "--to", "hf", "--load-dir", tmp_path / "run", "--save-dir", tmp_path / "hf")
+    sections = {
+        "model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "data": {"tokenizer_model": str(sp_model), "tokenizer_type": "SentencePieceTokenizer"},
+    }
+    Checkpointer(tmp_path / "run", keep_last=0, is_main=True).save(
+        3, model, torch.optim.AdamW(model.parameters()), sections, {"step": 3}
+    )
+    proc = run_cli(
+        "convert", "--from", "cookbook", "--to", "hf", "--load-dir", tmp_path / "run", "--save-dir", tmp_path / "hf"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "hf"
     assert (out / "tokenizer.model").read_bytes() == sp_model.read_bytes()
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
     texts = LITERAL + TRICKY + stdlib_texts(2)
     (tmp_path / "texts.json").write_text(json.dumps(texts))
-    proc = subprocess.run([sys.executable, "-c", NO_PROTOBUF, str(out), str(tmp_path / "texts.json")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_PROTOBUF, str(out), str(tmp_path / "texts.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["fast"] and loaded["class"] in ("TokenizersBackend", "PreTrainedTokenizerFast")  # transformers 5, 4
@@ -207,8 +310,14 @@ def test_a_model_without_a_tokenizer_json_equivalent_keeps_tokenizer_model(tmp_p
     import sentencepiece as spm
 
     lines = [line for t in stdlib_texts(10) for line in t.split("\n") if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "suffix"), vocab_size=300,
-                                   model_type="bpe", treat_whitespace_as_suffix=True, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(tmp_path / "suffix"),
+        vocab_size=300,
+        model_type="bpe",
+        treat_whitespace_as_suffix=True,
+        minloglevel=2,
+    )
     folder = tmp_path / "hf"
     folder.mkdir()
     shutil.copyfile(tmp_path / "suffix.model", folder / "tokenizer.model")
@@ -224,8 +333,11 @@ def test_user_defined_symbols(tmp_path, train_jsonl):
     ids, a text with one gets the symbol's id, and the conversion says that the text after one differs."""
     from cookbook.data.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
-    path = train_tokenizer(TokenizerTrainConfig([str(train_jsonl)], str(tmp_path / "ud.model"), vocab_size=400,
-                                                special_tokens=["<sym>", "<|im_end|>"]))
+    path = train_tokenizer(
+        TokenizerTrainConfig(
+            [str(train_jsonl)], str(tmp_path / "ud.model"), vocab_size=400, special_tokens=["<sym>", "<|im_end|>"]
+        )
+    )
     folder = write_folder(tmp_path / "hf", tokenizer_files(path), "Llama2Tokenizer", note="(<sym>, <|im_end|>)")
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     ours = load_tokenizer(path, "Llama2Tokenizer")
@@ -236,6 +348,8 @@ def test_user_defined_symbols(tmp_path, train_jsonl):
 def test_qwen2_shaped_model_says_how_to_load_its_tokenizer(sp_model, tmp_path):
     """A model with q/k/v biases is written as Qwen2ForCausalLM, whose tokenizer transformers 5 always loads as
     Qwen2Tokenizer: the conversion says so, and PreTrainedTokenizerFast loads the folder with our ids."""
-    folder = write_folder(tmp_path / "hf", tokenizer_files(sp_model), "Llama2Tokenizer", note="PreTrainedTokenizerFast", qkv_bias=True)
+    folder = write_folder(
+        tmp_path / "hf", tokenizer_files(sp_model), "Llama2Tokenizer", note="PreTrainedTokenizerFast", qkv_bias=True
+    )
     theirs = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
     assert_same_ids(theirs, load_tokenizer(sp_model, "Llama2Tokenizer"), TEXTS, unigram=False)

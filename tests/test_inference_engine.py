@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
+from test_generate import tiny_model
 
 from cookbook.errors import CookbookError
 from cookbook.inference.engine import Engine, Sequence
 from cookbook.inference.sampling import SamplingParams, sample_seed
-from test_generate import tiny_model
 
 MIXED = [  # (prompt length, params, seed): greedy, tempered, top-k, top-p, penalised, short and long
     (5, SamplingParams(max_tokens=12, temperature=0), None),
@@ -33,7 +33,10 @@ def model():
 def rows(spec=MIXED, seed_shift: int = 0) -> list[Sequence]:
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n, _, _ in spec]
-    return [Sequence(p, params, seed=None if seed is None else seed + seed_shift) for p, (_, params, seed) in zip(prompts, spec)]
+    return [
+        Sequence(p, params, seed=None if seed is None else seed + seed_shift)
+        for p, (_, params, seed) in zip(prompts, spec)
+    ]
 
 
 def alone(model, seqs: list[Sequence]) -> list[list[int]]:
@@ -47,7 +50,9 @@ def alone(model, seqs: list[Sequence]) -> list[list[int]]:
 
 def test_a_row_samples_the_same_alone_in_a_mixed_batch_and_joining_late(model):
     want = alone(model, rows())
-    assert len({tuple(t) for t in want}) == len(want) and all(len(t) == p.max_tokens for t, (_, p, _) in zip(want, MIXED))
+    assert len({tuple(t) for t in want}) == len(want) and all(
+        len(t) == p.max_tokens for t, (_, p, _) in zip(want, MIXED)
+    )
     together = rows()
     Engine(model, eos_id=None, max_batch_size=8).run(together)
     assert [s.tokens for s in together] == want
@@ -74,8 +79,10 @@ def test_a_row_samples_the_same_alone_in_a_mixed_batch_and_joining_late(model):
 
 
 def test_rows_and_the_kv_budget_bound_the_running_batch(model):
-    spec = [(n, SamplingParams(max_tokens=m, temperature=0.9), i) for i, (n, m) in enumerate(
-        [(10, 12), (40, 8), (5, 20), (20, 4), (90, 10), (3, 5), (15, 9)])]
+    spec = [
+        (n, SamplingParams(max_tokens=m, temperature=0.9), i)
+        for i, (n, m) in enumerate([(10, 12), (40, 8), (5, 20), (20, 4), (90, 10), (3, 5), (15, 9)])
+    ]
     want = alone(model, rows(spec))
     for max_batch, kv in ((2, None), (8, 3 * 128), (8, 128)):
         seqs = rows(spec)
@@ -117,8 +124,13 @@ def test_prompt_and_token_logprobs_are_the_models_log_softmax(model):
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 128, (14,), generator=g).tolist()
     # penalties and temperature change what is drawn, never the logprobs reported
-    seq = Sequence(prompt, SamplingParams(max_tokens=6, temperature=0.7, repetition_penalty=1.5), seed=1,
-                   top_logprobs=3, prompt_top_logprobs=4)
+    seq = Sequence(
+        prompt,
+        SamplingParams(max_tokens=6, temperature=0.7, repetition_penalty=1.5),
+        seed=1,
+        top_logprobs=3,
+        prompt_top_logprobs=4,
+    )
     score_only = Sequence(prompt, SamplingParams(max_tokens=0), prompt_top_logprobs=0)
     Engine(model, eos_id=None, max_batch_size=4).run([seq, score_only])
     ids = prompt + seq.tokens
@@ -128,20 +140,26 @@ def test_prompt_and_token_logprobs_are_the_models_log_softmax(model):
     for i, e in enumerate(seq.prompt_logprobs[1:], 1):
         assert e.token == ids[i] and abs(e.logprob - lp[i - 1, ids[i]].item()) < 1e-5
         values, top = lp[i - 1].topk(4)
-        assert [t for t, _ in e.top] == top.tolist() and max(abs(v - w) for (_, v), w in zip(e.top, values.tolist())) < 1e-5
+        assert [t for t, _ in e.top] == top.tolist() and max(
+            abs(v - w) for (_, v), w in zip(e.top, values.tolist())
+        ) < 1e-5
     for i, e in enumerate(seq.logprobs):
         at = len(prompt) + i - 1
         assert e.token == seq.tokens[i] and abs(e.logprob - lp[at, e.token].item()) < 1e-5 and len(e.top) == 3
     assert not score_only.tokens and score_only.finish_reason == "length"
     assert [e.logprob for e in score_only.prompt_logprobs[1:]] == pytest.approx(
-        [e.logprob for e in seq.prompt_logprobs[1:]], abs=1e-6)
+        [e.logprob for e in seq.prompt_logprobs[1:]], abs=1e-6
+    )
 
 
 def test_bad_rows_are_refused_before_any_work(model):
     engine = Engine(model, eos_id=None, max_batch_size=2, max_model_len=32)
-    for seq, message in ((Sequence([], SamplingParams()), "empty"), (Sequence([1, 128], SamplingParams()), "vocabulary"),
-                         (Sequence([1] * 30, SamplingParams(max_tokens=3)), "max_model_len"),
-                         (Sequence([1], SamplingParams(temperature=float("nan"))), "temperature")):
+    for seq, message in (
+        (Sequence([], SamplingParams()), "empty"),
+        (Sequence([1, 128], SamplingParams()), "vocabulary"),
+        (Sequence([1] * 30, SamplingParams(max_tokens=3)), "max_model_len"),
+        (Sequence([1], SamplingParams(temperature=float("nan"))), "temperature"),
+    ):
         with pytest.raises(CookbookError, match=message):
             engine.submit([seq])
     assert not engine.waiting

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import stdlib_texts
 from helpers_data import write_jsonl
 
@@ -20,9 +19,25 @@ def test_interrupted_run_leaves_no_output(tmp_path, sp_model, sig):
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cookbook", "preprocess", "-i", str(jsonl), "-o", str(out / "ds"), "-t", str(sp_model),
-         "--workers", "1", "--tokenizer-backend", "reference", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "preprocess",
+            "-i",
+            str(jsonl),
+            "-o",
+            str(out / "ds"),
+            "-t",
+            str(sp_model),
+            "--workers",
+            "1",
+            "--tokenizer-backend",
+            "reference",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         # a shell without job control starts background jobs with SIGINT ignored, and so would this child: give it
         # the default disposition, as a terminal's foreground process has, so that Ctrl-C is what it receives
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

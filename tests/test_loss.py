@@ -59,8 +59,15 @@ def test_kd_loss_is_the_tokens_mean_kl_and_chunks_change_nothing(temperature):
     student = (torch.randn(2, 30, 53, generator=g) * 2).requires_grad_()
     teacher = torch.randn(2, 30, 53, generator=g) * 2
     # torch's KL with log-target: sum over the vocabulary of p_t (log p_t - log p_s), averaged over tokens
-    want = F.kl_div(F.log_softmax(student / temperature, -1).flatten(0, 1), F.log_softmax(teacher / temperature, -1).flatten(0, 1),
-                    reduction="batchmean", log_target=True) * temperature**2
+    want = (
+        F.kl_div(
+            F.log_softmax(student / temperature, -1).flatten(0, 1),
+            F.log_softmax(teacher / temperature, -1).flatten(0, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     got = kd_loss(student, teacher, temperature, chunk_elements=53 * 7)  # 9 chunks, the last one short
     assert abs(want.item() - got.item()) < 1e-5
     (a,) = torch.autograd.grad(want, student)
@@ -104,7 +111,9 @@ def test_ignored_targets_carry_no_loss_and_the_mean_is_over_the_scored():
     for chunk in (41 * 7, 1 << 25):
         torch.testing.assert_close(cross_entropy(logits, masked, chunk_elements=chunk), want, rtol=0, atol=1e-6)
         want_kd = kd_loss(logits[keep][None], teacher[keep][None], 2.0)
-        torch.testing.assert_close(kd_loss(logits, teacher, 2.0, chunk_elements=chunk, targets=masked), want_kd, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            kd_loss(logits, teacher, 2.0, chunk_elements=chunk, targets=masked), want_kd, rtol=0, atol=1e-6
+        )
     n = int(keep.sum())
     torch.testing.assert_close(cross_entropy(logits, masked, tokens=2 * n), want / 2, rtol=0, atol=1e-6)
     assert cross_entropy(logits, torch.full_like(targets, IGNORE)).item() == 0.0

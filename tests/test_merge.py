@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_data import (
     assert_one_line_error,
     documents,
@@ -49,7 +48,13 @@ def data_dir(tmp_path_factory, tok) -> Path:
     texts[0:0] = [""]
     texts[4:4] = ["", ""]
     texts.append("")
-    p = preprocess([write_jsonl(src / "a10.jsonl", texts)], data / "a10", tok, tokenizer_type="SentencePieceTokenizer", append_eod=True)
+    p = preprocess(
+        [write_jsonl(src / "a10.jsonl", texts)],
+        data / "a10",
+        tok,
+        tokenizer_type="SentencePieceTokenizer",
+        append_eod=True,
+    )
     assert documents(p)[0] == []  # "" made an empty document
     rng = np.random.default_rng(0)
 
@@ -83,9 +88,18 @@ def assert_ok(proc):
 
 def test_fixture_has_the_edge_cases(data_dir):
     names = [Path(p).name for p in prefixes_in(data_dir)]
-    assert names == sorted(names) == [
-        "A_text_document", "Z_zero", "a10_text_document", "b_text_document", "m_empty_only", "m_multi",
-    ]
+    assert (
+        names
+        == sorted(names)
+        == [
+            "A_text_document",
+            "Z_zero",
+            "a10_text_document",
+            "b_text_document",
+            "m_empty_only",
+            "m_multi",
+        ]
+    )
     from cookbook.data.indexed import IndexedDataset
 
     a10 = IndexedDataset(data_dir / "a10_text_document")
@@ -155,7 +169,11 @@ def test_merge_int32_datasets_matches_megatron(tmp_path):
     d = tmp_path / "big"
     d.mkdir()
     for name in ("x", "y"):
-        megatron_build(d / name, [[rng.integers(0, 200_000, 9).tolist()], [], [rng.integers(0, 200_000, 4).tolist()]], dtype=np.int32)
+        megatron_build(
+            d / name,
+            [[rng.integers(0, 200_000, 9).tolist()], [], [rng.integers(0, 200_000, 4).tolist()]],
+            dtype=np.int32,
+        )
     ref = megatron_merge(prefixes_in(d), tmp_path / "ref")
     assert_ok(merge_cli([d], tmp_path / "ours"))
     assert snapshot(tmp_path / "ours") == snapshot(ref)
@@ -254,7 +272,9 @@ def _truncated_idx(d: Path):
     return "m_multi.idx"
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_magic, _truncated_bin, _truncated_idx], ids=["bad-magic", "short-bin", "short-idx"])
+@pytest.mark.parametrize(
+    "corrupt", [_corrupt_magic, _truncated_bin, _truncated_idx], ids=["bad-magic", "short-bin", "short-idx"]
+)
 def test_corrupt_input(tmp_path, data_dir, corrupt):
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)

@@ -22,12 +22,31 @@ CASES = {
     "qkv-bias": dict(num_kv_heads=2, qkv_bias=True),
     "rope-linear": dict(num_kv_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "rope-dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "rope-yarn": dict(num_kv_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
-    "rope-yarn-mscale": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
-                                           "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2}),
-    "rope-llama3": dict(num_kv_heads=2, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}),
+    "rope-yarn": dict(
+        num_kv_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    ),
+    "rope-yarn-mscale": dict(
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 16,
+            "beta_slow": 2,
+        }
+    ),
+    "rope-llama3": dict(
+        num_kv_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
 }
 
 
@@ -82,10 +101,15 @@ def test_flops_formulas_by_hand():
     assert megatron_flops_per_iteration(cfg, 1, 8) == pytest.approx(60 * 8 * 2 * 16 * (1 + 1 / 10 + 8 / 20 + 16 / 80))
 
 
-@pytest.mark.parametrize("bad", [
-    dict(hidden_size=63), dict(num_kv_heads=3), dict(rope_scaling={"rope_type": "ntk-by-magic", "factor": 2.0}),
-    dict(rope_scaling={"rope_type": "linear", "factor": 0}),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(hidden_size=63),
+        dict(num_kv_heads=3),
+        dict(rope_scaling={"rope_type": "ntk-by-magic", "factor": 2.0}),
+        dict(rope_scaling={"rope_type": "linear", "factor": 0}),
+    ],
+)
 def test_bad_configs_are_clear_errors(bad):
     with pytest.raises(CookbookError):
         ModelConfig(**{**BASE, **bad})

@@ -79,8 +79,13 @@ SCHEDULES = {
         for sub in ("linear", "cosine", "exponential", "minus_sqrt")
     },
     "WSD+fraction+short-decay": replace(
-        C, lr_decay_style="WSD", lr_wsd_decay_style="cosine", lr_warmup_fraction=0.05, lr_decay_iters=40,
-        lr_wsd_decay_iters=11, lr_warmup_init=2e-6,
+        C,
+        lr_decay_style="WSD",
+        lr_wsd_decay_style="cosine",
+        lr_warmup_fraction=0.05,
+        lr_decay_iters=40,
+        lr_wsd_decay_iters=11,
+        lr_warmup_init=2e-6,
     ),
 }
 TRAIN_ITERS = 60
@@ -224,9 +229,7 @@ def test_clip_grad_norm_accepts_a_module():
 
 def _mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 10), torch.nn.RMSNorm(10), torch.nn.Linear(10, 4, bias=False)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.RMSNorm(10), torch.nn.Linear(10, 4, bias=False))
 
 
 def _fsdp_worker(rank, world, init_file):

@@ -59,7 +59,9 @@ def test_stage_layers_split_evenly_in_pipeline_order():
     assert stage_layers(6, 1) == [list(range(6))]
     # interleaved: rank r holds stages r, r + pp, ... (Megatron-LM's model chunks)
     assert [stage_ids(r, 2, 2) for r in range(2)] == [[0, 2], [1, 3]]
-    with pytest.raises(CookbookError, match=r"6 layers do not split evenly over 2 pipeline ranks x 2 virtual stages = 4"):
+    with pytest.raises(
+        CookbookError, match=r"6 layers do not split evenly over 2 pipeline ranks x 2 virtual stages = 4"
+    ):
         stage_layers(6, 2, 2)
     with pytest.raises(CookbookError, match="at least 1"):
         stage_layers(4, 0)

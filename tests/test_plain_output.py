@@ -13,8 +13,20 @@ from helpers_train import check
 
 ANSI = re.compile(r"\x1b\[")
 BOX = re.compile(r"[│┃─━┏┓┗┛╭╮╰╯┡┩]")
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-         "--ffn-hidden-size", "128", "--max-position-embeddings", "64"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--max-position-embeddings",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,11 @@ def assert_plain(text: str, *whole: str) -> None:
 def test_commands_print_one_line_per_message_into_a_pipe(long_dir, sp_model):
     corpus = write_jsonl(long_dir / "corpus.jsonl", stdlib_texts(12, offset=900))
     prefix = long_dir / "data" / "corpus"
-    proc = check(narrow("preprocess", "--input", corpus, "--output-prefix", prefix, "--tokenizer-model", sp_model, "--append-eod"))
+    proc = check(
+        narrow(
+            "preprocess", "--input", corpus, "--output-prefix", prefix, "--tokenizer-model", sp_model, "--append-eod"
+        )
+    )
     assert_plain(proc.stdout + proc.stderr, f"{prefix}_text_document.bin/.idx")
     assert re.search(r"^documents: 12$", proc.stdout, re.M), proc.stdout
 
@@ -56,21 +72,63 @@ def test_commands_print_one_line_per_message_into_a_pipe(long_dir, sp_model):
     assert_plain(proc.stdout, f"{long_dir / 'merged'}.bin/.idx")
 
     save = long_dir / "ckpt"
-    proc = check(narrow("pretrain", *SMALL, "--data-path", dataset, "--tokenizer-model", sp_model, "--seq-length", "32",
-                        "--micro-batch-size", "2", "--train-iters", "2", "--log-interval", "1", "--eval-interval", "0",
-                        "--split", "100,0,0", "--dtype", "fp32", "--device", "cpu", "--save", save))
+    proc = check(
+        narrow(
+            "pretrain",
+            *SMALL,
+            "--data-path",
+            dataset,
+            "--tokenizer-model",
+            sp_model,
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "2",
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--eval-interval",
+            "0",
+            "--split",
+            "100,0,0",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--save",
+            save,
+        )
+    )
     out = proc.stdout + proc.stderr
     assert_plain(out, f"saved {save / 'step_000002'}")
     assert re.search(r"^step +2/2 +loss [0-9.]+ .* tokens/s .* mem [0-9.]+ GiB$", out, re.M), out
 
-    proc = check(narrow("eval", "--load", save, "--ppl-files", corpus, "--append-eod", "--seq-length", "32", "--device", "cpu"))
+    proc = check(
+        narrow("eval", "--load", save, "--ppl-files", corpus, "--append-eod", "--seq-length", "32", "--device", "cpu")
+    )
     assert_plain(proc.stdout, str(corpus))
 
-    proc = check(narrow("generate", "--load", save, "--prompt", "def main(", "--max-new-tokens", "3", "--device", "cpu",
-                        "--output", long_dir / "generations.jsonl"))
+    proc = check(
+        narrow(
+            "generate",
+            "--load",
+            save,
+            "--prompt",
+            "def main(",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--output",
+            long_dir / "generations.jsonl",
+        )
+    )
     assert_plain(proc.stdout, str(long_dir / "generations.jsonl"))
 
-    proc = check(narrow("convert", "--from", "cookbook", "--to", "hf", "--load-dir", save, "--save-dir", long_dir / "hf"))
+    proc = check(
+        narrow("convert", "--from", "cookbook", "--to", "hf", "--load-dir", save, "--save-dir", long_dir / "hf")
+    )
     assert_plain(proc.stdout, str(long_dir / "hf"))
 
     proc = check(narrow("plan", "--preset", "llama2-7b", "--num-gpus", "8"))

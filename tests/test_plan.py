@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 from test_recompute import make, memory_profile
 
+from cookbook.engine.plan import GIB, GPUS, HEADROOM, estimate, forward_held_bytes, layer_activation_bytes, stage_params
 from cookbook.engine.recompute import apply_activation_checkpointing
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig
 from cookbook.model.config import PRESETS
-from cookbook.engine.plan import GIB, GPUS, HEADROOM, estimate, forward_held_bytes, layer_activation_bytes, stage_params
 from recipes.plan import render, run
 
 A100 = GPUS["A100-80GB"]
@@ -63,8 +63,9 @@ def test_activation_bytes_per_token_by_hand():
     assert layer_activation_bytes(gqa, "selective") == 2 * (2 * 4096 + 2 * 1024 + 2 * 14336 + 3 * 4096) + 4 * 32
 
 
-MEASURED = ModelConfig(vocab_size=96, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=352,
-                       max_seq_len=256)
+MEASURED = ModelConfig(
+    vocab_size=96, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=352, max_seq_len=256
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,16 @@ def test_planned_activations_cover_the_measured_peak(vocab):
 
 
 def test_every_preset_gets_a_recommendation():
-    for name, gpus in [("tiny", 8), ("llama2-7b", 8), ("llama2-13b", 16), ("llama3-8b", 16), ("llama-31b", 64),
-                       ("llama-65b", 128), ("llama-108b", 128), ("llama-132b", 128)]:
+    for name, gpus in [
+        ("tiny", 8),
+        ("llama2-7b", 8),
+        ("llama2-13b", 16),
+        ("llama3-8b", 16),
+        ("llama-31b", 64),
+        ("llama-65b", 128),
+        ("llama-108b", 128),
+        ("llama-132b", 128),
+    ]:
         r = run(name, 4096, 1024, "A100-80GB", gpus)
         best = r.recommended
         assert best.fits and best.total_gib <= HEADROOM * 80
@@ -145,14 +154,36 @@ def test_a_model_too_big_for_its_gpus_and_bad_input_raise_one_sentence():
 
 
 def test_shapes_instead_of_a_preset_and_layout_limits():
-    r = run(None, 2048, 64, "H100-80GB", 8, num_layers=8, hidden_size=1024, num_heads=8, num_kv_heads=8,
-            intermediate_size=2816, vocab_size=32000)
+    r = run(
+        None,
+        2048,
+        64,
+        "H100-80GB",
+        8,
+        num_layers=8,
+        hidden_size=1024,
+        num_heads=8,
+        num_kv_heads=8,
+        intermediate_size=2816,
+        vocab_size=32000,
+    )
     assert r.model["hidden_size"] == 1024 and r.seq_length == 2048
     assert {x.tp for x in r.layouts} == {1, 2, 4, 8}
     r = run("llama2-7b", 4096, 1024, "A100-80GB", 16, max_tp=2, max_pp=1)
     assert {x.tp for x in r.layouts} <= {1, 2} and {x.pp for x in r.layouts} == {1}
     # tp must divide the kv heads: llama3-8b's 8 kv heads allow 1, 2, 4, 8; a 6-head model only 1 and 2
-    r = run(None, 1024, 64, "A100-80GB", 8, num_layers=2, hidden_size=384, num_heads=6, intermediate_size=1024, vocab_size=1000)
+    r = run(
+        None,
+        1024,
+        64,
+        "A100-80GB",
+        8,
+        num_layers=2,
+        hidden_size=384,
+        num_heads=6,
+        intermediate_size=1024,
+        vocab_size=1000,
+    )
     assert {x.tp for x in r.layouts} == {1, 2}
 
 
@@ -174,8 +205,10 @@ def test_the_recommendation_says_its_rule():
     r = run("llama-65b", 4096, 1024, "A100-80GB", 128)
     fastest = r.fitting[0]
     assert r.recommended is not fastest and r.recommended.pp < fastest.pp
-    assert f"within 1% of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and simpler: pipeline " \
-           f"parallel {r.recommended.pp} instead of {fastest.pp}" in r.recommendation()
+    assert (
+        f"within 1% of the fastest that fits ({fastest.name}, {fastest.step_seconds:.2f} s) and simpler: pipeline "
+        f"parallel {r.recommended.pp} instead of {fastest.pp}" in r.recommendation()
+    )
     r = run("llama2-7b", 4096, 1024, "A100-80GB", 8)
     assert r.recommended is r.fitting[0] and "the fastest layout that fits" in r.recommendation()
 

@@ -13,14 +13,17 @@ from cookbook.errors import CookbookError
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("device,caps,want,because", [
-    (CUDA, Capabilities(cuda_bf16=True, cuda_name="NVIDIA H100 80GB HBM3"), "bf16", "H100 80GB HBM3 computes bf16"),
-    (CUDA, Capabilities(cuda_bf16=False, cuda_name="Tesla V100-SXM2-32GB"), "fp32", "V100-SXM2-32GB has no bf16"),
-    (CPU, Capabilities(cpu_bf16="AMX"), "bf16", "AMX"),
-    (CPU, Capabilities(cpu_bf16="AVX512-BF16"), "bf16", "AVX512-BF16"),
-    (CPU, Capabilities(cpu_bf16=None), "fp32", "no bf16 units"),
-    (CPU, Capabilities(cuda_bf16=True), "fp32", "no bf16 units"),  # a GPU elsewhere does not make the CPU fast
-])
+@pytest.mark.parametrize(
+    "device,caps,want,because",
+    [
+        (CUDA, Capabilities(cuda_bf16=True, cuda_name="NVIDIA H100 80GB HBM3"), "bf16", "H100 80GB HBM3 computes bf16"),
+        (CUDA, Capabilities(cuda_bf16=False, cuda_name="Tesla V100-SXM2-32GB"), "fp32", "V100-SXM2-32GB has no bf16"),
+        (CPU, Capabilities(cpu_bf16="AMX"), "bf16", "AMX"),
+        (CPU, Capabilities(cpu_bf16="AVX512-BF16"), "bf16", "AVX512-BF16"),
+        (CPU, Capabilities(cpu_bf16=None), "fp32", "no bf16 units"),
+        (CPU, Capabilities(cuda_bf16=True), "fp32", "no bf16 units"),  # a GPU elsewhere does not make the CPU fast
+    ],
+)
 def test_auto_follows_the_device(device, caps, want, because):
     chosen, why = choose_dtype("auto", device, caps)
     assert chosen == want and because in why and why.startswith("auto:")
@@ -66,14 +69,19 @@ def test_inference_says_its_choice_when_the_model_first_runs(monkeypatch, capsys
     from cookbook.model import ModelConfig, Transformer
 
     monkeypatch.setattr(precision, "_announced", set())
-    model = precision.load_in_dtype(Transformer(ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
-                                                            intermediate_size=32, max_seq_len=8)), "auto")
+    model = precision.load_in_dtype(
+        Transformer(
+            ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_seq_len=8)
+        ),
+        "auto",
+    )
     assert next(model.parameters()).dtype == torch.float32  # COOKBOOK_CPU_BF16=0 (conftest)
     assert capsys.readouterr().err == ""
     tokens = torch.zeros(1, 4, dtype=torch.long)
     model(tokens)
     model(tokens)
-    assert capsys.readouterr().err.splitlines() == ["dtype fp32 (auto: this CPU has no bf16 units (AMX or AVX512-BF16), "
-                                                    "where bf16 is emulated and ~25x slower)"]
+    assert capsys.readouterr().err.splitlines() == [
+        "dtype fp32 (auto: this CPU has no bf16 units (AMX or AVX512-BF16), where bf16 is emulated and ~25x slower)"
+    ]
     precision.load_in_dtype(model, "fp32")(tokens)  # asked for: nothing to say
     assert capsys.readouterr().err == ""

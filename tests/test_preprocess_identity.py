@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 
+import megatron_oracle as oracle
 import numpy as np
 import pytest
+from helpers_data import write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 
-import megatron_oracle as oracle
-from helpers_data import write_jsonl
 from cookbook.data.indexed import IndexedDataset
 from recipes.preprocess import PreprocessConfig, run
 
@@ -26,7 +26,9 @@ def assert_same_files(ours: str, theirs: str) -> None:
 def preprocess_both(tmp_path, jsonl, megatron_tok, **kwargs):
     keys = kwargs.get("json_keys", ["text"])
     oracle.megatron_preprocess(jsonl, str(tmp_path / "megatron"), megatron_tok, keys, kwargs.get("append_eod", False))
-    summary = run(PreprocessConfig(inputs=[str(jsonl)], output_prefix=str(tmp_path / "ours"), **kwargs), show_progress=False)
+    summary = run(
+        PreprocessConfig(inputs=[str(jsonl)], output_prefix=str(tmp_path / "ours"), **kwargs), show_progress=False
+    )
     return summary, keys
 
 
@@ -42,7 +44,9 @@ CASES = {
 
 @pytest.fixture
 def fixtures(request):
-    return {name: request.getfixturevalue(name) for name in ("sp_model", "sp_unigram", "sp_nfkc", "sp_odd", "hf_tokenizer")}
+    return {
+        name: request.getfixturevalue(name) for name in ("sp_model", "sp_unigram", "sp_nfkc", "sp_odd", "hf_tokenizer")
+    }
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -52,8 +56,15 @@ def test_byte_identical_to_megatron(tmp_path, fixtures, corpus_texts, case, appe
     path, megatron_tok = CASES[case](fixtures)
     jsonl = write_jsonl(tmp_path / "in.jsonl", corpus_texts)
     summary, _ = preprocess_both(
-        tmp_path, jsonl, megatron_tok, tokenizer_model=path, tokenizer_type=case.split("-")[0],
-        append_eod=append_eod, tokenizer_backend=backend, block_mb=0.01, workers=2,
+        tmp_path,
+        jsonl,
+        megatron_tok,
+        tokenizer_model=path,
+        tokenizer_type=case.split("-")[0],
+        append_eod=append_eod,
+        tokenizer_backend=backend,
+        block_mb=0.01,
+        workers=2,
     )
     assert_same_files(summary.outputs["text"], str(tmp_path / "megatron_text_document"))
     assert summary.documents == len(corpus_texts)
@@ -63,8 +74,13 @@ def test_gpt2_bpe_byte_identical(tmp_path, gpt2_files, corpus_texts):
     vocab, merges = gpt2_files
     jsonl = write_jsonl(tmp_path / "in.jsonl", corpus_texts + ["literal <|endoftext|> stays text"])
     summary, _ = preprocess_both(
-        tmp_path, jsonl, oracle.GPT2(vocab, merges), tokenizer_type="GPT2BPETokenizer",
-        vocab_file=str(vocab), merge_file=str(merges), append_eod=True,
+        tmp_path,
+        jsonl,
+        oracle.GPT2(vocab, merges),
+        tokenizer_type="GPT2BPETokenizer",
+        vocab_file=str(vocab),
+        merge_file=str(merges),
+        append_eod=True,
     )
     assert_same_files(summary.outputs["text"], str(tmp_path / "megatron_text_document"))
 
@@ -73,8 +89,12 @@ def test_empty_documents_repeat_document_indices(tmp_path, sp_model):
     """SentencePieceTokenizer adds no BOS: an empty text adds no sequence but a document index."""
     jsonl = write_jsonl(tmp_path / "in.jsonl", ["hello", "", "world", "", ""])
     summary, _ = preprocess_both(
-        tmp_path, jsonl, oracle.SentencePiece(sp_model), tokenizer_model=str(sp_model),
-        tokenizer_type="SentencePieceTokenizer", append_eod=True,
+        tmp_path,
+        jsonl,
+        oracle.SentencePiece(sp_model),
+        tokenizer_model=str(sp_model),
+        tokenizer_type="SentencePieceTokenizer",
+        append_eod=True,
     )
     assert_same_files(summary.outputs["text"], str(tmp_path / "megatron_text_document"))
     ds = MegatronIndexedDataset(summary.outputs["text"])
@@ -83,14 +103,18 @@ def test_empty_documents_repeat_document_indices(tmp_path, sp_model):
 
 
 def test_several_keys_and_sentence_lists(tmp_path, sp_model, corpus_texts):
-    records = [
-        {"text": t, "title": corpus_texts[-(i + 1)], "meta": i} for i, t in enumerate(corpus_texts[:40])
-    ] + [{"text": ["first sentence.", "", " second one", "<s> third"], "title": ["", ""]}]
+    records = [{"text": t, "title": corpus_texts[-(i + 1)], "meta": i} for i, t in enumerate(corpus_texts[:40])] + [
+        {"text": ["first sentence.", "", " second one", "<s> third"], "title": ["", ""]}
+    ]
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     summary, keys = preprocess_both(
-        tmp_path, jsonl, oracle.Llama2(sp_model), tokenizer_model=str(sp_model),
-        json_keys=["text", "title"], append_eod=True,
+        tmp_path,
+        jsonl,
+        oracle.Llama2(sp_model),
+        tokenizer_model=str(sp_model),
+        json_keys=["text", "title"],
+        append_eod=True,
     )
     for key in keys:
         assert_same_files(summary.outputs[key], str(tmp_path / f"megatron_{key}_document"))
@@ -115,7 +139,10 @@ def test_smallest_sufficient_dtype(tmp_path, hf_tokenizer, corpus_texts):
 
 def test_reader_matches_megatron_reader(tmp_path, sp_model, corpus_texts):
     jsonl = write_jsonl(tmp_path / "in.jsonl", corpus_texts)
-    s = run(PreprocessConfig(inputs=[str(jsonl)], output_prefix=str(tmp_path / "o"), tokenizer_model=str(sp_model)), show_progress=False)
+    s = run(
+        PreprocessConfig(inputs=[str(jsonl)], output_prefix=str(tmp_path / "o"), tokenizer_model=str(sp_model)),
+        show_progress=False,
+    )
     ours, theirs = IndexedDataset(s.outputs["text"]), MegatronIndexedDataset(s.outputs["text"])
     assert len(ours) == len(theirs)
     assert np.array_equal(ours.document_indices, theirs.document_indices)

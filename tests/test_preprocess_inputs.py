@@ -11,11 +11,8 @@ import gzip
 import subprocess
 import sys
 
-import pytest
-
 import megatron_oracle as oracle
-from cookbook.data.sources import expand
-from cookbook.errors import CookbookError
+import pytest
 from helpers_data import (
     assert_one_line_error,
     cli_env,
@@ -31,6 +28,9 @@ from helpers_data import (
     write_parquet,
     write_zst,
 )
+
+from cookbook.data.sources import expand
+from cookbook.errors import CookbookError
 
 pytest.importorskip("pyarrow")
 pytest.importorskip("zstandard")
@@ -49,13 +49,19 @@ def mixed(tmp_path, corpus_texts):
     t = corpus_texts
     n = len(t) // 6
     chunks = {
-        "a.jsonl": t[:n], "b.jsonl.gz": t[n : 2 * n], "c.jsonl.zst": t[2 * n : 3 * n], "d.parquet": t[3 * n : 4 * n],
-        "e_saved": t[4 * n : 5 * n], "f.jsonl.zstd": t[5 * n :],
+        "a.jsonl": t[:n],
+        "b.jsonl.gz": t[n : 2 * n],
+        "c.jsonl.zst": t[2 * n : 3 * n],
+        "d.parquet": t[3 * n : 4 * n],
+        "e_saved": t[4 * n : 5 * n],
+        "f.jsonl.zstd": t[5 * n :],
     }
     write_jsonl(d / "a.jsonl", chunks["a.jsonl"])
     (d / "b.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(chunks["b.jsonl.gz"])))
     write_zst(d / "c.jsonl.zst", chunks["c.jsonl.zst"], frames=3)
-    write_parquet(d / "d.parquet", {"text": chunks["d.parquet"], "id": list(range(len(chunks["d.parquet"])))}, row_group_size=5)
+    write_parquet(
+        d / "d.parquet", {"text": chunks["d.parquet"], "id": list(range(len(chunks["d.parquet"])))}, row_group_size=5
+    )
     save_dataset(d / "e_saved", {"text": chunks["e_saved"]}, num_shards=2)
     write_zst(d / "f.jsonl.zstd", chunks["f.jsonl.zstd"], frames=1)
     (d / "notes.txt").write_text("not part of the corpus")
@@ -64,7 +70,14 @@ def mixed(tmp_path, corpus_texts):
 
 def test_mixed_formats_equal_megatron_on_jsonl(tmp_path, mixed, tok):
     d, texts = mixed
-    assert [i.path.name for i in expand([d])] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet", "e_saved", "f.jsonl.zstd"]
+    assert [i.path.name for i in expand([d])] == [
+        "a.jsonl",
+        "b.jsonl.gz",
+        "c.jsonl.zst",
+        "d.parquet",
+        "e_saved",
+        "f.jsonl.zstd",
+    ]
     jsonl = write_jsonl(tmp_path / "all.jsonl", texts)
     oracle.megatron_preprocess(jsonl, str(tmp_path / "megatron"), oracle.Llama2(tok), ["text"], True)
     got = preprocess([d], tmp_path / "ours", tok, append_eod=True, block_mb=0.01)
@@ -77,7 +90,9 @@ def test_globs_and_files_mixed_in_given_order(tmp_path, mixed, tok):
     by_name = {}
     n = len(texts) // 6
     by_name["a"], by_name["d"], by_name["e"] = texts[:n], texts[3 * n : 4 * n], texts[4 * n : 5 * n]
-    ref = preprocess([write_jsonl(tmp_path / "r.jsonl", by_name["e"] + by_name["d"] + by_name["a"])], tmp_path / "ref", tok)
+    ref = preprocess(
+        [write_jsonl(tmp_path / "r.jsonl", by_name["e"] + by_name["d"] + by_name["a"])], tmp_path / "ref", tok
+    )
     assert snapshot(preprocess(order, tmp_path / "got", tok)) == snapshot(ref)
 
 
@@ -92,12 +107,14 @@ def test_parquet_columns_as_json_keys(tmp_path, tok):
     jsonl = write_jsonl(tmp_path / "in.jsonl", records)
     keys = ["text", "title", "sents"]
     ref = preprocess([jsonl], tmp_path / "ref", tok, json_keys=keys, append_eod=True)
-    table = pa.table({
-        "text": pa.array(texts, pa.large_string()),
-        "title": pa.array(titles).dictionary_encode(),
-        "sents": pa.array(sentences, pa.list_(pa.string())),
-        "other": list(range(30)),
-    })
+    table = pa.table(
+        {
+            "text": pa.array(texts, pa.large_string()),
+            "title": pa.array(titles).dictionary_encode(),
+            "sents": pa.array(sentences, pa.list_(pa.string())),
+            "other": list(range(30)),
+        }
+    )
     import pyarrow.parquet as pq
 
     pq.write_table(table, str(tmp_path / "in.parquet"), row_group_size=4)
@@ -111,8 +128,24 @@ def test_stdin(tmp_path, tok):
     ref = preprocess([write_jsonl(tmp_path / "in.jsonl", texts)], tmp_path / "ref", tok, append_eod=True)
     out = tmp_path / "stdin"
     proc = subprocess.run(
-        [sys.executable, "-m", "cookbook", "preprocess", "--input", "-", "--output-prefix", str(out), "--tokenizer-model", str(tok),
-         "--append-eod", "-q"], input=jsonl_bytes(texts), capture_output=True, env=cli_env(), timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "preprocess",
+            "--input",
+            "-",
+            "--output-prefix",
+            str(out),
+            "--tokenizer-model",
+            str(tok),
+            "--append-eod",
+            "-q",
+        ],
+        input=jsonl_bytes(texts),
+        capture_output=True,
+        env=cli_env(),
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert snapshot(f"{out}_text_document") == snapshot(ref)
@@ -143,9 +176,15 @@ def test_parquet_skip_bad_rows(tmp_path, tok):
     from recipes.preprocess import PreprocessConfig, run
 
     write_parquet(tmp_path / "n.parquet", {"text": ["a", None, "c", None, "e"]}, row_group_size=2)
-    s = run(PreprocessConfig([str(tmp_path / "n.parquet")], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1), show_progress=False)
+    s = run(
+        PreprocessConfig([str(tmp_path / "n.parquet")], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1),
+        show_progress=False,
+    )
     assert s.documents == 3 and s.skipped_rows == 2
-    assert [w.split(": ")[0] for w in s.skipped] == [f"{tmp_path / 'n.parquet'} row 2", f"{tmp_path / 'n.parquet'} row 4"]
+    assert [w.split(": ")[0] for w in s.skipped] == [
+        f"{tmp_path / 'n.parquet'} row 2",
+        f"{tmp_path / 'n.parquet'} row 4",
+    ]
     ref = preprocess([write_jsonl(tmp_path / "r.jsonl", ["a", "c", "e"])], tmp_path / "r", tok)
     assert snapshot(s.outputs["text"]) == snapshot(ref)
 
@@ -156,7 +195,10 @@ def test_missing_or_non_text_column_skipped_whole_file(tmp_path, tok):
     write_parquet(tmp_path / "a.parquet", {"text": ["x", "y"]})
     write_parquet(tmp_path / "b.parquet", {"body": ["z"] * 5})
     write_parquet(tmp_path / "c.parquet", {"text": [1, 2, 3]})
-    s = run(PreprocessConfig([str(tmp_path / "*.parquet")], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1), show_progress=False)
+    s = run(
+        PreprocessConfig([str(tmp_path / "*.parquet")], str(tmp_path / "o"), str(tok), skip_bad_lines=True, workers=1),
+        show_progress=False,
+    )
     assert s.documents == 2 and s.skipped_rows == 8
     assert s.inputs[str(tmp_path / "*.parquet")].skipped == 8
 
@@ -205,8 +247,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tok):
 
     cases = _cli_errors(tmp_path, tok)
     with ThreadPoolExecutor(4) as pool:
-        procs = {name: pool.submit(run_cli, "preprocess", "--input", tmp_path / name, "--output-prefix",
-                                   tmp_path / "out" / name / "c", "--tokenizer-model", tok, "-q") for name in cases}
+        procs = {
+            name: pool.submit(
+                run_cli,
+                "preprocess",
+                "--input",
+                tmp_path / name,
+                "--output-prefix",
+                tmp_path / "out" / name / "c",
+                "--tokenizer-model",
+                tok,
+                "-q",
+            )
+            for name in cases
+        }
     for name, words in cases.items():
         assert_one_line_error(procs[name].result(), *words)
         assert files_under(tmp_path / "out" / name) == [], name
@@ -220,12 +274,26 @@ def test_progress_on_a_terminal_only(tmp_path, tok):
 
     texts = make_texts(3000, seed=6)
     src = write_jsonl(tmp_path / "in.jsonl", texts)
-    args = [sys.executable, "-m", "cookbook", "preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
-            "--tokenizer-model", str(tok), "-w", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "cookbook",
+        "preprocess",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "o"),
+        "--tokenizer-model",
+        str(tok),
+        "-w",
+        "1",
+    ]
     piped = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
     master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={**cli_env(), "TERM": "xterm"})
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={**cli_env(), "TERM": "xterm"}
+    )
     os.close(slave)
     seen = b""
     while True:
@@ -247,11 +315,25 @@ def test_summary_counts_per_input(tmp_path, tok):
     write_jsonl(tmp_path / "j" / "a.jsonl", make_texts(7, seed=1))
     (tmp_path / "j" / "b.jsonl").write_bytes(jsonl_bytes(make_texts(5, seed=2)) + b"not json\n")
     write_parquet(tmp_path / "p.parquet", {"text": make_texts(4, seed=3) + [None]})
-    proc = run_cli("preprocess", "--input", "j/*.jsonl", "--input", "p.parquet",  # short names: rows never wrap
-                   "--output-prefix", "o", "--tokenizer-model", tok, "--skip-bad-lines", "-q", cwd=tmp_path)
+    proc = run_cli(
+        "preprocess",
+        "--input",
+        "j/*.jsonl",
+        "--input",
+        "p.parquet",  # short names: rows never wrap
+        "--output-prefix",
+        "o",
+        "--tokenizer-model",
+        tok,
+        "--skip-bad-lines",
+        "-q",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    row = {name: next(line for line in lines if name in line and "documents," in line) for name in ("*.jsonl", "p.parquet")}
+    row = {
+        name: next(line for line in lines if name in line and "documents," in line) for name in ("*.jsonl", "p.parquet")
+    }
     assert "12 documents, 1 skipped" in row["*.jsonl"] and "4 documents, 1 skipped" in row["p.parquet"], proc.stdout
     assert "b.jsonl:6" in proc.stdout and "p.parquet row 5" in proc.stdout
 
@@ -270,6 +352,11 @@ except CookbookError as e:
     print(e)
 """
     for name, module in (("a.parquet", "pyarrow"), ("a.jsonl.zst", "zstandard")):
-        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), str(tmp_path / "o"), str(tok)],
-                              capture_output=True, text=True, env=cli_env(), timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / name), str(tmp_path / "o"), str(tok)],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=120,
+        )
         assert f"needs {module}; pip install 'cookbook[data]'" in proc.stdout, proc.stdout + proc.stderr

@@ -13,10 +13,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import stdlib_texts
-from cookbook.data.sample_corpus import CORPUS_FORMATS, scaled_texts, write_corpus
 from helpers_data import cli_env, make_texts, train_sp
+
+from cookbook.data.sample_corpus import CORPUS_FORMATS, scaled_texts, write_corpus
 
 pytest.importorskip("pyarrow")
 pytest.importorskip("zstandard")
@@ -31,8 +31,13 @@ print(s.documents, int(hwm) * 1024)
 
 
 def peak(corpus, prefix, tok) -> tuple[int, int]:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(prefix), str(tok)], capture_output=True,
-                          text=True, env=cli_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(corpus), str(prefix), str(tok)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     docs, rss = proc.stdout.split()
     return int(docs), int(rss)
@@ -53,4 +58,6 @@ def test_peak_memory_flat_in_corpus_size(tmp_path, tok, fmt):
     docs1, rss1 = peak(small, tmp_path / "o1", tok)
     docs30, rss30 = peak(big, tmp_path / "o30", tok)
     assert (docs1, docs30) == (len(texts), 30 * len(texts))
-    assert rss30 <= 1.2 * rss1, f"peak {rss30 / 1e6:.0f} MB at 30x ({size / 1e6:.0f} MB of {fmt}) vs {rss1 / 1e6:.0f} MB at 1x"
+    assert rss30 <= 1.2 * rss1, (
+        f"peak {rss30 / 1e6:.0f} MB at 30x ({size / 1e6:.0f} MB of {fmt}) vs {rss1 / 1e6:.0f} MB at 1x"
+    )

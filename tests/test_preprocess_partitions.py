@@ -15,8 +15,6 @@ import sys
 import time
 
 import pytest
-
-from cookbook.errors import CookbookError
 from helpers_data import (
     assert_one_line_error,
     cli_env,
@@ -31,6 +29,8 @@ from helpers_data import (
     write_jsonl,
     write_parquet,
 )
+
+from cookbook.errors import CookbookError
 from recipes.preprocess import PreprocessConfig, parts_folder, run
 
 pytest.importorskip("pyarrow")
@@ -67,15 +67,28 @@ def test_partitions_equal_one_pass(tmp_path, corpus, tok, one_pass, n):
 def test_partition_index_then_merge(tmp_path, corpus, tok, one_pass):
     n = 5
     for i in reversed(range(n)):  # any order, as SLURM array tasks finish
-        s = run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=n,
-                                 partition_index=i, workers=1), show_progress=False)
+        s = run(
+            PreprocessConfig(
+                [str(corpus)],
+                str(tmp_path / "c"),
+                str(tok),
+                append_eod=True,
+                partitions=n,
+                partition_index=i,
+                workers=1,
+            ),
+            show_progress=False,
+        )
         assert s.outputs["text"].endswith(f"c_text_document.parts/{i:05d}-of-{n:05d}")
     folder = parts_folder(tmp_path / "c_text_document")
     proc = run_cli("merge", "--input", folder, "--output-prefix", tmp_path / "merged")
     assert proc.returncode == 0, proc.stderr
     assert snapshot(tmp_path / "merged") == one_pass
     # and the same command without --partition-index reuses all five, writing the merged dataset
-    s = run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=n, workers=1), show_progress=False)
+    s = run(
+        PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=n, workers=1),
+        show_progress=False,
+    )
     assert (s.partitions_reused, s.partitions_done) == (n, 0)
     assert snapshot(s.outputs["text"]) == one_pass
 
@@ -86,22 +99,54 @@ def test_bad_line_in_a_later_partition_is_named_by_its_line(tmp_path, tok):
     lines[2500] = "not json\n"
     src.write_text("".join(lines))
     with pytest.raises(CookbookError, match=r"big\.jsonl:2501: not valid JSON"):
-        run(PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), partitions=4, block_mb=0.01, workers=1), show_progress=False)
+        run(
+            PreprocessConfig([str(src)], str(tmp_path / "o"), str(tok), partitions=4, block_mb=0.01, workers=1),
+            show_progress=False,
+        )
 
 
 def test_parts_of_another_run_are_refused(tmp_path, corpus, tok):
-    run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), partitions=3, partition_index=0, workers=1), show_progress=False)
+    run(
+        PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), partitions=3, partition_index=0, workers=1),
+        show_progress=False,
+    )
     before = files_under(tmp_path)
     with pytest.raises(CookbookError, match="partitions of another run"):
-        run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=3, workers=1), show_progress=False)
+        run(
+            PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=3, workers=1),
+            show_progress=False,
+        )
     assert files_under(tmp_path) == before
 
 
 def test_partition_flags_checked(tmp_path, corpus, tok):
-    proc = run_cli("preprocess", "--input", corpus, "--output-prefix", tmp_path / "c", "--tokenizer-model", tok,
-                   "--partitions", "4", "--partition-index", "4", "-q")
+    proc = run_cli(
+        "preprocess",
+        "--input",
+        corpus,
+        "--output-prefix",
+        tmp_path / "c",
+        "--tokenizer-model",
+        tok,
+        "--partitions",
+        "4",
+        "--partition-index",
+        "4",
+        "-q",
+    )
     assert_one_line_error(proc, "--partition-index")
-    proc = run_cli("preprocess", "--input", "-", "--output-prefix", tmp_path / "c", "--tokenizer-model", tok, "--partitions", "2", "-q")
+    proc = run_cli(
+        "preprocess",
+        "--input",
+        "-",
+        "--output-prefix",
+        tmp_path / "c",
+        "--tokenizer-model",
+        tok,
+        "--partitions",
+        "2",
+        "-q",
+    )
     assert_one_line_error(proc, "standard input")
 
 
@@ -114,8 +159,24 @@ def test_killed_runs_resume_to_the_same_bytes(tmp_path, tok):
     write_parquet(src / "b.parquet", {"text": make_texts(10000, seed=22, max_words=60)}, row_group_size=300)
     out = tmp_path / "out" / "c"
     ref = preprocess([src], tmp_path / "ref", tok, append_eod=True)
-    args = [sys.executable, "-m", "cookbook", "preprocess", "--input", str(src), "--output-prefix", str(out),
-            "--tokenizer-model", str(tok), "--append-eod", "--partitions", "12", "-w", "1", "-q"]
+    args = [
+        sys.executable,
+        "-m",
+        "cookbook",
+        "preprocess",
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(out),
+        "--tokenizer-model",
+        str(tok),
+        "--append-eod",
+        "--partitions",
+        "12",
+        "-w",
+        "1",
+        "-q",
+    ]
     folder = parts_folder(f"{out}_text_document")
 
     def records() -> int:
@@ -153,8 +214,15 @@ def test_slurm_array_script(tmp_path, corpus, tok, one_pass):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "preprocess-slurm-array.sh"
-    env = {**cli_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "INPUT": str(corpus), "OUTPUT_PREFIX": str(tmp_path / "c"), "TOKENIZER": str(tok), "PARTITIONS": "3", "WORKERS": "1"}
+    env = {
+        **cli_env(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "INPUT": str(corpus),
+        "OUTPUT_PREFIX": str(tmp_path / "c"),
+        "TOKENIZER": str(tok),
+        "PARTITIONS": "3",
+        "WORKERS": "1",
+    }
     proc = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--array=0-2" in proc.stdout and "--partition-index $SLURM_ARRAY_TASK_ID" in proc.stdout
@@ -165,15 +233,22 @@ def test_slurm_array_script(tmp_path, corpus, tok, one_pass):
 
 
 def test_jobs_write_partitions_in_processes(tmp_path, corpus, tok, one_pass):
-    s = run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=4, jobs=2, workers=2),
-            show_progress=False)
+    s = run(
+        PreprocessConfig(
+            [str(corpus)], str(tmp_path / "c"), str(tok), append_eod=True, partitions=4, jobs=2, workers=2
+        ),
+        show_progress=False,
+    )
     assert snapshot(s.outputs["text"]) == one_pass
     assert (s.partitions_done, s.documents) == (4, 600 + 2 + 80 + 120 + 90)
 
 
 def test_merge_refuses_an_incomplete_parts_folder(tmp_path, corpus, tok):
     for i in (0, 2):
-        run(PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), partitions=3, partition_index=i, workers=1), show_progress=False)
+        run(
+            PreprocessConfig([str(corpus)], str(tmp_path / "c"), str(tok), partitions=3, partition_index=i, workers=1),
+            show_progress=False,
+        )
     proc = run_cli("merge", "--input", parts_folder(tmp_path / "c_text_document"), "--output-prefix", tmp_path / "m")
     assert_one_line_error(proc, "lacks 1 of its 3 partitions", "00001-of-00003")
     assert not (tmp_path / "m.bin").exists()
@@ -198,7 +273,11 @@ def test_byte_ranges_cover_every_line_once(tmp_path):
         cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(rng.randint(1, 12)))})
         got = []
         for lo, hi in zip(cuts, cuts[1:]):
-            part = [(n, line) for first, block, _ in read_lines(f, rng.choice([1 << 16, 100, 7]), lo, hi) for n, line in enumerate(block, first)]
+            part = [
+                (n, line)
+                for first, block, _ in read_lines(f, rng.choice([1 << 16, 100, 7]), lo, hi)
+                for n, line in enumerate(block, first)
+            ]
             if part:
                 assert count_lines_before(f, lo) == len(got), (lo, hi)
             got += [line for _, line in part]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cookbook.engine.checkpoint import read_config
-from cookbook.inference.load import load_model
 from cookbook.errors import CookbookError
+from cookbook.inference.load import load_model
 from cookbook.model import Transformer
 from cookbook.model.config import ModelConfig, preset
 from pruner.importance import calibrate, layer_removal_importance, layers_to_drop, magnitude_scores, random_scores
@@ -23,7 +23,9 @@ from pruner.slicing import Selection, keep_all, prune_model, select
 from pruner.spec import PruneSpec, parse_layer_ids, target_config
 from recipes.prune import PruneConfig, prune, run
 
-BASE = dict(vocab_size=96, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
+BASE = dict(
+    vocab_size=96, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64
+)
 
 
 def make_model(seed: int = 0, **changes) -> Transformer:
@@ -104,9 +106,18 @@ SHAPES = {
     "mha": ({"num_kv_heads": 4}, PruneSpec(num_heads=2)),
     "gqa-heads-within-groups": ({}, PruneSpec(num_heads=2)),
     "gqa-whole-groups": ({}, PruneSpec(num_heads=2, num_kv_heads=1)),
-    "gqa-8-heads-4-groups-to-4-in-2": ({"num_heads": 8, "num_kv_heads": 4, "head_dim": 8}, PruneSpec(num_heads=4, num_kv_heads=2)),
-    "everything": ({}, PruneSpec(hidden_size=40, intermediate_size=72, num_heads=2, num_kv_heads=1, drop_layer_ids=[1])),
-    "everything-tied-bias": ({"tie_embeddings": True, "qkv_bias": True}, PruneSpec(hidden_size=40, intermediate_size=72, num_heads=2, drop_layer_ids=[0, 3])),
+    "gqa-8-heads-4-groups-to-4-in-2": (
+        {"num_heads": 8, "num_kv_heads": 4, "head_dim": 8},
+        PruneSpec(num_heads=4, num_kv_heads=2),
+    ),
+    "everything": (
+        {},
+        PruneSpec(hidden_size=40, intermediate_size=72, num_heads=2, num_kv_heads=1, drop_layer_ids=[1]),
+    ),
+    "everything-tied-bias": (
+        {"tie_embeddings": True, "qkv_bias": True},
+        PruneSpec(hidden_size=40, intermediate_size=72, num_heads=2, drop_layer_ids=[0, 3]),
+    ),
 }
 
 
@@ -128,8 +139,9 @@ def test_pruned_logits_equal_a_model_built_directly_from_the_kept_weights(case):
         assert torch.equal(pruned(x), build_directly(model, target, sel)(x))
 
 
-def zeroed(model: Transformer, heads: dict[int, list[int]] = {}, neurons: dict[int, list[int]] = {},
-           layers: list[int] = ()) -> Transformer:
+def zeroed(
+    model: Transformer, heads: dict[int, list[int]] = {}, neurons: dict[int, list[int]] = {}, layers: list[int] = ()
+) -> Transformer:
     """The unpruned model with what the given heads, neurons and layers write into the residual stream zeroed."""
     copy = Transformer(model.config).eval()
     copy.load_state_dict(model.state_dict())
@@ -146,11 +158,15 @@ def zeroed(model: Transformer, heads: dict[int, list[int]] = {}, neurons: dict[i
     return copy
 
 
-@pytest.mark.parametrize("case", ["gqa-heads-within-groups", "gqa-whole-groups", "gqa-8-heads-4-groups-to-4-in-2", "mha"])
+@pytest.mark.parametrize(
+    "case", ["gqa-heads-within-groups", "gqa-whole-groups", "gqa-8-heads-4-groups-to-4-in-2", "mha"]
+)
 def test_removing_heads_groups_neurons_and_layers_equals_zeroing_their_output(case):
     changes, spec = SHAPES[case]
     model = make_model(**changes, qkv_bias=True)
-    spec = PruneSpec(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, intermediate_size=100, drop_layer_ids=[2])
+    spec = PruneSpec(
+        num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, intermediate_size=100, drop_layer_ids=[2]
+    )
     target = target_config(model.config, spec)
     sel = select(model.config, target, random_scores(model, seed=11), [0, 1, 3])
     removed_heads = {i: sorted(set(range(model.config.num_heads)) - set(sel.heads[i].tolist())) for i in sel.layers}
@@ -196,7 +212,11 @@ def silenced_model(**changes) -> Transformer:
 def test_importance_never_keeps_silenced_units(importance):
     model = silenced_model()
     target = target_config(model.config, PruneSpec(hidden_size=63, intermediate_size=118, num_heads=2, num_kv_heads=1))
-    scores = calibrate(model, calib(), 4, block_influence=False).scores if importance == "activation" else magnitude_scores(model)
+    scores = (
+        calibrate(model, calib(), 4, block_influence=False).scores
+        if importance == "activation"
+        else magnitude_scores(model)
+    )
     sel = select(model.config, target, scores, [0, 1, 2, 3])
     for i in range(4):
         assert sel.groups[i].tolist() == [0] and sel.heads[i].tolist() == [0, 1]
@@ -232,7 +252,11 @@ def test_random_importance_is_reproducible_from_its_seed():
 
     def chosen(seed):
         sel = select(model.config, target, random_scores(model, seed), [0, 1, 2, 3])
-        return sel.hidden.tolist(), [sel.heads[i].tolist() for i in range(4)], [sel.neurons[i].tolist() for i in range(4)]
+        return (
+            sel.hidden.tolist(),
+            [sel.heads[i].tolist() for i in range(4)],
+            [sel.neurons[i].tolist() for i in range(4)],
+        )
 
     assert chosen(1) == chosen(1) and chosen(1) != chosen(2)
 
@@ -269,21 +293,24 @@ def test_ppl_importance_is_the_calibration_loss_increase_when_a_layer_is_removed
 # --------------------------------------------------------------------------- the target shape
 
 
-@pytest.mark.parametrize("changes, spec, message", [
-    ({}, PruneSpec(hidden_size=128), "--hidden-size-remain 128 is larger than the model's 64"),
-    ({}, PruneSpec(intermediate_size=129), "--intermediate-size-remain 129 is larger"),
-    ({}, PruneSpec(num_heads=8), "--num-attention-heads-remain 8 is larger"),
-    ({}, PruneSpec(num_kv_heads=4), "--num-query-groups-remain 4 is larger"),
-    ({}, PruneSpec(num_heads=3), "give --num-query-groups-remain too"),
-    ({}, PruneSpec(num_heads=3, num_kv_heads=2), "not divisible by --num-query-groups-remain 2"),
-    ({}, PruneSpec(num_heads=4, num_kv_heads=1), "4 heads per group, but the model's groups hold 2"),
-    ({}, PruneSpec(hidden_size=0), "must be a positive integer"),
-    ({}, PruneSpec(drop_layers=4), "leaves none; drop at most 3"),
-    ({}, PruneSpec(drop_layer_ids=[0, 1, 2, 3]), "leaves none"),
-    ({}, PruneSpec(drop_layer_ids=[4]), "is not a layer of the model"),
-    ({}, PruneSpec(drop_layer_ids=[1, 1]), "names a layer twice"),
-    ({}, PruneSpec(drop_layers=1, drop_layer_ids=[1]), "not both"),
-])
+@pytest.mark.parametrize(
+    "changes, spec, message",
+    [
+        ({}, PruneSpec(hidden_size=128), "--hidden-size-remain 128 is larger than the model's 64"),
+        ({}, PruneSpec(intermediate_size=129), "--intermediate-size-remain 129 is larger"),
+        ({}, PruneSpec(num_heads=8), "--num-attention-heads-remain 8 is larger"),
+        ({}, PruneSpec(num_kv_heads=4), "--num-query-groups-remain 4 is larger"),
+        ({}, PruneSpec(num_heads=3), "give --num-query-groups-remain too"),
+        ({}, PruneSpec(num_heads=3, num_kv_heads=2), "not divisible by --num-query-groups-remain 2"),
+        ({}, PruneSpec(num_heads=4, num_kv_heads=1), "4 heads per group, but the model's groups hold 2"),
+        ({}, PruneSpec(hidden_size=0), "must be a positive integer"),
+        ({}, PruneSpec(drop_layers=4), "leaves none; drop at most 3"),
+        ({}, PruneSpec(drop_layer_ids=[0, 1, 2, 3]), "leaves none"),
+        ({}, PruneSpec(drop_layer_ids=[4]), "is not a layer of the model"),
+        ({}, PruneSpec(drop_layer_ids=[1, 1]), "names a layer twice"),
+        ({}, PruneSpec(drop_layers=1, drop_layer_ids=[1]), "not both"),
+    ],
+)
 def test_impossible_targets_are_refused(changes, spec, message):
     with pytest.raises(CookbookError, match=message.replace("(", r"\(").replace(")", r"\)")):
         target_config(ModelConfig(**{**BASE, **changes}), spec)
@@ -291,7 +318,9 @@ def test_impossible_targets_are_refused(changes, spec, message):
 
 def test_tensor_parallel_needs_divisible_neurons_heads_and_groups():
     src = ModelConfig(**{**BASE, "num_heads": 8, "num_kv_heads": 4, "head_dim": 8})
-    assert target_config(src, PruneSpec(intermediate_size=96, num_heads=4, num_kv_heads=2), tp=2).intermediate_size == 96
+    assert (
+        target_config(src, PruneSpec(intermediate_size=96, num_heads=4, num_kv_heads=2), tp=2).intermediate_size == 96
+    )
     with pytest.raises(CookbookError, match="intermediate size 98 is not divisible by --tensor-model-parallel-size 4"):
         target_config(src, PruneSpec(intermediate_size=98), tp=4)
     with pytest.raises(CookbookError, match="query groups 2 is not divisible by --tensor-model-parallel-size 4"):
@@ -299,10 +328,19 @@ def test_tensor_parallel_needs_divisible_neurons_heads_and_groups():
 
 
 def test_query_groups_default_mha_stays_mha_and_gqa_keeps_its_groups():
-    assert (lambda c: (c.num_heads, c.num_kv_heads))(target_config(ModelConfig(**{**BASE, "num_kv_heads": 4}), PruneSpec(num_heads=2))) == (2, 2)
-    assert (lambda c: (c.num_heads, c.num_kv_heads))(target_config(ModelConfig(**BASE), PruneSpec(num_heads=2))) == (2, 2)
+    assert (lambda c: (c.num_heads, c.num_kv_heads))(
+        target_config(ModelConfig(**{**BASE, "num_kv_heads": 4}), PruneSpec(num_heads=2))
+    ) == (2, 2)
+    assert (lambda c: (c.num_heads, c.num_kv_heads))(target_config(ModelConfig(**BASE), PruneSpec(num_heads=2))) == (
+        2,
+        2,
+    )
     big = ModelConfig(**{**BASE, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8})
-    assert (lambda c: (c.num_heads, c.num_kv_heads, c.head_dim))(target_config(big, PruneSpec(num_heads=6))) == (6, 2, 8)
+    assert (lambda c: (c.num_heads, c.num_kv_heads, c.head_dim))(target_config(big, PruneSpec(num_heads=6))) == (
+        6,
+        2,
+        8,
+    )
     assert parse_layer_ids("7, 13,18") == [7, 13, 18]
     with pytest.raises(CookbookError, match="layer numbers"):
         parse_layer_ids("7;13")
@@ -310,9 +348,14 @@ def test_query_groups_default_mha_stays_mha_and_gqa_keeps_its_groups():
 
 def test_the_cookbook_shapes():
     """13B -> 7B lands exactly on Llama-2-7B's shape and size; 7B -> 3.4B on 3.37B parameters."""
-    seven = target_config(preset("llama2-13b"), PruneSpec(hidden_size=4096, intermediate_size=11008, num_heads=32, drop_layers=8))
+    seven = target_config(
+        preset("llama2-13b"), PruneSpec(hidden_size=4096, intermediate_size=11008, num_heads=32, drop_layers=8)
+    )
     assert seven == preset("llama2-7b").replace(head_dim=128) and seven.num_params() == preset("llama2-7b").num_params()
-    small = target_config(preset("llama2-7b"), PruneSpec(hidden_size=3072, intermediate_size=8192, num_heads=24, drop_layer_ids=[7, 13, 18, 24]))
+    small = target_config(
+        preset("llama2-7b"),
+        PruneSpec(hidden_size=3072, intermediate_size=8192, num_heads=24, drop_layer_ids=[7, 13, 18, 24]),
+    )
     assert (small.num_layers, small.head_dim, round(small.num_params() / 1e9, 2)) == (28, 128, 3.37)
 
 
@@ -322,7 +365,9 @@ def test_the_cookbook_shapes():
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
 def test_the_pruned_checkpoint_loads_back_with_the_same_logits(tmp_path, variant):
     model = make_model(**VARIANTS[variant])
-    pruned, _, _ = prune(model, PruneConfig(PruneSpec(hidden_size=40, num_heads=2, drop_layer_ids=[3]), importance="magnitude"))
+    pruned, _, _ = prune(
+        model, PruneConfig(PruneSpec(hidden_size=40, num_heads=2, drop_layer_ids=[3]), importance="magnitude")
+    )
     path = write_checkpoint(tmp_path / "out", pruned, {"data": {"tokenizer_model": "tok.model"}}, {"pruned_from": "x"})
     loaded, sections = load_model(tmp_path / "out", "cpu")
     assert sections["model"]["head_dim"] == 16 and sections["data"]["tokenizer_model"] == "tok.model"
@@ -336,8 +381,11 @@ def test_the_pruned_checkpoint_loads_back_with_the_same_logits(tmp_path, variant
 def test_run_with_nothing_to_remove_saves_the_same_model(tmp_path):
     model = make_model()
     write_checkpoint(tmp_path / "base", model, {}, {})
-    report = run(None, {"checkpoint": {"load": str(tmp_path / "base"), "save": str(tmp_path / "same")}, "training": {"device": "cpu"}},
-                 PruneConfig())
+    report = run(
+        None,
+        {"checkpoint": {"load": str(tmp_path / "base"), "save": str(tmp_path / "same")}, "training": {"device": "cpu"}},
+        PruneConfig(),
+    )
     assert report["params"]["before"] == report["params"]["after"] == model.config.num_params()
     loaded, _ = load_model(tmp_path / "same", "cpu")
     with torch.no_grad():
@@ -368,12 +416,22 @@ def test_a_pruned_checkpoint_converts_to_hf_and_megatron_with_the_same_logits(tm
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens()).logits, pruned(tokens()), rtol=1e-5, atol=1e-5)
-    convert(ConvertConfig("cookbook", "megatron", str(tmp_path / "pruned"), str(tmp_path / "megatron"), transformer_impl="local"),
-            show_progress=False)
+    convert(
+        ConvertConfig(
+            "cookbook", "megatron", str(tmp_path / "pruned"), str(tmp_path / "megatron"), transformer_impl="local"
+        ),
+        show_progress=False,
+    )
     cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps([{"name": "pruned", "megatron": str(tmp_path / "megatron"), "hf": str(tmp_path / "hf")}]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), str(cases)],
-                          capture_output=True, text=True, timeout=300)
+    cases.write_text(
+        json.dumps([{"name": "pruned", "megatron": str(tmp_path / "megatron"), "hf": str(tmp_path / "hf")}])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("megatron_gpt.py")), str(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert result["max_diff"] < 1e-5, result

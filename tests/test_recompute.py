@@ -22,7 +22,9 @@ from cookbook.engine.trainer import next_token_loss
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 
-TINY = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160, max_seq_len=32)
+TINY = ModelConfig(
+    vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160, max_seq_len=32
+)
 
 # (granularity, method, num_layers) -> names of the blocks that recompute, for a 2-layer model
 MODES = {
@@ -135,10 +137,23 @@ def memory_profile(model, batch) -> tuple[int, int]:
 
 
 def test_recompute_lowers_activation_memory():
-    cfg = ModelConfig(vocab_size=96, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=352, max_seq_len=256)
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=352,
+        max_seq_len=256,
+    )
     plain, batch = make(cfg)
     mib = {}
-    for mode, args in {"none": ("none",), "selective": ("selective",), "full-block-2": ("full", "block", 2), "full": ("full",)}.items():
+    for mode, args in {
+        "none": ("none",),
+        "selective": ("selective",),
+        "full-block-2": ("full", "block", 2),
+        "full": ("full",),
+    }.items():
         model = copy.deepcopy(plain)
         apply_activation_checkpointing(model, *args)
         mib[mode] = tuple(round(b / 2**20, 2) for b in memory_profile(model, batch))
@@ -174,8 +189,15 @@ def test_bad_recompute_flags_raise(args, says):
 
 
 def test_good_recompute_flags_pass_and_twice_is_refused():
-    for args in [("none", None, None), ("selective", None, None), ("full", None, None), ("full", "uniform", None),
-                 ("full", "uniform", 2), ("full", "block", 1), ("full", "block", 2)]:
+    for args in [
+        ("none", None, None),
+        ("selective", None, None),
+        ("full", None, None),
+        ("full", "uniform", None),
+        ("full", "uniform", 2),
+        ("full", "block", 1),
+        ("full", "block", 2),
+    ]:
         check_recompute(*args, model_layers=2)
     model, _ = make()
     apply_activation_checkpointing(model, "full")

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dry_run(script: str, **env) -> subprocess.CompletedProcess:
     e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env)
-    path = ROOT / "scripts" / script if "stretch" in script or "distill" in script else ROOT / "scripts/pretrain" / script
+    path = (
+        ROOT / "scripts" / script if "stretch" in script or "distill" in script else ROOT / "scripts/pretrain" / script
+    )
     return subprocess.run(["bash", str(path), "--dry-run"], env=e, capture_output=True, text=True, timeout=120)
 
 
@@ -24,22 +26,35 @@ def test_recipe_dry_run_is_valid(size, processes):
     proc = dry_run(f"llama-{size}.sh")
     assert proc.returncode == 0, proc.stderr
     assert f"dry run: the job is valid for {processes} processes" in proc.stderr
-    assert "(fits)" in proc.stderr and f'preset = "llama-{size}"' not in proc.stderr  # the preset's shapes are printed resolved
+    assert (
+        "(fits)" in proc.stderr and f'preset = "llama-{size}"' not in proc.stderr
+    )  # the preset's shapes are printed resolved
 
 
 def test_recipe_dry_run_refuses_a_bad_layout():
     proc = dry_run("llama-65b.sh", TP="3")
-    assert proc.returncode == 2 and "not divisible by pp x dp_replicate x cp x tp = 3" in proc.stderr.strip().splitlines()[-1]
+    assert (
+        proc.returncode == 2
+        and "not divisible by pp x dp_replicate x cp x tp = 3" in proc.stderr.strip().splitlines()[-1]
+    )
     proc = dry_run("llama-65b.sh", MICRO_BATCH="3")
     assert proc.returncode == 2 and "not a multiple of micro batch 3" in proc.stderr.strip().splitlines()[-1]
     proc = dry_run("llama-65b.sh", NNODES="1", TP="1", RECOMPUTE="none")  # 65B on one node: out of memory
     assert proc.returncode == 2 and "more than one A100-80GB holds" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("script, processes, scaling, seq", [
-    ("llama2-7b-stretch-8k.sh", 8, 'rope_scaling = { rope_type = "linear", factor = 2.0 }', "seq_length = 8192"),
-    ("llama2-13b-stretch-32k.sh", 32, 'rope_scaling = { rope_type = "linear", factor = 8.0 }', "seq_length = 32768"),
-])
+@pytest.mark.parametrize(
+    "script, processes, scaling, seq",
+    [
+        ("llama2-7b-stretch-8k.sh", 8, 'rope_scaling = { rope_type = "linear", factor = 2.0 }', "seq_length = 8192"),
+        (
+            "llama2-13b-stretch-32k.sh",
+            32,
+            'rope_scaling = { rope_type = "linear", factor = 8.0 }',
+            "seq_length = 32768",
+        ),
+    ],
+)
 def test_stretch_recipe_dry_run_is_valid(script, processes, scaling, seq):
     proc = dry_run(script, LOAD="/nonexistent/ckpt")  # the preset stands in for a checkpoint not on this machine
     assert proc.returncode == 0, proc.stderr
@@ -53,12 +68,20 @@ def test_distill_recipes_dry_run(tmp_path):
     proc = dry_run("distill-generate.sh")
     assert proc.returncode == 0, proc.stderr
     assert "via vllm, tensor parallel 8" in proc.stderr and "dry run: the generation job is valid" in proc.stderr
-    for setting in ('"max_tokens": 4096', '"temperature": 0.7', '"top_p": 0.9', '"frequency_penalty": 0.5',
-                    '"repetition_penalty": 2.0', '"stop": ["<|endoftext|>"]'):
+    for setting in (
+        '"max_tokens": 4096',
+        '"temperature": 0.7',
+        '"top_p": 0.9',
+        '"frequency_penalty": 0.5',
+        '"repetition_penalty": 2.0',
+        '"stop": ["<|endoftext|>"]',
+    ):
         assert setting in proc.stderr, setting
     proc = dry_run("distill-generate.sh", ENDPOINTS="http://node1:8000,http://node2:8000")
     assert proc.returncode == 0 and "via openai at http://node1:8000, http://node2:8000" in proc.stderr, proc.stderr
     proc = dry_run("distill-train-13b.sh", LOAD="/nonexistent/ckpt", SAVE=str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "dry run: the job is valid for 32 processes" in proc.stderr and "(fits)" in proc.stderr
-    assert f'"0.5", "data/pile_text_document", "0.5", "{tmp_path}/out/synthetic/synthetic_text_document"' in " ".join(proc.stderr.split())
+    assert f'"0.5", "data/pile_text_document", "0.5", "{tmp_path}/out/synthetic/synthetic_text_document"' in " ".join(
+        proc.stderr.split()
+    )

@@ -15,9 +15,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers_distill import serving
 
 from cookbook.inference.sampling import SamplingParams
-from helpers_distill import serving
 from inference_distill.server import ServeConfig, make_server
 
 LIMITS = dict(max_request_bytes=4000, max_prompts=4, max_tokens_limit=40, max_model_len=64, log_requests=False)
@@ -29,12 +29,17 @@ def server(teacher, local):
         yield srv
 
 
-def call(server, path: str, body=None, method: str | None = None, raw: bytes | None = None,
-         headers: dict | None = None) -> tuple[int, dict]:
+def call(
+    server, path: str, body=None, method: str | None = None, raw: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
     host, port = server.server_address[:2]
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -50,13 +55,16 @@ def complete(server, **body) -> dict:
 
 def test_text_prompt_gives_the_generators_greedy_completion(server, local):
     out = complete(server, prompt="def main(", max_tokens=10, temperature=0)
-    (want,), = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
+    ((want,),) = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and isinstance(out["created"], int)
     assert out["model"] == server.model_name == "ckpt"
     assert out["choices"] == [{"index": 0, "text": want.text, "finish_reason": want.finish_reason, "logprobs": None}]
     prompt_tokens = len(local.tokenizer.tokenize("def main("))
-    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": want.tokens,
-                            "total_tokens": prompt_tokens + want.tokens}
+    assert out["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": want.tokens,
+        "total_tokens": prompt_tokens + want.tokens,
+    }
 
 
 def test_prompt_shapes_n_and_choice_order(server, local):
@@ -76,9 +84,24 @@ def test_prompt_shapes_n_and_choice_order(server, local):
 
 
 def test_sampling_seed_stop_echo_and_model_field(server, local):
-    body = dict(prompt=["def main(", "x"], max_tokens=12, temperature=1.0, top_p=0.9, top_k=-1, n=2, seed=11,
-                frequency_penalty=0.5, presence_penalty=0.1, repetition_penalty=1.1, user="someone", model="ckpt",
-                best_of=2, logprobs=None, stream=False, unknown_field=[1])
+    body = dict(
+        prompt=["def main(", "x"],
+        max_tokens=12,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=-1,
+        n=2,
+        seed=11,
+        frequency_penalty=0.5,
+        presence_penalty=0.1,
+        repetition_penalty=1.1,
+        user="someone",
+        model="ckpt",
+        best_of=2,
+        logprobs=None,
+        stream=False,
+        unknown_field=[1],
+    )
     first = complete(server, **body)
     assert [c["text"] for c in complete(server, **body)["choices"]] == [c["text"] for c in first["choices"]]
     texts = {c["text"] for c in first["choices"]}
@@ -143,7 +166,9 @@ BAD = [  # (request body, status, param)
 ]
 
 
-@pytest.mark.parametrize("body,status,param", BAD, ids=[f"{i}-{b.get('prompt', '')!s:.6}" for i, (b, _, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "body,status,param", BAD, ids=[f"{i}-{b.get('prompt', '')!s:.6}" for i, (b, _, _) in enumerate(BAD)]
+)
 def test_bad_requests_are_refused_in_openais_shape(server, body, status, param):
     got, out = call(server, "/v1/completions", body)
     assert got == status, out
@@ -224,10 +249,17 @@ def test_make_server_loads_the_model_and_picks_a_port(teacher):
 
 
 def test_serve_prints_its_address_and_stops_cleanly_on_sigterm(teacher):
-    code = ("from inference_distill.server import ServeConfig, serve; "
-            f"serve(ServeConfig({str(teacher['cookbook'])!r}, port=0, device='cpu', log_requests=False))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        "from inference_distill.server import ServeConfig, serve; "
+        f"serve(ServeConfig({str(teacher['cookbook'])!r}, port=0, device='cpu', log_requests=False))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("serving ckpt at http://127.0.0.1:") and line.endswith("/v1"), (line, proc.stderr.read())
@@ -251,8 +283,15 @@ def test_logprobs_and_echo_equal_transformers_log_softmax(server, teacher, local
     hf = transformers.AutoModelForCausalLM.from_pretrained(teacher["hf"], dtype=torch.float32).eval()
     ids = local.encode("def main(")
     with torch.no_grad():
-        new = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                          max_new_tokens=6, min_new_tokens=6, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        new = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
         lp = torch.log_softmax(hf(torch.tensor([ids + new])).logits[0].float(), dim=-1)
     want = [lp[i - 1, t].item() for i, t in enumerate(ids + new) if i > 0]
     out = complete(server, prompt="def main(", max_tokens=6, temperature=0, logprobs=3, echo=True)["choices"][0]
@@ -275,7 +314,7 @@ def test_logprobs_and_echo_equal_transformers_log_softmax(server, teacher, local
     assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(want[: len(ids) - 1], abs=1e-4)
     assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["text"] == local.decode(ids)
     plain = complete(server, prompt=ids, max_tokens=6, temperature=0, logprobs=1)["choices"][0]["logprobs"]
-    assert plain["token_logprobs"] == pytest.approx(want[len(ids) - 1:], abs=1e-4) and plain["text_offset"][0] == 0
+    assert plain["token_logprobs"] == pytest.approx(want[len(ids) - 1 :], abs=1e-4) and plain["text_offset"][0] == 0
     # lm-eval's loglikelihood request: several prompts, echo, one token, logprobs 1
     two = complete(server, prompt=[ids, ids[:3]], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
     assert [len(c["logprobs"]["tokens"]) for c in two["choices"]] == [len(ids) + 1, 4]
@@ -299,14 +338,18 @@ def test_tokenizer_routes_take_vllms_shapes_and_lm_eval_uses_them(server, local)
     assert utils.check_remote_tokenizer_support(base)
     remote = utils.RemoteTokenizer(base)
     assert (remote.eos_token_id, remote.bos_token_id) == (local.eos, local.tokenizer.bos)
-    assert remote.encode("def main(") == plain["tokens"] and remote.decode(plain["tokens"]) == local.decode(plain["tokens"])
+    assert remote.encode("def main(") == plain["tokens"] and remote.decode(plain["tokens"]) == local.decode(
+        plain["tokens"]
+    )
 
 
 # --------------------------------------------------------------------------- batching, seeds, streaming, the openai client
 
 
 def test_a_sample_is_the_same_alone_as_inside_a_batch_of_mixed_requests(server):
-    alone = complete(server, prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5)["choices"][0]["text"]
+    alone = complete(server, prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5)["choices"][0][
+        "text"
+    ]
     mixed = [  # sent together: other prompts, greedy and penalised, n > 1, a list around it, a stream
         dict(prompt="def main(", max_tokens=12, temperature=1.0, top_p=0.95, seed=5),
         dict(prompt=["x", "def main(", "class A:"], max_tokens=12, temperature=1.0, top_p=0.95, seed=5),
@@ -355,8 +398,16 @@ def test_the_official_openai_client_streams_and_retrieves_the_model(server, loca
     assert client.models.retrieve("ckpt").id == "ckpt" and [m.id for m in client.models.list()] == ["ckpt"]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other")
-    body = dict(model="ckpt", prompt=["def main(", "class A:"], max_tokens=10, temperature=1.0, seed=3, n=2, echo=True,
-                logprobs=2)
+    body = dict(
+        model="ckpt",
+        prompt=["def main(", "class A:"],
+        max_tokens=10,
+        temperature=1.0,
+        seed=3,
+        n=2,
+        echo=True,
+        logprobs=2,
+    )
     whole = client.completions.create(**body)
     stream = client.completions.create(**body, stream=True, stream_options={"include_usage": True})
     texts, reasons, tokens, usage = {}, {}, {}, None

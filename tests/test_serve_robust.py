@@ -9,9 +9,9 @@ import socket
 import time
 
 import pytest
+from helpers_distill import serving
 
 from cookbook.inference.sampling import SamplingParams
-from helpers_distill import serving
 from inference_distill.server import MAX_JSON_DEPTH, ServeConfig
 
 LIMIT = 1_000_000  # the default request size limit
@@ -19,8 +19,16 @@ LIMIT = 1_000_000  # the default request size limit
 
 @pytest.fixture(scope="module")
 def server(teacher, local):
-    cfg = ServeConfig(str(teacher["cookbook"]), port=0, max_batch_size=4, max_request_bytes=LIMIT, max_prompts=4,
-                      max_tokens_limit=40, max_model_len=64, log_requests=True)
+    cfg = ServeConfig(
+        str(teacher["cookbook"]),
+        port=0,
+        max_batch_size=4,
+        max_request_bytes=LIMIT,
+        max_prompts=4,
+        max_tokens_limit=40,
+        max_model_len=64,
+        log_requests=True,
+    )
     with serving(cfg, local) as srv:
         yield srv
 
@@ -44,13 +52,16 @@ def exchange(server, data: bytes, timeout: float = 30) -> tuple[int, dict]:
             assert chunk
             body += chunk
     assert lines[0].startswith("HTTP/1.1 ") and ("Content-Type", "application/json") in [
-        tuple(line.split(": ", 1)) for line in lines[1:]]
+        tuple(line.split(": ", 1)) for line in lines[1:]
+    ]
     return status, json.loads(body)
 
 
 def post(body: bytes, path: str = "/v1/completions", headers: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def deep(levels: int) -> bytes:
@@ -97,16 +108,36 @@ RAW = [  # (what, bytes, status)
 ]
 
 TYPES = [  # wrong types and values at any depth
-    {"prompt": [[1, [2]]]}, {"prompt": [[1, "2"]]}, {"prompt": [{"a": 1}]}, {"prompt": [[1, 2.5]]}, {"prompt": {"a": "b"}},
-    {"prompt": "x", "stop": [["x"]]}, {"prompt": "x", "stop": ["a"] * 33}, {"prompt": "x", "stop_token_ids": [[1]]},
-    {"prompt": "x", "stop_token_ids": [-1]}, {"prompt": "x", "stream_options": {"include_usage": {"a": [1]}}},
-    {"prompt": "x", "stream_options": [True]}, {"prompt": "x", "logit_bias": {"1": [1]}}, {"prompt": "x", "model": ["ckpt"]},
-    {"prompt": "x", "max_tokens": {"x": 1}}, {"prompt": "x", "temperature": [0.5]}, {"prompt": "x", "seed": 2**70},
-    {"prompt": "x", "seed": 1.5}, {"prompt": "x", "n": 1e300}, {"prompt": "x", "max_tokens": 10**30},
-    {"prompt": "x", "temperature": 10**400}, {"prompt": "x", "echo": "true"}, {"prompt": "x", "logprobs": "1"},
-    {"prompt": "x", "best_of": "2"}, {"prompt": "x", "top_k": -7}, {"prompt": "x", "top_p": 0.0},
-    {"prompt": "x", "frequency_penalty": 2.5}, {"prompt": "x", "repetition_penalty": -1},
-    {"prompt": "x", "ignore_eos": 0}, {"prompt": "x", "min_tokens": False}, {"prompt": "x", "max_tokens": 0},
+    {"prompt": [[1, [2]]]},
+    {"prompt": [[1, "2"]]},
+    {"prompt": [{"a": 1}]},
+    {"prompt": [[1, 2.5]]},
+    {"prompt": {"a": "b"}},
+    {"prompt": "x", "stop": [["x"]]},
+    {"prompt": "x", "stop": ["a"] * 33},
+    {"prompt": "x", "stop_token_ids": [[1]]},
+    {"prompt": "x", "stop_token_ids": [-1]},
+    {"prompt": "x", "stream_options": {"include_usage": {"a": [1]}}},
+    {"prompt": "x", "stream_options": [True]},
+    {"prompt": "x", "logit_bias": {"1": [1]}},
+    {"prompt": "x", "model": ["ckpt"]},
+    {"prompt": "x", "max_tokens": {"x": 1}},
+    {"prompt": "x", "temperature": [0.5]},
+    {"prompt": "x", "seed": 2**70},
+    {"prompt": "x", "seed": 1.5},
+    {"prompt": "x", "n": 1e300},
+    {"prompt": "x", "max_tokens": 10**30},
+    {"prompt": "x", "temperature": 10**400},
+    {"prompt": "x", "echo": "true"},
+    {"prompt": "x", "logprobs": "1"},
+    {"prompt": "x", "best_of": "2"},
+    {"prompt": "x", "top_k": -7},
+    {"prompt": "x", "top_p": 0.0},
+    {"prompt": "x", "frequency_penalty": 2.5},
+    {"prompt": "x", "repetition_penalty": -1},
+    {"prompt": "x", "ignore_eos": 0},
+    {"prompt": "x", "min_tokens": False},
+    {"prompt": "x", "max_tokens": 0},
 ]
 
 
@@ -120,13 +151,18 @@ def test_every_malformed_request_gets_a_4xx_in_openais_shape(server, local, capf
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", what
         assert error["message"] and "\n" not in error["message"] and len(error["message"]) < 1000, what
     # odd but valid values are served, not refused: a huge top_k is no top-k, a huge temperature a flat draw
-    for body in ({"prompt": "x", "top_k": 10**30, "max_tokens": 2}, {"prompt": "x", "temperature": 1e300, "max_tokens": 2},
-                 {"prompt": "x", "user": {"deep": [[[1]]]}, "max_tokens": 2}):
+    for body in (
+        {"prompt": "x", "top_k": 10**30, "max_tokens": 2},
+        {"prompt": "x", "temperature": 1e300, "max_tokens": 2},
+        {"prompt": "x", "user": {"deep": [[[1]]]}, "max_tokens": 2},
+    ):
         got, answer = exchange(server, post(json.dumps(body).encode()))
         assert got == 200 and answer["usage"]["completion_tokens"] == 2, (body, answer)
     # afterwards a normal request gets the right answer, and the log holds one line per message, no traceback
-    got, answer = exchange(server, post(json.dumps({"prompt": "def main(", "max_tokens": 10, "temperature": 0}).encode()))
-    (want,), = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
+    got, answer = exchange(
+        server, post(json.dumps({"prompt": "def main(", "max_tokens": 10, "temperature": 0}).encode())
+    )
+    ((want,),) = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
     assert got == 200 and answer["choices"][0]["text"] == want.text
     log = capfd.readouterr().err
     assert "Traceback" not in log and "Error" not in log.replace("Error:", ""), log[-2000:]
@@ -143,13 +179,15 @@ def test_a_client_that_leaves_early_costs_one_line_and_its_rows(server, local, c
 
     def rows(req, updates, make=server.rows):
         made.extend(make(req, updates))
-        return made[-len(req.ids) * req.params.n:]
+        return made[-len(req.ids) * req.params.n :]
 
     monkeypatch.setattr(server.engine, "model", slow)
     monkeypatch.setattr(server, "rows", rows)
     heavy = json.dumps({"prompt": ["def main(", "x", "import os", "y"], "max_tokens": 40, "temperature": 1.0})
-    for data in (post(heavy.encode()),  # the whole request, then gone before the answer
-                 post(heavy.encode())[:-10]):  # gone in the middle of the body: never reaches the engine
+    for data in (
+        post(heavy.encode()),  # the whole request, then gone before the answer
+        post(heavy.encode())[:-10],
+    ):  # gone in the middle of the body: never reaches the engine
         s = socket.create_connection((host, port), timeout=10)
         s.sendall(data)
         time.sleep(0.3)
@@ -161,8 +199,10 @@ def test_a_client_that_leaves_early_costs_one_line_and_its_rows(server, local, c
         assert not server.engine.running and not server.engine.waiting
     assert len(made) == 4 and all(r.finish_reason == "cancelled" and len(r.tokens) < 40 for r in made), made
     monkeypatch.undo()
-    got, answer = exchange(server, post(json.dumps({"prompt": "def main(", "max_tokens": 10, "temperature": 0}).encode()))
-    (want,), = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
+    got, answer = exchange(
+        server, post(json.dumps({"prompt": "def main(", "max_tokens": 10, "temperature": 0}).encode())
+    )
+    ((want,),) = local.complete(["def main("], SamplingParams(max_tokens=10, temperature=0), [0])
     assert got == 200 and answer["choices"][0]["text"] == want.text
     log = capfd.readouterr().err.splitlines()
     left = [line for line in log if "left before the answer" in line]

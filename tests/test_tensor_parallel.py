@@ -49,10 +49,21 @@ def hsdp(tmp_path_factory):
     return run(tmp_path_factory.mktemp("tp") / "hsdp.pt", 4, "--dp-replicate", "2", "--variants", "base,tied,docs")
 
 
-@pytest.mark.parametrize("layout, variant", [
-    ("tp2", "base"), ("tp2", "sp"), ("tp2", "tied"), ("fsdp2_tp2", "base"), ("fsdp2_tp2", "sp"),
-    ("hsdp", "base"), ("hsdp", "tied"), ("tp2", "docs"), ("fsdp2_tp2", "docs"), ("hsdp", "docs"),
-])
+@pytest.mark.parametrize(
+    "layout, variant",
+    [
+        ("tp2", "base"),
+        ("tp2", "sp"),
+        ("tp2", "tied"),
+        ("fsdp2_tp2", "base"),
+        ("fsdp2_tp2", "sp"),
+        ("hsdp", "base"),
+        ("hsdp", "tied"),
+        ("tp2", "docs"),
+        ("fsdp2_tp2", "docs"),
+        ("hsdp", "docs"),
+    ],
+)
 def test_tensor_parallel_run_equals_one_process(request, one_process, layout, variant):
     """``docs``: rows packed from documents, Megatron-LM's three document flags, sequence parallel where tp > 1."""
     got = request.getfixturevalue(layout)[variant]
@@ -68,7 +79,9 @@ def test_sequence_parallel_refuses_a_sequence_the_ranks_cannot_split(tp2):
 def test_tensor_parallel_needs_whole_heads_per_rank():
     cfg = ModelConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
     check_tp(cfg, 2)
-    with pytest.raises(CookbookError, match=r"tensor parallel size 4 must divide num_kv_heads \(--num-query-groups\) = 2"):
+    with pytest.raises(
+        CookbookError, match=r"tensor parallel size 4 must divide num_kv_heads \(--num-query-groups\) = 2"
+    ):
         check_tp(cfg, 4)
     with pytest.raises(CookbookError, match=r"must divide num_heads \(--num-attention-heads\) = 6"):
         check_tp(cfg.replace(num_heads=6, num_kv_heads=6, hidden_size=96), 4)
@@ -77,7 +90,9 @@ def test_tensor_parallel_needs_whole_heads_per_rank():
 def test_parallel_dims_with_tensor_parallel():
     dims = ParallelDims(tp=2, sequence_parallel=True).resolve(8)
     assert (dims.dp_shard, dims.tp, dims.dp, dims.sequence_parallel) == (4, 2, 4, True)
-    assert ParallelDims(tp=1, sequence_parallel=True).resolve(2).sequence_parallel is False  # as Megatron-LM: off at tp 1
+    assert (
+        ParallelDims(tp=1, sequence_parallel=True).resolve(2).sequence_parallel is False
+    )  # as Megatron-LM: off at tp 1
     with pytest.raises(CookbookError, match="not divisible"):
         ParallelDims(tp=3).resolve(4)
     assert ParallelDims(pp=2, layers_per_virtual_stage=1).resolve(4).layers_per_virtual_stage == 1

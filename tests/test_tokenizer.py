@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import random
 
+import megatron_oracle as oracle
 import numpy as np
 import pytest
-
-import megatron_oracle as oracle
 from conftest import TRICKY
+
 from cookbook.data.tokenizer import PROBES, flat_to_ragged, gigatoken_scope, load_tokenizer
 from cookbook.errors import CookbookError
 
 ALPHABETS = {
     "ascii": [chr(i) for i in range(128)] + ["  ", "\r\n", "\n\n"] * 8,
     "text": list("abcdefghij klmnop  QRS\n\t.,;:'\"()<>/_-0123456789"),
-    "unicode": list("aé€日本語😀\u034f\u0301\u200b\u00a0\u2028 \n<s>|") + ["<s>", "</s>", "<unk>", "<|end_of_text|>", "<EOD>"],
+    "unicode": list("aé€日本語😀\u034f\u0301\u200b\u00a0\u2028 \n<s>|")
+    + ["<s>", "</s>", "<unk>", "<|end_of_text|>", "<EOD>"],
 }
 
 
@@ -30,15 +31,25 @@ def random_texts(seed: int, n: int = 1500) -> list[str]:
 
 
 def megatron_for(kind, path):
-    return {"Llama2Tokenizer": oracle.Llama2, "SentencePieceTokenizer": oracle.SentencePiece,
-            "HuggingFaceTokenizer": oracle.HuggingFace}[kind](path)
+    return {
+        "Llama2Tokenizer": oracle.Llama2,
+        "SentencePieceTokenizer": oracle.SentencePiece,
+        "HuggingFaceTokenizer": oracle.HuggingFace,
+    }[kind](path)
 
 
-@pytest.mark.parametrize("kind,fixture", [
-    ("Llama2Tokenizer", "sp_model"), ("Llama2Tokenizer", "sp_unigram"), ("Llama2Tokenizer", "sp_nfkc"),
-    ("SentencePieceTokenizer", "sp_nfkc"), ("Llama2Tokenizer", "sp_odd"),
-    ("SentencePieceTokenizer", "sp_model"), ("HuggingFaceTokenizer", "hf_tokenizer"),
-])
+@pytest.mark.parametrize(
+    "kind,fixture",
+    [
+        ("Llama2Tokenizer", "sp_model"),
+        ("Llama2Tokenizer", "sp_unigram"),
+        ("Llama2Tokenizer", "sp_nfkc"),
+        ("SentencePieceTokenizer", "sp_nfkc"),
+        ("Llama2Tokenizer", "sp_odd"),
+        ("SentencePieceTokenizer", "sp_model"),
+        ("HuggingFaceTokenizer", "hf_tokenizer"),
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batch_encoding_equals_megatron_per_document(request, kind, fixture, seed, corpus_texts):
     path = request.getfixturevalue(fixture)
@@ -89,7 +100,7 @@ def test_decode_round_trips(sp_model, hf_tokenizer):
     for path in (sp_model, hf_tokenizer):
         tok = load_tokenizer(path)
         ids = tok.tokenize(text)
-        assert tok.decode(ids[len(tok.prefix):]) == text
+        assert tok.decode(ids[len(tok.prefix) :]) == text
 
 
 @pytest.mark.parametrize("bad", ["unknown-type", "missing", "not-a-model", "folder-without-json"])
@@ -119,6 +130,7 @@ def test_wrap_and_routing_keep_order(sp_nfkc):
 def test_append_eod_without_an_eos_token_is_a_clear_error(tmp_path, hf_tokenizer):
     """A bare tokenizer.json names no EOS: --append-eod must say so, and write nothing."""
     from helpers_data import write_jsonl
+
     from recipes.preprocess import PreprocessConfig, run
 
     bare = tmp_path / "bare"
@@ -126,7 +138,10 @@ def test_append_eod_without_an_eos_token_is_a_clear_error(tmp_path, hf_tokenizer
     (bare / "tokenizer.json").write_text((hf_tokenizer / "tokenizer.json").read_text())
     jsonl = write_jsonl(tmp_path / "in.jsonl", ["some text"])
     with pytest.raises(CookbookError, match="no EOS token"):
-        run(PreprocessConfig([str(jsonl)], str(tmp_path / "out" / "ds"), str(bare), append_eod=True), show_progress=False)
+        run(
+            PreprocessConfig([str(jsonl)], str(tmp_path / "out" / "ds"), str(bare), append_eod=True),
+            show_progress=False,
+        )
     assert list((tmp_path / "out").iterdir()) == []
     summary = run(PreprocessConfig([str(jsonl)], str(tmp_path / "out" / "ds"), str(bare)), show_progress=False)
     assert summary.documents == 1

@@ -74,12 +74,17 @@ def test_every_scaled_value_is_used():
     """No stale substitution: each variable with a README value appears in a README line of the script (one that is
     missing fails the comparison above with a KeyError)."""
     text = (ROOT / "scripts" / "tour.sh").read_text()
-    lines = [line for line in logical_lines(text.split("\ntour() {", 1)[1]) if line.startswith(("tour ", "tour_serve "))]
+    lines = [
+        line for line in logical_lines(text.split("\ntour() {", 1)[1]) if line.startswith(("tour ", "tour_serve "))
+    ]
     used = {name for line in lines for name in re.findall(r"\$\{?([A-Z_0-9]+)\}?", line)}
     assert {"CORPUS", "ITERS", "NPROC", "PORT"} <= set(script_variables(text)) == used
 
 
 def test_the_comparison_can_fail():
     assert not same(["cookbook", "eval", "--load", "ckpt/tiny"], ["cookbook", "eval", "--load", "ckpt/big"])
-    assert same(["cookbook", "pretrain", "...", "--kd-ratio", "0.5"], ["cookbook", "pretrain", "--preset", "tiny", "--kd-ratio", "0.5"])
+    assert same(
+        ["cookbook", "pretrain", "...", "--kd-ratio", "0.5"],
+        ["cookbook", "pretrain", "--preset", "tiny", "--kd-ratio", "0.5"],
+    )
     assert not same(["cookbook", "pretrain", "...", "--kd-ratio", "0.5"], ["cookbook", "pretrain", "--kd-ratio", "0.7"])

@@ -28,7 +28,9 @@ def data(tmp_path_factory):
     """Documents of 3 to 40 tokens from a noisy counting rule, each ending with the EOD: about 8 per sample of 32."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 41, size=400)
-    docs = [np.append((rng.integers(0, EOD) + np.cumsum(rng.choice([1, 1, 1, 2], size=n - 1))) % EOD, EOD) for n in lengths]
+    docs = [
+        np.append((rng.integers(0, EOD) + np.cumsum(rng.choice([1, 1, 1, 2], size=n - 1))) % EOD, EOD) for n in lengths
+    ]
     prefix = tmp_path_factory.mktemp("documents") / "docs"
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         w.add_documents(np.concatenate(docs), lengths)
@@ -70,9 +72,13 @@ def test_context_parallel_with_documents_equals_one_process(tmp_path, data, refe
 
 def test_bad_document_and_backend_flags_are_one_line(tmp_path, data):
     flags = train_flags(data, tmp_path / "x", 2)
-    assert_one_line_error(pretrain(flags + ["--reset-attention-mask"]),
-                          "need the end-of-document token: give --tokenizer-model (its EOD) or --eod-id")
-    assert_one_line_error(pretrain(flags + ["--attention-backend", "flash"]), "--attention-backend flash needs a CUDA GPU")
+    assert_one_line_error(
+        pretrain(flags + ["--reset-attention-mask"]),
+        "need the end-of-document token: give --tokenizer-model (its EOD) or --eod-id",
+    )
+    assert_one_line_error(
+        pretrain(flags + ["--attention-backend", "flash"]), "--attention-backend flash needs a CUDA GPU"
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -84,7 +90,12 @@ def test_eod_id_must_be_a_token_and_is_the_tokenizer_eod_by_default(tmp_path):
         document_flags(DataConfig(eod_mask_loss=True, eod_id=500), 96)
     assert document_flags(DataConfig(eod_id=5), 96) is None  # every flag off
     flags = document_flags(DataConfig(reset_position_ids=True, eod_id=EOD), 96)
-    assert (flags.eod, flags.reset_position_ids, flags.reset_attention_mask, flags.eod_mask_loss) == (EOD, True, False, False)
+    assert (flags.eod, flags.reset_position_ids, flags.reset_attention_mask, flags.eod_mask_loss) == (
+        EOD,
+        True,
+        False,
+        False,
+    )
 
 
 def test_the_default_eod_is_the_tokenizer_s(sp_model):

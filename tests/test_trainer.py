@@ -177,8 +177,13 @@ def test_tensor_parallel_and_recompute_equal_one_process_and_reshard(tmp_path, d
     one, tp, re = tmp_path / "one", tmp_path / "tp", tmp_path / "re"
     flags = dict(global_batch_size=4, save_interval=6, adam_eps=1e-6)  # see tests/tp_train.py on eps
     check(pretrain(train_flags(data, one, 10, **flags)))
-    check(pretrain(train_flags(data, tp, 10, tensor_model_parallel_size=2, recompute_granularity="selective", **flags)
-                   + ["--sequence-parallel"], nproc=2))
+    check(
+        pretrain(
+            train_flags(data, tp, 10, tensor_model_parallel_size=2, recompute_granularity="selective", **flags)
+            + ["--sequence-parallel"],
+            nproc=2,
+        )
+    )
     check(pretrain(train_flags(data, re, 10, load=tp / "step_000006", recompute_granularity="full", **flags), nproc=2))
     a, b, c = losses(one), losses(tp), losses(re)
     assert sorted(a) == sorted(b) == list(range(1, 11)) and sorted(c) == list(range(7, 11))
@@ -234,9 +239,22 @@ def test_pipeline_parallel_equals_one_process_and_reshards(tmp_path, data, layou
     the whole model in one place) and continues as the one-process run does."""
     pp, ppx, re = tmp_path / "pp", tmp_path / "ppx", tmp_path / "re"
     check(pretrain(train_flags(data, pp, 10, pipeline_model_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
-    check(pretrain(train_flags(data, ppx, 10, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
-                               tensor_model_parallel_size=2, recompute_granularity="selective", **LAYOUT_FLAGS)
-                   + ["--sequence-parallel"], nproc=4))
+    check(
+        pretrain(
+            train_flags(
+                data,
+                ppx,
+                10,
+                pipeline_model_parallel_size=2,
+                num_layers_per_virtual_pipeline_stage=1,
+                tensor_model_parallel_size=2,
+                recompute_granularity="selective",
+                **LAYOUT_FLAGS,
+            )
+            + ["--sequence-parallel"],
+            nproc=4,
+        )
+    )
     check(pretrain(train_flags(data, re, 10, load=pp / "step_000006", **LAYOUT_FLAGS)))
     assert_same_metrics(layout_reference, pp)
     assert_same_metrics(layout_reference, ppx)
@@ -248,7 +266,11 @@ def test_context_parallel_equals_one_process_and_reshards(tmp_path, data, layout
     step-6 save resumes under TP=2 (another layout) and continues as the one-process run does."""
     cp, re = tmp_path / "cp", tmp_path / "re"
     check(pretrain(train_flags(data, cp, 10, context_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
-    check(pretrain(train_flags(data, re, 10, load=cp / "step_000006", tensor_model_parallel_size=2, **LAYOUT_FLAGS), nproc=2))
+    check(
+        pretrain(
+            train_flags(data, re, 10, load=cp / "step_000006", tensor_model_parallel_size=2, **LAYOUT_FLAGS), nproc=2
+        )
+    )
     assert_same_metrics(layout_reference, cp)
     assert_resumed_as(layout_reference, re, range(7, 11))
 
@@ -263,11 +285,16 @@ def test_pipeline_and_context_parallel_layout_errors_are_one_line(tmp_path, data
         flags = train_flags(data, tmp_path / "x", 2, pipeline_model_parallel_size=2, **extra)
         assert_one_line_error(pretrain(flags + ["--dry-run", "--world-size", "2"]), message)
     flags = train_flags(data, tmp_path / "x", 2, pipeline_model_parallel_size=2, num_layers=4, global_batch_size=4)
-    assert_one_line_error(pretrain(flags + ["--tie-embeddings", "--dry-run", "--world-size", "2"]), "tied embeddings are not supported with pipeline parallel")
+    assert_one_line_error(
+        pretrain(flags + ["--tie-embeddings", "--dry-run", "--world-size", "2"]),
+        "tied embeddings are not supported with pipeline parallel",
+    )
     cp = train_flags(data, tmp_path / "x", 2, context_parallel_size=3)  # --seq-length 32
     assert_one_line_error(pretrain(cp + ["--dry-run", "--world-size", "3"]), "use a --seq-length divisible by 6")
-    assert_one_line_error(pretrain(flags + ["--context-parallel-size", "2", "--dry-run", "--world-size", "4"]),
-                          "context parallel with pipeline parallel is not supported yet")
+    assert_one_line_error(
+        pretrain(flags + ["--context-parallel-size", "2", "--dry-run", "--world-size", "4"]),
+        "context parallel with pipeline parallel is not supported yet",
+    )
 
 
 def test_logit_distillation_from_a_teacher(tmp_path, data, reference):
@@ -285,4 +312,6 @@ def test_logit_distillation_from_a_teacher(tmp_path, data, reference):
     assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     proc = pretrain(train_flags(data, tmp_path / "x", 2, kd_teacher=reference, vocab_size=128, **base))
     assert_one_line_error(proc, "has a vocabulary of 96, the student 128")
-    assert_one_line_error(pretrain(train_flags(data, tmp_path / "y", 2, kd_ratio=1.5)), "--kd-ratio must be in [0, 1], not 1.5")
+    assert_one_line_error(
+        pretrain(train_flags(data, tmp_path / "y", 2, kd_ratio=1.5)), "--kd-ratio must be in [0, 1], not 1.5"
+    )

@@ -21,10 +21,36 @@ from helpers_train import check
 
 from cookbook.engine.checkpoint import find_checkpoint, read_config
 
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-         "--ffn-hidden-size", "128", "--max-position-embeddings", "64"]
-TRAIN = ["--seq-length", "32", "--micro-batch-size", "2", "--dtype", "fp32", "--device", "cpu", "--eval-interval", "0",
-         "--log-interval", "1", "--split", "100,0,0"]
+SMALL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--max-position-embeddings",
+    "64",
+]
+TRAIN = [
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--dtype",
+    "fp32",
+    "--device",
+    "cpu",
+    "--eval-interval",
+    "0",
+    "--log-interval",
+    "1",
+    "--split",
+    "100,0,0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +59,49 @@ def moved(tmp_path_factory, sp_model):
     home = tmp_path_factory.mktemp("home")
     shutil.copy(sp_model, home / "tok.model")
     write_jsonl(home / "corpus.jsonl", stdlib_texts(20, offset=700))
-    check(run_cli("preprocess", "--input", "corpus.jsonl", "--output-prefix", "data/corpus", "--tokenizer-model", "tok.model",
-                  "--append-eod", cwd=home))
-    check(run_cli("pretrain", *SMALL, *TRAIN, "--data-path", "data/corpus_text_document", "--tokenizer-model", "tok.model",
-                  "--train-iters", "2", "--save", "run", cwd=home, timeout=300))
+    check(
+        run_cli(
+            "preprocess",
+            "--input",
+            "corpus.jsonl",
+            "--output-prefix",
+            "data/corpus",
+            "--tokenizer-model",
+            "tok.model",
+            "--append-eod",
+            cwd=home,
+        )
+    )
+    check(
+        run_cli(
+            "pretrain",
+            *SMALL,
+            *TRAIN,
+            "--data-path",
+            "data/corpus_text_document",
+            "--tokenizer-model",
+            "tok.model",
+            "--train-iters",
+            "2",
+            "--save",
+            "run",
+            cwd=home,
+            timeout=300,
+        )
+    )
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     shutil.copytree(home / "run", elsewhere / "copy" / "run")
     shutil.copytree(home / "data", elsewhere / "data")
     shutil.rmtree(home)
     heldout = write_jsonl(elsewhere / "heldout.jsonl", [t[:2000] for t in stdlib_texts(3, offset=800)])
     cwd = tmp_path_factory.mktemp("cwd")  # every command below runs here: neither where it trained nor where it is
-    return {"run": elsewhere / "copy" / "run", "data": elsewhere / "data" / "corpus_text_document", "heldout": heldout,
-            "cwd": cwd, "tokenizer": sp_model}
+    return {
+        "run": elsewhere / "copy" / "run",
+        "data": elsewhere / "data" / "corpus_text_document",
+        "heldout": heldout,
+        "cwd": cwd,
+        "tokenizer": sp_model,
+    }
 
 
 def cli(moved, *args, timeout=300):
@@ -60,21 +117,56 @@ def test_the_save_carries_its_tokenizer_relative_to_itself(moved):
 
 
 def test_generate_and_eval_from_another_folder(moved):
-    out = cli(moved, "generate", "--load", moved["run"], "--prompt", "def main(", "--max-new-tokens", "4",
-              "--temperature", "0", "--device", "cpu").stdout
+    out = cli(
+        moved,
+        "generate",
+        "--load",
+        moved["run"],
+        "--prompt",
+        "def main(",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ).stdout
     assert "def main(" in out
     step = find_checkpoint(moved["run"])
     for load in (moved["run"], step):  # the run folder, or one save alone
-        out = cli(moved, "eval", "--load", load, "--ppl-files", moved["heldout"], "--append-eod", "--seq-length", "32",
-                  "--device", "cpu").stdout
+        out = cli(
+            moved,
+            "eval",
+            "--load",
+            load,
+            "--ppl-files",
+            moved["heldout"],
+            "--append-eod",
+            "--seq-length",
+            "32",
+            "--device",
+            "cpu",
+        ).stdout
         assert "heldout.jsonl" in out
 
 
 def test_a_save_copied_alone_works(moved, tmp_path):
     alone = tmp_path / "just_one_save"
     shutil.copytree(find_checkpoint(moved["run"]), alone)
-    out = cli(moved, "generate", "--load", alone, "--prompt", "x", "--max-new-tokens", "2", "--temperature", "0",
-              "--device", "cpu").stdout
+    out = cli(
+        moved,
+        "generate",
+        "--load",
+        alone,
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ).stdout
     assert out.strip()
 
 
@@ -86,32 +178,115 @@ def test_continue_extend_prune_and_convert_a_moved_run(moved, tmp_path):
     assert latest.name == "step_000003" and (latest / "hf" / "tokenizer.model").is_file()
 
     cli(moved, "extend", "--load", run, "--interp-factor", "2", "--no-train", "--save", tmp_path / "extended")
-    cli(moved, "prune", "--load", run, "--hidden-size-remain", "48", "--importance", "magnitude", "--save", tmp_path / "pruned")
-    cli(moved, "convert", "--from", "cookbook", "--to", "cookbook", "--load-dir", run, "--save-dir", tmp_path / "converted")
+    cli(
+        moved,
+        "prune",
+        "--load",
+        run,
+        "--hidden-size-remain",
+        "48",
+        "--importance",
+        "magnitude",
+        "--save",
+        tmp_path / "pruned",
+    )
+    cli(
+        moved,
+        "convert",
+        "--from",
+        "cookbook",
+        "--to",
+        "cookbook",
+        "--load-dir",
+        run,
+        "--save-dir",
+        tmp_path / "converted",
+    )
     cli(moved, "convert", "--from", "cookbook", "--to", "hf", "--load-dir", run, "--save-dir", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == Path(moved["tokenizer"]).read_bytes()
     for made in ("extended", "pruned", "converted"):
         shutil.move(tmp_path / made, tmp_path / f"{made}-moved")  # each output travels too
-        cli(moved, "generate", "--load", tmp_path / f"{made}-moved", "--prompt", "x", "--max-new-tokens", "2",
-            "--temperature", "0", "--device", "cpu")
-    cli(moved, "generate", "--load", tmp_path / "hf", "--prompt", "x", "--max-new-tokens", "2", "--temperature", "0",
-        "--device", "cpu")
+        cli(
+            moved,
+            "generate",
+            "--load",
+            tmp_path / f"{made}-moved",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        )
+    cli(
+        moved,
+        "generate",
+        "--load",
+        tmp_path / "hf",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    )
 
 
 def test_distill_generate_and_serve_a_moved_teacher(moved, tmp_path):
-    cli(moved, "distill", "generate", "--teacher", moved["run"], "--prompts-from", moved["heldout"], "--prefix-tokens", "8",
-        "--max-tokens", "4", "--device", "cpu", "--num-prompts", "2", "--output", tmp_path / "synthetic")
+    cli(
+        moved,
+        "distill",
+        "generate",
+        "--teacher",
+        moved["run"],
+        "--prompts-from",
+        moved["heldout"],
+        "--prefix-tokens",
+        "8",
+        "--max-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--num-prompts",
+        "2",
+        "--output",
+        tmp_path / "synthetic",
+    )
     assert list((tmp_path / "synthetic").glob("shard_*.jsonl"))
 
-    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "serve", "--load", str(moved["run"]), "--port", "0",
-                             "--device", "cpu", "--quiet"], cwd=moved["cwd"], env={**cli_env(), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cookbook",
+            "serve",
+            "--load",
+            str(moved["run"]),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        cwd=moved["cwd"],
+        env={**cli_env(), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline().strip()
         assert " at http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = line.split(" at ")[1]
-        request = urllib.request.Request(url + "/completions", json.dumps({"prompt": "def", "max_tokens": 2}).encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url + "/completions",
+            json.dumps({"prompt": "def", "max_tokens": 2}).encode(),
+            {"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             assert json.loads(r.read())["choices"][0]["text"] is not None
     finally:
@@ -134,7 +309,19 @@ def test_a_save_from_an_earlier_version_loads_where_its_path_resolves(moved, tmp
     trained_in = tmp_path / "trained_in"
     trained_in.mkdir()
     shutil.copy(moved["tokenizer"], trained_in / "tok.model")
-    generate = ["generate", "--load", str(old), "--prompt", "x", "--max-new-tokens", "2", "--temperature", "0", "--device", "cpu"]
+    generate = [
+        "generate",
+        "--load",
+        str(old),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]
     check(run_cli(*generate, cwd=trained_in))
     assert_one_line_error(run_cli(*generate, cwd=moved["cwd"]), "tok.model", "--tokenizer-model")
     check(run_cli(*generate, "--tokenizer-model", trained_in / "tok.model", cwd=moved["cwd"]))

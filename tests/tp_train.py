@@ -30,8 +30,16 @@ from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig
 
 STEPS, GLOBAL_BATCH, SEQ, VOCAB, SEED = 12, 4, 16, 96, 7
-TINY = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-            max_seq_len=64, qkv_bias=True)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    max_seq_len=64,
+    qkv_bias=True,
+)
 DOCS = DocumentFlags(eod=VOCAB - 1, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
 # name -> (model config, sequence parallel, document flags)
 VARIANTS = {
@@ -66,12 +74,18 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 def full_grads(model) -> dict[str, torch.Tensor]:
     # full_tensor() may return the local tensor itself (a mesh of one): clone before the clip scales it in place
-    return {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone() for name, p in model.named_parameters()}
+    return {
+        name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+        for name, p in model.named_parameters()
+    }
 
 
 def train(cfg: ModelConfig, dims: ParallelDims, mesh, world: int, documents: DocumentFlags | None = None) -> dict:
     model = build_model(cfg, mesh, dims, torch.device("cpu"), "fp32", SEED)
-    meshes = {(p.device_mesh.mesh_dim_names, p.device_mesh.shape) if isinstance(p, DTensor) else None for p in model.parameters()}
+    meshes = {
+        (p.device_mesh.mesh_dim_names, p.device_mesh.shape) if isinstance(p, DTensor) else None
+        for p in model.parameters()
+    }
     assert len(meshes) == 1, f"parameters on several meshes: {meshes}"
     initial = full_state(model)
     # Adam's first update is lr * g / (|g| + eps): in an element whose gradient is near zero, fp32 rounding (which
@@ -98,9 +112,17 @@ def train(cfg: ModelConfig, dims: ParallelDims, mesh, world: int, documents: Doc
         grad_norms.append(float(clip_grad_norm(model.parameters(), 0.5)))  # small enough to clip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(total)  # tp ranks hold their group's loss, cp ranks' losses average to the rows': the world's mean is the batch's
+        dist.all_reduce(
+            total
+        )  # tp ranks hold their group's loss, cp ranks' losses average to the rows': the world's mean is the batch's
         losses.append(float(total) / world)
-    result = {"losses": losses, "grad_norms": grad_norms, "initial": initial, "first_grads": first_grads, "final": full_state(model)}
+    result = {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "initial": initial,
+        "first_grads": first_grads,
+        "final": full_state(model),
+    }
     if dims.sequence_parallel:  # a sequence the tp ranks cannot split evenly is refused, on every rank alike
         try:
             model(batches[0, :per_rank, : dims.tp + 1])

@@ -321,9 +321,7 @@ def prune(
         drop_layers=drop_layers,
         drop_layer_ids=parse_layer_ids(drop_layer_ids),
     )
-    opts = config_from(
-        PruneConfig, ctx.params, spec=spec, batch_size=calib_batch_size, eval_data=comma_list(eval_data)
-    )
+    opts = config_from(PruneConfig, ctx.params, spec=spec, batch_size=calib_batch_size, eval_data=comma_list(eval_data))
     if dry_run:
         out.print(render_shapes(check(config, overrides, opts)))
         return

@@ -12,8 +12,8 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from cookbook.errors import CookbookError
 
@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency; the GPU image 
 
     def dumps(obj) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
 
 STDIN = "-"
 
@@ -96,7 +97,9 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError, gzip.BadGzipFile) + ((zstd.ZstdError,) if zstd else ())
 
 
-def read_lines(path: Path, block: int = 1 << 23, start: int = 0, end: int | None = None) -> Iterator[tuple[int, list[bytes], int]]:
+def read_lines(
+    path: Path, block: int = 1 << 23, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, list[bytes], int]]:
     """Yield (number of the first line, lines, bytes of the file on disk consumed) per block of about ``block``.
 
     With ``start``/``end`` (plain files only): the lines whose first byte lies in ``[start, end)``, numbered
@@ -215,8 +218,13 @@ def valid_text(value) -> str | None:
 
 
 def parse_lines(
-    path: Path, first_line: int, lines: list[bytes], keys: Sequence[str], skip_bad: bool,
-    locate: Callable[[int], str] | None = None, fix: str = "fix it or pass --skip-bad-lines",
+    path: Path,
+    first_line: int,
+    lines: list[bytes],
+    keys: Sequence[str],
+    skip_bad: bool,
+    locate: Callable[[int], str] | None = None,
+    fix: str = "fix it or pass --skip-bad-lines",
 ) -> tuple[dict[str, list], list[str]]:
     """Parse jsonl lines into one value per key and document; blank lines are ignored. ``locate(n)`` names
     line ``n`` in messages (default ``path:n``). A bad line is skipped (and reported) with ``skip_bad``, else it

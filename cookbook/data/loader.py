@@ -47,7 +47,9 @@ def parse_data_path(values: list[str] | str, check_files: bool = True) -> list[t
             try:
                 weight = float(w)
             except ValueError:
-                raise CookbookError(f"--data-path: {w!r} should be a weight before prefix {prefix!r} (0.3 A 0.7 B)") from None
+                raise CookbookError(
+                    f"--data-path: {w!r} should be a weight before prefix {prefix!r} (0.3 A 0.7 B)"
+                ) from None
             if weight < 0:
                 raise CookbookError(f"--data-path: weight {w} of {prefix} is negative")
             pairs.append((weight, prefix))
@@ -71,8 +73,9 @@ def split_sizes(train_iters: int, global_batch: int, eval_interval: int, eval_it
     return SplitSizes(train_iters * global_batch, evals * eval_iters * global_batch, eval_iters * global_batch)
 
 
-def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: SplitSizes,
-                 notes: list[str] | None = None) -> dict[str, object | None]:
+def build_splits(
+    data_path, split: str, seq_length: int, seed: int, sizes: SplitSizes, notes: list[str] | None = None
+) -> dict[str, object | None]:
     """``{"train": samples, "valid": samples or None, "test": samples or None}``; each indexable,
     sample i = ``seq_length + 1`` int64 tokens.
 
@@ -88,12 +91,16 @@ def build_splits(data_path, split: str, seq_length: int, seed: int, sizes: Split
         empty = [(ds, len(ds)) for ds, (lo, hi) in zip(datasets, ranges) if hi <= lo]
         if empty and name == "train":
             ds, n = empty[0]
-            raise CookbookError(f"--split {split} leaves the train split of {ds.prefix} without documents (it holds {n}); "
-                                "give train a larger share, e.g. --split 98,2,0")
+            raise CookbookError(
+                f"--split {split} leaves the train split of {ds.prefix} without documents (it holds {n}); "
+                "give train a larger share, e.g. --split 98,2,0"
+            )
         if target and fractions[i] > 0 and empty and name == "valid" and notes is not None:  # a share too small
             what = ", ".join(f"{ds.prefix} ({n} documents)" for ds, n in empty)
             rest = "the others'" if len(empty) < len(datasets) else "none: no validation loss"
-            notes.append(f"--split {split} gives no valid documents to {what}; valid samples: {rest} (--split sets the shares)")
+            notes.append(
+                f"--split {split} gives no valid documents to {what}; valid samples: {rest} (--split sets the shares)"
+            )
         keep = [j for j, (lo, hi) in enumerate(ranges) if hi > lo]
         if target == 0 or not keep:
             out[name] = None
@@ -117,8 +124,10 @@ def document_flags(data, vocab_size: int) -> DocumentFlags | None:
     eod = data.eod_id
     if eod is None:
         if not data.tokenizer_model:
-            raise CookbookError("--reset-position-ids, --reset-attention-mask and --eod-mask-loss need the end-of-document "
-                                "token: give --tokenizer-model (its EOD) or --eod-id")
+            raise CookbookError(
+                "--reset-position-ids, --reset-attention-mask and --eod-mask-loss need the end-of-document "
+                "token: give --tokenizer-model (its EOD) or --eod-id"
+            )
         from cookbook.data.tokenizer import load_tokenizer
 
         eod = load_tokenizer(data.tokenizer_model, data.tokenizer_type).eod
@@ -132,7 +141,9 @@ def document_flags(data, vocab_size: int) -> DocumentFlags | None:
 class BatchLoader:
     """Micro batches ``[micro_batch, seq_length + 1]`` for one data-parallel rank."""
 
-    def __init__(self, samples, micro_batch: int, dp_rank: int, dp_size: int, vocab_size: int, consumed_samples: int = 0):
+    def __init__(
+        self, samples, micro_batch: int, dp_rank: int, dp_size: int, vocab_size: int, consumed_samples: int = 0
+    ):
         self.samples, self.micro_batch, self.dp_rank, self.dp_size = samples, micro_batch, dp_rank, dp_size
         self.vocab_size = vocab_size
         self.consumed_samples = consumed_samples

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from cookbook.data.jsonl import dumps
 from cookbook.errors import CookbookError
@@ -111,9 +111,13 @@ def write_corpus(path: str | os.PathLike, texts: Iterable[str], fmt: str, rows_p
     for t in texts:
         rows.append(t)
         if len(rows) == rows_per_group:
-            writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(pa.record_batch([rows], schema=schema))
+            writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(
+                pa.record_batch([rows], schema=schema)
+            )
             rows = []
     if rows:
-        writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(pa.record_batch([rows], schema=schema))
+        writer.write_table(pa.table({"text": rows}, schema=schema)) if fmt == "parquet" else writer.write_batch(
+            pa.record_batch([rows], schema=schema)
+        )
     writer.close()
     return path.stat().st_size

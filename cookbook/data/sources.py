@@ -19,9 +19,9 @@ import glob
 import json
 import mmap
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -82,7 +82,9 @@ def _kind(path: Path) -> str:
 
 def is_arrow_dataset(folder: Path) -> bool:
     """A folder written by ``datasets.Dataset.save_to_disk``."""
-    return (folder / "state.json").is_file() or ((folder / "dataset_info.json").is_file() and any(folder.glob("*.arrow")))
+    return (folder / "state.json").is_file() or (
+        (folder / "dataset_info.json").is_file() and any(folder.glob("*.arrow"))
+    )
 
 
 def _arrow_files(folder: Path) -> list[Path]:
@@ -112,7 +114,11 @@ def _listing(folder: Path) -> list[Path]:
         raise CookbookError(f"{folder} is a DatasetDict; give one split's folder, e.g. {folder / 'train'}")
     if is_arrow_dataset(folder):
         return [folder]
-    return sorted(p for p in folder.iterdir() if (p.is_file() and p.name.endswith(CORPUS_SUFFIXES)) or (p.is_dir() and is_arrow_dataset(p)))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() and p.name.endswith(CORPUS_SUFFIXES)) or (p.is_dir() and is_arrow_dataset(p))
+    )
 
 
 def expand(inputs: Sequence[str | os.PathLike]) -> list[Input]:
@@ -132,18 +138,26 @@ def expand(inputs: Sequence[str | os.PathLike]) -> list[Input]:
         elif path.is_dir():
             found = _listing(path)
             if not found:
-                raise CookbookError(f"the folder {path} holds no .jsonl[.gz|.zst], .parquet or .arrow files and no saved dataset")
+                raise CookbookError(
+                    f"the folder {path} holds no .jsonl[.gz|.zst], .parquet or .arrow files and no saved dataset"
+                )
         elif path.is_file():
             found = [path]
         elif glob.has_magic(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file() or is_arrow_dataset(Path(p)))
+            found = sorted(
+                Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file() or is_arrow_dataset(Path(p))
+            )
             if not found:
                 raise CookbookError(f"no file matches {text}")
         else:
             raise CookbookError(f"input {text} does not exist")
         for p in found:
             kind = "jsonl" if text == STDIN else _kind(p)
-            size = 0 if text == STDIN else (sum(f.stat().st_size for f in _arrow_files(p)) if p.is_dir() else p.stat().st_size)
+            size = (
+                0
+                if text == STDIN
+                else (sum(f.stat().st_size for f in _arrow_files(p)) if p.is_dir() else p.stat().st_size)
+            )
             out.append(Input(p, kind, text, size))
     if not out:
         raise CookbookError("no input given; pass --input FILE, GLOB, FOLDER or -")
@@ -165,7 +179,7 @@ def check_inputs(inputs: list[Input], keys: Sequence[str], skip_bad: bool) -> No
         if inp.kind == "parquet":
             _ParquetInput(inp, keys, skip_bad).close()
         elif inp.kind == "arrow":
-            for f in (_arrow_files(inp.path) if inp.path.is_dir() else [inp.path]):
+            for f in _arrow_files(inp.path) if inp.path.is_dir() else [inp.path]:
                 _open_arrow(f, keys, skip_bad)
 
 
@@ -192,7 +206,11 @@ def _text_type(pa, t) -> str | None:
     """'str' or 'list' for the column types that hold documents, else None."""
     if pa.types.is_dictionary(t):
         t = t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t)):
+    if (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+    ):
         return "str"
     if (pa.types.is_list(t) or pa.types.is_large_list(t)) and _text_type(pa, t.value_type) == "str":
         return "list"
@@ -209,7 +227,9 @@ def _check_schema(pa, schema, keys, name: str, skip_bad: bool) -> str | None:
         else:
             continue
         if not skip_bad:
-            raise CookbookError(f"bad input {name}: {problem}; fix it or pass --skip-bad-lines (which skips every row of it)")
+            raise CookbookError(
+                f"bad input {name}: {problem}; fix it or pass --skip-bad-lines (which skips every row of it)"
+            )
         return problem
     return None
 
@@ -238,7 +258,9 @@ def _slices(lengths: np.ndarray, block: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def _table_batches(pa, table, keys, name: str, first_row: int, skip_bad: bool, block: int, nbytes: int) -> Iterator[Batch]:
+def _table_batches(
+    pa, table, keys, name: str, first_row: int, skip_bad: bool, block: int, nbytes: int
+) -> Iterator[Batch]:
     """Documents of an Arrow table of text columns, in slices of about ``block`` bytes; rows numbered from 1."""
     whole = {}
     for k in keys:
@@ -317,7 +339,11 @@ class _ParquetInput:
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
             col = rg.column(0)
-            offset = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else col.data_page_offset
+            offset = (
+                col.dictionary_page_offset
+                if col.has_dictionary_page and col.dictionary_page_offset
+                else col.data_page_offset
+            )
             size = sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
             self.groups.append((offset, row, rg.num_rows, size, rg.total_byte_size))
             row += rg.num_rows
@@ -331,17 +357,28 @@ class _ParquetInput:
             if not (start <= offset and (end is None or offset < end)) or rows == 0:
                 continue
             if self.problem:
-                yield Batch({k: [] for k in self.keys}, [f"{self.inp.name} rows {first + 1}-{first + rows}: {self.problem}"], size, rows - 1)
+                yield Batch(
+                    {k: [] for k in self.keys},
+                    [f"{self.inp.name} rows {first + 1}-{first + rows}: {self.problem}"],
+                    size,
+                    rows - 1,
+                )
                 continue
             per_row = max(1, raw // rows)  # decoded bytes per row (of all columns: an upper bound for the keys')
             row = first
             try:
-                for chunk in self.file.iter_batches(batch_size=max(1, block // per_row), row_groups=[g], columns=self.keys, use_threads=False):
+                for chunk in self.file.iter_batches(
+                    batch_size=max(1, block // per_row), row_groups=[g], columns=self.keys, use_threads=False
+                ):
                     table = pa.Table.from_batches([chunk])
-                    yield from _table_batches(pa, table, self.keys, self.inp.name, row + 1, skip_bad, block, size * len(table) // rows)
+                    yield from _table_batches(
+                        pa, table, self.keys, self.inp.name, row + 1, skip_bad, block, size * len(table) // rows
+                    )
                     row += len(table)
             except (OSError, pa.ArrowException) as e:
-                raise CookbookError(f"{self.inp.name} rows {first + 1}-{first + rows}: cannot read ({_first_line(e)}); is the file complete?") from e
+                raise CookbookError(
+                    f"{self.inp.name} rows {first + 1}-{first + rows}: cannot read ({_first_line(e)}); is the file complete?"
+                ) from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -411,7 +448,12 @@ def _arrow_batches(inp: Input, keys, skip_bad, block, start, end) -> Iterator[Ba
                 rows, nbytes = rb.num_rows, there - here
                 if start <= offset + here and (end is None or offset + here < end) and rows:
                     if problem:
-                        yield Batch({k: [] for k in keys}, [f"{inp.name} rows {row + 1}-{row + rows}: {problem}"], nbytes, rows - 1)
+                        yield Batch(
+                            {k: [] for k in keys},
+                            [f"{inp.name} rows {row + 1}-{row + rows}: {problem}"],
+                            nbytes,
+                            rows - 1,
+                        )
                     else:
                         table = pa.Table.from_batches([rb.select(list(keys))])
                         yield from _table_batches(pa, table, keys, inp.name, row + 1, skip_bad, block, nbytes)
@@ -424,7 +466,9 @@ def _arrow_batches(inp: Input, keys, skip_bad, block, start, end) -> Iterator[Ba
 # --------------------------------------------------------------------------- one entry point
 
 
-def read(inp: Input, keys: Sequence[str], skip_bad: bool, block: int = 1 << 23, start: int = 0, end: int | None = None) -> Iterator[Batch]:
+def read(
+    inp: Input, keys: Sequence[str], skip_bad: bool, block: int = 1 << 23, start: int = 0, end: int | None = None
+) -> Iterator[Batch]:
     """Blocks of documents of ``inp`` whose units start in ``[start, end)`` of its bytes (all of it by default)."""
     if inp.kind == "parquet":
         pf = _ParquetInput(inp, keys, skip_bad)
@@ -477,4 +521,3 @@ def read_partition(inputs: list[Input], part: Partition | None, keys, skip_bad, 
     for n, start, end in part.ranges:
         for b in read(inputs[n], keys, skip_bad, block, start, end):
             yield n, b
-

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -138,7 +138,9 @@ class Tokenizer:
     needs_exact: Callable[[str], bool]  # texts ``plain`` cannot do: they go through ``exact``
     decode_ids: Callable[[list[int]], str]
     backend: str = "reference"
-    special: dict[str, int] = field(default_factory=dict)  # strings split out of the text first (SentencePieceTokenizer)
+    special: dict[str, int] = field(
+        default_factory=dict
+    )  # strings split out of the text first (SentencePieceTokenizer)
 
     def tokenize(self, text: str) -> list[int]:
         """Exactly Megatron-LM's ``tokenizer.tokenize(text)``."""
@@ -148,8 +150,9 @@ class Tokenizer:
         """The indices of the texts that ``plain`` cannot encode exactly (they go through ``exact``)."""
         return [i for i, t in enumerate(texts) if self.needs_exact(t)]
 
-    def encode_batch(self, texts: list[str], end: int | None = None, dtype=np.int64,
-                     special: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch(
+        self, texts: list[str], end: int | None = None, dtype=np.int64, special: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``tokenize`` of every text, as (flat ids in ``dtype``, int64 lengths); with ``end``, that id is also
         appended to every non-empty result (``--append-eod``). ``special``: ``special_texts(texts)`` when the
         caller has it already (preprocess computes it in its reader thread)."""
@@ -163,7 +166,9 @@ class Tokenizer:
             flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         dtype = np.dtype(dtype)
         if dtype.itemsize < flat.dtype.itemsize and len(flat) and int(flat.max()) > np.iinfo(dtype).max:
-            raise CookbookError(f"token id {int(flat.max())} does not fit {dtype.name}; the tokenizer's vocab size is wrong")
+            raise CookbookError(
+                f"token id {int(flat.max())} does not fit {dtype.name}; the tokenizer's vocab size is wrong"
+            )
         if self.prefix or self.suffix or end is not None:
             return _wrap(flat, lengths, self.prefix, self.suffix, end, dtype)
         return flat.astype(dtype, copy=False), lengths
@@ -195,7 +200,9 @@ def scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, starts: np.n
     out[np.arange(len(flat)) + np.repeat(starts - src_starts, lengths)] = flat
 
 
-def _wrap(flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int], end: int | None = None, dtype=None):
+def _wrap(
+    flat: np.ndarray, lengths: np.ndarray, prefix: list[int], suffix: list[int], end: int | None = None, dtype=None
+):
     """Put ``prefix`` before and ``suffix`` after every sequence of a flat batch, and ``end`` after every
     non-empty one; the result in ``dtype``. The few fixed ids are placed by position and the text's ids copied
     in one masked assignment (a fancy-indexed scatter of every id costs several times more)."""
@@ -343,7 +350,9 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
         load = lambda g: g.Tokenizer.from_sentencepiece(str(path))  # noqa: E731
         fast = _try_gigatoken(load, reference, backend, ascii_only=scope == "ascii")
     elif backend == "gigatoken":
-        raise CookbookError(f"gigatoken does not reproduce {path}'s normalization exactly; use --tokenizer-backend reference")
+        raise CookbookError(
+            f"gigatoken does not reproduce {path}'s normalization exactly; use --tokenizer-backend reference"
+        )
     # gigatoken turns the literal text "<s>" into BOS, which sentencepiece never does: texts holding
     # a control-token string go to sentencepiece, and so do non-ASCII texts where scope is ascii.
     has_control = _contains_any(controls)
@@ -359,9 +368,18 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
 
     if kind == "Llama2Tokenizer":
         return Tokenizer(
-            type=kind, path=str(path), vocab_size=n, eod=sp.eos_id(), bos=sp.bos_id(),
-            prefix=[sp.bos_id()], suffix=[], plain=plain, exact=lambda t: sp.encode(t),
-            needs_exact=lambda t: False, decode_ids=decode, backend="gigatoken" if fast else "sentencepiece",
+            type=kind,
+            path=str(path),
+            vocab_size=n,
+            eod=sp.eos_id(),
+            bos=sp.bos_id(),
+            prefix=[sp.bos_id()],
+            suffix=[],
+            plain=plain,
+            exact=lambda t: sp.encode(t),
+            needs_exact=lambda t: False,
+            decode_ids=decode,
+            backend="gigatoken" if fast else "sentencepiece",
         )
 
     # Megatron-LM's _SentencePieceTokenizer: special tokens appended after the model's pieces.
@@ -409,9 +427,19 @@ def _sentencepiece_tokenizer(path: Path, kind: str, threads: int, backend: str) 
         return "".join(out)
 
     return Tokenizer(
-        type=kind, path=str(path), vocab_size=len(vocab), eod=eod, bos=None, prefix=[], suffix=[],
-        plain=plain, exact=exact, needs_exact=_contains_any(tuple(special)), decode_ids=decode_special,
-        backend="gigatoken" if fast else "sentencepiece", special=special,
+        type=kind,
+        path=str(path),
+        vocab_size=len(vocab),
+        eod=eod,
+        bos=None,
+        prefix=[],
+        suffix=[],
+        plain=plain,
+        exact=exact,
+        needs_exact=_contains_any(tuple(special)),
+        decode_ids=decode_special,
+        backend="gigatoken" if fast else "sentencepiece",
+        special=special,
     )
 
 
@@ -501,8 +529,14 @@ def _huggingface_tokenizer(path: Path, backend: str) -> Tokenizer:
     # tokenizers itself so that lstrip/rstrip/normalized flags are honoured exactly.
     added = tuple(t.content for t in tok.get_added_tokens_decoder().values())
     return Tokenizer(
-        type="HuggingFaceTokenizer", path=str(path), vocab_size=tok.get_vocab_size(with_added_tokens=True),
-        eod=eod, bos=bos, prefix=list(prefix), suffix=list(suffix), plain=fast or reference,
+        type="HuggingFaceTokenizer",
+        path=str(path),
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        eod=eod,
+        bos=bos,
+        prefix=list(prefix),
+        suffix=list(suffix),
+        plain=fast or reference,
         exact=lambda t: tok.encode(t, add_special_tokens=False).ids,
         needs_exact=_contains_any(added) if fast else (lambda t: False),
         decode_ids=lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -544,9 +578,16 @@ def _gpt2_tokenizer(vocab_file: Path, merge_file: Path, backend: str) -> Tokeniz
     reference = _tokenizers_encoder(tok)
     fast = _try_gigatoken(lambda g: g.Tokenizer(tok), reference, backend)
     return Tokenizer(
-        type="GPT2BPETokenizer", path=str(vocab_file), vocab_size=len(vocab), eod=vocab["<|endoftext|>"],
-        bos=None, prefix=[], suffix=[], plain=fast or reference,
-        exact=lambda t: tok.encode(t, add_special_tokens=False).ids, needs_exact=lambda t: False,
+        type="GPT2BPETokenizer",
+        path=str(vocab_file),
+        vocab_size=len(vocab),
+        eod=vocab["<|endoftext|>"],
+        bos=None,
+        prefix=[],
+        suffix=[],
+        plain=fast or reference,
+        exact=lambda t: tok.encode(t, add_special_tokens=False).ids,
+        needs_exact=lambda t: False,
         decode_ids=lambda ids: tok.decode(ids, skip_special_tokens=False),
         backend="gigatoken" if fast else "tokenizers",
     )
@@ -583,11 +624,15 @@ def load_tokenizer(
         raise CookbookError("no tokenizer given; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
     path = Path(path)
     if not path.exists():
-        raise CookbookError(f"tokenizer {path} does not exist; pass --tokenizer-model PATH (a .model file or a tokenizer folder)")
+        raise CookbookError(
+            f"tokenizer {path} does not exist; pass --tokenizer-model PATH (a .model file or a tokenizer folder)"
+        )
     tokenizer_type = tokenizer_type or infer_tokenizer_type(path)
     if tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         if tokenizer_type == "GPTSentencePieceTokenizer":
-            raise CookbookError("GPTSentencePieceTokenizer is not supported; use Llama2Tokenizer or SentencePieceTokenizer")
+            raise CookbookError(
+                "GPTSentencePieceTokenizer is not supported; use Llama2Tokenizer or SentencePieceTokenizer"
+            )
         return _sentencepiece_tokenizer(path, tokenizer_type, threads, backend)
     if tokenizer_type == "HuggingFaceTokenizer":
         return _huggingface_tokenizer(path, backend)
@@ -602,7 +647,9 @@ def encode_documents(tok: Tokenizer, values: list, append_eod: bool, dtype=np.in
     sequence. ``special``: ``tok.special_texts(values)``, if already known (all values strings).
     """
     if append_eod and tok.eod is None:
-        raise CookbookError(f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one")
+        raise CookbookError(
+            f"tokenizer {tok.path} has no EOS token (eos_token in tokenizer_config.json); --append-eod needs one"
+        )
     n_docs = len(values)
     if all(type(v) is str for v in values):  # one sequence per document: the EOD is appended with the ids
         flat, lengths = tok.encode_batch(values, end=tok.eod if append_eod else None, dtype=dtype, special=special)

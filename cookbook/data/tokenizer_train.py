@@ -13,9 +13,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from cookbook.data.jsonl import parse_lines, read_lines
 from cookbook.data.sources import expand_inputs
@@ -84,14 +84,25 @@ def _train_sentencepiece(cfg: TokenizerTrainConfig, docs: list[str]) -> Path:
         prefix = os.path.join(tmp, "sp")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_prefix=prefix, model_type=cfg.model_type,
-                vocab_size=cfg.vocab_size, byte_fallback=True, character_coverage=0.99995,
+                sentence_iterator=iter(lines),
+                model_prefix=prefix,
+                model_type=cfg.model_type,
+                vocab_size=cfg.vocab_size,
+                byte_fallback=True,
+                character_coverage=0.99995,
                 normalization_rule_name=cfg.normalization,
                 # Llama 2 keeps extra whitespace; with a normalization rule, sentencepiece's default removes it
-                remove_extra_whitespaces=cfg.normalization != "identity", split_digits=True,
-                allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                user_defined_symbols=cfg.special_tokens or [], num_threads=cfg.threads,
-                max_sentence_length=1 << 16, minloglevel=2,
+                remove_extra_whitespaces=cfg.normalization != "identity",
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                user_defined_symbols=cfg.special_tokens or [],
+                num_threads=cfg.threads,
+                max_sentence_length=1 << 16,
+                minloglevel=2,
                 hard_vocab_limit=False,
             )
         except RuntimeError as e:
@@ -115,7 +126,9 @@ def _train_hf_bpe(cfg: TokenizerTrainConfig, docs: list[str]) -> Path:
     tok.decoder = decoders.ByteLevel()
     specials = [BOS, EOS, *cfg.special_tokens]
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=cfg.vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(docs, trainer)
@@ -123,8 +136,11 @@ def _train_hf_bpe(cfg: TokenizerTrainConfig, docs: list[str]) -> Path:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -63,8 +63,9 @@ def installed_flash(device: torch.device) -> int | None:
     return 2 if flash_function(2) is not None else None
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, documents: bool,
-                    training: bool = True) -> str:
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, documents: bool, training: bool = True
+) -> str:
     """The kernel ``--attention-backend name`` runs on: ``sdpa``, ``flex``, ``flash2`` or ``flash3``. ``dtype`` is the
     compute dtype, ``documents`` whether attention stays within documents (``--reset-attention-mask``). Refuses, with
     one line, a backend that cannot run the case."""
@@ -79,20 +80,28 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
             return "flex"
         return "sdpa"
     if name == "flex" and device.type == "cpu" and training:
-        raise CookbookError(f"--attention-backend flex cannot train on CPU: FlexAttention has no backward pass there "
-                            f"(torch {torch.__version__}); use --attention-backend sdpa or auto on CPU")
+        raise CookbookError(
+            f"--attention-backend flex cannot train on CPU: FlexAttention has no backward pass there "
+            f"(torch {torch.__version__}); use --attention-backend sdpa or auto on CPU"
+        )
     if name != "flash":
         return name
     if device.type != "cuda":
         raise CookbookError(f"--attention-backend flash needs a CUDA GPU, not {device.type}; use sdpa or auto")
     if dtype not in LOW_PRECISION:
-        raise CookbookError("--attention-backend flash computes in bf16 or fp16; train with --dtype bf16, or use flex or sdpa")
+        raise CookbookError(
+            "--attention-backend flash computes in bf16 or fp16; train with --dtype bf16, or use flex or sdpa"
+        )
     if not (head_dim <= 256 and head_dim % 8 == 0):
-        raise CookbookError(f"--attention-backend flash takes head sizes that are multiples of 8 up to 256, not {head_dim}")
+        raise CookbookError(
+            f"--attention-backend flash takes head sizes that are multiples of 8 up to 256, not {head_dim}"
+        )
     version = installed_flash(device)
     if version is None:
-        raise CookbookError("--attention-backend flash needs flash-attn, which is not installed (or does not import): "
-                            "pip install 'cookbook[gpu]'")
+        raise CookbookError(
+            "--attention-backend flash needs flash-attn, which is not installed (or does not import): "
+            "pip install 'cookbook[gpu]'"
+        )
     return f"flash{version}"
 
 
@@ -113,8 +122,9 @@ def visible(documents: torch.Tensor | None, start: int, q_len: int, device) -> t
 def _sdpa(q, k, v, prepared):
     if prepared is None:  # one causal sequence per row
         return F.scaled_dot_product_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), is_causal=True)
-    return F.scaled_dot_product_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]),
-                                          attn_mask=prepared.unsqueeze(1))
+    return F.scaled_dot_product_attention(
+        q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), attn_mask=prepared.unsqueeze(1)
+    )
 
 
 @functools.cache
@@ -136,8 +146,15 @@ def _flex_block_mask(documents: torch.Tensor | None, start: int, q_len: int, bat
         return keep
 
     rows = batch if documents is not None else None  # without documents every row has the same mask
-    return create_block_mask(causal_in_document, rows, None, q_len, start + q_len, device=device,
-                             _compile=torch.device(device).type == "cuda")
+    return create_block_mask(
+        causal_in_document,
+        rows,
+        None,
+        q_len,
+        start + q_len,
+        device=device,
+        _compile=torch.device(device).type == "cuda",
+    )
 
 
 @dataclass
@@ -174,10 +191,12 @@ class Varlen:
 
 def _prepare_flash(version: int):
     """The flash-attn kernel is looked up here, once per forward and outside any compiled block."""
+
     def prepare(documents, start, q_len, batch, device) -> Varlen:
         varlen = _varlen(documents, start, q_len, batch, device)
         varlen.kernel = flash_function(version)
         return varlen
+
     return prepare
 
 
@@ -216,8 +235,16 @@ def _flash(q, k, v, varlen: Varlen):
     v = v.transpose(1, 2).reshape(-1, v.shape[1], d)
     if varlen.keys is not None:
         k, v = k[varlen.keys], v[varlen.keys]
-    out = varlen.kernel(q, k, v, cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
-                        max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k, causal=True)
+    out = varlen.kernel(
+        q,
+        k,
+        v,
+        cu_seqlens_q=varlen.cu_seqlens_q,
+        cu_seqlens_k=varlen.cu_seqlens_k,
+        max_seqlen_q=varlen.max_seqlen_q,
+        max_seqlen_k=varlen.max_seqlen_k,
+        causal=True,
+    )
     out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
     return out.view(b, q_len, heads, d).transpose(1, 2)
 

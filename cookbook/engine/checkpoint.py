@@ -190,8 +190,9 @@ def save_paths(root: Path, step: int) -> tuple[Path, Path]:
     return root / f".{step_name(step)}.tmp", root / step_name(step)
 
 
-def write_save_files(folder: Path, sections: dict[str, dict], train_state: dict | None,
-                     tokenizer_files: dict[str, bytes] | None = None) -> None:
+def write_save_files(
+    folder: Path, sections: dict[str, dict], train_state: dict | None, tokenizer_files: dict[str, bytes] | None = None
+) -> None:
     """A save's own files beside its tensors: config.toml (its tokenizer carried into hf/ and named relative to the
     save) and train_state.json."""
     sections = {**sections, "data": store_tokenizer(folder, sections.get("data", {}), tokenizer_files)}
@@ -228,8 +229,10 @@ def load(ckpt: Path, model, optimizer=None) -> None:
     if optimizer is not None:
         saved = read_metadata(ckpt).state_dict_metadata
         if not any(key.startswith("optimizer") for key in saved):
-            raise CookbookError(f"{ckpt} holds weights only, no optimizer state (a converted or pruned checkpoint); "
-                                "start a run from it with --finetune")
+            raise CookbookError(
+                f"{ckpt} holds weights only, no optimizer state (a converted or pruned checkpoint); "
+                "start a run from it with --finetune"
+            )
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     read_state(state, ckpt)
     set_model_state_dict(model, state["model"])
@@ -303,12 +306,21 @@ def find_damage(ckpt: Path, read_all: bool = False) -> tuple[Path, str] | None:
 
 def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
     """One line: the damaged file, and the newest other save of the run that is intact, with how to use it."""
-    others = sorted((int(m.group(1)), p) for p in ckpt.parent.iterdir()
-                    if (m := STEP_DIR.match(p.name)) and p != ckpt and is_checkpoint(p)) if ckpt.parent.is_dir() else []
+    others = (
+        sorted(
+            (int(m.group(1)), p)
+            for p in ckpt.parent.iterdir()
+            if (m := STEP_DIR.match(p.name)) and p != ckpt and is_checkpoint(p)
+        )
+        if ckpt.parent.is_dir()
+        else []
+    )
     intact = next((p for _, p in reversed(others) if find_damage(p) is None), None)
     if intact is not None:
-        hint = (f"the save {intact} is intact: load it with --load {intact}, or continue the run from it by writing "
-                f"{intact.name} into {ckpt.parent / 'latest'}")
+        hint = (
+            f"the save {intact} is intact: load it with --load {intact}, or continue the run from it by writing "
+            f"{intact.name} into {ckpt.parent / 'latest'}"
+        )
     elif others:
         hint = f"no other save in {ckpt.parent} is intact either"
     else:
@@ -320,7 +332,7 @@ def damaged(ckpt: Path, path: Path, what: str) -> CookbookError:
 
 
 def model_format(path: str | Path) -> str:
-    """"cookbook" (a save folder or one step_* directory) or "hf" (a Hugging Face model folder); a missing path is
+    """ "cookbook" (a save folder or one step_* directory) or "hf" (a Hugging Face model folder); a missing path is
     named as missing first."""
     where = Path(path)
     if not where.exists():
@@ -329,8 +341,10 @@ def model_format(path: str | Path) -> str:
         return "cookbook"
     if (where / "config.json").is_file():
         return "hf"
-    raise CookbookError(f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
-                        "is no Hugging Face model folder (no config.json); pass one of those")
+    raise CookbookError(
+        f"{path} holds no cookbook checkpoint (no 'latest' file and no .metadata/config.toml) and "
+        "is no Hugging Face model folder (no config.json); pass one of those"
+    )
 
 
 def model_sections(path: str | Path) -> dict[str, dict]:
@@ -342,5 +356,7 @@ def model_sections(path: str | Path) -> dict[str, dict]:
         return read_config(find_checkpoint(path))
     cfg, _ = hf.model_config(hf.read_config_json(Path(path)), str(Path(path) / "config.json"))
     tok = tokenizer_path(Path(path), hf_side_files(Path(path)))
-    return {"model": {k: v for k, v in cfg.to_dict().items() if v is not None},
-            "data": {"tokenizer_model": str(tok)} if tok is not None else {}}
+    return {
+        "model": {k: v for k, v in cfg.to_dict().items() if v is not None},
+        "data": {"tokenizer_model": str(tok)} if tok is not None else {},
+    }

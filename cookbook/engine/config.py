@@ -24,9 +24,10 @@ The same file, fully resolved, is saved as ``config.toml`` in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from cookbook.checks import check_number, check_types
 from cookbook.engine.attention import BACKENDS
@@ -233,7 +234,9 @@ class TrainingConfig:
         check_number("--kd-ratio", self.kd_ratio, low=0, high=1)
         check_number("--kd-temperature", self.kd_temperature, low=0, low_open=True)
         if self.attention_backend not in BACKENDS:
-            raise CookbookError(f"unknown --attention-backend {self.attention_backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise CookbookError(
+                f"unknown --attention-backend {self.attention_backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
 
 
 @dataclass
@@ -275,7 +278,9 @@ def _positive(cfg, *names: str, allow_zero: bool = False, allow_none: bool = Fal
             continue
         if not isinstance(value, int) or value < (0 if allow_zero else 1):
             flag = "--" + name.replace("_", "-")
-            raise CookbookError(f"{flag} must be {'a non-negative' if allow_zero else 'a positive'} integer, not {value!r}")
+            raise CookbookError(
+                f"{flag} must be {'a non-negative' if allow_zero else 'a positive'} integer, not {value!r}"
+            )
 
 
 SECTIONS = {

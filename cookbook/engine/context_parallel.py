@@ -141,8 +141,9 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
     return unshard_sequence(_AllGather.apply(x, group).unbind(0), dim=dim)
 
 
-def causal_attention_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_rank: int, cp: int,
-                        mask: AttentionMask | None = None) -> torch.Tensor:
+def causal_attention_cp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_rank: int, cp: int, mask: AttentionMask | None = None
+) -> torch.Tensor:
     """Causal attention of rank ``cp_rank``'s queries q [b, heads, S / cp, d] (its two chunks) over the whole
     sequence's keys and values k, v [b, kv_heads, S, d] in global order: each chunk j attends to keys 0 .. (j + 1) c,
     the last c of them causally (a query at global position p sees the keys at positions <= p), and with a ``mask``
@@ -177,7 +178,9 @@ def _context_parallel_class(cls: type) -> type:
         def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
             # q [b, heads, s, d], k and v [b, kv_heads, s, d]: this rank's tokens, RoPE'd at their global positions
             if cache is not None:
-                raise CookbookError("generation with a KV cache does not run under context parallel; generate with a context parallel size of 1")
+                raise CookbookError(
+                    "generation with a KV cache does not run under context parallel; generate with a context parallel size of 1"
+                )
             # the kv heads travel, not their grouped-query copies (the kernel repeats them, or reads them in place)
             k, v = gather_sequence(torch.stack([k, v]), self.cp_group, dim=3).unbind(0)  # [b, kv_heads, S, d]
             return causal_attention_cp(q, k, v, self.cp_rank, self.cp_size, mask)

@@ -100,8 +100,16 @@ def read(path: Path) -> Checkpoint:
             read_state(state, ckpt, single_process=True)
             yield from state["model"].items()
 
-    return Checkpoint(cfg, tensors, dtypes, iteration=step, hf_files=hf_files, notes=notes,
-                      tokenizer_type=sections.get("data", {}).get("tokenizer_type"), description=f"cookbook {ckpt.name}")
+    return Checkpoint(
+        cfg,
+        tensors,
+        dtypes,
+        iteration=step,
+        hf_files=hf_files,
+        notes=notes,
+        tokenizer_type=sections.get("data", {}).get("tokenizer_type"),
+        description=f"cookbook {ckpt.name}",
+    )
 
 
 class _StreamPlanner(DefaultSavePlanner):
@@ -157,7 +165,11 @@ def write(folder: Path, final: Path, ckpt: Checkpoint, tensors: Tensors, dtypes:
     data = {}
     if tok is not None:  # the type it was trained with, else the one its file says
         sentencepiece = ckpt.tokenizer_type in ("Llama2Tokenizer", "SentencePieceTokenizer")
-        data["tokenizer_type"] = (ckpt.tokenizer_type if sentencepiece else "Llama2Tokenizer") if tok.suffix == ".model" else "HuggingFaceTokenizer"
+        data["tokenizer_type"] = (
+            (ckpt.tokenizer_type if sentencepiece else "Llama2Tokenizer")
+            if tok.suffix == ".model"
+            else "HuggingFaceTokenizer"
+        )
     model = {k: v for k, v in cfg.to_dict().items() if v is not None}
     state = {"step": step, "consumed_samples": 0, "converted_from": ckpt.description}
     write_save_files(tmp, {"model": model, "data": data}, state, files)

@@ -82,7 +82,7 @@ class ParallelDims:
     def __post_init__(self) -> None:
         check_types(self, "[parallel]")
 
-    def resolve(self, world_size: int) -> "ParallelDims":
+    def resolve(self, world_size: int) -> ParallelDims:
         fixed = self.dp_replicate * self.cp * self.tp * self.pp
         for name in ("dp_replicate", "cp", "tp", "pp"):
             if getattr(self, name) < 1:
@@ -90,7 +90,9 @@ class ParallelDims:
         dp_shard = self.dp_shard
         if dp_shard == -1:
             if world_size % fixed:
-                raise CookbookError(f"world size {world_size} is not divisible by pp x dp_replicate x cp x tp = {fixed}")
+                raise CookbookError(
+                    f"world size {world_size} is not divisible by pp x dp_replicate x cp x tp = {fixed}"
+                )
             dp_shard = world_size // fixed
         if dp_shard < 1 or fixed * dp_shard != world_size:
             raise CookbookError(
@@ -98,9 +100,18 @@ class ParallelDims:
                 f"tp={self.tp} multiply to {fixed * max(dp_shard, 0)}, not the world size {world_size}"
             )
         if self.layers_per_virtual_stage is not None and self.layers_per_virtual_stage < 1:
-            raise CookbookError(f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be at least 1")
-        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.sequence_parallel and self.tp > 1,
-                            self.layers_per_virtual_stage if self.pp > 1 else None)
+            raise CookbookError(
+                f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be at least 1"
+            )
+        return ParallelDims(
+            self.dp_replicate,
+            dp_shard,
+            self.cp,
+            self.tp,
+            self.pp,
+            self.sequence_parallel and self.tp > 1,
+            self.layers_per_virtual_stage if self.pp > 1 else None,
+        )
 
     @property
     def dp(self) -> int:
@@ -146,8 +157,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> Distr
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=dev if dev.type == "cuda" else None)
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+                device_id=dev if dev.type == "cuda" else None,
+            )
         else:  # a world of one, no rendezvous needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Distributed(rank, world_size, local_rank, dev)

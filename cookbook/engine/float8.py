@@ -28,7 +28,9 @@ def _torchao():
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise CookbookError(f"--fp8 needs torchao's float8 training ({e}); install it with: pip install 'cookbook[fp8]'") from None
+        raise CookbookError(
+            f"--fp8 needs torchao's float8 training ({e}); install it with: pip install 'cookbook[fp8]'"
+        ) from None
     return Float8LinearConfig, convert_to_float8_training
 
 
@@ -36,12 +38,16 @@ def check_fp8(tp: int, device: torch.device | None = None) -> None:
     """Refuse ``--fp8`` where it cannot run fast: tensor parallel, then (given a ``device``) no FP8 tensor
     cores or no torchao."""
     if tp > 1:
-        raise CookbookError("--fp8 with tensor parallel is not supported yet; use FSDP (data parallel) and pipeline "
-                            "parallel with --fp8, or drop --fp8")
+        raise CookbookError(
+            "--fp8 with tensor parallel is not supported yet; use FSDP (data parallel) and pipeline "
+            "parallel with --fp8, or drop --fp8"
+        )
     if device is None:
         return
     if device.type != "cuda":
-        raise CookbookError(f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (H100/H200 or Ada), not {device.type}; drop --fp8")
+        raise CookbookError(
+            f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (H100/H200 or Ada), not {device.type}; drop --fp8"
+        )
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         raise CookbookError(
@@ -53,8 +59,12 @@ def check_fp8(tp: int, device: torch.device | None = None) -> None:
 
 def fp8_eligible(module: nn.Module, fqn: str) -> bool:
     """A block's linear layer whose shapes ``torch._scaled_mm`` takes (both dimensions multiples of 16)."""
-    return (isinstance(module, nn.Linear) and fqn.startswith("layers.")
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith("layers.")
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def apply_fp8(model: nn.Module) -> int:

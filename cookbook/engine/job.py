@@ -52,7 +52,7 @@ class Job:
     source: dict[str, dict] | None  # --load's config sections, when it is here
     hf: Path | None = None  # --load's Hugging Face folder, converted into ``start`` when the run starts
 
-    def replace(self, config: JobConfig) -> "Job":
+    def replace(self, config: JobConfig) -> Job:
         return dataclasses.replace(self, config=config)
 
 
@@ -66,8 +66,14 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_in_save: str | None = None,
-            here: bool = True, stand_in: ModelConfig | None = None) -> Job:
+def resolve(
+    config_file: str | Path | None,
+    flags: dict[str, dict],
+    *,
+    continue_in_save: str | None = None,
+    here: bool = True,
+    stand_in: ModelConfig | None = None,
+) -> Job:
     """The job the flags describe (module docstring). ``continue_in_save``: what the run is called ("the
     extension"), for a command whose rerun continues its run in --save; ``here=False``: a dry run away from the
     cluster, where the checkpoint, the tokenizer and the data may be missing; ``stand_in``: the model of a --load
@@ -88,8 +94,10 @@ def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_
             console.print(f"continuing {continue_in_save} saved in {escape(str(save))}", highlight=False)
     elif form == "hf":
         if not (finetune or continue_in_save):
-            raise CookbookError(f"--load {load} is a Hugging Face model folder: it holds weights, not a run; start a run "
-                                "from it with --finetune")
+            raise CookbookError(
+                f"--load {load} is a Hugging Face model folder: it holds weights, not a run; start a run "
+                "from it with --finetune"
+            )
         start, finetune, hf = Path(save or ".") / HF_SOURCE, True, Path(load)
     elif form == "cookbook":
         start, finetune = checkpoint.find_checkpoint(load), finetune or bool(continue_in_save)
@@ -100,14 +108,21 @@ def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_
         if stand_in is None and not same:
             if here or not sections.get("model", {}).get("preset"):
                 why = "no 'latest' file and no step_* save" if Path(load).exists() else "it does not exist"
-                raise CookbookError(f"--load {load} holds no checkpoint ({why})"
-                                    + ("" if here else "; give --preset for its model to check the job without it"))
-            console.print(f"[yellow]--load {escape(str(load))} is not here (needed where the job runs): checking with "
-                          f"preset {sections['model']['preset']}[/yellow]", highlight=False)
+                raise CookbookError(
+                    f"--load {load} holds no checkpoint ({why})"
+                    + ("" if here else "; give --preset for its model to check the job without it")
+                )
+            console.print(
+                f"[yellow]--load {escape(str(load))} is not here (needed where the job runs): checking with "
+                f"preset {sections['model']['preset']}[/yellow]",
+                highlight=False,
+            )
         finetune = False
     continuing = start is not None and not finetune and save and start.parent.resolve() == Path(save).resolve()
     if save and (Path(save) / "latest").is_file() and not continuing:
-        raise CookbookError(f"--save {save} already holds a run; pass --load {save} to continue it, or choose another --save")
+        raise CookbookError(
+            f"--save {save} already holds a run; pass --load {save} to continue it, or choose another --save"
+        )
     if save and here:
         check_writable(save, "--save", folder=True)
 
@@ -129,7 +144,7 @@ def resolve(config_file: str | Path | None, flags: dict[str, dict], *, continue_
 
 
 def _format(load) -> str | None:
-    """"cookbook" or "hf" when --load holds a checkpoint of that format, else None (not written yet, or not here)."""
+    """ "cookbook" or "hf" when --load holds a checkpoint of that format, else None (not written yet, or not here)."""
     if checkpoint.find_checkpoint(load) is not None:
         return "cookbook"
     return "hf" if (Path(load) / "config.json").is_file() else None
@@ -140,8 +155,10 @@ def _model_of(asked: dict, saved: dict, where) -> dict:
     asked = {k: v for k, v in asked.items() if k != "preset"}
     for key, value in asked.items():
         if key not in ADJUSTABLE_MODEL_FIELDS and saved.get(key) != value:
-            raise CookbookError(f"{where} holds a model with {key}={saved.get(key)}, not {value}; drop that setting (the "
-                                "shape comes from --load)")
+            raise CookbookError(
+                f"{where} holds a model with {key}={saved.get(key)}, not {value}; drop that setting (the "
+                "shape comes from --load)"
+            )
     return {**saved, **{k: v for k, v in asked.items() if k in ADJUSTABLE_MODEL_FIELDS}}
 
 
@@ -152,7 +169,9 @@ def _check_vocabulary(sections: dict[str, dict], new_model: bool, here: bool) ->
     if not data.get("tokenizer_model"):
         return
     if not here and not Path(data["tokenizer_model"]).exists():
-        console.print(f"[yellow]tokenizer {escape(data['tokenizer_model'])} not found here (needed where the job runs)[/yellow]")
+        console.print(
+            f"[yellow]tokenizer {escape(data['tokenizer_model'])} not found here (needed where the job runs)[/yellow]"
+        )
         return
     tokenizer = load_tokenizer(data["tokenizer_model"], data.get("tokenizer_type"))
     if not new_model:  # the checkpoint's vocabulary is fixed by its weights; the data's ids are checked as read
@@ -161,15 +180,19 @@ def _check_vocabulary(sections: dict[str, dict], new_model: bool, here: bool) ->
     if vocab is None:
         model["vocab_size"] = padded_vocab_size(tokenizer.vocab_size, data.get("make_vocab_size_divisible_by", 128))
     elif vocab < tokenizer.vocab_size:
-        raise CookbookError(f"--vocab-size {vocab} is smaller than the tokenizer {data['tokenizer_model']}'s "
-                            f"{tokenizer.vocab_size} ids: drop --vocab-size (by default it is the tokenizer's, padded) "
-                            f"or give at least {tokenizer.vocab_size}")
+        raise CookbookError(
+            f"--vocab-size {vocab} is smaller than the tokenizer {data['tokenizer_model']}'s "
+            f"{tokenizer.vocab_size} ids: drop --vocab-size (by default it is the tokenizer's, padded) "
+            f"or give at least {tokenizer.vocab_size}"
+        )
 
 
 # --------------------------------------------------------------------------- dry run and run
 
 
-def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: str, dtype: str, full: bool = False) -> None:
+def show_job(
+    job: JobConfig, dims, global_batch: int, accumulation: int, where: str, dtype: str, full: bool = False
+) -> None:
     """What a training job is, in five lines; the full config first with ``full`` or --print-config (every save holds
     it as config.toml)."""
     m, d, o, t, c = job.model, job.data, job.optimizer, job.training, job.checkpoint
@@ -177,16 +200,29 @@ def show_job(job: JobConfig, dims, global_batch: int, accumulation: int, where: 
     if full:
         console.print(dumps_toml(job.to_dict()), highlight=False, markup=False)
     layout = f"pp {dims.pp} x dp {dims.dp} x cp {dims.cp} x tp {dims.tp}{' + SP' if dims.sequence_parallel else ''}"
-    warmup = f", warmup {o.lr_warmup_iters}" if o.lr_warmup_iters else (f", warmup {o.lr_warmup_fraction:g} of the decay" if o.lr_warmup_fraction else "")
+    warmup = (
+        f", warmup {o.lr_warmup_iters}"
+        if o.lr_warmup_iters
+        else (f", warmup {o.lr_warmup_fraction:g} of the decay" if o.lr_warmup_fraction else "")
+    )
     tokens = t.train_iters * global_batch * d.seq_length
     if not c.save:
         saves = "none (no --save)"
     else:
         when = f"every {c.save_interval} iterations and at the end" if c.save_interval else "at the end"
         saves = f"{escape(c.save)} {when}, each with config.toml (the full config)"
-    extras = [x for x in (f"recompute {t.recompute_granularity}" if t.recompute_granularity != "none" else "",
-                          "compile" if t.compile else "", "fp8" if t.fp8 else "",
-                          f"KD from {escape(t.kd_teacher)} (ratio {t.kd_ratio:g}, temperature {t.kd_temperature:g})" if t.kd_teacher else "") if x]
+    extras = [
+        x
+        for x in (
+            f"recompute {t.recompute_granularity}" if t.recompute_granularity != "none" else "",
+            "compile" if t.compile else "",
+            "fp8" if t.fp8 else "",
+            f"KD from {escape(t.kd_teacher)} (ratio {t.kd_ratio:g}, temperature {t.kd_temperature:g})"
+            if t.kd_teacher
+            else "",
+        )
+        if x
+    ]
     lines = [
         f"[bold]model[/bold]    {describe(m)}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
         f"({m.num_kv_heads} kv), ffn {m.intermediate_size}, vocab {m.vocab_size}, context {m.max_seq_len}",
@@ -217,15 +253,29 @@ def dry_run(job: Job, world_size: int, gpu: str = "A100-80GB") -> None:
     try:
         parse_data_path(cfg.data.data_path)
     except CookbookError as e:
-        missing = [p for p in " ".join(cfg.data.data_path).split() if not (idx_path(p).is_file() and bin_path(p).is_file())]
+        missing = [
+            p for p in " ".join(cfg.data.data_path).split() if not (idx_path(p).is_file() and bin_path(p).is_file())
+        ]
         if not missing:
             raise
-        console.print(f"[yellow]data not found here (needed where the job runs): {escape(str(e))}[/yellow]", highlight=False)
+        console.print(
+            f"[yellow]data not found here (needed where the job runs): {escape(str(e))}[/yellow]", highlight=False
+        )
     if gpu not in GPUS:
         raise CookbookError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPUS)}")
     t = cfg.training
-    layout = estimate(cfg.model, cfg.data.seq_length, global_batch, GPUS[gpu], world_size, min(world_size, 8),
-                      dims.tp, dims.pp, t.recompute_granularity, t.micro_batch_size)
+    layout = estimate(
+        cfg.model,
+        cfg.data.seq_length,
+        global_batch,
+        GPUS[gpu],
+        world_size,
+        min(world_size, 8),
+        dims.tp,
+        dims.pp,
+        t.recompute_granularity,
+        t.micro_batch_size,
+    )
     if job.start or job.hf:
         console.print(f"[bold]from[/bold]     {escape(str(job.hf or job.start))}", highlight=False)
     console.print(
@@ -233,8 +283,10 @@ def dry_run(job: Job, world_size: int, gpu: str = "A100-80GB") -> None:
         f"({'fits' if layout.fits else 'DOES NOT FIT'}), ~{layout.step_seconds:.1f} s per step, MFU ~{100 * layout.mfu:.0f}%"
     )
     if not layout.fits:
-        raise CookbookError(f"the estimate needs {layout.total_gib:.1f} GiB per GPU, more than one {gpu} holds; see cookbook "
-                            "plan for layouts that fit")
+        raise CookbookError(
+            f"the estimate needs {layout.total_gib:.1f} GiB per GPU, more than one {gpu} holds; see cookbook "
+            "plan for layouts that fit"
+        )
     console.print(f"[green]dry run: the job is valid for {world_size} processes[/green]")
 
 
@@ -255,13 +307,22 @@ def run(job: Job, iters_flag: str = "--train-iters") -> dict:
         trainer = Trainer(job.config, load=start)
         t = job.config.training
         if trainer.dist.is_main:
-            show_job(job.config, trainer.dims, trainer.global_batch, trainer.accumulation,
-                     f"{trainer.device.type} x {trainer.dist.world_size}", f"{t.dtype} ({trainer.dtype_reason})")
+            show_job(
+                job.config,
+                trainer.dims,
+                trainer.global_batch,
+                trainer.accumulation,
+                f"{trainer.device.type} x {trainer.dist.world_size}",
+                f"{t.dtype} ({trainer.dtype_reason})",
+            )
         if trainer.step >= t.train_iters:
             if trainer.dist.is_main:
-                console.print(f"[bold yellow]already trained {trainer.step} of {t.train_iters} iterations in "
-                              f"{escape(str(job.config.checkpoint.save or job.start))}: nothing to do[/bold yellow]; raise "
-                              f"{iters_flag} to train on, or choose another --save for a new run", highlight=False)
+                console.print(
+                    f"[bold yellow]already trained {trainer.step} of {t.train_iters} iterations in "
+                    f"{escape(str(job.config.checkpoint.save or job.start))}: nothing to do[/bold yellow]; raise "
+                    f"{iters_flag} to train on, or choose another --save for a new run",
+                    highlight=False,
+                )
             return {}
         return trainer.train()
     finally:

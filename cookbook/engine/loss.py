@@ -30,8 +30,9 @@ def _chunk_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
 
 
-def _chunked_mean(fn, logits: torch.Tensor, others: tuple[torch.Tensor, ...], chunk_elements: int,
-                  tokens: torch.Tensor | float) -> torch.Tensor:
+def _chunked_mean(
+    fn, logits: torch.Tensor, others: tuple[torch.Tensor, ...], chunk_elements: int, tokens: torch.Tensor | float
+) -> torch.Tensor:
     """``fn(logits_chunk, *others_chunks)`` (a sum over the chunk's tokens) summed over ``logits`` [tokens, vocab]
     and ``others`` [tokens, ...] one chunk of tokens at a time, divided by ``tokens``; under autograd each chunk is
     recomputed in backward instead of kept."""
@@ -53,13 +54,22 @@ def scored_tokens(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE).sum().clamp(min=1)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
-                  tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of ``logits [..., vocab]`` against ``targets [...]`` over the scored targets (or
     ``tokens``), in fp32."""
     targets = targets.flatten()
-    return _chunked_mean(_chunk_loss_sum, logits.flatten(0, -2), (targets,), chunk_elements,
-                         scored_tokens(targets) if tokens is None else tokens)
+    return _chunked_mean(
+        _chunk_loss_sum,
+        logits.flatten(0, -2),
+        (targets,),
+        chunk_elements,
+        scored_tokens(targets) if tokens is None else tokens,
+    )
 
 
 def _kl_sum(temperature: float):
@@ -68,18 +78,33 @@ def _kl_sum(temperature: float):
         log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
         per_token = (log_t.exp() * (log_t - log_s)).sum(dim=-1)
         return per_token.masked_fill(targets == IGNORE, 0.0).sum() * temperature**2
+
     return kl
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            chunk_elements: int = CHUNK_ELEMENTS, targets: torch.Tensor | None = None,
-            tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    targets: torch.Tensor | None = None,
+    tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) of the distributions softened by ``temperature``, times
     temperature^2 (Hinton et al.: the gradients keep their scale as the temperature changes), in fp32. With
     ``targets``, over the tokens whose target is scored (as ``cross_entropy``, ``tokens`` overriding the count)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
     student, teacher = student_logits.flatten(0, -2), teacher_logits.detach().flatten(0, -2)
-    targets = torch.zeros(student.shape[0], dtype=torch.long, device=student.device) if targets is None else targets.flatten()
-    return _chunked_mean(_kl_sum(temperature), student, (teacher, targets), chunk_elements,
-                         scored_tokens(targets) if tokens is None else tokens)
+    targets = (
+        torch.zeros(student.shape[0], dtype=torch.long, device=student.device) if targets is None else targets.flatten()
+    )
+    return _chunked_mean(
+        _kl_sum(temperature),
+        student,
+        (teacher, targets),
+        chunk_elements,
+        scored_tokens(targets) if tokens is None else tokens,
+    )

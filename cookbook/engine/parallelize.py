@@ -50,7 +50,6 @@ from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer
 
 
-
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     """FSDP's mesh: 1-D over dp_shard, or 2-D (replicate, shard) for HSDP. Under context parallel the cp ranks
     hold replicas of the parameters too: FSDP shards over dp_shard and cp flattened into one dimension
@@ -69,10 +68,14 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     """The model shapes tensor parallel of degree ``tp`` can split: whole query and key/value heads per rank."""
     if tp <= 1:
         return
-    for name, value in (("num_heads (--num-attention-heads)", cfg.num_heads),
-                        ("num_kv_heads (--num-query-groups)", cfg.num_kv_heads)):
+    for name, value in (
+        ("num_heads (--num-attention-heads)", cfg.num_heads),
+        ("num_kv_heads (--num-query-groups)", cfg.num_kv_heads),
+    ):
         if value % tp:
-            raise CookbookError(f"tensor parallel size {tp} must divide {name} = {value}; choose a tensor parallel size that divides both head counts")
+            raise CookbookError(
+                f"tensor parallel size {tp} must divide {name} = {value}; choose a tensor parallel size that divides both head counts"
+            )
 
 
 class ReplicateParallel(ParallelStyle):
@@ -84,10 +87,17 @@ class ReplicateParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(name, mod, mesh):
             for p_name, param in list(mod.named_parameters(recurse=False)):
-                mod.register_parameter(p_name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()], src_data_rank=None)))
+                mod.register_parameter(
+                    p_name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()], src_data_rank=None))
+                )
 
         def to_dtensor(mod, inputs, mesh):
-            return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+            return tuple(
+                DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+                else x
+                for x in inputs
+            )
 
         return distribute_module(module, device_mesh, replicate, to_dtensor, lambda mod, out, mesh: out.to_local())
 
@@ -123,28 +133,39 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         "output": ColwiseParallel(input_layouts=residual, output_layouts=Replicate(), use_local_output=True),
     }
     # a pipeline stage lacks the embedding (all but the first) or the final norm and output (all but the last)
-    parallelize_module(model, tp_mesh, {k: v for k, v in root.items() if getattr(model, k) is not None}, src_data_rank=None)
+    parallelize_module(
+        model, tp_mesh, {k: v for k, v in root.items() if getattr(model, k) is not None}, src_data_rank=None
+    )
     # The gathered logits come back from DTensor.to_local() as a view, and FSDP2 then warns once per rank that an
     # in-place op on a view output would drop its pre-backward hook (wrong gradients). Nothing writes to the logits in
     # place: the loss reads them through slices and .float() copies (cookbook/engine/loss.py), and under pipeline
     # parallel the schedule hands them to the same loss. So the warning does not apply to us; exactly it is filtered
     # (a copy of the logits to avoid it would cost batch x sequence x vocabulary of memory).
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPTransformer\) returned a view tensor", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDPTransformer\) returned a view tensor", category=UserWarning
+    )
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": norm_style,
-            # forward(x, cos, sin): x gathered to the full sequence; cos and sin are full already
-            "attention": PrepareModuleInput(input_layouts=(residual, None, None), desired_input_layouts=(Replicate(), None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=residual),
-            "mlp_norm": norm_style,
-            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.w_gate": ColwiseParallel(),
-            "mlp.w_up": ColwiseParallel(),
-            "mlp.w_down": RowwiseParallel(output_layouts=residual),
-        }, src_data_rank=None)
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": norm_style,
+                # forward(x, cos, sin): x gathered to the full sequence; cos and sin are full already
+                "attention": PrepareModuleInput(
+                    input_layouts=(residual, None, None), desired_input_layouts=(Replicate(), None, None)
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=residual),
+                "mlp_norm": norm_style,
+                "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+                "mlp.w_gate": ColwiseParallel(),
+                "mlp.w_up": ColwiseParallel(),
+                "mlp.w_down": RowwiseParallel(output_layouts=residual),
+            },
+            src_data_rank=None,
+        )
     model.tie_weights()  # each style registered its own Parameter; share the embedding's again
     if sp and model.tok_embeddings is not None:
         model.register_forward_pre_hook(_sequence_divisible(tp))
@@ -160,6 +181,7 @@ def _sequence_divisible(tp: int):
                 f"sequence parallel splits each sequence over the {tp} tensor-parallel ranks, but a forward got "
                 f"{tokens.shape[1]} tokens; use a --seq-length divisible by {tp} or turn off --sequence-parallel"
             )
+
     return check
 
 
@@ -169,6 +191,7 @@ def _full_positions(tp: int):
             hidden = args[0]
             kwargs["positions"] = torch.arange(hidden.shape[1] * tp, device=hidden.device)[None]
         return args, kwargs
+
     return positions
 
 
@@ -180,7 +203,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype) -
     embeddings, final norm and output layer. Master weights and gradient reduction stay fp32;
     compute runs in ``param_dtype``. Over tensor-parallel DTensors it shards each rank's TP shard
     further along dim 0 (2-D FSDP + TP): parameters become DTensors on the (dp, tp) mesh."""
-    policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if param_dtype == torch.float32 else param_dtype, reduce_dtype=torch.float32
+    )
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -198,8 +223,9 @@ class Speedups:
     attention: str = "sdpa"  # the attention kernel (attention.resolve_backend): sdpa, flex, flash2, flash3
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype,
-                speedups: Speedups | None = None) -> None:
+def parallelize(
+    model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype, speedups: Speedups | None = None
+) -> None:
     speedups = speedups or Speedups()
     # 0. float8 linear layers, swapped in on the plain model
     if speedups.fp8:
@@ -217,8 +243,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh, dims: ParallelDims, param_
     apply_attention(model, speedups.attention, cp, dims.cp * sp_shard)
     # 4. activation checkpointing per block (selective or full)
     if speedups.recompute_granularity != "none":
-        apply_activation_checkpointing(model, speedups.recompute_granularity, speedups.recompute_method,
-                                       speedups.recompute_num_layers)
+        apply_activation_checkpointing(
+            model, speedups.recompute_granularity, speedups.recompute_method, speedups.recompute_num_layers
+        )
     # 5. torch.compile per block (the FSDP hooks stay outside the compiled graphs)
     if speedups.compile:
         apply_compile(model)
@@ -248,8 +275,15 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> None:
     init_parameters(model, seed)
 
 
-def build_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: torch.device, dtype: str, seed: int,
-                speedups: Speedups | None = None) -> Transformer:
+def build_model(
+    cfg: ModelConfig,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    speedups: Speedups | None = None,
+) -> Transformer:
     """The whole model, parallelized over ``mesh`` (no pipeline: see ``pipeline.build_pipeline_model``)."""
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -104,8 +104,10 @@ def check_pipeline(cfg: ModelConfig, pp: int, layers_per_virtual_stage: int | No
     if pp == 1:
         return 1
     if cfg.tie_embeddings:
-        raise CookbookError("tied embeddings are not supported with pipeline parallel (the embedding and output layer "
-                            "live on different stages); untie them or use --pipeline-model-parallel-size 1")
+        raise CookbookError(
+            "tied embeddings are not supported with pipeline parallel (the embedding and output layer "
+            "live on different stages); untie them or use --pipeline-model-parallel-size 1"
+        )
     virtual = virtual_stages(cfg.num_layers, pp, layers_per_virtual_stage)
     stage_layers(cfg.num_layers, pp, virtual)
     if micro_batches < pp or (virtual > 1 and micro_batches % pp):
@@ -141,8 +143,15 @@ class PipelineModel(nn.Module):
         raise CookbookError("a pipeline-parallel model runs through its schedule (pipeline_step), not a forward call")
 
 
-def build_pipeline_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims, device: torch.device, dtype: str,
-                         seed: int, speedups: Speedups | None = None) -> PipelineModel:
+def build_pipeline_model(
+    cfg: ModelConfig,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    speedups: Speedups | None = None,
+) -> PipelineModel:
     """This rank's chunks, each parallelized like a whole model (TP -> AC -> compile -> FSDP) and materialised."""
     with torch.device("meta"):
         whole = Transformer(cfg)
@@ -154,9 +163,14 @@ def build_pipeline_model(cfg: ModelConfig, mesh: DeviceMesh, dims: ParallelDims,
     return PipelineModel(chunks, mesh["pp"])
 
 
-def build_schedule(chunks: list[torch.nn.Module], pp_mesh: DeviceMesh, n_microbatches: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: str = "1F1B",
-                   device: torch.device | None = None):
+def build_schedule(
+    chunks: list[torch.nn.Module],
+    pp_mesh: DeviceMesh,
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: str = "1F1B",
+    device: torch.device | None = None,
+):
     """A ``PipelineStage`` per chunk (stage ids as ``stage_ids``) and the schedule that runs them.
 
     Activation shapes are inferred from the first micro batch (no example inputs needed)."""
@@ -170,16 +184,24 @@ def build_schedule(chunks: list[torch.nn.Module], pp_mesh: DeviceMesh, n_microba
         raise CookbookError(f"{n_microbatches} micro batches cannot fill {pp} pipeline stages; use at least {pp}")
     device = device or torch.device("cpu")
     group = pp_mesh.get_group()
-    stages = [PipelineStage(chunk, stage, pp * virtual, device, group=group)
-              for chunk, stage in zip(chunks, stage_ids(rank, pp, virtual), strict=True)]
+    stages = [
+        PipelineStage(chunk, stage, pp * virtual, device, group=group)
+        for chunk, stage in zip(chunks, stage_ids(rank, pp, virtual), strict=True)
+    ]
     cls = SCHEDULES[schedule]
     if schedule == "1F1B":
         return cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=True)
     return cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
 
 
-def pipeline_step(schedule, tokens: torch.Tensor | None, targets: torch.Tensor | None, is_first: bool,
-                  is_last: bool, **inputs: torch.Tensor | None) -> torch.Tensor | None:
+def pipeline_step(
+    schedule,
+    tokens: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    is_first: bool,
+    is_last: bool,
+    **inputs: torch.Tensor | None,
+) -> torch.Tensor | None:
     """Forward and backward over the micro batches of one global batch on this rank's stages.
 
     ``tokens`` [batch, seq] are read on the rank holding the first stage, ``targets`` on the one holding the
@@ -189,21 +211,36 @@ def pipeline_step(schedule, tokens: torch.Tensor | None, targets: torch.Tensor |
     chunks' ``.grad``."""
     losses: list[torch.Tensor] = []
     args = (tokens,) if is_first else ()
-    schedule.step(*args, target=targets if is_last else None, losses=losses if is_last else None,
-                  return_outputs=False, **{k: v for k, v in inputs.items() if v is not None})
+    schedule.step(
+        *args,
+        target=targets if is_last else None,
+        losses=losses if is_last else None,
+        return_outputs=False,
+        **{k: v for k, v in inputs.items() if v is not None},
+    )
     if not is_last:
         return None
     return torch.stack([loss.detach().float() for loss in losses]).mean()
 
 
 @torch.no_grad()
-def pipeline_eval(schedule, tokens: torch.Tensor | None, targets: torch.Tensor | None, is_first: bool,
-                  is_last: bool, **inputs: torch.Tensor | None) -> torch.Tensor | None:
+def pipeline_eval(
+    schedule,
+    tokens: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    is_first: bool,
+    is_last: bool,
+    **inputs: torch.Tensor | None,
+) -> torch.Tensor | None:
     """Forward only (``schedule.eval``); the mean micro-batch loss on the last stage's rank, None elsewhere."""
     losses: list[torch.Tensor] = []
     args = (tokens,) if is_first else ()
-    schedule.eval(*args, target=targets if is_last else None, losses=losses if is_last else None,
-                  **{k: v for k, v in inputs.items() if v is not None})
+    schedule.eval(
+        *args,
+        target=targets if is_last else None,
+        losses=losses if is_last else None,
+        **{k: v for k, v in inputs.items() if v is not None},
+    )
     if not is_last:
         return None
     return torch.stack([loss.float() for loss in losses]).mean()

@@ -173,8 +173,18 @@ class Layout:
         return f"tp{self.tp} pp{self.pp} dp{self.dp} {self.recompute} mb{self.micro_batch}"
 
 
-def estimate(cfg: ModelConfig, seq: int, global_batch: int, gpu: GPU, num_gpus: int, gpus_per_node: int,
-             tp: int, pp: int, mode: str, micro_batch: int) -> Layout:
+def estimate(
+    cfg: ModelConfig,
+    seq: int,
+    global_batch: int,
+    gpu: GPU,
+    num_gpus: int,
+    gpus_per_node: int,
+    tp: int,
+    pp: int,
+    mode: str,
+    micro_batch: int,
+) -> Layout:
     """Memory per GPU and estimated step time of one layout (module docstring)."""
     dp = num_gpus // (tp * pp)
     m = global_batch // (dp * micro_batch)
@@ -220,5 +230,22 @@ def estimate(cfg: ModelConfig, seq: int, global_batch: int, gpu: GPU, num_gpus: 
     step = (m + pp - 1) * micro
     model_flops = model_fpt * global_batch * seq
     mfu = model_flops / (step * num_gpus * peak)
-    return Layout(tp, pp, dp, mode, micro_batch, m, params_b / GIB, grads_b / GIB, opt_b / GIB, transient_b / GIB,
-                  act_b / GIB, total, total <= HEADROOM * gpu.memory_gib, step, mfu, mfu * gpu.peak_tflops, comm > compute)
+    return Layout(
+        tp,
+        pp,
+        dp,
+        mode,
+        micro_batch,
+        m,
+        params_b / GIB,
+        grads_b / GIB,
+        opt_b / GIB,
+        transient_b / GIB,
+        act_b / GIB,
+        total,
+        total <= HEADROOM * gpu.memory_gib,
+        step,
+        mfu,
+        mfu * gpu.peak_tflops,
+        comm > compute,
+    )

@@ -91,7 +91,11 @@ def probe(device: torch.device) -> Capabilities:
 
 def check_dtype(dtype: str, flag: str = "--dtype") -> None:
     if dtype not in CHOICES:
-        hint = " (fp16 needs loss scaling in training, which bf16 makes unnecessary; a GPU without bf16 runs fp32)" if dtype == "fp16" else ""
+        hint = (
+            " (fp16 needs loss scaling in training, which bf16 makes unnecessary; a GPU without bf16 runs fp32)"
+            if dtype == "fp16"
+            else ""
+        )
         raise CookbookError(f"unknown {flag} {dtype!r}; use auto, bf16 or fp32{hint}")
 
 
@@ -138,5 +142,14 @@ def load_in_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return model.to(DTYPES[chosen])
 
 
-__all__ = ["CHOICES", "DTYPES", "Capabilities", "announce", "check_dtype", "choose_dtype", "cpu_bf16_units", "load_in_dtype",
-           "probe"]
+__all__ = [
+    "CHOICES",
+    "DTYPES",
+    "Capabilities",
+    "announce",
+    "check_dtype",
+    "choose_dtype",
+    "cpu_bf16_units",
+    "load_in_dtype",
+    "probe",
+]

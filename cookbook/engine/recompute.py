@@ -55,19 +55,27 @@ def _aten_ops(*names: str) -> frozenset:
 # Ops whose outputs selective recompute keeps: matmuls (Linear is mm, or addmm with a bias) and attention
 # on every SDPA backend, CPU's included, FlexAttention and flash-attn. Everything else in a block is recomputed in backward.
 SAVED_OPS = _aten_ops(
-    "mm", "addmm", "bmm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "mm",
+    "addmm",
+    "bmm",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_fused_attention_overrideable",
 )
 # the other attention kernels (cookbook/engine/attention.py), by name: flash-attn registers its ops when imported
-SAVED_KERNELS = frozenset({"flex_attention", "flash_attn::_flash_attn_varlen_forward", "flash_attn_3::_flash_attn_forward"})
+SAVED_KERNELS = frozenset(
+    {"flex_attention", "flash_attn::_flash_attn_varlen_forward", "flash_attn_3::_flash_attn_forward"}
+)
 
 
 def check_recompute(granularity: str, method: str | None, num_layers: int | None, model_layers: int) -> None:
     """Raise CookbookError unless the flags name a recompute ``model_layers`` blocks can have."""
     if granularity not in RECOMPUTE_GRANULARITY:
-        raise CookbookError(f"unknown recompute granularity {granularity!r}; choose one of {', '.join(RECOMPUTE_GRANULARITY)}")
+        raise CookbookError(
+            f"unknown recompute granularity {granularity!r}; choose one of {', '.join(RECOMPUTE_GRANULARITY)}"
+        )
     if method is not None and method not in RECOMPUTE_METHOD:
         raise CookbookError(f"unknown recompute method {method!r}; choose one of {', '.join(RECOMPUTE_METHOD)}")
     if granularity != "full":
@@ -77,9 +85,13 @@ def check_recompute(granularity: str, method: str | None, num_layers: int | None
             )
         return
     if method == "block" and num_layers is None:
-        raise CookbookError("--recompute-method block needs --recompute-num-layers: how many of the first blocks to recompute")
+        raise CookbookError(
+            "--recompute-method block needs --recompute-num-layers: how many of the first blocks to recompute"
+        )
     if num_layers is not None and not 1 <= num_layers <= model_layers:
-        raise CookbookError(f"--recompute-num-layers {num_layers} must be between 1 and the model's {model_layers} layers")
+        raise CookbookError(
+            f"--recompute-num-layers {num_layers} must be between 1 and the model's {model_layers} layers"
+        )
 
 
 def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
@@ -123,16 +135,21 @@ def _recomputed_class(cls: type, granularity: str) -> type:
         def forward(self, *args, **kwargs):
             # non-reentrant: keyword arguments, FSDP2 and torch.compile work; no dropout in the model, so no RNG
             # state to save and replay
-            return checkpoint(super(new, self).forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+            return checkpoint(
+                super(new, self).forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs
+            )
 
         prefix = "SelectiveRecompute" if granularity == "selective" else "Recompute"
-        new = type(f"{prefix}{cls.__name__}", (Recomputed, cls), {"forward": forward, "recompute_granularity": granularity})
+        new = type(
+            f"{prefix}{cls.__name__}", (Recomputed, cls), {"forward": forward, "recompute_granularity": granularity}
+        )
         _CLASSES[key] = new
     return _CLASSES[key]
 
 
-def apply_activation_checkpointing(model: nn.Module, granularity: str, method: str | None = None,
-                                   num_layers: int | None = None) -> None:
+def apply_activation_checkpointing(
+    model: nn.Module, granularity: str, method: str | None = None, num_layers: int | None = None
+) -> None:
     """Make ``model.layers``' blocks recompute in backward, in place, for Megatron's recompute flags (see the
     module docstring). Apply before compile and ``fully_shard``; no parameter or state-dict name changes."""
     layers = model.layers
@@ -140,7 +157,9 @@ def apply_activation_checkpointing(model: nn.Module, granularity: str, method: s
     for name in recomputed_blocks(list(layers.keys()), granularity, method, num_layers):
         block = layers[name]
         if isinstance(block, Recomputed):
-            raise CookbookError(f"block {name} already recomputes ({block.recompute_granularity}); apply activation checkpointing once")
+            raise CookbookError(
+                f"block {name} already recomputes ({block.recompute_granularity}); apply activation checkpointing once"
+            )
         block.__class__ = _recomputed_class(type(block), granularity)
 
 

@@ -66,7 +66,9 @@ class NextTokens(NamedTuple):
         return {"documents": self.documents} if self.documents is not None else {}
 
 
-def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None) -> NextTokens:
+def next_token_inputs(
+    batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None
+) -> NextTokens:
     """Predicting ``batch[:, 1:]`` from ``batch[:, :-1]``, with Megatron-LM's packed-document flags when given
     (``document_inputs``). Under context parallel this cp rank's share of the tokens, targets and positions
     (as ``shard_batch``); each rank then divides its loss sum by the batch's scored tokens / cp, so that the mean over
@@ -88,7 +90,9 @@ def next_token_inputs(batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, docume
     return NextTokens(shard_sequence(inputs, cp_rank, cp), shard_sequence(targets, cp_rank, cp), positions, ids, tokens)
 
 
-def next_token_loss(model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None) -> torch.Tensor:
+def next_token_loss(
+    model, batch: torch.Tensor, cp_rank: int = 0, cp: int = 1, documents: DocumentFlags | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]`` (fp32, chunked)."""
     x = next_token_inputs(batch, cp_rank, cp, documents)
     return cross_entropy(model(x.inputs, x.positions, **x.model_kwargs()), x.targets, tokens=x.tokens)
@@ -101,7 +105,9 @@ def find_teacher(job: JobConfig) -> tuple[Path, ModelConfig] | None:
         return None
     ckpt = checkpoint.find_checkpoint(t.kd_teacher)
     if ckpt is None:
-        raise CookbookError(f"--kd-teacher {t.kd_teacher} holds no cookbook checkpoint (convert a HF model with cookbook convert --to cookbook)")
+        raise CookbookError(
+            f"--kd-teacher {t.kd_teacher} holds no cookbook checkpoint (convert a HF model with cookbook convert --to cookbook)"
+        )
     sections = checkpoint.read_config(ckpt)
     cfg = build_config({"model": sections["model"]}).model
     if cfg.vocab_size != job.model.vocab_size:
@@ -121,10 +127,13 @@ def check_same_tokenizer(teacher_data: dict, student: DataConfig, teacher: str) 
     if not theirs or not ours or Path(theirs).resolve() == Path(ours).resolve():
         return
     if not Path(theirs).exists():
-        console.print(f"[yellow]--kd-teacher {teacher}'s tokenizer {theirs} is not here: only its vocabulary size was checked[/yellow]")
+        console.print(
+            f"[yellow]--kd-teacher {teacher}'s tokenizer {theirs} is not here: only its vocabulary size was checked[/yellow]"
+        )
         return
-    difference = tokenizer_difference(load_tokenizer(theirs, teacher_data.get("tokenizer_type")),
-                                      load_tokenizer(ours, student.tokenizer_type))
+    difference = tokenizer_difference(
+        load_tokenizer(theirs, teacher_data.get("tokenizer_type")), load_tokenizer(ours, student.tokenizer_type)
+    )
     if difference:
         raise CookbookError(
             f"--kd-teacher {teacher} uses another tokenizer than the student ({difference}); logit distillation needs one "
@@ -151,18 +160,26 @@ def check_layout(job: JobConfig, dims: ParallelDims) -> tuple[int, int]:
     accumulation = global_batch // per_step
     virtual = check_pipeline(job.model, dims.pp, dims.layers_per_virtual_stage, accumulation)
     # under pipeline parallel, --recompute-num-layers counts the layers of each stage, as in Megatron-LM
-    check_recompute(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers // (dims.pp * virtual))
+    check_recompute(
+        t.recompute_granularity, t.recompute_method, t.recompute_num_layers, job.model.num_layers // (dims.pp * virtual)
+    )
     check_tp(job.model, dims.tp)
     if t.fp8:
         check_fp8(dims.tp)
     check_cp(job.data.seq_length, dims.cp)
     if t.kd_teacher and dims.pp > 1:
-        raise CookbookError("--kd-teacher with pipeline parallel is not supported yet; distil with data, tensor and context parallel")
+        raise CookbookError(
+            "--kd-teacher with pipeline parallel is not supported yet; distil with data, tensor and context parallel"
+        )
     if dims.cp > 1 and dims.pp > 1:
-        raise CookbookError("context parallel with pipeline parallel is not supported yet; use one of them with data and tensor parallel")
+        raise CookbookError(
+            "context parallel with pipeline parallel is not supported yet; use one of them with data and tensor parallel"
+        )
     if dims.sequence_parallel and job.data.seq_length // dims.cp % dims.tp:
-        raise CookbookError(f"--seq-length {job.data.seq_length} must be divisible by the context-parallel x tensor-parallel "
-                            f"size {dims.cp * dims.tp} under --sequence-parallel")
+        raise CookbookError(
+            f"--seq-length {job.data.seq_length} must be divisible by the context-parallel x tensor-parallel "
+            f"size {dims.cp * dims.tp} under --sequence-parallel"
+        )
     return global_batch, accumulation
 
 
@@ -176,7 +193,9 @@ class Trainer:
         t.dtype, self.dtype_reason = choose_dtype(t.dtype, self.device)
         self.dims = job.parallel.resolve(self.dist.world_size)
         self.mesh = self.dims.build_mesh(self.device.type)
-        self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank("dp_shard")
+        self.dp_rank = self.mesh.get_local_rank("dp_replicate") * self.dims.dp_shard + self.mesh.get_local_rank(
+            "dp_shard"
+        )
         self.cp_rank = self.mesh.get_local_rank("cp")
 
         self.global_batch, self.accumulation = check_layout(job, self.dims)
@@ -195,21 +214,35 @@ class Trainer:
         torch.manual_seed(t.seed)
         if t.fp8:
             check_fp8(self.dims.tp, self.device)
-        speedups = Speedups(t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile, t.fp8,
-                            self.attention)
+        speedups = Speedups(
+            t.recompute_granularity, t.recompute_method, t.recompute_num_layers, t.compile, t.fp8, self.attention
+        )
         self.pipeline = None  # the pipeline schedule when pp > 1: it runs forward and backward over the micro batches
         if self.dims.pp > 1:
             self.model = build_pipeline_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
-            self.pipeline = build_schedule(self.model.chunks, self.mesh["pp"], self.accumulation, cross_entropy,
-                                           "Interleaved1F1B" if len(self.model.chunks) > 1 else "1F1B", self.device)
+            self.pipeline = build_schedule(
+                self.model.chunks,
+                self.mesh["pp"],
+                self.accumulation,
+                cross_entropy,
+                "Interleaved1F1B" if len(self.model.chunks) > 1 else "1F1B",
+                self.device,
+            )
         else:
             self.model = build_model(job.model, self.mesh, self.dims, self.device, t.dtype, t.seed, speedups)
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.teacher = None  # --kd-teacher: the same layout, its weights loaded, no gradients
         self.kd_parts: list[float] = []  # with a teacher: the last iteration's [CE, KL]
         if teacher is not None:
-            self.teacher = build_model(teacher[1], self.mesh, self.dims, self.device, t.dtype, t.seed,
-                                       Speedups(attention=self._attention_backend(teacher[1])))
+            self.teacher = build_model(
+                teacher[1],
+                self.mesh,
+                self.dims,
+                self.device,
+                t.dtype,
+                t.seed,
+                Speedups(attention=self._attention_backend(teacher[1])),
+            )
             checkpoint.load(teacher[0], self.teacher)
             self.teacher.eval().requires_grad_(False)
         # bf16 in a world of one (no FSDP): autocast; with FSDP its mixed-precision policy casts instead
@@ -218,14 +251,23 @@ class Trainer:
 
         if load is not None:
             self._load(load, finetune=job.checkpoint.finetune)
-        self.checkpointer = checkpoint.Checkpointer(job.checkpoint.save, job.checkpoint.keep_last, self.dist.is_main) if job.checkpoint.save else None
+        self.checkpointer = (
+            checkpoint.Checkpointer(job.checkpoint.save, job.checkpoint.keep_last, self.dist.is_main)
+            if job.checkpoint.save
+            else None
+        )
         self._stop_signal = False
 
     def _attention_backend(self, cfg: ModelConfig) -> str:
         """The kernel ``--attention-backend`` resolves to for this device, precision and model (``attention.py``)."""
         within = self.documents is not None and self.documents.reset_attention_mask
-        return resolve_backend(self.job.training.attention_backend, self.device, DTYPES[self.job.training.dtype],
-                               cfg.head_dim, documents=within)
+        return resolve_backend(
+            self.job.training.attention_backend,
+            self.device,
+            DTYPES[self.job.training.dtype],
+            cfg.head_dim,
+            documents=within,
+        )
 
     def _loader(self, samples, consumed: int = 0) -> BatchLoader:
         t = self.job.training
@@ -255,7 +297,9 @@ class Trainer:
         if self.dist.is_main:
             if self.job.checkpoint.save:  # the steps after this save are trained again: their records go
                 trim_metrics(self.job.checkpoint.save, self.step)
-            console.print(f"resumed from {ckpt} at step {self.step} ({self.loader.consumed_samples:,} samples consumed)")
+            console.print(
+                f"resumed from {ckpt} at step {self.step} ({self.loader.consumed_samples:,} samples consumed)"
+            )
 
     def save(self) -> Path | None:
         if self.checkpointer is None:
@@ -341,8 +385,15 @@ class Trainer:
         """``run`` (pipeline_step or pipeline_eval) over the micro batches, one after the other along the batch
         dimension; the mean micro-batch loss, sent from the last stage to every pipeline rank."""
         x = next_token_inputs(torch.cat(micro_batches).to(self.device, non_blocking=True), documents=self.documents)
-        loss = run(self.pipeline, x.inputs, x.targets, self.model.is_first, self.model.is_last, positions=x.positions,
-                   **x.model_kwargs())
+        loss = run(
+            self.pipeline,
+            x.inputs,
+            x.targets,
+            self.model.is_first,
+            self.model.is_last,
+            positions=x.positions,
+            **x.model_kwargs(),
+        )
         return broadcast_from_last_stage(loss, self.mesh["pp"], self.device)
 
     def _precision(self):
@@ -412,23 +463,34 @@ class Trainer:
                     tokens_per_s = iters * self.global_batch * seq / elapsed
                     tflops = flops_per_token * tokens_per_s / self.dist.world_size / 1e12
                     record = {
-                        "step": self.step, "loss": sum(losses) / iters, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_s, "tflops": tflops,
+                        "step": self.step,
+                        "loss": sum(losses) / iters,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "tflops": tflops,
                         "tflops_megatron": megatron_flops * iters / elapsed / self.dist.world_size / 1e12,
-                        "mfu": tflops / peak if peak else None, "memory_gib": peak_memory_gib(self.device),
-                        "consumed_samples": self.loader.consumed_samples, "seconds_per_step": elapsed / iters,
+                        "mfu": tflops / peak if peak else None,
+                        "memory_gib": peak_memory_gib(self.device),
+                        "consumed_samples": self.loader.consumed_samples,
+                        "seconds_per_step": elapsed / iters,
                         "attention": self.attention,
                     }
                     mfu = f"{100 * record['mfu']:.1f}%" if peak else "n/a"
                     loss_text = f"loss {record['loss']:.4f}"
                     if kd_parts:  # the loss is a mix: say of what
                         record["ce"], record["kl"] = (sum(p[k] for p in kd_parts) / len(kd_parts) for k in (0, 1))
-                        loss_text += f" = {1 - t.kd_ratio:g} x CE {record['ce']:.4f} + {t.kd_ratio:g} x KL {record['kl']:.4f}"
+                        loss_text += (
+                            f" = {1 - t.kd_ratio:g} x CE {record['ce']:.4f} + {t.kd_ratio:g} x KL {record['kl']:.4f}"
+                        )
                         kd_parts = []
-                    logger.log(record, (
-                        f"step {self.step:>6}/{t.train_iters}  {loss_text}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
-                        f"{tokens_per_s:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
-                    ))
+                    logger.log(
+                        record,
+                        (
+                            f"step {self.step:>6}/{t.train_iters}  {loss_text}  lr {lr:.3e}  grad norm {grad_norm:.3f}  "
+                            f"{tokens_per_s:,.0f} tokens/s  {tflops:.3g} TFLOP/s/device  MFU {mfu}  mem {record['memory_gib']:.2f} GiB"
+                        ),
+                    )
                     losses = []
 
                 if t.eval_interval and self.step % t.eval_interval == 0:
@@ -436,13 +498,20 @@ class Trainer:
                     last_eval = self.step
 
                 stop = all_reduce_max(float(self._stop_signal), self.device) > 0
-                if self.checkpointer and (stop or self.step == t.train_iters or (self.job.checkpoint.save_interval and self.step % self.job.checkpoint.save_interval == 0)):
+                if self.checkpointer and (
+                    stop
+                    or self.step == t.train_iters
+                    or (self.job.checkpoint.save_interval and self.step % self.job.checkpoint.save_interval == 0)
+                ):
                     path = self.save()
                     if main:
                         console.print(f"saved {path}")
                 if stop:
                     if main:
-                        console.print(f"[yellow]SIGTERM: stopped after step {self.step}[/yellow]" + (f"; resume with --load {self.job.checkpoint.save}" if self.checkpointer else ""))
+                        console.print(
+                            f"[yellow]SIGTERM: stopped after step {self.step}[/yellow]"
+                            + (f"; resume with --load {self.job.checkpoint.save}" if self.checkpointer else "")
+                        )
                     break
                 if not losses:  # an interval just ended: eval and save time do not count as training
                     tick = time.perf_counter()
@@ -460,5 +529,7 @@ class Trainer:
             return
         ppl = math.exp(min(loss, 50.0))
         what = "valid CE" if self.teacher is not None else "valid loss"  # with a teacher the training loss is a mix
-        logger.log({"step": self.step, "split": "valid", "loss": loss, "ppl": ppl},
-                   f"[cyan]step {self.step:>6}  {what} {loss:.4f}  ppl {ppl:.3f}[/cyan]")
+        logger.log(
+            {"step": self.step, "split": "valid", "loss": loss, "ppl": ppl},
+            f"[cyan]step {self.step:>6}  {what} {loss:.4f}  ppl {ppl:.3f}[/cyan]",
+        )

@@ -41,14 +41,26 @@ _LAYER = {
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
 }
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
+_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # save_pretrained's classic max_shard_size
 
@@ -105,8 +117,16 @@ def rope_from_config(conf: dict) -> tuple[float, dict | None]:
     return float(theta), (dict(scaling) if scaling else None)
 
 
-HF_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "head_dim", "max_position_embeddings")
+HF_INTEGERS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "max_position_embeddings",
+)
 HF_NUMBERS = ("rope_theta", "rms_norm_eps", "initializer_range")
 
 
@@ -114,18 +134,26 @@ def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
     """Our ModelConfig from a config.json, refusing what the model cannot represent; (config, notes)."""
     model_type = conf.get("model_type")
     if any(conf.get(k) for k in MOE_KEYS):
-        raise CookbookError(f"{where} is a mixture-of-experts model ({model_type}); cookbook converts dense Llama-family models only")
+        raise CookbookError(
+            f"{where} is a mixture-of-experts model ({model_type}); cookbook converts dense Llama-family models only"
+        )
     if model_type not in ARCHITECTURES:
-        raise CookbookError(f"{where} holds a {model_type!r} model; cookbook converts Llama-family models ({', '.join(ARCHITECTURES)})")
+        raise CookbookError(
+            f"{where} holds a {model_type!r} model; cookbook converts Llama-family models ({', '.join(ARCHITECTURES)})"
+        )
     if conf.get("hidden_act", "silu") != "silu":
         raise CookbookError(f"{where} uses hidden_act {conf['hidden_act']!r}; cookbook's MLP is SwiGLU (silu)")
     if conf.get("mlp_bias") or (model_type != "qwen2" and conf.get("attention_bias")):
-        raise CookbookError(f"{where} has biases on linear layers (attention_bias/mlp_bias); cookbook supports q/k/v biases only (Qwen2)")
+        raise CookbookError(
+            f"{where} has biases on linear layers (attention_bias/mlp_bias); cookbook supports q/k/v biases only (Qwen2)"
+        )
     notes = []
     window = conf.get("sliding_window") if (model_type == "mistral" or conf.get("use_sliding_window")) else None
     if window and window < conf.get("max_position_embeddings", 0):
-        notes.append(f"{where} uses sliding-window attention ({window} tokens); cookbook attends over the whole context, "
-                     f"so outputs agree up to {window} tokens")
+        notes.append(
+            f"{where} uses sliding-window attention ({window} tokens); cookbook attends over the whole context, "
+            f"so outputs agree up to {window} tokens"
+        )
     for key in HF_INTEGERS + HF_NUMBERS:
         value = conf.get(key)
         integer = key in HF_INTEGERS
@@ -137,12 +165,20 @@ def model_config(conf: dict, where: str) -> tuple[ModelConfig, list[str]]:
     theta, scaling = rope_from_config(conf)
     try:
         cfg = ModelConfig(
-            vocab_size=conf["vocab_size"], hidden_size=conf["hidden_size"], num_layers=conf["num_hidden_layers"],
-            num_heads=conf["num_attention_heads"], num_kv_heads=conf.get("num_key_value_heads") or conf["num_attention_heads"],
-            intermediate_size=conf["intermediate_size"], head_dim=conf.get("head_dim") or None,
-            max_seq_len=conf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
-            norm_eps=conf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2", init_std=conf.get("initializer_range", 0.02),
+            vocab_size=conf["vocab_size"],
+            hidden_size=conf["hidden_size"],
+            num_layers=conf["num_hidden_layers"],
+            num_heads=conf["num_attention_heads"],
+            num_kv_heads=conf.get("num_key_value_heads") or conf["num_attention_heads"],
+            intermediate_size=conf["intermediate_size"],
+            head_dim=conf.get("head_dim") or None,
+            max_seq_len=conf.get("max_position_embeddings", 4096),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm_eps=conf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            init_std=conf.get("initializer_range", 0.02),
         )
     except KeyError as e:
         raise CookbookError(f"{where} lacks {e.args[0]!r}; is it a transformers config.json?") from None
@@ -163,15 +199,27 @@ def config_json(cfg: ModelConfig, carried: dict | None, dtype: torch.dtype | Non
         out = fresh
     else:
         out = dict(carried)
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+        ):
             out[key] = fresh[key]
         if "head_dim" in out or cfg.head_dim * cfg.num_heads != cfg.hidden_size:
             out["head_dim"] = cfg.head_dim
         theta, scaling = rope_from_config(carried)
         if theta != cfg.rope_theta or _no_none(scaling) != _no_none(cfg.rope_scaling):
             if "rope_parameters" in out:
-                out["rope_parameters"] = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
+                out["rope_parameters"] = {
+                    "rope_theta": cfg.rope_theta,
+                    **(cfg.rope_scaling or {"rope_type": "default"}),
+                }
             else:
                 out["rope_theta"] = cfg.rope_theta
                 out["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
@@ -245,7 +293,11 @@ class _SafetensorsFile:
         header, offset = {}, 0
         for name, shape, dtype in plan:
             size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            header[name] = {"dtype": _safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": _safetensors_dtype(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         header["__metadata__"] = {"format": "pt"}
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -328,7 +380,9 @@ def read_config_json(folder: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise CookbookError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
     if not isinstance(conf, dict):
-        raise CookbookError(f"{folder / 'config.json'} holds a JSON {type(conf).__name__}, not an object; is it a transformers config.json?")
+        raise CookbookError(
+            f"{folder / 'config.json'} holds a JSON {type(conf).__name__}, not an object; is it a transformers config.json?"
+        )
     return conf
 
 
@@ -341,10 +395,14 @@ def read(folder: Path) -> Checkpoint:
     wanted = set(names.values()) | ({"lm_head.weight"} if cfg.tie_embeddings else set())
     unexpected = sorted(n for n in files if n not in wanted and not IGNORED.match(n))
     if unexpected:
-        raise CookbookError(f"{folder} holds tensor {unexpected[0]}, which a {conf.get('model_type')} model with this config.json does not have")
+        raise CookbookError(
+            f"{folder} holds tensor {unexpected[0]}, which a {conf.get('model_type')} model with this config.json does not have"
+        )
     missing = [n for n in names.values() if n not in files]
     if missing:
-        raise CookbookError(f"{folder} has no tensor {missing[0]}; the checkpoint is incomplete or config.json does not match it")
+        raise CookbookError(
+            f"{folder} has no tensor {missing[0]}; the checkpoint is incomplete or config.json does not match it"
+        )
     reader = _Files()
     try:
         dtypes = {ours: reader.dtype(files[theirs], theirs) for ours, theirs in names.items()}
@@ -359,12 +417,23 @@ def read(folder: Path) -> Checkpoint:
         finally:
             opened.close()
 
-    return Checkpoint(cfg, tensors, dtypes, hf_files=hf_side_files(folder), notes=notes,
-                      description=f"Hugging Face {conf.get('architectures', [conf['model_type']])[0]}")
+    return Checkpoint(
+        cfg,
+        tensors,
+        dtypes,
+        hf_files=hf_side_files(folder),
+        notes=notes,
+        description=f"Hugging Face {conf.get('architectures', [conf['model_type']])[0]}",
+    )
 
 
-def write(folder: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, torch.dtype],
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+def write(
+    folder: Path,
+    ckpt: Checkpoint,
+    tensors: Tensors,
+    dtypes: dict[str, torch.dtype],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[Path]:
     """Write a transformers-loadable folder; ``dtypes`` gives each tensor's dtype ahead of its bytes."""
     cfg = ckpt.config
     plan, shards, size = [], [[]], 0
@@ -376,8 +445,11 @@ def write(folder: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, to
         shards[-1].append((hf_name(name), shape, dtypes[name]))
         plan.append(name)
         size += nbytes
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     stream = iter(tensors)
     total = 0
     for file, shard in zip(files, shards):
@@ -386,7 +458,9 @@ def write(folder: Path, ckpt: Checkpoint, tensors: Tensors, dtypes: dict[str, to
             for theirs, shape, dtype in shard:
                 name, tensor = next(stream)
                 if hf_name(name) != theirs or tensor.dtype != dtype:
-                    raise CookbookError(f"internal error: {name} ({tensor.dtype}) arrived where {theirs} ({dtype}) was planned")
+                    raise CookbookError(
+                        f"internal error: {name} ({tensor.dtype}) arrived where {theirs} ({dtype}) was planned"
+                    )
                 out.write(tensor)
                 del tensor  # before the next one is read
         finally:

@@ -85,9 +85,13 @@ def read_sentencepiece(path: Path) -> SentencePieceModel:
     except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError) as e:
         raise CookbookError(f"{path} is not a SentencePiece model ({e})") from e
     return SentencePieceModel(
-        pieces=pieces, model_type=trainer.get(3, 1), byte_fallback=bool(trainer.get(35, 0)),
-        whitespace_as_suffix=bool(trainer.get(24, 0)), charsmap=normalizer.get(2, b""),
-        add_dummy_prefix=bool(normalizer.get(3, 1)), remove_extra_whitespaces=bool(normalizer.get(4, 1)),
+        pieces=pieces,
+        model_type=trainer.get(3, 1),
+        byte_fallback=bool(trainer.get(35, 0)),
+        whitespace_as_suffix=bool(trainer.get(24, 0)),
+        charsmap=normalizer.get(2, b""),
+        add_dummy_prefix=bool(normalizer.get(3, 1)),
+        remove_extra_whitespaces=bool(normalizer.get(4, 1)),
         escape_whitespaces=bool(normalizer.get(5, 1)),
     )
 
@@ -115,15 +119,24 @@ def sentencepiece_tokenizer(path: Path, ours: Tokenizer):
 
     sp = read_sentencepiece(path)
     if sp.model_type not in (1, 2):
-        raise CookbookError(f"{path} is a SentencePiece {'word' if sp.model_type == 3 else 'char'} model; "
-                            "only BPE and Unigram models have a tokenizer.json equivalent")
+        raise CookbookError(
+            f"{path} is a SentencePiece {'word' if sp.model_type == 3 else 'char'} model; "
+            "only BPE and Unigram models have a tokenizer.json equivalent"
+        )
     if sp.whitespace_as_suffix:
-        raise CookbookError(f"{path} puts whitespace after words (treat_whitespace_as_suffix), which tokenizer.json cannot express")
+        raise CookbookError(
+            f"{path} puts whitespace after words (treat_whitespace_as_suffix), which tokenizer.json cannot express"
+        )
     unk = next((i for i, (_, _, kind) in enumerate(sp.pieces) if kind == UNKNOWN), None)
     if sp.model_type == 2:
         vocab = {piece: i for i, (piece, _, _) in enumerate(sp.pieces)}
-        model = models.BPE(vocab=vocab, merges=bpe_merges(sp.pieces), unk_token=None if unk is None else sp.pieces[unk][0],
-                           fuse_unk=True, byte_fallback=sp.byte_fallback)
+        model = models.BPE(
+            vocab=vocab,
+            merges=bpe_merges(sp.pieces),
+            unk_token=None if unk is None else sp.pieces[unk][0],
+            fuse_unk=True,
+            byte_fallback=sp.byte_fallback,
+        )
     else:
         scores = [(piece, score if kind in (NORMAL, USER_DEFINED) else NEVER) for piece, score, kind in sp.pieces]
         model = models.Unigram(scores, unk_id=unk, byte_fallback=sp.byte_fallback)
@@ -151,14 +164,19 @@ def sentencepiece_tokenizer(path: Path, ours: Tokenizer):
     else:  # Llama2Tokenizer: the control pieces, kept as text by split_special_tokens
         specials = [piece for piece, _, kind in sp.pieces if kind in (UNKNOWN, CONTROL)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.add_tokens([AddedToken(piece, special=False, normalized=False) for piece, _, kind in sp.pieces if kind == USER_DEFINED])
+    tok.add_tokens(
+        [AddedToken(piece, special=False, normalized=False) for piece, _, kind in sp.pieces if kind == USER_DEFINED]
+    )
     for token, i in ours.special.items():
         if tok.token_to_id(token) != i:
-            raise CookbookError(f"internal error: {token} has id {tok.token_to_id(token)} in tokenizer.json but {i} in cookbook")
+            raise CookbookError(
+                f"internal error: {token} has id {tok.token_to_id(token)} in tokenizer.json but {i} in cookbook"
+            )
     if ours.prefix:
         bos = tok.id_to_token(ours.bos)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ours.bos)])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ours.bos)]
+        )
     return tok
 
 
@@ -175,19 +193,30 @@ def sentencepiece_files(path: Path, tokenizer_type: str, model_max_length: int) 
         named["unk_token"] = sp.unk_id()
     tokens = {key: tok.id_to_token(i) for key, i in named.items() if i is not None and i >= 0}
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **tokens, "add_bos_token": bool(ours.prefix), "add_eos_token": False,
-        "split_special_tokens": not ours.special, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tokens,
+        "add_bos_token": bool(ours.prefix),
+        "add_eos_token": False,
+        "split_special_tokens": not ours.special,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
     }
-    return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            "special_tokens_map.json": json.dumps(tokens, indent=2, ensure_ascii=False) + "\n"}
+    return {
+        "tokenizer.json": tok.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(tokens, indent=2, ensure_ascii=False) + "\n",
+    }
 
 
 def huggingface_config(tokenizer_json: Path, model_max_length: int) -> dict[str, str]:
     """A tokenizer_config.json for a tokenizer.json that came without one: transformers runs the file as it is
     (its post-processor adds what our HuggingFaceTokenizer adds); bos_token is what the post-processor puts first."""
     ours = load_tokenizer(tokenizer_json, "HuggingFaceTokenizer", backend="reference")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
     if len(ours.prefix) == 1:
         from tokenizers import Tokenizer
 
@@ -195,8 +224,9 @@ def huggingface_config(tokenizer_json: Path, model_max_length: int) -> dict[str,
     return {"tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
 
 
-def write_tokenizer_files(folder: Path, carried: dict[str, Path], tokenizer_type: str | None,
-                          model_max_length: int) -> list[str]:
+def write_tokenizer_files(
+    folder: Path, carried: dict[str, Path], tokenizer_type: str | None, model_max_length: int
+) -> list[str]:
     """Write what AutoTokenizer needs beside the ``carried`` tokenizer files (already in ``folder``, never
     replaced): for a SentencePiece model, the files of ``sentencepiece_files`` (``tokenizer_type``
     Llama2Tokenizer when it names no SentencePiece kind); for a tokenizer.json, a tokenizer_config.json
@@ -204,14 +234,20 @@ def write_tokenizer_files(folder: Path, carried: dict[str, Path], tokenizer_type
     notes = []
     try:
         if "tokenizer.json" in carried:
-            files = {} if "tokenizer_config.json" in carried else huggingface_config(carried["tokenizer.json"], model_max_length)
+            files = (
+                {}
+                if "tokenizer_config.json" in carried
+                else huggingface_config(carried["tokenizer.json"], model_max_length)
+            )
         elif "tokenizer.model" in carried:
             kind = tokenizer_type if tokenizer_type in SENTENCEPIECE_TYPES else "Llama2Tokenizer"
             files = sentencepiece_files(carried["tokenizer.model"], kind, model_max_length)
             symbols = [p for p, _, t in read_sentencepiece(carried["tokenizer.model"]).pieces if t == USER_DEFINED]
             if symbols:
-                notes.append(f"tokenizer.json splits the user-defined symbols ({', '.join(symbols[:3])}{', ...' if len(symbols) > 3 else ''}) "
-                             "out of a text first, so the text after one gets a dummy prefix that sentencepiece does not add")
+                notes.append(
+                    f"tokenizer.json splits the user-defined symbols ({', '.join(symbols[:3])}{', ...' if len(symbols) > 3 else ''}) "
+                    "out of a text first, so the text after one gets a dummy prefix that sentencepiece does not add"
+                )
         else:
             files = {}
     except CookbookError as e:
@@ -221,6 +257,8 @@ def write_tokenizer_files(folder: Path, carried: dict[str, Path], tokenizer_type
             (folder / name).write_text(text, encoding="utf-8")
     config = folder / "config.json"
     if "tokenizer.json" in files and config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen2":
-        notes.append("transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json names, "
-                     "which is not this SentencePiece tokenizer: load it with PreTrainedTokenizerFast.from_pretrained")
+        notes.append(
+            "transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json names, "
+            "which is not this SentencePiece tokenizer: load it with PreTrainedTokenizerFast.from_pretrained"
+        )
     return notes

@@ -61,29 +61,56 @@ LAYER_KEYS = {
     "qkv": ("self_attention.linear_qkv.weight", "self_attention.query_key_value.weight"),
     "qkv_bias": ("self_attention.linear_qkv.bias", "self_attention.query_key_value.bias"),
     "proj": ("self_attention.linear_proj.weight", "self_attention.dense.weight"),
-    "mlp_norm": ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", "post_attention_norm.weight",
-                 "post_attention_layernorm.weight"),
+    "mlp_norm": (
+        "pre_mlp_layernorm.weight",
+        "mlp.linear_fc1.layer_norm_weight",
+        "post_attention_norm.weight",
+        "post_attention_layernorm.weight",
+    ),
     "fc1": ("mlp.linear_fc1.weight", "mlp.dense_h_to_4h.weight"),
     "fc2": ("mlp.linear_fc2.weight", "mlp.dense_4h_to_h.weight"),
 }
 TOP_KEYS = {
     "embedding": ("embedding.word_embeddings.weight", "language_model.embedding.word_embeddings.weight"),
-    "final_norm": ("decoder.final_layernorm.weight", "language_model.encoder.final_norm.weight",
-                   "language_model.encoder.final_layernorm.weight", "language_model.transformer.final_layernorm.weight"),
+    "final_norm": (
+        "decoder.final_layernorm.weight",
+        "language_model.encoder.final_norm.weight",
+        "language_model.encoder.final_layernorm.weight",
+        "language_model.transformer.final_layernorm.weight",
+    ),
     "output": ("output_layer.weight", "language_model.output_layer.weight", "word_embeddings_for_head.weight"),
 }
 # TransformerEngine's spec fuses the norms into the following linear layers
 TE_NAMES = {"input_norm": "self_attention.linear_qkv.layer_norm_weight", "mlp_norm": "mlp.linear_fc1.layer_norm_weight"}
 # modules with an ``_extra_state`` entry in GPTModel's state dict (None when there is nothing in it)
-EXTRA_STATE = {"local": ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"),
-               "transformer_engine": ("self_attention.core_attention", "self_attention.linear_proj",
-                                      "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")}
+EXTRA_STATE = {
+    "local": ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"),
+    "transformer_engine": (
+        "self_attention.core_attention",
+        "self_attention.linear_proj",
+        "self_attention.linear_qkv",
+        "mlp.linear_fc1",
+        "mlp.linear_fc2",
+    ),
+}
 # where each of our tensors comes from
-SOURCE_ROLE = {"tok_embeddings.weight": "embedding", "norm.weight": "final_norm", "output.weight": "output",
-               "attention_norm.weight": "input_norm", "attention.wq.weight": "qkv", "attention.wk.weight": "qkv",
-               "attention.wv.weight": "qkv", "attention.wq.bias": "qkv_bias", "attention.wk.bias": "qkv_bias",
-               "attention.wv.bias": "qkv_bias", "attention.wo.weight": "proj", "mlp_norm.weight": "mlp_norm",
-               "mlp.w_gate.weight": "fc1", "mlp.w_up.weight": "fc1", "mlp.w_down.weight": "fc2"}
+SOURCE_ROLE = {
+    "tok_embeddings.weight": "embedding",
+    "norm.weight": "final_norm",
+    "output.weight": "output",
+    "attention_norm.weight": "input_norm",
+    "attention.wq.weight": "qkv",
+    "attention.wk.weight": "qkv",
+    "attention.wv.weight": "qkv",
+    "attention.wq.bias": "qkv_bias",
+    "attention.wk.bias": "qkv_bias",
+    "attention.wv.bias": "qkv_bias",
+    "attention.wo.weight": "proj",
+    "mlp_norm.weight": "mlp_norm",
+    "mlp.w_gate.weight": "fc1",
+    "mlp.w_up.weight": "fc1",
+    "mlp.w_down.weight": "fc2",
+}
 LAYER_ROLES = {"input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2"}
 LAYER_KEY = re.compile(r"(?:decoder|language_model\.encoder|language_model\.transformer)\.layers\.(\d+)\.(.+)")
 IGNORED = re.compile(r".*(\._extra_state|rotary_pos_emb\.inv_freq)$")
@@ -138,12 +165,16 @@ def check(cfg: ModelConfig, tp: int, pp: int) -> None:
     if tp < 1 or pp < 1:
         raise CookbookError(f"--tp and --pp must be at least 1, not {tp} and {pp}")
     if cfg.num_kv_heads % tp:
-        raise CookbookError(f"--tp {tp} does not divide the model's {cfg.num_kv_heads} query groups (key/value heads); "
-                            f"choose a divisor of {cfg.num_kv_heads}")
+        raise CookbookError(
+            f"--tp {tp} does not divide the model's {cfg.num_kv_heads} query groups (key/value heads); "
+            f"choose a divisor of {cfg.num_kv_heads}"
+        )
     if cfg.intermediate_size % tp:
         raise CookbookError(f"--tp {tp} does not divide the FFN size {cfg.intermediate_size}")
     if cfg.num_layers % pp:
-        raise CookbookError(f"--pp {pp} does not divide the model's {cfg.num_layers} layers; choose a divisor of {cfg.num_layers}")
+        raise CookbookError(
+            f"--pp {pp} does not divide the model's {cfg.num_layers} layers; choose a divisor of {cfg.num_layers}"
+        )
 
 
 def _rope_args(cfg: ModelConfig) -> dict:
@@ -154,33 +185,73 @@ def _rope_args(cfg: ModelConfig) -> dict:
         return {"rotary_seq_len_interpolation_factor": scaling["factor"]}
     if kind == "llama3" and all(float(scaling.get(k, v)) == v for k, v in MEGATRON_LLAMA3.items()):
         return {"use_rope_scaling": True, "rope_scaling_factor": scaling["factor"]}
-    raise CookbookError(f"rope_scaling {scaling} has no Megatron-LM equivalent (it has linear, and llama3 with "
-                        f"{MEGATRON_LLAMA3}); convert to hf or cookbook instead")
+    raise CookbookError(
+        f"rope_scaling {scaling} has no Megatron-LM equivalent (it has linear, and llama3 with "
+        f"{MEGATRON_LLAMA3}); convert to hf or cookbook instead"
+    )
 
 
-def megatron_args(cfg: ModelConfig, tp: int, pp: int, divisible_by: int, impl: str, dtype: torch.dtype,
-                  iteration: int, tokenizer: Path | None, ckpt_format: str = "torch") -> argparse.Namespace:
+def megatron_args(
+    cfg: ModelConfig,
+    tp: int,
+    pp: int,
+    divisible_by: int,
+    impl: str,
+    dtype: torch.dtype,
+    iteration: int,
+    tokenizer: Path | None,
+    ckpt_format: str = "torch",
+) -> argparse.Namespace:
     """The ``args`` Megatron-LM would have had training this model (its flag names)."""
     args = dict(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_heads, num_query_groups=cfg.num_kv_heads,
-        group_query_attention=cfg.num_kv_heads != cfg.num_heads, kv_channels=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, seq_length=cfg.max_seq_len,
-        position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=True,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_heads,
+        num_query_groups=cfg.num_kv_heads,
+        group_query_attention=cfg.num_kv_heads != cfg.num_heads,
+        kv_channels=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        seq_length=cfg.max_seq_len,
+        position_embedding_type="rope",
+        use_rotary_position_embeddings=True,
+        add_position_embedding=True,
         rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
-        rotary_percent=1.0, rotary_interleaved=False, rotary_seq_len_interpolation_factor=None,
-        use_rope_scaling=False, rope_scaling_factor=8.0,
-        normalization="RMSNorm", norm_epsilon=cfg.norm_eps, apply_layernorm_1p=False, swiglu=True,
-        add_bias_linear=False, add_qkv_bias=cfg.qkv_bias, untie_embeddings_and_output_weights=not cfg.tie_embeddings,
-        init_method_std=cfg.init_std, attention_dropout=0.0, hidden_dropout=0.0, num_experts=None,
-        vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=divisible_by,
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        rotary_seq_len_interpolation_factor=None,
+        use_rope_scaling=False,
+        rope_scaling_factor=8.0,
+        normalization="RMSNorm",
+        norm_epsilon=cfg.norm_eps,
+        apply_layernorm_1p=False,
+        swiglu=True,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        untie_embeddings_and_output_weights=not cfg.tie_embeddings,
+        init_method_std=cfg.init_std,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        num_experts=None,
+        vocab_size=cfg.vocab_size,
+        make_vocab_size_divisible_by=divisible_by,
         padded_vocab_size=padded_vocab_size(cfg.vocab_size, divisible_by, tp),
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
-        transformer_impl=impl, use_mcore_models=True, ckpt_format=ckpt_format,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        tokenizer_type=None if tokenizer is None else ("Llama2Tokenizer" if tokenizer.suffix == ".model" else "HuggingFaceTokenizer"),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None,
+        transformer_impl=impl,
+        use_mcore_models=True,
+        ckpt_format=ckpt_format,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tokenizer_type=None
+        if tokenizer is None
+        else ("Llama2Tokenizer" if tokenizer.suffix == ".model" else "HuggingFaceTokenizer"),
         tokenizer_model=None if tokenizer is None else str(tokenizer),
-        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        iteration=iteration,
+        consumed_train_samples=0,
+        consumed_valid_samples=0,
     )
     if ckpt_format == "torch_dist":  # and it holds no optimizer or RNG state (Megatron-LM then asks for neither)
         args.update(use_dist_ckpt=True, no_save_optim=True, no_save_rng=True)
@@ -197,27 +268,44 @@ def _arg(args, name: str, default=None):
 def model_config(args, vocab: int, tensors_have_qkv_bias: bool, where: str) -> ModelConfig:
     """Our ModelConfig from Megatron-LM's args (``vocab``: the vocabulary before padding), refusing what our
     model cannot represent."""
+
     def arg(name, default=None):
         return _arg(args, name, default)
 
     if arg("num_experts"):
-        raise CookbookError(f"{where} is a mixture-of-experts model (num_experts {arg('num_experts')}); cookbook converts dense Llama-family models only")
+        raise CookbookError(
+            f"{where} is a mixture-of-experts model (num_experts {arg('num_experts')}); cookbook converts dense Llama-family models only"
+        )
     if arg("mtp_num_layers"):
-        raise CookbookError(f"{where} has {arg('mtp_num_layers')} multi-token prediction layers, which cookbook's model does not have")
+        raise CookbookError(
+            f"{where} has {arg('mtp_num_layers')} multi-token prediction layers, which cookbook's model does not have"
+        )
     if not arg("swiglu", False):
-        raise CookbookError(f"{where} was trained without --swiglu; cookbook converts Llama-family models (SwiGLU, RMSNorm, RoPE)")
+        raise CookbookError(
+            f"{where} was trained without --swiglu; cookbook converts Llama-family models (SwiGLU, RMSNorm, RoPE)"
+        )
     if arg("normalization", "LayerNorm") != "RMSNorm":
-        raise CookbookError(f"{where} uses {arg('normalization', 'LayerNorm')}; cookbook converts Llama-family models (RMSNorm)")
+        raise CookbookError(
+            f"{where} uses {arg('normalization', 'LayerNorm')}; cookbook converts Llama-family models (RMSNorm)"
+        )
     kind = arg("position_embedding_type")
     if kind not in (None, "rope", "learned_absolute"):
-        raise CookbookError(f"{where} uses position_embedding_type {kind!r}; cookbook converts plain RoPE (with linear or Llama 3 scaling)")
+        raise CookbookError(
+            f"{where} uses position_embedding_type {kind!r}; cookbook converts plain RoPE (with linear or Llama 3 scaling)"
+        )
     if kind != "rope" and not arg("use_rotary_position_embeddings", False):
-        raise CookbookError(f"{where} does not use rotary position embeddings; cookbook converts Llama-family models (RoPE)")
+        raise CookbookError(
+            f"{where} does not use rotary position embeddings; cookbook converts Llama-family models (RoPE)"
+        )
     if arg("rotary_percent", 1.0) != 1.0 or arg("rotary_interleaved", False) or arg("apply_layernorm_1p", False):
-        raise CookbookError(f"{where} uses partial/interleaved RoPE or layernorm-1p, which cookbook's model does not have")
+        raise CookbookError(
+            f"{where} uses partial/interleaved RoPE or layernorm-1p, which cookbook's model does not have"
+        )
     if arg("add_bias_linear", False) or arg("qk_layernorm", False):
-        raise CookbookError(f"{where} has {'biases on linear layers (add_bias_linear)' if arg('add_bias_linear', False) else 'q/k layernorms (qk_layernorm)'}, "
-                            "which cookbook's model does not have")
+        raise CookbookError(
+            f"{where} has {'biases on linear layers (add_bias_linear)' if arg('add_bias_linear', False) else 'q/k layernorms (qk_layernorm)'}, "
+            "which cookbook's model does not have"
+        )
     heads = args.num_attention_heads
     scaling = None
     if arg("use_rope_scaling", False):
@@ -226,13 +314,20 @@ def model_config(args, vocab: int, tensors_have_qkv_bias: bool, where: str) -> M
         scaling = {"rope_type": "linear", "factor": float(arg("rotary_seq_len_interpolation_factor"))}
     try:
         return ModelConfig(
-            vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads,
+            vocab_size=vocab,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=heads,
             num_kv_heads=arg("num_query_groups") if arg("group_query_attention", False) else heads,
-            intermediate_size=args.ffn_hidden_size, head_dim=arg("kv_channels"),
+            intermediate_size=args.ffn_hidden_size,
+            head_dim=arg("kv_channels"),
             max_seq_len=arg("max_position_embeddings") or arg("seq_length") or 4096,
-            rope_theta=float(arg("rotary_base", 10000)), rope_scaling=scaling, norm_eps=float(arg("norm_epsilon", 1e-5)),
+            rope_theta=float(arg("rotary_base", 10000)),
+            rope_scaling=scaling,
+            norm_eps=float(arg("norm_epsilon", 1e-5)),
             tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
-            qkv_bias=bool(arg("add_qkv_bias", False)) or tensors_have_qkv_bias, init_std=float(arg("init_method_std", 0.02)),
+            qkv_bias=bool(arg("add_qkv_bias", False)) or tensors_have_qkv_bias,
+            init_std=float(arg("init_method_std", 0.02)),
         )
     except AttributeError as e:
         raise CookbookError(f"{where}: args lacks {e.name or e}; is it a Megatron-LM GPT checkpoint?") from None
@@ -255,8 +350,12 @@ def left_behind(where: str, optimizer: list, others: set[str]) -> list[str]:
     """The note that says what a checkpoint holds besides the model's weights: a conversion leaves it behind.
     ``optimizer``: its optimizer tensors (or their metadata: anything with ``numel`` and ``element_size``)."""
     size = sum(t.numel() * t.element_size() for t in optimizer)
-    parts = ([f"optimizer state ({len(optimizer)} tensors, {size / 1e9:,.2f} GB)"] if optimizer else []) + sorted(others)
-    return [f"{where} also holds {', '.join(parts)}: left behind, only the model's weights are converted"] if parts else []
+    parts = ([f"optimizer state ({len(optimizer)} tensors, {size / 1e9:,.2f} GB)"] if optimizer else []) + sorted(
+        others
+    )
+    return (
+        [f"{where} also holds {', '.join(parts)}: left behind, only the model's weights are converted"] if parts else []
+    )
 
 
 def vocabulary(args, rows: int, tokenizer: Path | None, where: str, notes: list[str]) -> int:
@@ -269,21 +368,32 @@ def vocabulary(args, rows: int, tokenizer: Path | None, where: str, notes: list[
 
         kind = _arg(args, "tokenizer_type")
         try:
-            vocab = load_tokenizer(tokenizer, kind if isinstance(kind, str) else None, backend="reference",
-                                   vocab_file=_arg(args, "vocab_file"), merge_file=_arg(args, "merge_file")).vocab_size
+            vocab = load_tokenizer(
+                tokenizer,
+                kind if isinstance(kind, str) else None,
+                backend="reference",
+                vocab_file=_arg(args, "vocab_file"),
+                merge_file=_arg(args, "merge_file"),
+            ).vocab_size
             source = f"the size of its tokenizer {tokenizer}"
         except (CookbookError, OSError, ValueError, RuntimeError):
             vocab = None
     if not vocab:
-        notes.append(f"{where} records no vocabulary size (args.vocab_size) and no readable tokenizer; "
-                     f"the {rows} padded rows are kept")
+        notes.append(
+            f"{where} records no vocabulary size (args.vocab_size) and no readable tokenizer; "
+            f"the {rows} padded rows are kept"
+        )
         return rows
     if vocab > rows:
-        raise CookbookError(f"{where}: the vocabulary ({vocab}, {source}) is larger than the embedding's {rows} rows; "
-                            "the args do not match the weights")
+        raise CookbookError(
+            f"{where}: the vocabulary ({vocab}, {source}) is larger than the embedding's {rows} rows; "
+            "the args do not match the weights"
+        )
     if vocab < rows and source != "args.vocab_size":
-        notes.append(f"{where} records no args.vocab_size; the vocabulary is {vocab}, {source}, "
-                     f"and the {rows - vocab} padded rows are dropped")
+        notes.append(
+            f"{where} records no args.vocab_size; the vocabulary is {vocab}, {source}, "
+            f"and the {rows - vocab} padded rows are dropped"
+        )
     return vocab
 
 
@@ -310,7 +420,9 @@ def iteration_dir(path: Path) -> tuple[Path, int]:
     m = re.fullmatch(r"iter_(\d+)|release", path.name)
     if m and (is_dist(path) or any(RANK_DIR.match(p.name) for p in path.iterdir())):
         return path, int(m.group(1) or 0)
-    raise CookbookError(f"{path} holds no Megatron-LM checkpoint (no {TRACKER}, no mp_rank_* folders and no {DIST_MARKER})")
+    raise CookbookError(
+        f"{path} holds no Megatron-LM checkpoint (no {TRACKER}, no mp_rank_* folders and no {DIST_MARKER})"
+    )
 
 
 def is_dist(it_dir: Path) -> bool:
@@ -342,7 +454,9 @@ def _roles(model: dict, where: str) -> tuple[dict, dict[int, dict]]:
         elif m and m.group(2) in layer_names:
             layers.setdefault(int(m.group(1)), {})[layer_names[m.group(2)]] = value
         elif ".experts." in key or ".router." in key:
-            raise CookbookError(f"{where} holds {key}: a mixture-of-experts model; cookbook converts dense Llama-family models only")
+            raise CookbookError(
+                f"{where} holds {key}: a mixture-of-experts model; cookbook converts dense Llama-family models only"
+            )
         elif key.endswith(".bias"):
             raise CookbookError(f"{where} holds {key}: biases on linear layers, which cookbook's model does not have")
         else:
@@ -364,11 +478,16 @@ def _open(it_dir: Path) -> tuple[dict[tuple[int, int], Path], dict[tuple[int, in
         raise CookbookError(f"{ranks[0, 0]} is not a Megatron-LM checkpoint (no 'args')")
     if "model" not in first:
         chunks = [k for k in first if str(k).startswith("model")]
-        raise CookbookError(f"{ranks[0, 0]} holds {chunks}: virtual pipeline stages are not supported" if chunks
-                            else f"{ranks[0, 0]} holds no model")
+        raise CookbookError(
+            f"{ranks[0, 0]} holds {chunks}: virtual pipeline stages are not supported"
+            if chunks
+            else f"{ranks[0, 0]} holds no model"
+        )
     if float(first.get("checkpoint_version", 0)) < 2.0:
-        raise CookbookError(f"{ranks[0, 0]} has checkpoint_version {first.get('checkpoint_version', 0)}; "
-                            "versions before 2.0 order QKV differently and are not supported")
+        raise CookbookError(
+            f"{ranks[0, 0]} has checkpoint_version {first.get('checkpoint_version', 0)}; "
+            "versions before 2.0 order QKV differently and are not supported"
+        )
     # the layout the args name (the folders' when they do not say)
     tp = getattr(first["args"], "tensor_model_parallel_size", None) or 1 + max(t for t, _ in ranks)
     pp = getattr(first["args"], "pipeline_model_parallel_size", None) or 1 + max(s for _, s in ranks)
@@ -386,9 +505,16 @@ def read(path: Path) -> Checkpoint:
     it_dir, iteration = iteration_dir(path)
     ranks, files = _open(it_dir)
     args = files[0, 0]["args"]
-    notes = left_behind(str(it_dir), [t for f in files.values() for t in pickles.tensors_in(f.get("optimizer"))],
-                        {"RNG state" for f in files.values() if f.get("rng_state") is not None}
-                        | {"distributed optimizer state (distrib_optim.pt)" for p in ranks.values() if (p.parent / "distrib_optim.pt").exists()})
+    notes = left_behind(
+        str(it_dir),
+        [t for f in files.values() for t in pickles.tensors_in(f.get("optimizer"))],
+        {"RNG state" for f in files.values() if f.get("rng_state") is not None}
+        | {
+            "distributed optimizer state (distrib_optim.pt)"
+            for p in ranks.values()
+            if (p.parent / "distrib_optim.pt").exists()
+        },
+    )
     tp, pp = 1 + max(t for t, _ in ranks), 1 + max(s for _, s in ranks)
     # stages[s][t] = ({top role: meta tensor}, {local layer: {role: meta tensor}})
     stages = [[_roles(files[t, s]["model"], str(ranks[t, s])) for t in range(tp)] for s in range(pp)]
@@ -418,8 +544,10 @@ def read(path: Path) -> Checkpoint:
                     raise CookbookError(f"{ranks[t, s]} lacks tensors of layer {local}; the checkpoint is incomplete")
             for layer in [top, *layers.values()]:
                 roles.update({role: tensor.dtype for role, tensor in layer.items()})
-    dtypes = {name: roles[SOURCE_ROLE[name.split(".", 2)[2] if name.startswith("layers.") else name]]
-              for name in expected_shapes(cfg)}
+    dtypes = {
+        name: roles[SOURCE_ROLE[name.split(".", 2)[2] if name.startswith("layers.") else name]]
+        for name in expected_shapes(cfg)
+    }
 
     def tensors() -> Tensors:
         layer = 0
@@ -432,11 +560,20 @@ def read(path: Path) -> Checkpoint:
                     h.close()
             layer += counts[s]
 
-    return Checkpoint(cfg, tensors, dtypes, iteration=iteration, hf_files=hf_files, notes=notes,
-                      description=f"Megatron-LM iteration {iteration} (TP {tp}, PP {pp})")
+    return Checkpoint(
+        cfg,
+        tensors,
+        dtypes,
+        iteration=iteration,
+        hf_files=hf_files,
+        notes=notes,
+        description=f"Megatron-LM iteration {iteration} (TP {tp}, PP {pp})",
+    )
 
 
-def _stage_tensors(stage: list[tuple[dict, dict]], handles: list, cfg: ModelConfig, offset: int, first: bool, last: bool) -> Tensors:
+def _stage_tensors(
+    stage: list[tuple[dict, dict]], handles: list, cfg: ModelConfig, offset: int, first: bool, last: bool
+) -> Tensors:
     """Our tensors from one pipeline stage's TP ranks (open files ``handles``), layers numbered from ``offset``."""
     tops = [top for top, _ in stage]
 
@@ -464,8 +601,16 @@ def _check_shapes(rank: tuple[dict, dict], cfg: ModelConfig, tp: int, where: str
     """Each tensor of a rank has the shape the args imply for TP ``tp`` (vocabulary rows: at least the vocabulary)."""
     h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
-    shapes = {"input_norm": (h,), "mlp_norm": (h,), "final_norm": (h,), "qkv": (qkv, h), "qkv_bias": (qkv,),
-              "proj": (h, cfg.num_heads * d // tp), "fc1": (2 * ffn // tp, h), "fc2": (h, ffn // tp)}
+    shapes = {
+        "input_norm": (h,),
+        "mlp_norm": (h,),
+        "final_norm": (h,),
+        "qkv": (qkv, h),
+        "qkv_bias": (qkv,),
+        "proj": (h, cfg.num_heads * d // tp),
+        "fc1": (2 * ffn // tp, h),
+        "fc2": (h, ffn // tp),
+    }
     top, layers = rank
     for role, tensor in [*top.items(), *(item for layer in layers.values() for item in layer.items())]:
         if role in ("embedding", "output"):
@@ -473,8 +618,10 @@ def _check_shapes(rank: tuple[dict, dict], cfg: ModelConfig, tp: int, where: str
         else:
             ok = tuple(tensor.shape) == shapes[role]
         if not ok:
-            raise CookbookError(f"{where}: a {role} tensor has shape {tuple(tensor.shape)}, which does not match the "
-                                f"args (hidden {h}, heads {cfg.num_heads}, groups {cfg.num_kv_heads}, FFN {ffn}, TP {tp})")
+            raise CookbookError(
+                f"{where}: a {role} tensor has shape {tuple(tensor.shape)}, which does not match the "
+                f"args (hidden {h}, heads {cfg.num_heads}, groups {cfg.num_kv_heads}, FFN {ffn}, TP {tp})"
+            )
 
 
 def _layer_tensors(i: int, parts: list[dict], get, cfg: ModelConfig) -> Tensors:
@@ -501,8 +648,16 @@ def _layer_tensors(i: int, parts: list[dict], get, cfg: ModelConfig) -> Tensors:
 # --------------------------------------------------------------------------- writing
 
 
-def arguments(final: Path, ckpt: Checkpoint, dtypes: dict[str, torch.dtype], tp: int = 1, pp: int = 1,
-              divisible_by: int = 128, impl: str = "transformer_engine", ckpt_format: str = "torch") -> argparse.Namespace:
+def arguments(
+    final: Path,
+    ckpt: Checkpoint,
+    dtypes: dict[str, torch.dtype],
+    tp: int = 1,
+    pp: int = 1,
+    divisible_by: int = 128,
+    impl: str = "transformer_engine",
+    ckpt_format: str = "torch",
+) -> argparse.Namespace:
     """The checks and Megatron-LM's ``args`` of a checkpoint to write to ``final`` in ``ckpt_format``: ``torch``
     (rank files, ``write`` here) or ``torch_dist`` (``megatron_dist.write``); ``finish`` completes either."""
     cfg = ckpt.config
@@ -513,7 +668,9 @@ def arguments(final: Path, ckpt: Checkpoint, dtypes: dict[str, torch.dtype], tp:
         raise CookbookError(f"unknown --ckpt-format {ckpt_format!r}; use {' or '.join(CKPT_FORMATS)}")
     iteration = max(ckpt.iteration, 1)  # Megatron-LM refuses iteration 0 (it is not 'release')
     tokenizer = tokenizer_path((final / "hf").absolute(), ckpt.hf_files)
-    return megatron_args(cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer, ckpt_format)
+    return megatron_args(
+        cfg, tp, pp, divisible_by, impl, dtypes["tok_embeddings.weight"], iteration, tokenizer, ckpt_format
+    )
 
 
 def write(it_dir: Path, cfg: ModelConfig, args: argparse.Namespace, tensors: Tensors, tp: int) -> list[Path]:
@@ -556,7 +713,9 @@ def write(it_dir: Path, cfg: ModelConfig, args: argparse.Namespace, tensors: Ten
         for key, model in models.items():
             if key[1] == pp - 1:
                 model["output_layer._extra_state"] = None
-            writers.pop(key).close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model})
+            writers.pop(key).close(
+                {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
+            )
     finally:
         writers.clear()  # after a failure: drop the open files (the caller removes the folder)
     return list(paths.values())

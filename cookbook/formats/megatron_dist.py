@@ -59,7 +59,12 @@ from cookbook.formats import megatron, pickles
 from cookbook.formats.stream import Checkpoint, Tensors, expected_shapes, layer_groups
 from cookbook.model.config import ModelConfig
 
-CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 COMMON = "common.pt"
 INDEX = ".metadata"
 LAYERS = "decoder.layers."
@@ -103,16 +108,22 @@ def _json(path: Path) -> dict:
 def _common(it_dir: Path) -> dict:
     path = it_dir / COMMON
     if not path.is_file():
-        raise CookbookError(f"{it_dir} has no {COMMON}; the checkpoint is incomplete (or not a Megatron-LM torch_dist checkpoint)")
+        raise CookbookError(
+            f"{it_dir} has no {COMMON}; the checkpoint is incomplete (or not a Megatron-LM torch_dist checkpoint)"
+        )
     common = pickles.load_structure(path)[0]
     if not isinstance(common, dict) or "args" not in common:
         raise CookbookError(f"{path} holds no 'args'; it is not a Megatron-LM checkpoint")
     if float(common.get("checkpoint_version", 3.0)) < 2.0:
-        raise CookbookError(f"{path} has checkpoint_version {common['checkpoint_version']}; versions before 2.0 are not supported")
+        raise CookbookError(
+            f"{path} has checkpoint_version {common['checkpoint_version']}; versions before 2.0 are not supported"
+        )
     return common
 
 
-def _roles(metadata: Metadata, num_layers: int, where: str) -> tuple[dict[str, Region], dict[int, dict[str, Region]], list[str]]:
+def _roles(
+    metadata: Metadata, num_layers: int, where: str
+) -> tuple[dict[str, Region], dict[int, dict[str, Region]], list[str]]:
     """The checkpoint's keys -> ({top role: region}, {layer: {role: region}}, the note on what is not the model)."""
     top_names = {n: role for role, names in megatron.TOP_KEYS.items() for n in names}
     layer_names = {n: role for role, names in megatron.LAYER_KEYS.items() for n in names}
@@ -131,19 +142,23 @@ def _roles(metadata: Metadata, num_layers: int, where: str) -> tuple[dict[str, R
         if key in top_names:
             top[top_names[key]] = Region(key, shape)
             continue
-        name = key[len(LAYERS):] if key.startswith(LAYERS) else None
+        name = key[len(LAYERS) :] if key.startswith(LAYERS) else None
         m = PER_LAYER.fullmatch(name or "")
         role = layer_names.get(m.group(2) if m else name)
         if role is not None and m:
             layers.setdefault(int(m.group(1)), {})[role] = Region(key, shape)
         elif role is not None:  # stacked along the layer axis
             if len(shape) < 2 or shape[0] != num_layers:
-                raise CookbookError(f"{where}: {key} has shape {shape}, not [{num_layers} layers, ...] as args.num_layers says; "
-                                    "the args do not match the weights")
+                raise CookbookError(
+                    f"{where}: {key} has shape {shape}, not [{num_layers} layers, ...] as args.num_layers says; "
+                    "the args do not match the weights"
+                )
             for i in range(num_layers):
                 layers.setdefault(i, {})[role] = Region(key, shape[1:], layer=i)
         elif ".experts." in key or ".router." in key or "shared_expert" in key:
-            raise CookbookError(f"{where} holds {key}: a mixture-of-experts model; cookbook converts dense Llama-family models only")
+            raise CookbookError(
+                f"{where} holds {key}: a mixture-of-experts model; cookbook converts dense Llama-family models only"
+            )
         elif key.endswith(".bias"):
             raise CookbookError(f"{where} holds {key}: biases on linear layers, which cookbook's model does not have")
         else:
@@ -161,15 +176,29 @@ def _check(top: dict[str, Region], layers: dict[int, dict[str, Region]], cfg: Mo
     """Every tensor the model needs is there with the shape the args imply."""
     h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-    shapes = {"input_norm": (h,), "mlp_norm": (h,), "final_norm": (h,), "qkv": (qkv, h), "qkv_bias": (qkv,),
-              "proj": (h, cfg.num_heads * d), "gate": (ffn, h), "up": (ffn, h), "fc2": (h, ffn)}
+    shapes = {
+        "input_norm": (h,),
+        "mlp_norm": (h,),
+        "final_norm": (h,),
+        "qkv": (qkv, h),
+        "qkv_bias": (qkv,),
+        "proj": (h, cfg.num_heads * d),
+        "gate": (ffn, h),
+        "up": (ffn, h),
+        "fc2": (h, ffn),
+    }
     if sorted(layers) != list(range(cfg.num_layers)):
-        raise CookbookError(f"{where} holds layers {sorted(layers)[:3]}...{sorted(layers)[-1:]} but args.num_layers is {cfg.num_layers}"
-                            if layers else f"{where} holds no transformer layers")
+        raise CookbookError(
+            f"{where} holds layers {sorted(layers)[:3]}...{sorted(layers)[-1:]} but args.num_layers is {cfg.num_layers}"
+            if layers
+            else f"{where} holds no transformer layers"
+        )
     needed = {"input_norm", "qkv", "proj", "mlp_norm", "gate", "up", "fc2"} | ({"qkv_bias"} if cfg.qkv_bias else set())
     for i, layer in layers.items():
         if not needed <= layer.keys():
-            raise CookbookError(f"{where} lacks {', '.join(sorted(needed - layer.keys()))} of layer {i}; the checkpoint is incomplete")
+            raise CookbookError(
+                f"{where} lacks {', '.join(sorted(needed - layer.keys()))} of layer {i}; the checkpoint is incomplete"
+            )
     for role in ("embedding", "final_norm") + (() if cfg.tie_embeddings else ("output",)):
         if role not in top:
             raise CookbookError(f"{where} has no {megatron.TOP_KEYS[role][0]}; the checkpoint is incomplete")
@@ -177,8 +206,10 @@ def _check(top: dict[str, Region], layers: dict[int, dict[str, Region]], cfg: Mo
         shape = region.shape if region.rows is None else (region.rows[1] - region.rows[0], *region.shape[1:])
         ok = (len(shape) == 2 and shape[1] == h) if role in ("embedding", "output") else shape == shapes[role]
         if not ok:
-            raise CookbookError(f"{where}: {region.fqn} has shape {shape}, which does not match the args (hidden {h}, heads "
-                                f"{cfg.num_heads}, groups {cfg.num_kv_heads}, head_dim {d}, FFN {ffn}); the args do not match the weights")
+            raise CookbookError(
+                f"{where}: {region.fqn} has shape {shape}, which does not match the args (hidden {h}, heads "
+                f"{cfg.num_heads}, groups {cfg.num_kv_heads}, head_dim {d}, FFN {ffn}); the args do not match the weights"
+            )
 
 
 def _check_files(it_dir: Path, metadata: Metadata) -> None:
@@ -239,7 +270,9 @@ def _load(it_dir: Path, metadata: Metadata, regions: dict[str, Region]) -> dict[
             dcp.load(out, storage_reader=_Reader(it_dir, metadata), planner=_RegionPlanner(regions), no_dist=True)
     except (CheckpointException, RuntimeError, OSError, ValueError, EOFError) as e:
         first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise CookbookError(f"cannot read {', '.join(sorted({r.fqn for r in regions.values()}))[:200]} from {it_dir}: {first}") from e
+        raise CookbookError(
+            f"cannot read {', '.join(sorted({r.fqn for r in regions.values()}))[:200]} from {it_dir}: {first}"
+        ) from e
     return {name: t[0] if regions[name].layer is not None else t for name, t in out.items()}
 
 
@@ -247,8 +280,10 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
     """The model in a torch_dist iteration folder (``path``: what --load-dir named, for its hf/ folder)."""
     config = _json(it_dir / megatron.DIST_MARKER)
     if config.get("sharded_backend") != "torch_dist":
-        raise CookbookError(f"{it_dir / megatron.DIST_MARKER} names the {config.get('sharded_backend')!r} backend; "
-                            "cookbook reads torch_dist (Megatron-LM's --ckpt-format torch_dist)")
+        raise CookbookError(
+            f"{it_dir / megatron.DIST_MARKER} names the {config.get('sharded_backend')!r} backend; "
+            "cookbook reads torch_dist (Megatron-LM's --ckpt-format torch_dist)"
+        )
     common = _common(it_dir)
     args, where = common["args"], str(it_dir)
     if not (it_dir / INDEX).is_file():
@@ -259,7 +294,9 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
         raise CookbookError(f"{it_dir / COMMON}: args lacks num_layers; is it a Megatron-LM GPT checkpoint?")
     top, layers, notes = _roles(metadata, num_layers, where)
     if "embedding" not in top:
-        raise CookbookError(f"{where} has no {megatron.TOP_KEYS['embedding'][0]}; the checkpoint is incomplete or not a GPT model")
+        raise CookbookError(
+            f"{where} has no {megatron.TOP_KEYS['embedding'][0]}; the checkpoint is incomplete or not a GPT model"
+        )
     hf_files, tokenizer = megatron.side_files(path, args, notes)
     vocab = megatron.vocabulary(args, top["embedding"].shape[0], tokenizer, where, notes)
     cfg = megatron.model_config(args, vocab, any("qkv_bias" in layer for layer in layers.values()), where)
@@ -268,14 +305,22 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
         if role in top:
             top[role].rows = (0, cfg.vocab_size)
     if cfg.tie_embeddings and "output" in top:
-        raise CookbookError(f"{where} holds {top['output'].fqn} but its args tie the embeddings to the output layer; "
-                            "the args do not match the weights")
+        raise CookbookError(
+            f"{where} holds {top['output'].fqn} but its args tie the embeddings to the output layer; "
+            "the args do not match the weights"
+        )
     _check_files(it_dir, metadata)
-    dtype = {fqn: md.properties.dtype for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    dtype = {
+        fqn: md.properties.dtype
+        for fqn, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
     role_dtypes = {role: dtype[region.fqn] for role, region in [*top.items(), *layers[0].items()]}
     role_dtypes["fc1"] = role_dtypes["gate"]
-    dtypes = {name: role_dtypes[megatron.SOURCE_ROLE[name.split(".", 2)[2] if name.startswith("layers.") else name]]
-              for name in expected_shapes(cfg)}
+    dtypes = {
+        name: role_dtypes[megatron.SOURCE_ROLE[name.split(".", 2)[2] if name.startswith("layers.") else name]]
+        for name in expected_shapes(cfg)
+    }
 
     def tensors() -> Tensors:
         yield "tok_embeddings.weight", _load(it_dir, metadata, {"x": top["embedding"]})["x"]
@@ -286,8 +331,15 @@ def read(path: Path, it_dir: Path, iteration: int) -> Checkpoint:
             yield "output.weight", _load(it_dir, metadata, {"x": top["output"]})["x"]
 
     tp, pp = (megatron._arg(args, k) or 1 for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
-    return Checkpoint(cfg, tensors, dtypes, iteration=iteration, hf_files=hf_files, notes=notes,
-                      description=f"Megatron-LM torch_dist iteration {iteration} (saved at TP {tp}, PP {pp})")
+    return Checkpoint(
+        cfg,
+        tensors,
+        dtypes,
+        iteration=iteration,
+        hf_files=hf_files,
+        notes=notes,
+        description=f"Megatron-LM torch_dist iteration {iteration} (saved at TP {tp}, PP {pp})",
+    )
 
 
 def _layer_tensors(i: int, got: dict[str, torch.Tensor], cfg: ModelConfig) -> Tensors:
@@ -341,12 +393,21 @@ class _ChunkWriter:
         """One chunk of the global tensor ``fqn`` (of ``size``) at ``offsets``."""
         if chunk.untyped_storage().nbytes() != chunk.nbytes:  # torch.save writes a view's whole storage
             chunk = chunk.clone()
-        md = self.index.setdefault(fqn, TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), torch.Size(size), []))
+        md = self.index.setdefault(
+            fqn, TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), torch.Size(size), [])
+        )
         md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
         self._record(MetadataIndex(fqn, torch.Size(offsets)), lambda f: torch.save(chunk, f))
 
-    def rows(self, fqn: str, size: tuple[int, ...], shards: list[torch.Tensor], dim: int, layer: int | None = None,
-             start: int = 0) -> None:
+    def rows(
+        self,
+        fqn: str,
+        size: tuple[int, ...],
+        shards: list[torch.Tensor],
+        dim: int,
+        layer: int | None = None,
+        start: int = 0,
+    ) -> None:
         """TP shards of ``fqn`` split along ``dim`` (from ``start``), stacked at ``layer`` when given."""
         lead = () if layer is None else (layer,)
         for shard in shards:
@@ -390,8 +451,13 @@ def write(it_dir: Path, cfg: ModelConfig, args, tensors: Tensors, tp: int) -> li
         out.close()
     finally:
         out.close_file()
-    common = {"args": args, "checkpoint_version": megatron.CHECKPOINT_VERSION, "iteration": args.iteration,
-              "num_floating_point_operations_so_far": 0, "content_metadata": dict(CONTENT)}
+    common = {
+        "args": args,
+        "checkpoint_version": megatron.CHECKPOINT_VERSION,
+        "iteration": args.iteration,
+        "num_floating_point_operations_so_far": 0,
+        "content_metadata": dict(CONTENT),
+    }
     torch.save(common, it_dir / COMMON)
     (it_dir / megatron.DIST_MARKER).write_text(json.dumps(CONFIG))
     return out.files
@@ -406,10 +472,14 @@ def _write_layer(out: _ChunkWriter, i: int, group: dict, cfg: ModelConfig, tp: i
         return LAYERS + NAMES[role]
 
     out.tensor(name("input_norm"), (L, h), (i, 0), group["attention_norm.weight"][None])
-    qkv = megatron.fuse_qkv(group["attention.wq.weight"], group["attention.wk.weight"], group["attention.wv.weight"], cfg)
+    qkv = megatron.fuse_qkv(
+        group["attention.wq.weight"], group["attention.wk.weight"], group["attention.wv.weight"], cfg
+    )
     out.rows(name("qkv"), (L, *qkv.shape), list(qkv.chunk(tp)), 0, layer=i)
     if cfg.qkv_bias:
-        bias = megatron.fuse_qkv(group["attention.wq.bias"], group["attention.wk.bias"], group["attention.wv.bias"], cfg)
+        bias = megatron.fuse_qkv(
+            group["attention.wq.bias"], group["attention.wk.bias"], group["attention.wv.bias"], cfg
+        )
         out.rows(name("qkv_bias"), (L, *bias.shape), list(bias.chunk(tp)), 0, layer=i)
     del qkv
     out.rows(name("proj"), (L, h, q), list(group["attention.wo.weight"].chunk(tp, dim=1)), 1, layer=i)

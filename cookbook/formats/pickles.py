@@ -99,8 +99,10 @@ def load_structure(path: Path) -> tuple[object, bool]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         blocked = re.search(r"GLOBAL (\S+)", str(e))
         if blocked:
-            raise CookbookError(f"{path} refers to {blocked.group(1)}, which loading with weights_only=True refuses "
-                                "(a checkpoint is data, never code); it is not a checkpoint to trust") from e
+            raise CookbookError(
+                f"{path} refers to {blocked.group(1)}, which loading with weights_only=True refuses "
+                "(a checkpoint is data, never code); it is not a checkpoint to trust"
+            ) from e
         raise CookbookError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from e
     return obj, lazy
 
@@ -160,10 +162,15 @@ def _dcp_class(module: str, name: str):
         return getattr(torch, name)
     if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
         return getattr(importlib.import_module(module), name)
-    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                  "torch.distributed.checkpoint.filesystem"):
+    if module in (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.planner",
+        "torch.distributed.checkpoint.filesystem",
+    ):
         obj = getattr(importlib.import_module(module), name, None)
-        if obj is not None and (dataclasses.is_dataclass(obj) or (isinstance(obj, type) and issubclass(obj, enum.Enum))):
+        if obj is not None and (
+            dataclasses.is_dataclass(obj) or (isinstance(obj, type) and issubclass(obj, enum.Enum))
+        ):
             return obj
     return type(name, (Opaque,), {"__module__": "cookbook.opaque"})
 
@@ -182,7 +189,9 @@ def read_dcp_metadata(path: Path):
         with open(path, "rb") as f:
             metadata = _DcpUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
-        raise CookbookError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+        raise CookbookError(
+            f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        ) from e
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise CookbookError(f"{path} is not a torch.distributed.checkpoint metadata file")
     return metadata
@@ -198,7 +207,7 @@ class TorchFileWriter:
         self.zip = torch._C.PyTorchFileWriter(str(path))
         self.count = 0
 
-    def add(self, tensor: torch.Tensor) -> "_Stored":
+    def add(self, tensor: torch.Tensor) -> _Stored:
         t = tensor.detach().cpu().contiguous()
         key, nbytes = str(self.count), t.numel() * t.element_size()
         self.count += 1
@@ -233,7 +242,14 @@ class _StorageRef:
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         if type(obj) is _Stored:
-            return torch._utils._rebuild_tensor_v2, (_StorageRef(obj), 0, obj.shape, obj.stride, False, collections.OrderedDict())
+            return torch._utils._rebuild_tensor_v2, (
+                _StorageRef(obj),
+                0,
+                obj.shape,
+                obj.stride,
+                False,
+                collections.OrderedDict(),
+            )
         return NotImplemented
 
     def persistent_id(self, obj):
@@ -242,4 +258,3 @@ class _Pickler(pickle.Pickler):
             storage_type = getattr(torch, torch.empty(0, dtype=s.dtype)._typed_storage()._pickle_storage_type())
             return ("storage", storage_type, s.key, "cpu", s.numel)
         return None
-

@@ -14,9 +14,9 @@ unless it is tied to the embedding (a tied model's stream has no ``output.weight
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -54,8 +54,13 @@ def layer_names(cfg: ModelConfig, i: int) -> list[str]:
     names += [p + "attention.wq.bias"] if cfg.qkv_bias else []
     names += [p + "attention.wk.weight"] + ([p + "attention.wk.bias"] if cfg.qkv_bias else [])
     names += [p + "attention.wv.weight"] + ([p + "attention.wv.bias"] if cfg.qkv_bias else [])
-    return names + [p + "attention.wo.weight", p + "mlp_norm.weight", p + "mlp.w_gate.weight", p + "mlp.w_up.weight",
-                    p + "mlp.w_down.weight"]
+    return names + [
+        p + "attention.wo.weight",
+        p + "mlp_norm.weight",
+        p + "mlp.w_gate.weight",
+        p + "mlp.w_up.weight",
+        p + "mlp.w_down.weight",
+    ]
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -63,10 +68,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     per_layer = {
-        "attention_norm.weight": (h,), "attention.wq.weight": (q, h), "attention.wq.bias": (q,),
-        "attention.wk.weight": (kv, h), "attention.wk.bias": (kv,), "attention.wv.weight": (kv, h),
-        "attention.wv.bias": (kv,), "attention.wo.weight": (h, q), "mlp_norm.weight": (h,),
-        "mlp.w_gate.weight": (ffn, h), "mlp.w_up.weight": (ffn, h), "mlp.w_down.weight": (h, ffn),
+        "attention_norm.weight": (h,),
+        "attention.wq.weight": (q, h),
+        "attention.wq.bias": (q,),
+        "attention.wk.weight": (kv, h),
+        "attention.wk.bias": (kv,),
+        "attention.wv.weight": (kv, h),
+        "attention.wv.bias": (kv,),
+        "attention.wo.weight": (h, q),
+        "mlp_norm.weight": (h,),
+        "mlp.w_gate.weight": (ffn, h),
+        "mlp.w_up.weight": (ffn, h),
+        "mlp.w_down.weight": (h, ffn),
     }
     shapes = {"tok_embeddings.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
@@ -84,9 +97,13 @@ def checked(tensors: Tensors, cfg: ModelConfig, source: str) -> Tensors:
     for name, tensor in tensors:
         want, shape = next(expected, (None, None))
         if name != want:
-            raise CookbookError(f"{source} gave tensor {name} where {want or 'the end'} was expected; is it a plain Llama-family checkpoint?")
+            raise CookbookError(
+                f"{source} gave tensor {name} where {want or 'the end'} was expected; is it a plain Llama-family checkpoint?"
+            )
         if tuple(tensor.shape) != shape:
-            raise CookbookError(f"{source}: {name} has shape {tuple(tensor.shape)} but the config implies {shape}; the config does not match the weights")
+            raise CookbookError(
+                f"{source}: {name} has shape {tuple(tensor.shape)} but the config implies {shape}; the config does not match the weights"
+            )
         if not tensor.is_floating_point():
             raise CookbookError(f"{source}: {name} holds {tensor.dtype}, not floating-point weights")
         yield name, tensor
@@ -123,9 +140,14 @@ def layer_groups(tensors: Tensors) -> Iterator[tuple[int | str, dict[str, torch.
 
 def hf_side_files(folder: Path) -> dict[str, Path]:
     """The non-weight files of a Hugging Face folder (tokenizer, config.json, generation_config.json, ...)."""
-    return {p.name: p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
-            and p.name not in WEIGHT_INDEXES}
+    return {
+        p.name: p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(WEIGHT_SUFFIXES)
+        and p.name not in WEIGHT_INDEXES
+    }
 
 
 def tokenizer_files(path: Path | None) -> dict[str, Path]:

@@ -28,8 +28,8 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -59,7 +59,7 @@ class Sequence:
     prompt_top_logprobs: int | None = None  # alternatives per prompt token (None: the prompt is not scored)
     stop_check: Callable[[list[int]], bool] | None = None  # True: end the row here (a stop string in its text)
     deadline: float | None = None  # time.monotonic() past which the row is cancelled ("timeout")
-    on_step: Callable[["Sequence"], None] | None = None  # in the engine's thread, after tokens came or it finished
+    on_step: Callable[[Sequence], None] | None = None  # in the engine's thread, after tokens came or it finished
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -91,11 +91,20 @@ class Engine:
     bounds prompt + max_tokens (default: the model's max_seq_len); ``kv_tokens`` bounds the cache (rows x length
     slots; default: max_batch_size x max_model_len, and on CUDA what 90% of free memory holds)."""
 
-    def __init__(self, model, *, eos_id: int | None, max_batch_size: int = 16, max_model_len: int | None = None,
-                 kv_tokens: int | None = None, max_prefill_tokens: int = 8192):
+    def __init__(
+        self,
+        model,
+        *,
+        eos_id: int | None,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        kv_tokens: int | None = None,
+        max_prefill_tokens: int = 8192,
+    ):
         if max_batch_size < 1 or max_prefill_tokens < 1:
-            raise CookbookError(f"max_batch_size {max_batch_size} and max_prefill_tokens {max_prefill_tokens} "
-                                "must be at least 1")
+            raise CookbookError(
+                f"max_batch_size {max_batch_size} and max_prefill_tokens {max_prefill_tokens} must be at least 1"
+            )
         self.model, self.cfg = model, model.config
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -104,8 +113,10 @@ class Engine:
         self.max_model_len = max_model_len or self.cfg.max_seq_len
         self.kv_tokens = kv_tokens or self._default_kv_tokens()
         if self.kv_tokens < self.max_model_len:
-            raise CookbookError(f"a KV budget of {self.kv_tokens} tokens cannot hold one sequence of max_model_len "
-                                f"{self.max_model_len}; raise it or lower max_model_len")
+            raise CookbookError(
+                f"a KV budget of {self.kv_tokens} tokens cannot hold one sequence of max_model_len "
+                f"{self.max_model_len}; raise it or lower max_model_len"
+            )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.wake = threading.Condition()
@@ -138,10 +149,14 @@ class Engine:
         if not seq.prompt:
             raise CookbookError("a prompt is empty; every prompt needs at least one token")
         if min(seq.prompt) < 0 or max(seq.prompt) >= self.vocab:
-            raise CookbookError(f"a prompt holds a token id outside the vocabulary [0, {self.vocab}); check the tokenizer")
+            raise CookbookError(
+                f"a prompt holds a token id outside the vocabulary [0, {self.vocab}); check the tokenizer"
+            )
         if len(seq.prompt) + seq.params.max_tokens > self.max_model_len:
-            raise CookbookError(f"a prompt of {len(seq.prompt)} tokens and max_tokens {seq.params.max_tokens} exceed "
-                                f"max_model_len {self.max_model_len}")
+            raise CookbookError(
+                f"a prompt of {len(seq.prompt)} tokens and max_tokens {seq.params.max_tokens} exceed "
+                f"max_model_len {self.max_model_len}"
+            )
 
     def submit(self, seqs: Iterable[Sequence]) -> None:
         seqs = list(seqs)
@@ -259,7 +274,9 @@ class Engine:
                 if scoring:
                     budget = max(1, min(budget, _SCORE_ELEMENTS // self.vocab))
                 longest = max([len(s.prompt)] + [len(g.prompt) for g in group])
-                if group and (longest * (len(group) + 1) > budget or scoring != (group[0].prompt_top_logprobs is not None)):
+                if group and (
+                    longest * (len(group) + 1) > budget or scoring != (group[0].prompt_top_logprobs is not None)
+                ):
                     break
                 if not self._fits(len(self.running) + len(group) + 1, max(need, s.need)):
                     break
@@ -334,15 +351,25 @@ class Engine:
             ps = [s.params for s in self.running]
             dev = self.device
             temperature = torch.tensor([max(p.temperature, 1e-30) for p in ps], dtype=torch.float32, device=dev)
-            top_k = (torch.tensor([min(p.top_k or self.vocab, self.vocab) for p in ps], device=dev)
-                     if any(0 < p.top_k < self.vocab for p in ps) else None)
+            top_k = (
+                torch.tensor([min(p.top_k or self.vocab, self.vocab) for p in ps], device=dev)
+                if any(0 < p.top_k < self.vocab for p in ps)
+                else None
+            )
             top_p = torch.tensor([p.top_p for p in ps], device=dev) if any(p.top_p < 1 for p in ps) else None
             penalties = None
             if any(p.penalised for p in ps):
-                penalties = tuple(torch.tensor([getattr(p, name) for p in ps], device=dev)
-                                  for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
-            self._params = (temperature, top_k, top_p, penalties, [None if p.greedy else s.generator
-                                                                   for p, s in zip(ps, self.running)])
+                penalties = tuple(
+                    torch.tensor([getattr(p, name) for p in ps], device=dev)
+                    for name in ("repetition_penalty", "frequency_penalty", "presence_penalty")
+                )
+            self._params = (
+                temperature,
+                top_k,
+                top_p,
+                penalties,
+                [None if p.greedy else s.generator for p, s in zip(ps, self.running)],
+            )
         return self._params
 
     def _sample(self, start: int, logits: torch.Tensor) -> None:
@@ -353,8 +380,13 @@ class Engine:
         x = logits
         if penalties is not None:
             x = apply_penalties(logits, self.counts[rows], self.in_prompt[rows], *(p[rows] for p in penalties))
-        tokens = sample(x, temperature[rows], None if top_k is None else top_k[rows],
-                        None if top_p is None else top_p[rows], generators[rows])
+        tokens = sample(
+            x,
+            temperature[rows],
+            None if top_k is None else top_k[rows],
+            None if top_p is None else top_p[rows],
+            generators[rows],
+        )
         self.last[rows] = tokens
         if penalties is not None:
             self.counts[rows].scatter_add_(1, tokens[:, None], torch.ones(len(seqs), 1, device=self.device))

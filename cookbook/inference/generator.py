@@ -21,30 +21,49 @@ How a completion is made, so that the same request means what it means in vLLM:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from cookbook.errors import CookbookError
-from cookbook.inference.engine import Engine, Sequence as Row
+from cookbook.inference.engine import Engine
+from cookbook.inference.engine import Sequence as Row
 from cookbook.inference.sampling import Completion, Progress, SamplingParams, cut_at_stop, sample_seed
 from cookbook.inference.text import TextCodec
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, seed: int = 0,
-             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-             stop_ids: Sequence[int] = (), stop_when: Callable[[list[int]], bool] | None = None,
-             batch_size: int | None = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int = 0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    stop_ids: Sequence[int] = (),
+    stop_when: Callable[[list[int]], bool] | None = None,
+    batch_size: int | None = None,
+) -> list[list[int]]:
     """The new tokens of each prompt (token ids), every prompt sampled with ``seed``. A row ends at ``eos_id`` or
     any of ``stop_ids`` (the token is included), or when ``stop_when(its tokens so far)`` is true (asked every
     ``STOP_CHECK_EVERY`` of its tokens). ``batch_size``: rows decoded together (default: all). A prompt plus its
     new tokens may run past ``model.config.max_seq_len``: RoPE is computed for any position."""
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0 if top_p is None else top_p,
-                            top_k=top_k or 0, repetition_penalty=repetition_penalty,
-                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
     params.check(allow_no_tokens=True)
     if not prompts or max_new_tokens == 0:
         for i, p in enumerate(prompts):
@@ -77,8 +96,14 @@ class LocalGenerator:
         self._stop_ids: dict[tuple[str, ...], list[int]] = {}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer_model: str | None = None,
-             tokenizer_type: str | None = None) -> "LocalGenerator":
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        tokenizer_model: str | None = None,
+        tokenizer_type: str | None = None,
+    ) -> LocalGenerator:
         from cookbook.inference.load import load_model_and_tokenizer
 
         return cls(*load_model_and_tokenizer(path, device, dtype, tokenizer_model, tokenizer_type))
@@ -106,16 +131,28 @@ class LocalGenerator:
             self._stop_ids[stop] = found
         return self._stop_ids[stop]
 
-    def rows(self, prompt: list[int], params: SamplingParams, seed: int | None, stop_ids: Sequence[int] = (),
-             **options) -> list[Row]:
+    def rows(
+        self, prompt: list[int], params: SamplingParams, seed: int | None, stop_ids: Sequence[int] = (), **options
+    ) -> list[Row]:
         """The engine rows of ``params.n`` samples of one prompt (token ids); ``options`` go to each ``Row``."""
         ends = frozenset(stop_ids) | frozenset(self.stop_ids(params.stop))
         check = None
         if params.stop:
+
             def check(tokens: list[int]) -> bool:
                 return cut_at_stop(self.continuation(prompt, tokens), params.stop)[1]
-        return [Row(prompt, params, seed=None if seed is None else sample_seed(seed, j), stop_ids=ends,
-                    stop_check=check, **options) for j in range(params.n)]
+
+        return [
+            Row(
+                prompt,
+                params,
+                seed=None if seed is None else sample_seed(seed, j),
+                stop_ids=ends,
+                stop_check=check,
+                **options,
+            )
+            for j in range(params.n)
+        ]
 
     def finish(self, row: Row, stop_ids: Sequence[int] = ()) -> Completion:
         """A finished row as a Completion: the text cut at the first stop string, the tokens it took."""
@@ -134,9 +171,15 @@ class LocalGenerator:
         ended = bool(new) and (new[-1] in ends or len(new) < params.max_tokens)
         return Completion(text, len(new), "stop" if ended else "length")
 
-    def complete(self, prompts: list[str] | list[list[int]], params: SamplingParams, seeds: list[int],
-                 batch_size: int = 16, on_progress: Progress | None = None,
-                 stop_ids: Sequence[int] = ()) -> list[list[Completion]]:
+    def complete(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams,
+        seeds: list[int],
+        batch_size: int = 16,
+        on_progress: Progress | None = None,
+        stop_ids: Sequence[int] = (),
+    ) -> list[list[Completion]]:
         """``params.n`` completions per prompt (text, or token ids used as they are), in the prompts' order.
         ``seeds[i]`` belongs to prompt i; ``stop_ids`` are extra tokens that end a completion as eos does (vLLM's
         ``stop_token_ids``); ``batch_size`` rows decode together. ``on_progress(prompts, tokens)`` as work is
@@ -172,7 +215,11 @@ class LocalGenerator:
         prompt_of.update((id(r), i) for i, rs in enumerate(rows) for r in rs)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable: equal lengths keep their order
         longest = max((len(p) for p in ids), default=0) + params.max_tokens
-        engine = Engine(self.model, eos_id=self.eos, max_batch_size=batch_size,
-                        max_model_len=max(longest, self.model.config.max_seq_len))
+        engine = Engine(
+            self.model,
+            eos_id=self.eos,
+            max_batch_size=batch_size,
+            max_model_len=max(longest, self.model.config.max_seq_len),
+        )
         engine.run([r for i in order for r in rows[i]], after_step=report)
         return [[self.finish(r, stop_ids) for r in rs] for rs in rows]

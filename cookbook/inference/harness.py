@@ -42,8 +42,19 @@ from cookbook.inference.text import TextCodec
 class CookbookLM(TemplateLM):
     """A model and its tokenizer as an lm-eval LM (see the module's docstring)."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, batch_tokens: int = 8192, max_length: int | None = None,
-                 max_gen_toks: int = 256, add_bos_token: bool | None = None, seed: int = 1234, name: str = "cookbook"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 16,
+        batch_tokens: int = 8192,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | None = None,
+        seed: int = 1234,
+        name: str = "cookbook",
+    ):
         super().__init__()
         self.model, self.name = model, name
         self.generator = LocalGenerator(model, tokenizer)
@@ -81,8 +92,9 @@ class CookbookLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.text.tokenizer.path
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         special = add_special_tokens
         if special is None:  # lm-eval's hf model: the tokenizer's own (BOS), unless the text starts with BOS
             special = self.add_bos_token
@@ -99,7 +111,7 @@ class CookbookLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
         sequences, scored = [], []
         for _, context, continuation in requests:
-            seq = (list(context) + list(continuation))[-(self.max_length + 1):]
+            seq = (list(context) + list(continuation))[-(self.max_length + 1) :]
             sequences.append(seq)
             scored.append(min(len(continuation), len(seq) - 1))
         return score(self.model, sequences, scored, self.batch_tokens)
@@ -107,9 +119,15 @@ class CookbookLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            for context, target in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, target in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, target))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -142,9 +160,13 @@ class CookbookLM(TemplateLM):
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         sample = kwargs.pop("do_sample", None)
         sample = temperature > 0 if sample is None else bool(sample)  # greedy unless the task samples
-        params = SamplingParams(max_tokens=max_tokens, temperature=(temperature or 1.0) if sample else 0.0,
-                                top_p=float(kwargs.pop("top_p", 1.0) or 1.0), top_k=int(kwargs.pop("top_k", 0) or 0),
-                                stop=tuple(s for s in until if s))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=(temperature or 1.0) if sample else 0.0,
+            top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+            top_k=int(kwargs.pop("top_k", 0) or 0),
+            stop=tuple(s for s in until if s),
+        )
         params.check()
         return params
 
@@ -194,8 +216,10 @@ class TasksConfig:
 def go_offline() -> None:
     """Nothing downloads: the Hugging Face hub and datasets in offline mode, also when already imported."""
     os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+    for module, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
         if module in sys.modules:
             for name in names:
                 setattr(sys.modules[module], name, True)
@@ -250,13 +274,17 @@ def load_tasks(include_path: list[str], names: list[str]):
         try:
             got = manager.load([name])
         except KeyError:
-            raise CookbookError(f"unknown task {name!r}; name a task of lm-evaluation-harness or one of a YAML in "
-                                "--include-path (lm_eval ls tasks lists them)") from None
+            raise CookbookError(
+                f"unknown task {name!r}; name a task of lm-evaluation-harness or one of a YAML in "
+                "--include-path (lm_eval ls tasks lists them)"
+            ) from None
         except Exception as e:
             line = (str(e).splitlines() or [""])[0][:200]
-            raise CookbookError(f"task {name!r} could not load its data here ({type(e).__name__}: {line}); nothing is "
-                                "downloaded: write a task YAML over local files (dataset_path: json, dataset_kwargs: "
-                                "data_files) and pass its folder with --include-path") from None
+            raise CookbookError(
+                f"task {name!r} could not load its data here ({type(e).__name__}: {line}); nothing is "
+                "downloaded: write a task YAML over local files (dataset_path: json, dataset_kwargs: "
+                "data_files) and pass its folder with --include-path"
+            ) from None
         loaded += [got["groups"][name]] if name in got["groups"] else list(got["tasks"].values())
     return manager, loaded
 
@@ -294,13 +322,29 @@ def run_tasks(cfg: TasksConfig) -> tuple[dict | None, Path | None]:
         device = str(pick_device("auto", 0))
     model, tokenizer = load_model_and_tokenizer(cfg.load, device, cfg.dtype, cfg.tokenizer_model, cfg.tokenizer_type)
     name = Path(cfg.load).resolve().name
-    lm = CookbookLM(model, tokenizer, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
-                    add_bos_token=cfg.add_bos_token, seed=cfg.seed, name=name)
+    lm = CookbookLM(
+        model,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        max_gen_toks=cfg.max_gen_toks,
+        add_bos_token=cfg.add_bos_token,
+        seed=cfg.seed,
+        name=name,
+    )
     tracker = EvaluationTracker(output_path=cfg.output_path) if cfg.output_path else None
     results = simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit, task_manager=manager,
-        log_samples=cfg.log_samples, evaluation_tracker=tracker, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, batch_size=cfg.batch_size,
+        model=lm,
+        tasks=tasks,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        task_manager=manager,
+        log_samples=cfg.log_samples,
+        evaluation_tracker=tracker,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        batch_size=cfg.batch_size,
     )
     written = None
     if results is not None and tracker is not None:

@@ -18,8 +18,9 @@ from cookbook.engine.checkpoint import model_format, model_sections
 from cookbook.errors import CookbookError
 
 
-def find_tokenizer(path: str | Path, tokenizer_model: str | None = None,
-                   tokenizer_type: str | None = None) -> tuple[str, str | None]:
+def find_tokenizer(
+    path: str | Path, tokenizer_model: str | None = None, tokenizer_type: str | None = None
+) -> tuple[str, str | None]:
     """(tokenizer path, Megatron-LM type or None) of a checkpoint: ``tokenizer_model`` if given, else a cookbook
     checkpoint's recorded tokenizer (carried in the save), else a Hugging Face folder's own tokenizer files."""
     from cookbook.engine.checkpoint import find_checkpoint, read_config
@@ -71,8 +72,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
     return load_in_dtype(model, dtype).eval(), sections
 
 
-def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto",
-                             tokenizer_model: str | None = None, tokenizer_type: str | None = None):
+def load_model_and_tokenizer(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer_model: str | None = None,
+    tokenizer_type: str | None = None,
+):
     """(model in eval mode, tokenizer) of any checkpoint, with the tokenizer ``find_tokenizer`` finds (found before
     the weights are read, so a missing one fails at once)."""
     from cookbook.data.tokenizer import load_tokenizer

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 from cookbook.errors import CookbookError
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
@@ -58,16 +60,28 @@ def read_answer(text: str) -> str:
     return match.group(0) if match else ""
 
 
-def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], trials: int = 5, digits: int = 5,
-                 seed: int = 0, batch_size: int = 8) -> list[PasskeyTrial]:
+def passkey_eval(
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int = 5,
+    digits: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[PasskeyTrial]:
     """Greedy retrieval of ``trials`` random keys at every (length, depth)."""
     from cookbook.inference.generator import generate
 
     if trials < 1 or digits < 1:
         raise CookbookError(f"--passkey-trials {trials} and --passkey-digits {digits} must be at least 1")
     rng = random.Random(seed)
-    cases = [(length, depth, str(rng.randrange(10 ** (digits - 1), 10**digits)))
-             for length in lengths for depth in depths for _ in range(trials)]
+    cases = [
+        (length, depth, str(rng.randrange(10 ** (digits - 1), 10**digits)))
+        for length in lengths
+        for depth in depths
+        for _ in range(trials)
+    ]
     prompts = [passkey_prompt(tokenizer.tokenize, length, depth, key) for length, depth, key in cases]
     new_tokens = len(tokenizer.tokenize(" " + "9" * digits)) + 2  # the key and a little slack
     results = []

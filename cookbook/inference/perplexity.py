@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -186,7 +186,9 @@ def window_nll(
                     )
                 targets = targets.to(logits.device)
                 for row, (_, _, scored) in enumerate(group):  # the last `scored` predictions count (views, no copy)
-                    total += _token_nll_sum(logits[row, length - scored :], targets[row, length - scored :]).to(total.device)
+                    total += _token_nll_sum(logits[row, length - scored :], targets[row, length - scored :]).to(
+                        total.device
+                    )
                 scored_tokens += sum(s for _, _, s in group)
                 dt = max(time.perf_counter() - start, 1e-9)
                 progress.update(task, advance=len(group), rate=f"{scored_tokens / dt:,.0f} tokens/s")
@@ -258,7 +260,14 @@ def evaluate(
     for name, stream in sources.items():
         for length in seq_lengths:
             nll_sum, tokens = window_nll(
-                model, stream, length, stride, batch_size, device, description=f"{name} @ {length}", show_progress=show_progress
+                model,
+                stream,
+                length,
+                stride,
+                batch_size,
+                device,
+                description=f"{name} @ {length}",
+                show_progress=show_progress,
             )
             nll = nll_sum / tokens
             results.append(PerplexityResult(name, length, tokens, nll, math.exp(nll) if nll < 709 else math.inf))

@@ -17,8 +17,8 @@ differences between batch shapes, which move a draw only when two tokens are tie
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -64,7 +64,9 @@ class SamplingParams:
         if not _whole(self.max_tokens) or self.max_tokens < least:
             raise SamplingError(f"max_tokens {self.max_tokens!r} must be an integer of at least {least}", "max_tokens")
         if not _finite(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"temperature {self.temperature!r} must be a finite number >= 0 (0 = greedy)", "temperature")
+            raise SamplingError(
+                f"temperature {self.temperature!r} must be a finite number >= 0 (0 = greedy)", "temperature"
+            )
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p {self.top_p!r} must be a number in (0, 1] (1 = off)", "top_p")
         if not _whole(self.top_k) or self.top_k < 0:
@@ -76,8 +78,10 @@ class SamplingParams:
             if not _finite(value) or not -2 <= value <= 2:
                 raise SamplingError(f"{name} {value!r} must be a number in [-2, 2] (as in OpenAI's API)", name)
         if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise SamplingError(f"repetition_penalty {self.repetition_penalty!r} must be a finite number > 0 (1 = off)",
-                                "repetition_penalty")
+            raise SamplingError(
+                f"repetition_penalty {self.repetition_penalty!r} must be a finite number > 0 (1 = off)",
+                "repetition_penalty",
+            )
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError("a stop string is empty or not a string", "stop")
 
@@ -153,8 +157,14 @@ def filter_logits(logits: torch.Tensor, top_k=None, top_p=None) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor | None,
-                    repetition_penalty, frequency_penalty, presence_penalty) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    in_prompt: torch.Tensor | None,
+    repetition_penalty,
+    frequency_penalty,
+    presence_penalty,
+) -> torch.Tensor:
     """vLLM's penalties on raw logits [batch, vocab] (in fp32), in its order; each penalty a number or a per-row
     tensor [batch]. ``counts`` [batch, vocab] holds how often each token was generated so far, ``in_prompt``
     [batch, vocab] whether it is in the row's prompt (None: nowhere).
@@ -174,8 +184,13 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch
     return logits - f * counts - p * generated.float()
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
     """One token per row from logits [rows, vocab] -> [rows]. Rows whose generator is None are greedy (argmax);
     the others divide by their ``temperature`` [rows], keep their ``top_k`` / ``top_p`` [rows] (None: off for all)
     and draw with their own generator."""

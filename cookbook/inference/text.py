@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from cookbook.data.tokenizer import Tokenizer
 
@@ -43,8 +43,11 @@ class TextCodec:
         self.eos_text = piece(self.eos) if self.eos is not None else None
         self.bos_text = piece(self.bos) if self.bos is not None else None
         # the bos/eos strings the tokenizer's own encoder does not turn into those tokens (SentencePiece, GPT-2 BPE)
-        specials = {t: i for t, i in ((self.bos_text, self.bos), (self.eos_text, self.eos))
-                    if t and list(tokenizer.exact(t)) != [i]}
+        specials = {
+            t: i
+            for t, i in ((self.bos_text, self.bos), (self.eos_text, self.eos))
+            if t and list(tokenizer.exact(t)) != [i]
+        }
         self.specials = specials
         longest_first = sorted(specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if specials else None
@@ -79,7 +82,7 @@ class TextCodec:
         if not new:
             return ""
         head, full = self.decode(prompt), self.decode(list(prompt) + new)
-        return full[len(head):] if full.startswith(head) else self.decode(new)
+        return full[len(head) :] if full.startswith(head) else self.decode(new)
 
     def token_texts(self, ids: Sequence[int], context: Sequence[int] = (), final: bool = True) -> list[str]:
         """The text each of ``ids`` adds after ``context`` and the ids before it (see the module's docstring);
@@ -89,9 +92,17 @@ class TextCodec:
 
     def info(self, max_model_len: int) -> dict:
         """What ``GET /tokenizer_info`` answers (the fields vLLM sends that lm-evaluation-harness reads)."""
-        return {"tokenizer_class": self.tokenizer.type, "eos_token": self.eos_text, "bos_token": self.bos_text,
-                "pad_token": None, "unk_token": None, "chat_template": None, "model_max_length": max_model_len,
-                "vocab_size": self.vocab_size, "add_bos_token": self.bos is not None and self.bos in self.tokenizer.prefix}
+        return {
+            "tokenizer_class": self.tokenizer.type,
+            "eos_token": self.eos_text,
+            "bos_token": self.bos_text,
+            "pad_token": None,
+            "unk_token": None,
+            "chat_template": None,
+            "model_max_length": max_model_len,
+            "vocab_size": self.vocab_size,
+            "add_bos_token": self.bos is not None and self.bos in self.tokenizer.prefix,
+        }
 
 
 class Detokenizer:
@@ -109,7 +120,7 @@ class Detokenizer:
         text = self.codec.decode(self.window)
         if text.endswith("\ufffd") and not final:
             return ""
-        piece = text[len(self.before):] if text.startswith(self.before) else self.codec.decode([token])
+        piece = text[len(self.before) :] if text.startswith(self.before) else self.codec.decode([token])
         if len(self.window) > WINDOW:
             self.window = self.window[-WINDOW:]
             text = self.codec.decode(self.window)

@@ -59,8 +59,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "[model]")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "head_dim", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "head_dim",
+            "max_seq_len",
+        ):
             check_number(f"[model] {name}", getattr(self, name), low=1)
         for name in ("rope_theta", "norm_eps", "init_std"):
             check_number(f"[model] {name}", getattr(self, name), low=0, low_open=True)
@@ -87,7 +95,7 @@ class ModelConfig:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -120,7 +128,9 @@ class ModelConfig:
         return 6.0 * matmul + 12.0 * self.num_layers * seq_len * q
 
 
-def megatron_flops_per_iteration(cfg: ModelConfig, global_batch: int, seq_len: int, padded_vocab: int | None = None) -> float:
+def megatron_flops_per_iteration(
+    cfg: ModelConfig, global_batch: int, seq_len: int, padded_vocab: int | None = None
+) -> float:
     """FLOPs per iteration as the Megatron Cookbook reported TFLOP/s (no causal discount):
     ``60 B s L h^2 (1 + g/(5a) + s/(5h) + V/(10 L h))`` with g query groups, a heads, V padded vocab.
     It assumes Llama's FFN of 8h/3 (4h for the two SwiGLU inputs' share); use it to compare with the cookbook."""
@@ -136,22 +146,43 @@ def megatron_flops_per_iteration(cfg: ModelConfig, global_batch: int, seq_len: i
 # trained them) to land on those sizes with a 32,000-token vocabulary. num_params() gives the exact count.
 
 PRESET_FIELDS: dict[str, dict] = {
-    "tiny": dict(vocab_size=8000, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                        intermediate_size=688, max_seq_len=256),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
-                             intermediate_size=11008, max_seq_len=4096),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
-                              intermediate_size=13824, max_seq_len=4096),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                             intermediate_size=14336, max_seq_len=8192, rope_theta=500000.0),
-    "llama-31b": dict(vocab_size=32000, hidden_size=6656, num_layers=58, num_heads=52,
-                             intermediate_size=17920, max_seq_len=4096),
-    "llama-65b": dict(vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64,
-                             intermediate_size=22016, max_seq_len=4096),
-    "llama-108b": dict(vocab_size=32000, hidden_size=10240, num_layers=85, num_heads=80,
-                              intermediate_size=27392, max_seq_len=4096),
-    "llama-132b": dict(vocab_size=32000, hidden_size=11264, num_layers=86, num_heads=88,
-                              intermediate_size=30208, max_seq_len=4096),
+    "tiny": dict(
+        vocab_size=8000,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=688,
+        max_seq_len=256,
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, max_seq_len=4096
+    ),
+    "llama2-13b": dict(
+        vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824, max_seq_len=4096
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-31b": dict(
+        vocab_size=32000, hidden_size=6656, num_layers=58, num_heads=52, intermediate_size=17920, max_seq_len=4096
+    ),
+    "llama-65b": dict(
+        vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64, intermediate_size=22016, max_seq_len=4096
+    ),
+    "llama-108b": dict(
+        vocab_size=32000, hidden_size=10240, num_layers=85, num_heads=80, intermediate_size=27392, max_seq_len=4096
+    ),
+    "llama-132b": dict(
+        vocab_size=32000, hidden_size=11264, num_layers=86, num_heads=88, intermediate_size=30208, max_seq_len=4096
+    ),
 }
 
 

@@ -71,7 +71,11 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch
             def get_mscale(s, m=1.0):
                 return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
 
-            attention = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+            attention = (
+                get_mscale(factor, mscale) / get_mscale(factor, mscale_all)
+                if mscale and mscale_all
+                else get_mscale(factor)
+            )
         beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
         def correction_dim(rotations):
@@ -119,7 +123,9 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device=None, dtype=None):
         shape, where = (batch, cfg.num_kv_heads, max_len, cfg.head_dim), dict(device=device, dtype=dtype)
-        self.buffers = {str(i): (torch.zeros(shape, **where), torch.zeros(shape, **where)) for i in range(cfg.num_layers)}
+        self.buffers = {
+            str(i): (torch.zeros(shape, **where), torch.zeros(shape, **where)) for i in range(cfg.num_layers)
+        }
         self.batch, self.max_len = batch, max_len
 
     def at(self, positions: torch.Tensor) -> dict[str, LayerCache]:
@@ -177,8 +183,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: LayerCache | None = None, mask=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: LayerCache | None = None, mask=None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, s, d]
@@ -187,8 +194,9 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, cache, mask)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None = None,
-               mask=None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None = None, mask=None
+    ) -> torch.Tensor:
         """Causal attention of q [b, heads, s, d] over k, v [b, kv_heads, s, d] -> [b, heads, s, d]. A ``mask``
         from outside (``cookbook.engine.attention.AttentionMask``) narrows it to each token's own document and runs
         it with its kernel."""
@@ -228,8 +236,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                cache: LayerCache | None = None, mask=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cache: LayerCache | None = None, mask=None
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, mask=mask)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -279,8 +288,14 @@ class Transformer(nn.Module):
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.normal(0.0, std, tuple(shape), generator=generator, device=device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last: torch.Tensor | None = None,
+        mask=None,
+    ) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab]; ``positions`` [batch or 1, seq] default to 0..seq-1
         (packed documents restart them at each document: Megatron-LM's ``--reset-position-ids``); ``mask`` keeps
         attention within documents (``Attention.attend``).

@@ -32,53 +32,17 @@ def write_token_dataset(prefix: Path, documents: int = 200, vocab: int = VOCAB, 
     return str(prefix)
 
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--vocab-size",
-    str(VOCAB),
-    "--max-position-embeddings",
-    "64",
-]
+# a 2-layer model of hidden size 64 (its flags; TINY: on the tiny preset, with the tests' vocabulary)
+SMALL = "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 128".split()
+SMALL += ["--max-position-embeddings", "64"]
+TINY = ["--preset", "tiny", *SMALL, "--vocab-size", str(VOCAB)]
+# a short fp32 run on the CPU, every step logged, no evaluation
+CPU_RUN = "--seq-length 32 --micro-batch-size 2 --dtype fp32 --device cpu --eval-interval 0 --log-interval 1".split()
 
 
 def train_flags(data: str, save: Path | None, iters: int, **extra) -> list[str]:
-    flags = TINY + [
-        "--data-path",
-        data,
-        "--seq-length",
-        "32",
-        "--train-iters",
-        str(iters),
-        "--micro-batch-size",
-        "2",
-        "--dtype",
-        "fp32",
-        "--device",
-        "cpu",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "2",
-        "--min-lr",
-        "3e-4",
-        "--seed",
-        "7",
-    ]
+    flags = [*TINY, "--data-path", data, *CPU_RUN, "--train-iters", str(iters)]
+    flags += "--lr 3e-3 --lr-warmup-iters 2 --min-lr 3e-4 --seed 7".split()
     if save is not None:
         flags += ["--save", str(save)]
     for key, value in extra.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import stdlib_texts
 from helpers_data import assert_one_line_error, run_cli, write_jsonl
-from helpers_train import check, pretrain
+from helpers_train import SMALL, check, pretrain
 
 from cookbook.data.loader import BatchLoader, build_splits, split_sizes
 from cookbook.data.tokenizer import load_tokenizer
@@ -20,21 +20,6 @@ from cookbook.engine.trainer import next_token_loss
 from cookbook.inference.generator import generate
 from cookbook.inference.load import load_model
 from cookbook.inference.perplexity import evaluate, file_stream
-
-SMALL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--max-position-embeddings",
-    "64",
-]
 
 
 @pytest.fixture(scope="module")

@@ -19,48 +19,14 @@ from pathlib import Path
 
 import pytest
 from helpers_data import assert_one_line_error, cli_env, documents, preprocess, run_cli, write_jsonl
-from helpers_train import check, losses
+from helpers_train import CPU_RUN, SMALL, check, losses
 
 from cookbook.data.tokenizer import load_tokenizer, tokenizer_difference
 from cookbook.engine.checkpoint import find_checkpoint, read_config
 from recipes.distill import blend
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--max-position-embeddings",
-    "64",
-]
-RUN = [
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--dtype",
-    "fp32",
-    "--device",
-    "cpu",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "0",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "1",
-    "--seed",
-    "7",
-]
+TINY = ["--preset", "tiny", *SMALL]
+RUN = [*CPU_RUN, *"--lr 3e-3 --lr-warmup-iters 1 --seed 7".split()]
 
 
 @pytest.fixture(scope="module")

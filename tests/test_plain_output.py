@@ -9,24 +9,10 @@ import re
 import pytest
 from conftest import stdlib_texts
 from helpers_data import cli_env, run_cli, write_jsonl
-from helpers_train import check
+from helpers_train import SMALL, check
 
 ANSI = re.compile(r"\x1b\[")
 BOX = re.compile(r"[│┃─━┏┓┗┛╭╮╰╯┡┩]")
-SMALL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--max-position-embeddings",
-    "64",
-]
 
 
 @pytest.fixture(scope="module")

@@ -17,40 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import stdlib_texts
 from helpers_data import assert_one_line_error, cli_env, run_cli, write_jsonl
-from helpers_train import check
+from helpers_train import CPU_RUN, SMALL, check
 
 from cookbook.engine.checkpoint import find_checkpoint, read_config
 
-SMALL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--num-query-groups",
-    "2",
-    "--ffn-hidden-size",
-    "128",
-    "--max-position-embeddings",
-    "64",
-]
-TRAIN = [
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--dtype",
-    "fp32",
-    "--device",
-    "cpu",
-    "--eval-interval",
-    "0",
-    "--log-interval",
-    "1",
-    "--split",
-    "100,0,0",
-]
+TRAIN = [*CPU_RUN, "--split", "100,0,0"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The scale-up recipes (scripts/pretrain, the context-extension and distillation ones) validate without GPUs (--dry-run),
-and refuse a bad layout."""
+and refuse a bad layout; the CPU experiments over seeds (scripts/prune_demo.sh, distill_demo.sh) run to the end in
+their smoke mode."""
 
 from __future__ import annotations
 
@@ -85,3 +86,42 @@ def test_distill_recipes_dry_run(tmp_path):
     assert f'"0.5", "data/pile_text_document", "0.5", "{tmp_path}/out/synthetic/synthetic_text_document"' in " ".join(
         proc.stderr.split()
     )
+
+
+def experiment(script: str, out: Path, **env) -> dict:
+    """A CPU experiment in its SMOKE mode (tiny shapes, a few iterations, a 1 MB corpus, two seeds): it runs to the
+    end and writes its results JSON."""
+    e = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        SMOKE="1",
+        SEEDS="1 2",
+        **env,
+    )
+    e.pop("COOKBOOK_DEBUG", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / script), str(out)], env=e, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_prune_experiment_over_seeds(tmp_path):
+    import json
+
+    printed = experiment("prune_demo.sh", tmp_path, STEPS="4", HEAL_STEPS="2")
+    results = json.loads((tmp_path / "prune_results.json").read_text())
+    assert results["seeds"] == ["1", "2"] and set(results["perplexity"]) >= {"base", "activation + KD", "scratch"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in results["perplexity"].values())
+    assert "activation + KD vs random + KD" in results["comparisons"] and "| importance |" in printed
+    assert (tmp_path / "prune_recovery.png").is_file()
+
+
+def test_distill_experiment_over_seeds(tmp_path):
+    import json
+
+    printed = experiment("distill_demo.sh", tmp_path, STEPS="4", BASE_STEPS="2", STUDENT_STEPS="2", PROMPTS="8")
+    results = json.loads((tmp_path / "distill_results.json").read_text())
+    assert set(results["perplexity"]) == {"student", "real", "synthetic_only", "blend", "kd"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in results["perplexity"].values())
+    assert results["teacher_ppl"] > 0 and "blend vs real" in results["comparisons"] and "| model |" in printed

@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from cookbook.checks import check_number, check_types
 from cookbook.errors import CookbookError
@@ -233,6 +232,8 @@ def clip_grad_norm(model_or_params: torch.nn.Module | Iterable[torch.Tensor], ma
         params = list(model_or_params.parameters())
     else:
         params = list(model_or_params)
+    from torch.distributed.tensor import DTensor  # here: importing it costs a second, and `pretrain --help` needs none
+
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(norm, DTensor):

@@ -26,9 +26,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from cookbook.data.gpt_dataset import DocumentFlags
-from cookbook.engine.distributed import ParallelDims, init_distributed, shutdown
+from cookbook.engine.config import OptimizerConfig, ParallelDims
+from cookbook.engine.distributed import init_distributed, shutdown
 from cookbook.engine.loss import cross_entropy
-from cookbook.engine.optim import OptimizerConfig, build_optimizer, clip_grad_norm
+from cookbook.engine.optim import build_optimizer, clip_grad_norm
 from cookbook.engine.parallelize import build_model
 from cookbook.engine.pipeline import (
     broadcast_from_last_stage,

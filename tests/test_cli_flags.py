@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +89,10 @@ if __name__ == "__main__":
     )
     FILE.write_text(one_line + "\n")  # one line per flag: a diff shows what changed
     print(f"wrote {FILE}")
+
+
+def test_the_training_flags_import_no_torch():
+    """`cookbook pretrain --help` reads the flags from the config dataclasses without importing torch (seconds)."""
+    code = "import sys, cookbook.cli.train as t; t.training_flags(); assert 'torch' not in sys.modules, 'torch'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,11 @@ def oracle(mode: str, cases: list[dict], folder: Path) -> dict[str, dict]:
         mode,
         str(folder / f"{mode}.json"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # megatron-core's save starts a multiprocessing Manager, whose Unix socket lives in TMPDIR: a socket path holds at
+    # most 107 bytes, so under a long TMPDIR the oracle gets a short one of its own
+    with tempfile.TemporaryDirectory(dir="/tmp" if os.path.isdir("/tmp") else None) as short:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": short}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {r["name"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
 

@@ -13,13 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cookbook.engine.optim import (
-    LRSchedule,
-    OptimizerConfig,
-    build_optimizer,
-    clip_grad_norm,
-    set_lr,
-)
+from cookbook.engine.config import OptimizerConfig
+from cookbook.engine.optim import LRSchedule, build_optimizer, clip_grad_norm, set_lr
 from cookbook.errors import CookbookError
 
 with warnings.catch_warnings():

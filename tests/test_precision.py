@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cookbook.engine.config import TrainingConfig
-from cookbook.engine.precision import Capabilities, check_dtype, choose_dtype, cpu_bf16_units
+from cookbook.engine.config import TrainingConfig, check_dtype
+from cookbook.engine.precision import Capabilities, choose_dtype, cpu_bf16_units
 from cookbook.errors import CookbookError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)

@@ -269,8 +269,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tok):
 def test_progress_on_a_terminal_only(tmp_path, tok):
     """On a terminal the bar shows bytes of the total, documents, MB/s, tokens/s and the time left; into a pipe,
     nothing but the summary."""
+    import fcntl
     import os
     import pty
+    import struct
+    import termios
 
     texts = make_texts(3000, seed=6)
     src = write_jsonl(tmp_path / "in.jsonl", texts)
@@ -291,8 +294,11 @@ def test_progress_on_a_terminal_only(tmp_path, tok):
     piped = subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
     master, slave = pty.openpty()
+    # a terminal of 50 x 160, whatever the width of the one the tests run in (COLUMNS would override it)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    env = {k: v for k, v in cli_env().items() if k not in ("COLUMNS", "LINES")}
     proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={**cli_env(), "TERM": "xterm"}
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env={**env, "TERM": "xterm"}
     )
     os.close(slave)
     seen = b""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers_train import assert_same_run, run_script
 
-from cookbook.engine.distributed import ParallelDims
+from cookbook.engine.config import ParallelDims
 from cookbook.engine.parallelize import check_tp
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig

@@ -13,8 +13,9 @@ from helpers_data import assert_one_line_error
 from helpers_train import check, losses, pretrain, start, train_flags, wait_for_step, write_token_dataset
 
 from cookbook.engine.checkpoint import find_checkpoint, read_train_state
+from cookbook.engine.config import OptimizerConfig
 from cookbook.engine.metrics import read_metrics
-from cookbook.engine.optim import LRSchedule, OptimizerConfig
+from cookbook.engine.optim import LRSchedule
 
 ITERS = 60  # the resume tests' run length
 

@@ -22,8 +22,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from cookbook.data.gpt_dataset import DocumentFlags
-from cookbook.engine.distributed import ParallelDims, init_distributed, shutdown
-from cookbook.engine.optim import OptimizerConfig, build_optimizer, clip_grad_norm
+from cookbook.engine.config import OptimizerConfig, ParallelDims
+from cookbook.engine.distributed import init_distributed, shutdown
+from cookbook.engine.optim import build_optimizer, clip_grad_norm
 from cookbook.engine.parallelize import build_model
 from cookbook.engine.trainer import next_token_loss
 from cookbook.errors import CookbookError

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cookbook.engine.config import BACKENDS
 from cookbook.errors import CookbookError
 from cookbook.model.model import repeat_kv
 
-BACKENDS = ("auto", "sdpa", "flex", "flash")
 FLASH_MODULES = {3: "flash_attn_interface", 2: "flash_attn"}  # FA3 (Hopper builds), FA2
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -26,17 +26,192 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomllib
 
 from cookbook.checks import check_number, check_types
-from cookbook.engine.attention import BACKENDS
-from cookbook.engine.distributed import ParallelDims
-from cookbook.engine.optim import OptimizerConfig
-from cookbook.engine.precision import check_dtype
 from cookbook.errors import CookbookError
 from cookbook.flags import flag
 from cookbook.model.config import ModelConfig, preset
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+# These dataclasses import no torch, so that a training command's --help (its flags are their fields) starts fast.
+BACKENDS = ("auto", "sdpa", "flex", "flash")  # the attention kernels (cookbook/engine/attention.py)
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # the DeviceMesh's dims, outermost first
+DTYPE_NAMES = ("bf16", "fp32")  # what --dtype computes in, besides auto (cookbook/engine/precision.py)
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    if dtype not in ("auto", *DTYPE_NAMES):
+        hint = (
+            " (fp16 needs loss scaling in training, which bf16 makes unnecessary; a GPU without bf16 runs fp32)"
+            if dtype == "fp16"
+            else ""
+        )
+        raise CookbookError(f"unknown {flag} {dtype!r}; use auto, bf16 or fp32{hint}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = field(default=3e-4, metadata=flag("--lr", help="Peak learning rate.", panel="Optimizer"))
+    min_lr: float = field(
+        default=0.0, metadata=flag("--min-lr", help="Learning rate at the end of decay.", panel="Optimizer")
+    )
+    lr_warmup_iters: int = field(
+        default=0, metadata=flag("--lr-warmup-iters", help="Linear warmup iterations.", panel="Optimizer")
+    )
+    lr_warmup_fraction: float | None = field(
+        default=None,
+        metadata=flag("--lr-warmup-fraction", help="Warmup as a fraction of the decay iterations.", panel="Optimizer"),
+    )
+    lr_warmup_init: float = field(
+        default=0.0, metadata=flag("--lr-warmup-init", help="Learning rate at the start of warmup.", panel="Optimizer")
+    )
+    lr_decay_style: str = field(
+        default="cosine",
+        metadata=flag(
+            "--lr-decay-style", help="constant, linear, cosine, inverse-square-root or WSD.", panel="Optimizer"
+        ),
+    )
+    lr_decay_iters: int | None = field(
+        default=None,
+        metadata=flag("--lr-decay-iters", help="Iterations to decay over (default: --train-iters).", panel="Optimizer"),
+    )
+    lr_wsd_decay_style: str = field(
+        default="exponential",
+        metadata=flag(
+            "--lr-wsd-decay-style",
+            help="WSD's final decay: linear, cosine, exponential, minus_sqrt.",
+            panel="Optimizer",
+        ),
+    )
+    lr_wsd_decay_iters: int | None = field(
+        default=None, metadata=flag("--lr-wsd-decay-iters", help="WSD's final decay iterations.", panel="Optimizer")
+    )
+    weight_decay: float = field(
+        default=0.01,
+        metadata=flag("--weight-decay", help="AdamW weight decay (not on norms and biases).", panel="Optimizer"),
+    )
+    adam_beta1: float = field(default=0.9, metadata=flag("--adam-beta1", help="AdamW beta1.", panel="Optimizer"))
+    adam_beta2: float = field(default=0.999, metadata=flag("--adam-beta2", help="AdamW beta2.", panel="Optimizer"))
+    adam_eps: float = field(default=1e-8, metadata=flag("--adam-eps", help="AdamW epsilon.", panel="Optimizer"))
+    clip_grad: float = field(
+        default=1.0,
+        metadata=flag("--clip-grad", help="Clip the global gradient norm to this (0: off).", panel="Optimizer"),
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self, "[optimizer]")
+        for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad"):
+            check_number("--" + name.replace("_", "-"), getattr(self, name), low=0)
+        check_number("--lr-warmup-fraction", self.lr_warmup_fraction, low=0, high=1)
+        check_number("--adam-beta1", self.adam_beta1, low=0, high=1, high_open=True)
+        check_number("--adam-beta2", self.adam_beta2, low=0, high=1, high_open=True)
+        check_number("--adam-eps", self.adam_eps, low=0, low_open=True)
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of each kind of parallelism; their product is the world size.
+
+    ``dp_shard = -1`` takes whatever the other degrees leave. Data parallel is FSDP2 over
+    ``dp_shard`` (ZeRO-3: parameters, gradients and optimizer state sharded), replicated over
+    ``dp_replicate`` (HSDP). Tensor parallel (Megatron-LM's, ``tp`` ranks splitting every matmul)
+    shares the mesh with it; ``sequence_parallel`` adds Megatron-LM's sequence parallel to it (norms
+    and residuals sharded along the sequence between the tensor-parallel regions), and, as in
+    Megatron-LM, means nothing at ``tp = 1``. Pipeline parallel cuts the blocks into ``pp`` stages
+    (``pp x virtual_stages`` with interleaved 1F1B: ``layers_per_virtual_stage`` is Megatron-LM's
+    ``--num-layers-per-virtual-pipeline-stage``). Context parallel splits each sequence over ``cp``
+    ranks; FSDP shards over ``dp_shard`` and ``cp`` together.
+
+    Ranks are laid out ``pp`` outermost, ``tp`` innermost: the ``tp`` ranks of one group are
+    consecutive (one node's fast links), and all of them see the same data.
+    """
+
+    dp_replicate: int = field(
+        default=1,
+        metadata=flag(
+            "--data-parallel-replicate-size",
+            help="HSDP: replicas of the sharded model (default 1).",
+            panel="Parallelism",
+        ),
+    )
+    dp_shard: int = -1
+    cp: int = field(
+        default=1, metadata=flag("--context-parallel-size", help="Context-parallel degree.", panel="Parallelism")
+    )
+    tp: int = field(
+        default=1, metadata=flag("--tensor-model-parallel-size", help="Tensor-parallel degree.", panel="Parallelism")
+    )
+    pp: int = field(
+        default=1,
+        metadata=flag(
+            "--pipeline-model-parallel-size", help="Pipeline-parallel degree (1F1B schedule).", panel="Parallelism"
+        ),
+    )
+    sequence_parallel: bool = field(
+        default=False,
+        metadata=flag(
+            "--sequence-parallel/--no-sequence-parallel",
+            help="Shard norms and residuals by sequence across the tensor-parallel ranks.",
+            panel="Parallelism",
+        ),
+    )
+    layers_per_virtual_stage: int | None = field(  # interleaved 1F1B when set (pp > 1)
+        default=None,
+        metadata=flag(
+            "--num-layers-per-virtual-pipeline-stage",
+            help="Interleaved 1F1B: layers per virtual stage (each rank holds several).",
+            panel="Parallelism",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self, "[parallel]")
+
+    def resolve(self, world_size: int) -> ParallelDims:
+        fixed = self.dp_replicate * self.cp * self.tp * self.pp
+        for name in ("dp_replicate", "cp", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise CookbookError(f"parallel degree {name}={getattr(self, name)} must be at least 1")
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise CookbookError(
+                    f"world size {world_size} is not divisible by pp x dp_replicate x cp x tp = {fixed}"
+                )
+            dp_shard = world_size // fixed
+        if dp_shard < 1 or fixed * dp_shard != world_size:
+            raise CookbookError(
+                f"parallel degrees pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={dp_shard} cp={self.cp} "
+                f"tp={self.tp} multiply to {fixed * max(dp_shard, 0)}, not the world size {world_size}"
+            )
+        if self.layers_per_virtual_stage is not None and self.layers_per_virtual_stage < 1:
+            raise CookbookError(
+                f"--num-layers-per-virtual-pipeline-stage {self.layers_per_virtual_stage} must be at least 1"
+            )
+        return ParallelDims(
+            self.dp_replicate,
+            dp_shard,
+            self.cp,
+            self.tp,
+            self.pp,
+            self.sequence_parallel and self.tp > 1,
+            self.layers_per_virtual_stage if self.pp > 1 else None,
+        )
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = tuple(getattr(self, name) for name in MESH_DIMS)
+        return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
 @dataclass

@@ -23,76 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from cookbook.checks import check_number, check_types
+from cookbook.engine.config import OptimizerConfig
 from cookbook.errors import CookbookError
-from cookbook.flags import flag
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = field(default=3e-4, metadata=flag("--lr", help="Peak learning rate.", panel="Optimizer"))
-    min_lr: float = field(
-        default=0.0, metadata=flag("--min-lr", help="Learning rate at the end of decay.", panel="Optimizer")
-    )
-    lr_warmup_iters: int = field(
-        default=0, metadata=flag("--lr-warmup-iters", help="Linear warmup iterations.", panel="Optimizer")
-    )
-    lr_warmup_fraction: float | None = field(
-        default=None,
-        metadata=flag("--lr-warmup-fraction", help="Warmup as a fraction of the decay iterations.", panel="Optimizer"),
-    )
-    lr_warmup_init: float = field(
-        default=0.0, metadata=flag("--lr-warmup-init", help="Learning rate at the start of warmup.", panel="Optimizer")
-    )
-    lr_decay_style: str = field(
-        default="cosine",
-        metadata=flag(
-            "--lr-decay-style", help="constant, linear, cosine, inverse-square-root or WSD.", panel="Optimizer"
-        ),
-    )
-    lr_decay_iters: int | None = field(
-        default=None,
-        metadata=flag("--lr-decay-iters", help="Iterations to decay over (default: --train-iters).", panel="Optimizer"),
-    )
-    lr_wsd_decay_style: str = field(
-        default="exponential",
-        metadata=flag(
-            "--lr-wsd-decay-style",
-            help="WSD's final decay: linear, cosine, exponential, minus_sqrt.",
-            panel="Optimizer",
-        ),
-    )
-    lr_wsd_decay_iters: int | None = field(
-        default=None, metadata=flag("--lr-wsd-decay-iters", help="WSD's final decay iterations.", panel="Optimizer")
-    )
-    weight_decay: float = field(
-        default=0.01,
-        metadata=flag("--weight-decay", help="AdamW weight decay (not on norms and biases).", panel="Optimizer"),
-    )
-    adam_beta1: float = field(default=0.9, metadata=flag("--adam-beta1", help="AdamW beta1.", panel="Optimizer"))
-    adam_beta2: float = field(default=0.999, metadata=flag("--adam-beta2", help="AdamW beta2.", panel="Optimizer"))
-    adam_eps: float = field(default=1e-8, metadata=flag("--adam-eps", help="AdamW epsilon.", panel="Optimizer"))
-    clip_grad: float = field(
-        default=1.0,
-        metadata=flag("--clip-grad", help="Clip the global gradient norm to this (0: off).", panel="Optimizer"),
-    )
-
-    def __post_init__(self) -> None:
-        check_types(self, "[optimizer]")
-        for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "clip_grad"):
-            check_number("--" + name.replace("_", "-"), getattr(self, name), low=0)
-        check_number("--lr-warmup-fraction", self.lr_warmup_fraction, low=0, high=1)
-        check_number("--adam-beta1", self.adam_beta1, low=0, high=1, high_open=True)
-        check_number("--adam-beta2", self.adam_beta2, low=0, high=1, high_open=True)
-        check_number("--adam-eps", self.adam_eps, low=0, low_open=True)
 
 
 class LRSchedule:
@@ -233,6 +171,8 @@ def clip_grad_norm(model_or_params: torch.nn.Module | Iterable[torch.Tensor], ma
         params = list(model_or_params.parameters())
     else:
         params = list(model_or_params)
+    from torch.distributed.tensor import DTensor  # here: importing it costs a second, and `pretrain --help` needs none
+
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(norm, DTensor):

@@ -41,8 +41,8 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from cookbook.engine.attention import apply_attention
+from cookbook.engine.config import ParallelDims
 from cookbook.engine.context_parallel import apply_cp
-from cookbook.engine.distributed import ParallelDims
 from cookbook.engine.float8 import apply_fp8
 from cookbook.engine.precision import DTYPES
 from cookbook.engine.recompute import apply_activation_checkpointing, apply_compile

@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
-from cookbook.engine.distributed import ParallelDims
+from cookbook.engine.config import ParallelDims
 from cookbook.engine.parallelize import DTYPES, Speedups, materialize, parallelize
 from cookbook.errors import CookbookError
 from cookbook.model import ModelConfig, Transformer

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from cookbook.errors import CookbookError
+from cookbook.engine.config import DTYPE_NAMES, check_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float32)))
 CHOICES = ("auto", *DTYPES)
 
 
@@ -87,16 +87,6 @@ def probe(device: torch.device) -> Capabilities:
     if device.type == "cuda":
         return Capabilities(cuda_bf16=torch.cuda.is_bf16_supported(), cuda_name=torch.cuda.get_device_name(device))
     return Capabilities(cpu_bf16=cpu_bf16_units())
-
-
-def check_dtype(dtype: str, flag: str = "--dtype") -> None:
-    if dtype not in CHOICES:
-        hint = (
-            " (fp16 needs loss scaling in training, which bf16 makes unnecessary; a GPU without bf16 runs fp32)"
-            if dtype == "fp16"
-            else ""
-        )
-        raise CookbookError(f"unknown {flag} {dtype!r}; use auto, bf16 or fp32{hint}")
 
 
 def choose_dtype(dtype: str, device: torch.device, caps: Capabilities | None = None) -> tuple[str, str]:

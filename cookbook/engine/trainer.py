@@ -28,9 +28,9 @@ from cookbook.data.gpt_dataset import DocumentFlags, document_inputs
 from cookbook.data.loader import BatchLoader, build_splits, document_flags, split_sizes
 from cookbook.engine import checkpoint
 from cookbook.engine.attention import resolve_backend
-from cookbook.engine.config import DataConfig, JobConfig, build_config
+from cookbook.engine.config import DataConfig, JobConfig, ParallelDims, build_config
 from cookbook.engine.context_parallel import check_cp, shard_positions, shard_sequence
-from cookbook.engine.distributed import ParallelDims, all_reduce_max, init_distributed
+from cookbook.engine.distributed import all_reduce_max, init_distributed
 from cookbook.engine.float8 import check_fp8
 from cookbook.engine.loss import IGNORE, cross_entropy, kd_loss
 from cookbook.engine.metrics import MetricsLogger, peak_memory_gib, peak_tflops, trim_metrics

@@ -44,9 +44,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model in eval mode, its config sections: ``model_sections``) of any checkpoint, in this process; ``dtype``
     auto, bf16 or fp32 (cookbook/engine/precision.py)."""
     from cookbook.engine.checkpoint import find_checkpoint, read_state
-    from cookbook.engine.config import build_config
+    from cookbook.engine.config import build_config, check_dtype
     from cookbook.engine.distributed import pick_device
-    from cookbook.engine.precision import DTYPES, check_dtype, choose_dtype, load_in_dtype
+    from cookbook.engine.precision import DTYPES, choose_dtype, load_in_dtype
     from cookbook.formats import hf
     from cookbook.formats.stream import checked
     from cookbook.model import Transformer
@@ -82,7 +82,7 @@ def load_model_and_tokenizer(
     """(model in eval mode, tokenizer) of any checkpoint, with the tokenizer ``find_tokenizer`` finds (found before
     the weights are read, so a missing one fails at once)."""
     from cookbook.data.tokenizer import load_tokenizer
-    from cookbook.engine.precision import check_dtype
+    from cookbook.engine.config import check_dtype
 
     check_dtype(dtype)
     tok, kind = find_tokenizer(path, tokenizer_model, tokenizer_type)

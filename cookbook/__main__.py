@@ -1,7 +1,6 @@
 """``python -m cookbook`` and the ``cookbook`` command. An interrupt while the CLI is still importing (torch takes
 seconds) ends with the same one line as one during a command."""
 
-import os
 import sys
 
 
@@ -10,8 +9,7 @@ def main() -> None:
         from cookbook.cli import main as run
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: nothing written\n")
-        sys.stderr.flush()
-        os._exit(130)  # not sys.exit: CPython would end by SIGINT had the interrupt passed through exec() of source
+        sys.exit(130)
     run()
 
 

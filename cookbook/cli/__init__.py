@@ -22,7 +22,6 @@ and one line saying what was kept. Every number a flag takes is checked before t
 
 from __future__ import annotations
 
-import atexit
 import functools
 import importlib
 import inspect
@@ -41,7 +40,7 @@ from cookbook import help as help_screens
 from cookbook.checks import check_number
 from cookbook.cli import convert, data, distill, evaluate, inference, train
 from cookbook.cli.train import join_multi_value_flags
-from cookbook.errors import CookbookError, Interrupted, interrupt_note, interrupts_deferred
+from cookbook.errors import CookbookError, Interrupted, interrupt_note
 from cookbook.progress import console, out
 
 help_screens.install()  # flag names never cut at 80 columns (cookbook/help.py)
@@ -211,11 +210,7 @@ _CLICK_ERRORS = _click_exceptions("ClickException")
 _CLICK_ABORT = _click_exceptions("Abort")
 
 
-_signalled: list[int] = []  # the interrupts received (Ctrl-C, SIGTERM)
-
-
-def _interrupt(signum, frame):
-    _signalled.append(signum)
+def _terminate(signum, frame):
     raise KeyboardInterrupt  # so that partial outputs are removed on SIGTERM as on Ctrl-C
 
 
@@ -229,42 +224,19 @@ def _take_debug(args: list[str]) -> list[str]:
     return args
 
 
-def _interrupt_behind(e: BaseException) -> BaseException | None:
-    """The interrupt (Ctrl-C, SIGTERM) during whose handling ``e`` was raised, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (KeyboardInterrupt, Interrupted)):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def _fail(message: str, code: int) -> None:
     if _debug:
         traceback.print_exc()
     console.print(message, highlight=False, soft_wrap=True)
-    if code == 130:
-        # CPython ends a process by SIGINT when an interrupt passed through exec() or eval() of source text (the
-        # dataclasses and typing modules do that as modules import), even once it was handled: end with 130 here,
-        # after what Python runs at exit (atexit functions, temporary folders' finalizers, multiprocessing's cleanup)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        atexit._run_exitfuncs()
-        os._exit(130)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user-facing errors become one red line and exit code 2."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args = join_multi_value_flags(_take_debug(sys.argv[1:] if argv is None else list(argv)))
-        # Building the app evaluates the commands' annotations. An interrupt raised inside such an evaluation makes
-        # CPython end the process by SIGINT even after the interrupt is handled, so it waits until the app is built.
-        with interrupts_deferred():
-            command = typer.main.get_command(build(training_flags=_runs_training(args)))
+        command = typer.main.get_command(build(training_flags=_runs_training(args)))
         code = command.main(args=args, prog_name="cookbook", standalone_mode=False)
     except CookbookError as e:
         _fail(f"[bold red]error:[/bold red] {escape(str(e))}", e.exit_code)
@@ -273,14 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERRORS as e:  # usage errors: click's own message and exit code (2)
         e.show()
         sys.exit(e.exit_code)
-    except Exception as e:
-        interrupt = _interrupt_behind(e) or (KeyboardInterrupt() if _signalled else None)
-        if interrupt is not None:  # raised as an interrupt unwound (numpy interrupted as it imports fails to import)
-            _fail(f"[red]interrupted:[/red] {escape(interrupt_note(interrupt))}", 130)
-        if isinstance(e, OSError):  # an output the system refuses (read-only, full, a folder for a file): no traceback
-            where = f" {e.filename}" if e.filename else ""
-            _fail(f"[bold red]error:[/bold red] cannot write or read{escape(where)}: {escape(e.strerror or str(e))}", 2)
-        raise
+    except OSError as e:  # an output the system refuses (read-only, full, a folder where a file goes): no traceback
+        where = f" {e.filename}" if e.filename else ""
+        _fail(f"[bold red]error:[/bold red] cannot write or read{escape(where)}: {escape(e.strerror or str(e))}", 2)
     if code == 130:  # typer turned an interrupt outside a command into its exit code
         _fail("[red]interrupted:[/red] nothing written", 130)
     sys.exit(code if isinstance(code, int) else 0)

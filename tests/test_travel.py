@@ -22,6 +22,7 @@ from helpers_train import CPU_RUN, SMALL, check
 from cookbook.engine.checkpoint import find_checkpoint, read_config
 
 TRAIN = [*CPU_RUN, "--split", "100,0,0"]
+GREEDY = "--prompt x --max-new-tokens 2 --temperature 0 --device cpu".split()  # two tokens, greedy
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +130,7 @@ def test_a_save_copied_alone_works(moved, tmp_path):
         "generate",
         "--load",
         alone,
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "2",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
+        *GREEDY,
     ).stdout
     assert out.strip()
 
@@ -182,28 +176,14 @@ def test_continue_extend_prune_and_convert_a_moved_run(moved, tmp_path):
             "generate",
             "--load",
             tmp_path / f"{made}-moved",
-            "--prompt",
-            "x",
-            "--max-new-tokens",
-            "2",
-            "--temperature",
-            "0",
-            "--device",
-            "cpu",
+            *GREEDY,
         )
     cli(
         moved,
         "generate",
         "--load",
         tmp_path / "hf",
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "2",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
+        *GREEDY,
     )
 
 
@@ -284,14 +264,7 @@ def test_a_save_from_an_earlier_version_loads_where_its_path_resolves(moved, tmp
         "generate",
         "--load",
         str(old),
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "2",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
+        *GREEDY,
     ]
     check(run_cli(*generate, cwd=trained_in))
     assert_one_line_error(run_cli(*generate, cwd=moved["cwd"]), "tok.model", "--tokenizer-model")

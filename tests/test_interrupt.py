@@ -67,3 +67,42 @@ def test_failure_while_finishing_leaves_no_output(tmp_path, monkeypatch):
         with indexed.IndexedDatasetWriter(tmp_path / "ds", np.uint16) as w:
             w.add_documents(np.arange(10), np.array([4, 6]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_waits_for_a_held_import(tmp_path):
+    """A module that imports with interrupts held (torch, whose C module imports numpy and goes on without it if that
+    fails) runs to its end; the interrupt comes after it."""
+    (tmp_path / "self_interrupting.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nfor _ in range(1000):\n    pass\nprint('ran to the end')\n"
+    )
+    script = (
+        "import sys\n"
+        "from cookbook.errors import hold_interrupts_while_importing\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "hold_interrupts_while_importing(*sys.argv[1:])\n"
+        "try:\n"
+        "    import self_interrupting\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    held = subprocess.run([sys.executable, "-c", script, "self_interrupting"], capture_output=True, text=True)
+    assert held.stdout.split("\n") == ["ran to the end", "interrupted", ""], held
+    not_held = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert not_held.stdout == "interrupted\n", not_held
+
+
+def test_a_command_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
+    """``nohup cookbook ... &``: a process started with SIGINT ignored is not stopped by it, as Python itself does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cookbook", "sample-corpus", str(tmp_path / "sample.jsonl"), "--max-mb", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    for delay in (0.3, 0.5, 0.5):  # as the CLI imports, and after
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "sample.jsonl").stat().st_size > 1_000_000

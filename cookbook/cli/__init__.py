@@ -27,7 +27,6 @@ import importlib
 import inspect
 import itertools
 import os
-import signal
 import sys
 import traceback
 from typing import Annotated, get_args, get_origin
@@ -40,7 +39,14 @@ from cookbook import help as help_screens
 from cookbook.checks import check_number
 from cookbook.cli import convert, data, distill, evaluate, inference, train
 from cookbook.cli.train import join_multi_value_flags
-from cookbook.errors import CookbookError, Interrupted, interrupt_note
+from cookbook.errors import (
+    CookbookError,
+    Interrupted,
+    handle_interrupts,
+    hold_interrupts_while_importing,
+    interrupt_note,
+    interrupts_deferred,
+)
 from cookbook.progress import console, out
 
 help_screens.install()  # flag names never cut at 80 columns (cookbook/help.py)
@@ -210,7 +216,11 @@ _CLICK_ERRORS = _click_exceptions("ClickException")
 _CLICK_ABORT = _click_exceptions("Abort")
 
 
-def _terminate(signum, frame):
+_signalled: list[int] = []  # the interrupts received (Ctrl-C, SIGTERM)
+
+
+def _interrupt(signum, frame):
+    _signalled.append(signum)
     raise KeyboardInterrupt  # so that partial outputs are removed on SIGTERM as on Ctrl-C
 
 
@@ -224,6 +234,17 @@ def _take_debug(args: list[str]) -> list[str]:
     return args
 
 
+def _interrupt_behind(e: BaseException) -> BaseException | None:
+    """The interrupt (Ctrl-C, SIGTERM) during whose handling ``e`` was raised, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, Interrupted)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _fail(message: str, code: int) -> None:
     if _debug:
         traceback.print_exc()
@@ -233,10 +254,15 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user-facing errors become one red line and exit code 2."""
-    signal.signal(signal.SIGTERM, _terminate)
+    handle_interrupts(_interrupt)
+    _signalled.clear()
+    hold_interrupts_while_importing("numpy", "torch")
     try:
         args = join_multi_value_flags(_take_debug(sys.argv[1:] if argv is None else list(argv)))
-        command = typer.main.get_command(build(training_flags=_runs_training(args)))
+        # Building the app evaluates the commands' annotations; an interrupt waits until it is built (nothing is
+        # written before), so that it never lands inside an exec() of source (see cookbook/__main__.py)
+        with interrupts_deferred():
+            command = typer.main.get_command(build(training_flags=_runs_training(args)))
         code = command.main(args=args, prog_name="cookbook", standalone_mode=False)
     except CookbookError as e:
         _fail(f"[bold red]error:[/bold red] {escape(str(e))}", e.exit_code)
@@ -245,9 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERRORS as e:  # usage errors: click's own message and exit code (2)
         e.show()
         sys.exit(e.exit_code)
-    except OSError as e:  # an output the system refuses (read-only, full, a folder where a file goes): no traceback
-        where = f" {e.filename}" if e.filename else ""
-        _fail(f"[bold red]error:[/bold red] cannot write or read{escape(where)}: {escape(e.strerror or str(e))}", 2)
+    except Exception as e:
+        interrupt = _interrupt_behind(e) or (KeyboardInterrupt() if _signalled else None)
+        if interrupt is not None:  # raised as an interrupt unwound (numpy interrupted as it imports fails to import)
+            _fail(f"[red]interrupted:[/red] {escape(interrupt_note(interrupt))}", 130)
+        if isinstance(e, OSError):  # an output the system refuses (read-only, full, a folder for a file): no traceback
+            where = f" {e.filename}" if e.filename else ""
+            _fail(f"[bold red]error:[/bold red] cannot write or read{escape(where)}: {escape(e.strerror or str(e))}", 2)
+        raise
     if code == 130:  # typer turned an interrupt outside a command into its exit code
         _fail("[red]interrupted:[/red] nothing written", 130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,6 +1,6 @@
 """``cookbook eval``: perplexity of a model on jsonl files or Megatron indexed datasets at one or more context
-lengths (``cookbook.inference.perplexity`` says what is scored), passkey retrieval (``--passkey``), or
-lm-evaluation-harness tasks in process (``--tasks``)."""
+lengths (``cookbook.inference.perplexity`` says what is scored), retrieval from a long context (``--passkey``,
+``--recall``: ``cookbook.inference.retrieval``), or lm-evaluation-harness tasks in process (``--tasks``)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from rich.table import Table
 from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable, write_text_atomic
 from cookbook.inference.load import find_tokenizer, load_model
-from cookbook.inference.passkey import PasskeyTrial, accuracy, passkey_eval
 from cookbook.inference.perplexity import PerplexityResult, check_window, evaluate, file_stream, indexed_stream
+from cookbook.inference.retrieval import RetrievalTrial, accuracy, accuracy_by_length, retrieval_eval
 
 DUMP_NAME = "perplexity.json"
-PASSKEY_DUMP = "passkey.json"
 
 
 def render(results: list[PerplexityResult]) -> Table:
@@ -51,25 +50,33 @@ def dump(results: list[PerplexityResult], dump_dir, extra: dict) -> Path:
     return dump_json(dump_dir, DUMP_NAME, {**(extra or {}), "results": [asdict(r) for r in results]})
 
 
-def render_passkey(trials: list[PasskeyTrial]) -> Table:
+def render_retrieval(trials: list[RetrievalTrial], task: str) -> Table:
     acc = accuracy(trials)
     lengths = list(dict.fromkeys(k[0] for k in acc))
     depths = list(dict.fromkeys(k[1] for k in acc))
-    table = Table(title="passkey retrieval accuracy (rows: context length, columns: depth)", title_justify="left")
+    title = {"passkey": "passkey retrieval", "recall": "key-value recall"}[task]
+    table = Table(title=f"{title} accuracy (rows: context length, columns: depth)", title_justify="left")
     table.add_column("length", justify="right")
     for d in depths:
         table.add_column(f"{d:g}", justify="right")
     table.add_column("mean", justify="right", style="bold")
+    by_length = accuracy_by_length(trials)
     for length in lengths:
-        row = [acc[(length, d)] for d in depths]
-        table.add_row(f"{length:,}", *[f"{a:.2f}" for a in row], f"{sum(row) / len(row):.2f}")
+        table.add_row(f"{length:,}", *[f"{acc[(length, d)]:.2f}" for d in depths], f"{by_length[length]:.2f}")
     return table
 
 
-def dump_passkey(trials: list[PasskeyTrial], dump_dir, extra: dict) -> Path:
-    """``DUMP_DIR/passkey.json``: ``extra``, the accuracy per length and depth, and every trial."""
-    table = [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()]
-    return dump_json(dump_dir, PASSKEY_DUMP, {**extra, "accuracy": table, "trials": [asdict(t) for t in trials]})
+def dump_retrieval(trials: list[RetrievalTrial], task: str, dump_dir, extra: dict) -> Path:
+    """``DUMP_DIR/TASK.json`` (passkey.json, recall.json): ``extra``, the accuracy per length and depth, per length,
+    and every trial."""
+    payload = {
+        "task": task,
+        **extra,
+        "accuracy": [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()],
+        "accuracy_by_length": [{"length": k, "accuracy": a} for k, a in accuracy_by_length(trials).items()],
+        "trials": [asdict(t) for t in trials],
+    }
+    return dump_json(dump_dir, f"{task}.json", payload)
 
 
 # --------------------------------------------------------------------------- the command
@@ -90,12 +97,14 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     dump_dir: str | None = None
-    # --passkey: retrieval accuracy instead of perplexity (cookbook/inference/passkey.py)
-    passkey: bool = False
-    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    passkey_trials: int = 5
-    passkey_digits: int = 5
+    # --passkey, --recall: retrieval accuracy instead of perplexity (cookbook/inference/retrieval.py)
+    retrieval: str | None = None  # passkey or recall
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    trials: int = 5
+    digits: int = 5
+    recall_keys: int = 4
     seed: int = 0
+    plot: str | None = None  # a PNG of accuracy against length, a line per depth
 
 
 def _tokenizer(cfg: EvalConfig):
@@ -110,28 +119,31 @@ def _dtype(model) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(model.parameters()).dtype, "other")
 
 
-def run_passkey(cfg: EvalConfig):
-    """``--passkey``: (trials, the JSON dump or None)."""
+def run_retrieval(cfg: EvalConfig):
+    """``--passkey`` or ``--recall``: (trials, the files written: the JSON dump, the plot)."""
     if cfg.dump_dir:
         check_writable(cfg.dump_dir, "--dump-dir", folder=True)
+    if cfg.plot:
+        check_writable(cfg.plot, "--plot")
     tokenizer = _tokenizer(cfg)  # before the weights: a missing one fails at once
     model, sections = load_model(cfg.load, cfg.device, cfg.dtype)
     lengths = cfg.seq_lengths or [model.config.max_seq_len]
-    trials = passkey_eval(
-        model,
-        tokenizer,
-        lengths,
-        list(cfg.passkey_depths),
-        cfg.passkey_trials,
-        cfg.passkey_digits,
-        cfg.seed,
-        cfg.batch_size,
-    )
-    dumped = None
+    task = cfg.retrieval
+    trials = retrieval_eval(
+        model, tokenizer, task, lengths, list(cfg.depths), cfg.trials, cfg.digits, cfg.recall_keys, cfg.seed,
+        cfg.batch_size
+    )  # fmt: skip
+    written = []
     if cfg.dump_dir:
         extra = {"load": cfg.load, "dtype": _dtype(model), "seed": cfg.seed, "model": sections["model"]}
-        dumped = dump_passkey(trials, cfg.dump_dir, extra)
-    return trials, dumped
+        if task == "recall":
+            extra["keys"] = cfg.recall_keys
+        written.append(dump_retrieval(trials, task, cfg.dump_dir, extra))
+    if cfg.plot:
+        from recipes.plot import accuracy_curves, draw_accuracy
+
+        written.append(draw_accuracy(accuracy_curves(trials), cfg.plot, f"{task} accuracy of {Path(cfg.load).name}"))
+    return trials, written
 
 
 def run(cfg: EvalConfig, show_progress: bool = True) -> tuple[list[PerplexityResult], Path | None]:

@@ -44,7 +44,7 @@ done
 
 echo "== 5. passkey retrieval at $L and $((2 * L))"
 for run in base pi0 pi nopi; do
-    cookbook eval --load "$OUT/$run" --passkey --seq-length $L,$((2 * L)) --passkey-trials 10 --passkey-depths 0,0.5,1 \
+    cookbook eval --load "$OUT/$run" --passkey --seq-length $L,$((2 * L)) --trials 10 --depths 0,0.5,1 \
         --device cpu --dump-dir "$OUT/passkey_$run"
 done
 

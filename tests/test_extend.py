@@ -1,10 +1,10 @@
-"""``cookbook extend`` (RoPE scaling + continued training), ``cookbook eval --passkey`` and ``cookbook plot``.
+"""``cookbook extend`` (RoPE scaling + continued training), ``cookbook eval --passkey/--recall`` and ``cookbook plot``.
 
 The scaled configs are checked field by field for every rope type (their logits against transformers' are
 tests/test_model.py's), composition and refusals; a short PI run through the CLI trains at twice the context,
 carries the scaling in its checkpoint, and continues when the same command runs again; ``--no-train`` writes
-the same weights under the scaled config. Passkey prompts are exact in length with the key at its depth, the
-answers are read and scored, and the command writes its table and JSON.
+the same weights under the scaled config. ``eval --passkey`` and ``--recall`` write their tables, JSON and plot
+(the tasks themselves: tests/test_retrieval.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import torch
 from helpers_data import assert_one_line_error, preprocess, run_cli, write_jsonl
 from helpers_train import check, losses, train_flags
 
-from cookbook.data.tokenizer import load_tokenizer
 from cookbook.engine.checkpoint import find_checkpoint, read_config, read_train_state
 from cookbook.errors import CookbookError
 from cookbook.inference.load import load_model
-from cookbook.inference.passkey import NEEDLE, PasskeyTrial, accuracy, passkey_prompt, read_answer
+from cookbook.inference.retrieval import read_answer
 from recipes.extend import plan_extension
 
 BASE = {"max_seq_len": 32}
@@ -235,60 +234,47 @@ def test_extend_bad_input_is_one_line(tmp_path, tokenized, base):
     assert not (tmp_path / "x").exists()
 
 
-# --------------------------------------------------------------------------- passkey
-
-
-def test_passkey_prompts_are_exact_with_the_key_at_its_depth(sp_model):
-    tok = load_tokenizer(sp_model)
-    needle = tok.tokenize(NEEDLE.format(key="48213"))
-    positions = []
-    for depth in (0.0, 0.5, 1.0):
-        prompt = passkey_prompt(tok.tokenize, 300, depth, "48213")
-        assert len(prompt) == 300
-        at = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
-        positions.append(at)
-        assert "48213" in tok.decode(prompt) and tok.decode(prompt).endswith("The pass key is")
-    assert positions[0] < positions[1] < positions[2]
-    with pytest.raises(CookbookError, match="too short"):
-        passkey_prompt(tok.tokenize, 20, 0.5, "48213")
-
-
-def test_passkey_answers_are_read_and_scored():
-    assert read_answer(" 48213. Remember") == "48213"
-    assert read_answer(" the key is 4821") == "4821"
-    assert read_answer(" none") == ""
-    trials = [
-        PasskeyTrial(64, 0.5, "1", "1", True),
-        PasskeyTrial(64, 0.5, "2", "3", False),
-        PasskeyTrial(128, 0.0, "5", "5", True),
-    ]
-    assert accuracy(trials) == {(64, 0.5): 0.5, (128, 0.0): 1.0}
+# --------------------------------------------------------------------------- passkey and recall
 
 
 def test_passkey_command_writes_its_table_and_json(tmp_path, base):
     proc = check(
         run_cli(
-            "eval",
-            "--load",
-            str(base),
-            "--passkey",
-            "--seq-length",
-            "160,200",
-            "--passkey-depths",
-            "0,1",
-            "--passkey-trials",
-            "2",
-            "--device",
-            "cpu",
-            "--dump-dir",
-            str(tmp_path),
+            *("eval", "--load", base, "--passkey", "--seq-length", "160,200", "--device", "cpu"),
+            *("--passkey-depths", "0,1", "--passkey-trials", "2", "--dump-dir", tmp_path),  # the flags' first names
         )
     )
     assert "passkey retrieval accuracy" in proc.stdout
     dumped = json.loads((tmp_path / "passkey.json").read_text())
+    assert dumped["task"] == "passkey"
     assert [(r["length"], r["depth"]) for r in dumped["accuracy"]] == [(160, 0.0), (160, 1.0), (200, 0.0), (200, 1.0)]
     assert len(dumped["trials"]) == 8 and all(0 <= r["accuracy"] <= 1 for r in dumped["accuracy"])
     assert all(t["correct"] == (read_answer(t["answer"]) == t["key"]) for t in dumped["trials"])
+    assert [r["length"] for r in dumped["accuracy_by_length"]] == [160, 200]
+
+
+def test_recall_command_writes_its_table_json_and_plot(tmp_path, base):
+    png = tmp_path / "fig" / "recall.png"
+    args = ["eval", "--load", base, "--recall", "--seq-length", "200,256", "--depths", "0,0.5", "--trials", "2"]
+    proc = check(run_cli(*args, "--recall-keys", "3", "--device", "cpu", "--dump-dir", tmp_path, "--plot", png))
+    assert "key-value recall accuracy" in proc.stdout and proc.stdout.count("wrote") == 2
+    dumped = json.loads((tmp_path / "recall.json").read_text())
+    assert dumped["task"] == "recall" and dumped["keys"] == 3 and len(dumped["trials"]) == 8
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(run_cli(*args, "--passkey"), "one at a time")
+    assert_one_line_error(run_cli("eval", "--load", base, "--plot", tmp_path / "x.png"), "add --passkey or --recall")
+    assert_one_line_error(run_cli(*args, "--recall-keys", "0"), "--recall-keys 0")
+    assert_one_line_error(run_cli("eval", "--load", base, "--recall", "--seq-length", "40"), "too short")
+    # cookbook plot draws several results, a line per run
+    check(run_cli("eval", "--load", base, "--passkey", "--seq-length", "200", "--trials", "1", "--dump-dir", tmp_path))
+    both = tmp_path / "both.png"
+    check(
+        run_cli("plot", tmp_path / "recall.json", tmp_path / "passkey.json", "-o", both, "--label", "r", "--label", "p")
+    )
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(run_cli("plot", tmp_path / "recall.json", base, "-o", both), "not both")
+    (tmp_path / "other.json").write_text("{}")
+    assert_one_line_error(run_cli("plot", tmp_path / "other.json", "-o", both), "is not a retrieval result")
 
 
 # --------------------------------------------------------------------------- plot

@@ -1,4 +1,5 @@
-"""Evaluation commands: eval (perplexity, passkey, lm-evaluation-harness tasks) and plot (loss curves)."""
+"""Evaluation commands: eval (perplexity, passkey and recall, lm-evaluation-harness tasks) and plot (loss curves,
+retrieval accuracy)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def eval_(
     dump_dir: Annotated[
         str | None,
         typer.Option(
-            help="Also write DUMP_DIR/perplexity.json (passkey.json with --passkey; with --tasks, lm-eval's "
-            "DUMP_DIR/MODEL/results_*.json)."
+            help="Also write DUMP_DIR/perplexity.json (passkey.json or recall.json with --passkey or --recall; with "
+            "--tasks, lm-eval's DUMP_DIR/MODEL/results_*.json)."
         ),
     ] = None,
     tasks: Annotated[
@@ -118,32 +119,62 @@ def eval_(
         typer.Option(
             "--passkey",
             help="Passkey retrieval accuracy per length and depth instead of perplexity.",
-            rich_help_panel="Passkey",
+            rich_help_panel="Retrieval",
         ),
     ] = False,
-    passkey_depths: Annotated[
-        str, typer.Option(help="Where the key sits, as fractions of the filler.", rich_help_panel="Passkey")
+    recall: Annotated[
+        bool,
+        typer.Option(
+            "--recall",
+            help="Key-value recall among --recall-keys named values, per length and depth, instead of perplexity.",
+            rich_help_panel="Retrieval",
+        ),
+    ] = False,
+    depths: Annotated[
+        str,
+        typer.Option(
+            "--depths",
+            "--passkey-depths",
+            help="Where the asked key sits, as fractions of the filler.",
+            rich_help_panel="Retrieval",
+        ),
     ] = "0,0.25,0.5,0.75,1",
-    passkey_trials: Annotated[
-        int, typer.Option(help="Random keys per length and depth.", rich_help_panel="Passkey")
+    trials: Annotated[
+        int,
+        typer.Option("--trials", "--passkey-trials", help="Prompts per length and depth.", rich_help_panel="Retrieval"),
     ] = 5,
-    passkey_digits: Annotated[int, typer.Option(help="Digits of each key.", rich_help_panel="Passkey")] = 5,
+    digits: Annotated[
+        int, typer.Option("--digits", "--passkey-digits", help="Digits of each key.", rich_help_panel="Retrieval")
+    ] = 5,
+    recall_keys: Annotated[
+        int, typer.Option(help="Named values in each --recall prompt (one asked).", rich_help_panel="Retrieval")
+    ] = 4,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            help="With --passkey or --recall: also draw accuracy against length, a line per depth, to this PNG.",
+            rich_help_panel="Retrieval",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
-            help="Seed of the passkeys (default 0); with --tasks, of lm-eval's few-shot choice and sampling (default 1234)."
+            help="Seed of the retrieval keys (default 0); with --tasks, of lm-eval's few-shot choice and sampling "
+            "(default 1234)."
         ),
     ] = None,
 ) -> None:
-    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; --passkey retrieval; or --tasks of lm-evaluation-harness.
+    """Perplexity of a checkpoint on jsonl files or indexed data at one or more context lengths; --passkey or --recall retrieval; or --tasks of lm-evaluation-harness.
 
     Example: cookbook eval --load ckpt/tiny --ppl-files valid.jsonl --seq-length 256,512 --dump-dir eval/
 
-    Passkey: cookbook eval --load ckpt/tiny-2x --passkey --seq-length 256,512 --passkey-trials 10
+    Passkey: cookbook eval --load ckpt/tiny-2x --passkey --seq-length 256,512 --trials 10 --plot passkey.png
+
+    Recall: cookbook eval --load ckpt/tiny-2x --recall --recall-keys 4 --seq-length 256,512 --dump-dir eval/
 
     Tasks: cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot 5 --dump-dir eval/
     """
-    from recipes.eval import EvalConfig, render, render_passkey, render_tasks, run, run_passkey, run_tasks
+    from recipes.eval import EvalConfig, render, render_retrieval, render_tasks, run, run_retrieval, run_tasks
 
     if tasks:
         results, written = run_tasks(
@@ -169,12 +200,15 @@ def eval_(
                 out.print(f"[green]wrote[/green] {written}")
         return
 
+    if passkey and recall:
+        raise CookbookError("--passkey and --recall are two evaluations; run one at a time")
+    retrieval = "passkey" if passkey else "recall" if recall else None
+    if plot and not retrieval:
+        raise CookbookError("--plot draws retrieval accuracy; add --passkey or --recall (cookbook plot draws runs)")
     try:
-        depths = tuple(float(d) for d in passkey_depths.split(",") if d.strip())
+        fractions = tuple(float(d) for d in depths.split(",") if d.strip())
     except ValueError:
-        raise CookbookError(
-            f"--passkey-depths {passkey_depths!r} is not a comma-separated list of fractions, e.g. 0,0.5,1"
-        ) from None
+        raise CookbookError(f"--depths {depths!r} is not a comma-separated list of fractions, e.g. 0,0.5,1") from None
     cfg = config_from(
         EvalConfig,
         ctx.params,
@@ -182,21 +216,28 @@ def eval_(
         data_path=comma_list(data_path),
         seq_lengths=int_list(seq_length, "--seq-length"),
         batch_size=batch_size or 1,
-        passkey_depths=depths,
+        retrieval=retrieval,
+        depths=fractions,
         seed=seed or 0,
     )
-    if passkey:
-        trials, dumped = run_passkey(cfg)
-        out.print(render_passkey(trials))
+    if retrieval:
+        trials, written = run_retrieval(cfg)
+        out.print(render_retrieval(trials, retrieval))
     else:
         results, dumped = run(cfg)
         out.print(render(results))
-    if dumped:
-        out.print(f"[green]wrote[/green] {dumped}")
+        written = [dumped] if dumped else []
+    for path in written:
+        out.print(f"[green]wrote[/green] {path}")
 
 
 def plot(
-    runs: Annotated[list[str], typer.Argument(help="Save folders (their metrics.jsonl) or metrics.jsonl files.")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Save folders (their metrics.jsonl) or metrics.jsonl files; or retrieval results (passkey.json, recall.json)."
+        ),
+    ],
     output: Annotated[str, typer.Option("--output", "-o", help="The PNG to write.")] = "loss.png",
     label: Annotated[
         list[str] | None, typer.Option("--label", help="A legend label per run, in order (repeat).")
@@ -209,9 +250,11 @@ def plot(
     title: Annotated[str | None, typer.Option(help="The figure title.")] = None,
     log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic y axis.")] = False,
 ) -> None:
-    """Draw the loss curves of several runs in one PNG (matplotlib).
+    """Draw the loss curves of several runs in one PNG (matplotlib), or their retrieval accuracy by context length.
 
     Example: cookbook plot ckpt/tiny-2x-pi ckpt/tiny-2x-nopi --label "with PI" --label "without PI" -o extend.png
+
+    Retrieval: cookbook plot eval-pi/passkey.json eval-yarn/passkey.json --label PI --label YaRN -o passkey.png
     """
     from recipes.plot import plot as draw
 

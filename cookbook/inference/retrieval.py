@@ -1,0 +1,197 @@
+"""Retrieval from a long context (``cookbook eval --passkey`` and ``--recall``): can a model find what was said at a
+chosen depth of its window?
+
+**Passkey** is the test of Mohtashami & Jaggi (2023), used by the Position Interpolation paper: a random
+``digits``-digit pass key sits inside repeated filler text; the prompt ends with a question, and the model's greedy
+continuation must start with the key::
+
+    [BOS] [intro] [filler ...] [The pass key is 71432. Remember it. 71432 is the pass key.] [... filler] [question]
+                  |<-- depth x filler -->|
+
+**Recall** is key-value recall among distractors (RULER's multi-key needle in a haystack): ``keys`` sentences
+"The value of <name> is <number>." sit in the filler, each under a different name; the question asks for one of them
+by name. The asked one sits at ``depth``, the others at random depths, so a model must match the name, not merely
+find the one sentence that is not filler::
+
+    [BOS] [intro] [filler] [The value of node is 20417.] [filler] [The value of path is 93178.] ... [question]
+
+A prompt is exactly ``length`` tokens: the pieces are tokenized apart (without the tokenizer's BOS) and joined, and
+the tokenizer's prefix (Llama's BOS) starts the prompt once, so lengths are exact for any tokenizer. Accuracy is
+reported per (length, depth) over ``trials`` prompts; the keys come from ``seed``, so runs compare.
+
+``document`` writes the same prompts followed by their answer and EOD: training documents that teach a model to
+retrieve (scripts/extend_experiment.sh).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from cookbook.errors import CookbookError
+
+TASKS = ("passkey", "recall")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+INTRO = {
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n",
+    "recall": "Several names have values hidden inside a lot of irrelevant text. Find them and memorize them. "
+    "I will quiz you about one of them.\n",
+}
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
+RECALL_NEEDLE = "The value of {name} is {key}.\n"
+QUESTION = "What is the pass key? The pass key is"
+RECALL_QUESTION = "What is the value of {name}? The value of {name} is"
+# the names of recall's keys: common words of English and of code
+NAMES = (
+    "file path line node table block frame group queue stack thread socket buffer window event signal option message "
+    "header module package server client target source number string object method filter parser reader writer "
+    "format pattern handler context counter color point engine button cursor policy member parent child order state "
+    "index level range limit label title field store"
+).split()
+
+
+@dataclass
+class RetrievalTrial:
+    length: int
+    depth: float
+    key: str
+    answer: str  # the decoded continuation
+    correct: bool
+
+
+@dataclass
+class Needles:
+    """What one prompt hides and asks: ``sentences`` at their depths (the asked one first), and the ``question``."""
+
+    key: str
+    sentences: list[tuple[float, str]]
+    question: str
+
+
+def draw(task: str, rng: random.Random, depth: float, digits: int = 5, keys: int = 4) -> Needles:
+    """A random prompt's needles: a ``digits``-digit key at ``depth``; for recall, ``keys`` named values."""
+    if task not in TASKS:
+        raise CookbookError(f"unknown retrieval task {task!r}; choose one of {', '.join(TASKS)}")
+    if not 0 <= depth <= 1:
+        raise CookbookError(f"{task} depth {depth} is not in [0, 1]")
+    if digits < 1:
+        raise CookbookError(f"--digits {digits} must be at least 1")
+
+    def number() -> str:
+        return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+    if task == "passkey":
+        key = number()
+        return Needles(key, [(depth, NEEDLE.format(key=key))], QUESTION)
+    if not 1 <= keys <= len(NAMES):
+        raise CookbookError(f"--recall-keys {keys} must be between 1 and {len(NAMES)}")
+    names = rng.sample(NAMES, keys)
+    values = [number() for _ in names]
+    depths = [depth] + [rng.random() for _ in names[1:]]
+    sentences = [(d, RECALL_NEEDLE.format(name=n, key=v)) for d, n, v in zip(depths, names, values, strict=True)]
+    return Needles(values[0], sentences, RECALL_QUESTION.format(name=names[0]))
+
+
+def prompt(tokenizer, task: str, length: int, needles: Needles, tail: list[int] = ()) -> list[int]:
+    """Token ids of exactly ``length`` tokens: BOS, the intro, filler with the needles at their depths, the
+    question, and ``tail`` (a training document's answer and EOD)."""
+
+    def piece(text: str) -> list[int]:
+        return list(tokenizer.exact(text))
+
+    head = list(tokenizer.prefix) + piece(INTRO[task])
+    placed = [(depth, piece(text)) for depth, text in needles.sentences]
+    end = piece(needles.question) + list(tail)
+    unit = piece(FILLER)
+    room = length - len(head) - sum(len(ids) for _, ids in placed) - len(end)
+    if room < 0 or not unit:
+        need = length - room
+        raise CookbookError(
+            f"a {task} prompt needs at least {need} tokens with this tokenizer; {length} is too short: "
+            "use a longer --seq-length"
+        )
+    filler = (unit * (room // len(unit) + 1))[:room]
+    out, at = head, 0
+    for depth, ids in sorted(placed, key=lambda p: p[0]):
+        cut = round(depth * room)
+        out += filler[at:cut] + ids
+        at = cut
+    return out + filler[at:] + end
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
+    """The passkey prompt of ``length`` tokens with ``key`` after a ``depth`` (0..1) share of the filler."""
+    return prompt(tokenizer, "passkey", length, Needles(key, [(depth, NEEDLE.format(key=key))], QUESTION))
+
+
+def document(tokenizer, task: str, length: int, rng: random.Random, digits: int = 5, keys: int = 4) -> list[int]:
+    """A training document of exactly ``length`` tokens: a prompt with a random depth and random keys, then its
+    answer and EOD."""
+    if tokenizer.eod is None:
+        raise CookbookError("the tokenizer has no end-of-document token to end each retrieval document with")
+    needles = draw(task, rng, rng.random(), digits, keys)
+    # the answer as the tokenizer writes it after the question (" 71432": SentencePiece's dummy prefix would double
+    # the space of a piece tokenized alone)
+    question = list(tokenizer.exact(needles.question))
+    joined = list(tokenizer.exact(f"{needles.question} {needles.key}"))
+    answer = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(" " + needles.key)
+    return prompt(tokenizer, task, length, needles, tail=[*answer, tokenizer.eod])
+
+
+def read_answer(text: str) -> str:
+    """The first run of digits in a continuation ('' when there is none)."""
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else ""
+
+
+def retrieval_eval(
+    model,
+    tokenizer,
+    task: str,
+    lengths: list[int],
+    depths: list[float],
+    trials: int = 5,
+    digits: int = 5,
+    keys: int = 4,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[RetrievalTrial]:
+    """Greedy continuation of ``trials`` random prompts at every (length, depth); a trial is right when the first
+    digits written are the key. A batch holds prompts of one length (with dynamic NTK the longest row of a batch
+    would set the frequencies of all)."""
+    from cookbook.inference.generator import generate
+
+    if trials < 1:
+        raise CookbookError(f"--trials {trials} must be at least 1")
+    rng = random.Random(seed)
+    new_tokens = len(tokenizer.exact(" " + "9" * digits)) + 2  # the key and a little slack
+    results = []
+    for length in lengths:
+        cases = [draw(task, rng, depth, digits, keys) for depth in depths for _ in range(trials)]
+        where = [depth for depth in depths for _ in range(trials)]
+        prompts = [prompt(tokenizer, task, length, needles) for needles in cases]
+        for start in range(0, len(cases), batch_size):
+            outputs = generate(model, prompts[start : start + batch_size], new_tokens, temperature=0.0)
+            for i, out in enumerate(outputs, start):
+                answer = tokenizer.decode(out)
+                key = cases[i].key
+                results.append(RetrievalTrial(length, where[i], key, answer, read_answer(answer) == key))
+    return results
+
+
+def accuracy(trials: list[RetrievalTrial]) -> dict[tuple[int, float], float]:
+    """Share of right answers per (length, depth), in the order first seen."""
+    groups: dict[tuple[int, float], list[bool]] = {}
+    for t in trials:
+        groups.setdefault((t.length, t.depth), []).append(t.correct)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def accuracy_by_length(trials: list[RetrievalTrial]) -> dict[int, float]:
+    """Share of right answers per length, over every depth."""
+    groups: dict[int, list[bool]] = {}
+    for t in trials:
+        groups.setdefault(t.length, []).append(t.correct)
+    return {k: sum(v) / len(v) for k, v in groups.items()}

@@ -1,0 +1,143 @@
+"""The retrieval tasks of ``cookbook eval --passkey`` and ``--recall`` (cookbook/inference/retrieval.py).
+
+Prompts are exact in length with the asked needle at its depth and the tokenizer's BOS only at the start; recall's
+distractors carry other names and values; answers are read and scored; a model that reads the asked needle scores
+1 on both tasks, and one that copies the first number it saw scores 1 on passkey but not on recall. Training
+documents are exact in length and end with their answer and EOD. (The command itself: tests/test_extend.py.)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from cookbook.data.tokenizer import load_tokenizer
+from cookbook.errors import CookbookError
+from cookbook.inference import retrieval
+from cookbook.inference.retrieval import (
+    RetrievalTrial,
+    accuracy,
+    accuracy_by_length,
+    document,
+    draw,
+    passkey_prompt,
+    prompt,
+    read_answer,
+    retrieval_eval,
+)
+
+
+@pytest.fixture(scope="module")
+def tok(sp_model):
+    return load_tokenizer(sp_model)
+
+
+def _find(ids: list[int], part: list[int]) -> int:
+    return next(i for i in range(len(ids)) if ids[i : i + len(part)] == part)
+
+
+def test_passkey_prompts_are_exact_with_the_key_at_its_depth(tok):
+    needle = list(tok.exact(retrieval.NEEDLE.format(key="48213")))
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        ids = passkey_prompt(tok, 300, depth, "48213")
+        assert len(ids) == 300
+        assert ids[: len(tok.prefix)] == tok.prefix and tok.bos is not None and ids.count(tok.bos) == 1
+        positions.append(_find(ids, needle))
+        assert tok.decode(ids).endswith("The pass key is")
+    assert positions[0] < positions[1] < positions[2]
+    with pytest.raises(CookbookError, match="too short"):
+        passkey_prompt(tok, 20, 0.5, "48213")
+
+
+def test_recall_prompts_hide_named_values_and_ask_one(tok):
+    rng = random.Random(3)
+    for depth in (0.0, 0.3, 1.0):
+        needles = draw("recall", rng, depth, digits=5, keys=4)
+        ids = prompt(tok, "recall", 400, needles)
+        text = tok.decode(ids)
+        assert len(ids) == 400 and ids.count(tok.bos) == 1
+        found = re.findall(r"The value of (\w+) is (\d+)\.", text)
+        assert len(found) == 4 and len({n for n, _ in found}) == 4
+        asked = re.search(r"What is the value of (\w+)\? The value of \1 is$", text).group(1)
+        assert dict(found)[asked] == needles.key
+        # the asked needle sits among the others in the order of their depths
+        at = _find(ids, list(tok.exact(retrieval.RECALL_NEEDLE.format(name=asked, key=needles.key))))
+        others = [d for d, _ in needles.sentences[1:]]
+        before = sum(d < depth for d in others)
+        starts = sorted(_find(ids, list(tok.exact(s))) for _, s in needles.sentences)
+        assert starts.index(at) in range(before, before + 1 + sum(d == depth for d in others))
+    with pytest.raises(CookbookError, match="--recall-keys"):
+        draw("recall", rng, 0.5, keys=0)
+    with pytest.raises(CookbookError, match="unknown retrieval task"):
+        draw("haystack", rng, 0.5)
+    with pytest.raises(CookbookError, match="not in"):
+        draw("passkey", rng, 1.5)
+
+
+def test_answers_are_read_and_scored():
+    assert read_answer(" 48213. Remember") == "48213"
+    assert read_answer(" the key is 4821") == "4821"
+    assert read_answer(" none") == ""
+    trials = [
+        RetrievalTrial(64, 0.5, "1", "1", True),
+        RetrievalTrial(64, 0.5, "2", "3", False),
+        RetrievalTrial(64, 1.0, "2", "2", True),
+        RetrievalTrial(128, 0.0, "5", "5", True),
+    ]
+    assert accuracy(trials) == {(64, 0.5): 0.5, (64, 1.0): 1.0, (128, 0.0): 1.0}
+    assert accuracy_by_length(trials) == {64: 2 / 3, 128: 1.0}
+
+
+def _reader(tok, pick):
+    """A stand-in for greedy generation that answers with the number ``pick`` chooses from the prompt's text."""
+
+    def generate(model, prompts, new_tokens, temperature):
+        assert temperature == 0.0
+        return [list(tok.exact(" " + pick(tok.decode(p)))) for p in prompts]
+
+    return generate
+
+
+def test_reading_the_asked_needle_scores_one_and_copying_the_first_does_not_on_recall(tok, monkeypatch):
+    import cookbook.inference.generator as generator
+
+    def asked(text: str) -> str:
+        name = re.search(r"What is the value of (\w+)\?", text)
+        if name is None:
+            return re.search(r"The pass key is (\d+)", text).group(1)
+        return re.search(rf"The value of {name.group(1)} is (\d+)", text).group(1)
+
+    def first(text: str) -> str:
+        return re.search(r"\d+", text).group(0)
+
+    depths, lengths = [0.0, 0.5, 1.0], [256, 384]
+    monkeypatch.setattr(generator, "generate", _reader(tok, asked))
+    for task in ("passkey", "recall"):
+        trials = retrieval_eval(None, tok, task, lengths, depths, trials=4, keys=4, seed=1, batch_size=3)
+        assert len(trials) == 24 and all(t.correct for t in trials), task
+        assert [t.length for t in trials] == [256] * 12 + [384] * 12
+    monkeypatch.setattr(generator, "generate", _reader(tok, first))
+    assert all(t.correct for t in retrieval_eval(None, tok, "passkey", lengths, depths, trials=4))
+    recall = retrieval_eval(None, tok, "recall", lengths, depths, trials=8, keys=4, seed=1)
+    at_start = [t.correct for t in recall if t.depth == 0.0]
+    assert all(at_start)  # the asked needle is first in the filler
+    assert sum(t.correct for t in recall) / len(recall) < 0.7  # elsewhere a distractor usually comes first
+    # the same seed draws the same keys
+    assert [t.key for t in recall] == [t.key for t in retrieval_eval(None, tok, "recall", lengths, depths, 8, seed=1)]
+
+
+def test_training_documents_end_with_their_answer(tok):
+    rng = random.Random(0)
+    for task, length in (("passkey", 200), ("recall", 300), ("recall", 257)):
+        ids = document(tok, task, length, rng)
+        assert len(ids) == length and ids[-1] == tok.eod and ids.count(tok.bos) == 1
+        text = tok.decode(ids[:-1])
+        answer = re.search(r" is (\d+)$", text).group(1)
+        if task == "passkey":
+            assert f"The pass key is {answer}." in text
+        else:
+            name = re.search(r"The value of (\w+) is \d+$", text).group(1)
+            assert f"The value of {name} is {answer}.\n" in text

@@ -129,15 +129,16 @@ def test_reading_the_asked_needle_scores_one_and_copying_the_first_does_not_on_r
     assert [t.key for t in recall] == [t.key for t in retrieval_eval(None, tok, "recall", lengths, depths, 8, seed=1)]
 
 
-def test_training_documents_end_with_their_answer(tok):
+def test_training_documents_end_with_their_answers(tok):
     rng = random.Random(0)
-    for task, length in (("passkey", 200), ("recall", 300), ("recall", 257)):
-        ids = document(tok, task, length, rng)
+    for task, length, keys in (("passkey", 200, 4), ("recall", 300, 4), ("recall", 257, 2)):
+        ids = document(tok, task, length, rng, keys=keys)
         assert len(ids) == length and ids[-1] == tok.eod and ids.count(tok.bos) == 1
         text = tok.decode(ids[:-1])
-        answer = re.search(r" is (\d+)$", text).group(1)
         if task == "passkey":
-            assert f"The pass key is {answer}." in text
-        else:
-            name = re.search(r"The value of (\w+) is \d+$", text).group(1)
-            assert f"The value of {name} is {answer}.\n" in text
+            answer = re.search(r"The pass key is (\d+)$", text).group(1)
+            assert f"The pass key is {answer}. Remember it." in text
+            continue
+        hidden = dict(re.findall(r"The value of (\w+) is (\d+)\.\n", text))
+        asked = re.findall(r"What is the value of (\w+)\? The value of \1 is (\d+)", text)
+        assert len(hidden) == keys and sorted(asked) == sorted(hidden.items())  # every value asked once, rightly

@@ -1,5 +1,5 @@
 """The scale-up recipes (scripts/pretrain, the context-extension and distillation ones) validate without GPUs (--dry-run),
-and refuse a bad layout; the CPU experiments over seeds (scripts/prune_demo.sh, distill_demo.sh) run to the end in
+and refuse a bad layout; the CPU experiments (scripts/prune_demo.sh, distill_demo.sh, extend_experiment.sh) run to the end in
 their smoke mode."""
 
 from __future__ import annotations
@@ -125,3 +125,16 @@ def test_distill_experiment_over_seeds(tmp_path):
     assert set(results["perplexity"]) == {"student", "real", "synthetic_only", "blend", "kd"}
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in results["perplexity"].values())
     assert results["teacher_ppl"] > 0 and "blend vs real" in results["comparisons"] and "| model |" in printed
+
+
+def test_extension_experiment(tmp_path):
+    import json
+
+    printed = experiment("extend_experiment.sh", tmp_path, STEPS="4", EXT_STEPS="2", TRIALS="1")
+    results = json.loads((tmp_path / "extend_results.json").read_text())
+    assert set(results["results"]) == {"base", "pi0", "ntk0", "pi", "ntk", "yarn", "nopi"}
+    for row in results["results"].values():
+        assert set(row["ppl"]) == set(row["passkey"]) == set(row["recall"]) == {"128", "256", "512"}
+        assert all(0 <= a <= 1 for task in ("passkey", "recall") for a in row[task].values())
+    assert "| model |" in printed and (tmp_path / "extend_passkey.png").is_file()
+    assert (tmp_path / "extend_recall.png").is_file()

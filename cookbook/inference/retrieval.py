@@ -20,14 +20,14 @@ the tokenizer's prefix (Llama's BOS) starts the prompt once, so lengths are exac
 reported per (length, depth) over ``trials`` prompts; the keys come from ``seed``, so runs compare.
 
 ``document`` writes the same prompts followed by their answer and EOD: training documents that teach a model to
-retrieve (scripts/extend_experiment.sh).
+retrieve (``write_documents`` writes them as an indexed dataset; scripts/extend_experiment.sh).
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cookbook.errors import CookbookError
 
@@ -63,11 +63,13 @@ class RetrievalTrial:
 
 @dataclass
 class Needles:
-    """What one prompt hides and asks: ``sentences`` at their depths (the asked one first), and the ``question``."""
+    """What one prompt hides and asks: ``sentences`` at their depths (the asked one first), and the ``question``;
+    ``others``: the questions and keys of the other sentences (a training document asks them all)."""
 
     key: str
     sentences: list[tuple[float, str]]
     question: str
+    others: list[tuple[str, str]] = field(default_factory=list)
 
 
 def draw(task: str, rng: random.Random, depth: float, digits: int = 5, keys: int = 4) -> Needles:
@@ -91,7 +93,8 @@ def draw(task: str, rng: random.Random, depth: float, digits: int = 5, keys: int
     values = [number() for _ in names]
     depths = [depth] + [rng.random() for _ in names[1:]]
     sentences = [(d, RECALL_NEEDLE.format(name=n, key=v)) for d, n, v in zip(depths, names, values, strict=True)]
-    return Needles(values[0], sentences, RECALL_QUESTION.format(name=names[0]))
+    others = [(RECALL_QUESTION.format(name=n), v) for n, v in zip(names[1:], values[1:], strict=True)]
+    return Needles(values[0], sentences, RECALL_QUESTION.format(name=names[0]), others)
 
 
 def prompt(tokenizer, task: str, length: int, needles: Needles, tail: list[int] = ()) -> list[int]:
@@ -128,16 +131,36 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
 
 def document(tokenizer, task: str, length: int, rng: random.Random, digits: int = 5, keys: int = 4) -> list[int]:
     """A training document of exactly ``length`` tokens: a prompt with a random depth and random keys, then its
-    answer and EOD."""
+    answer, and EOD. A recall document then asks for every other value too, one line each (several answers to
+    learn from per document, as in multi-query associative recall)."""
     if tokenizer.eod is None:
         raise CookbookError("the tokenizer has no end-of-document token to end each retrieval document with")
     needles = draw(task, rng, rng.random(), digits, keys)
-    # the answer as the tokenizer writes it after the question (" 71432": SentencePiece's dummy prefix would double
-    # the space of a piece tokenized alone)
+    answers = f" {needles.key}" + "".join(f"\n{question} {key}" for question, key in needles.others)
+    # tokenized with the question, as the model will see them (SentencePiece's dummy prefix would double the space of
+    # a piece tokenized alone)
     question = list(tokenizer.exact(needles.question))
-    joined = list(tokenizer.exact(f"{needles.question} {needles.key}"))
-    answer = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(" " + needles.key)
-    return prompt(tokenizer, task, length, needles, tail=[*answer, tokenizer.eod])
+    joined = list(tokenizer.exact(needles.question + answers))
+    tail = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(answers)
+    return prompt(tokenizer, task, length, needles, tail=[*tail, tokenizer.eod])
+
+
+def write_documents(
+    prefix, tokenizer, tasks: list[str], length: int, count: int, seed: int = 0, digits: int = 5, keys: int = 4
+):
+    """``count`` training documents of exactly ``length`` tokens, the ``tasks`` in turn, as the indexed dataset
+    ``PREFIX.bin/.idx`` (written under temporary names, renamed when complete). Trained at a sequence length of
+    ``length``, every sample is one whole document: the answer's distance from its needle spans the window."""
+    import numpy as np
+
+    from cookbook.data.indexed import IndexedDatasetWriter, optimal_dtype
+
+    rng = random.Random(seed)
+    with IndexedDatasetWriter(prefix, optimal_dtype(tokenizer.vocab_size)) as out:
+        for i in range(count):
+            ids = np.asarray(document(tokenizer, tasks[i % len(tasks)], length, rng, digits, keys), np.int64)
+            out.add_documents(ids, np.asarray([len(ids)], np.int64))
+    return prefix
 
 
 def read_answer(text: str) -> str:

@@ -55,25 +55,36 @@ def render_retrieval(trials: list[RetrievalTrial], task: str) -> Table:
     lengths = list(dict.fromkeys(k[0] for k in acc))
     depths = list(dict.fromkeys(k[1] for k in acc))
     title = {"passkey": "passkey retrieval", "recall": "key-value recall"}[task]
-    table = Table(title=f"{title} accuracy (rows: context length, columns: depth)", title_justify="left")
+    table = Table(
+        title=f"{title} accuracy (rows: context length, columns: depth; digits: of the key's digits in place)",
+        title_justify="left",
+    )
     table.add_column("length", justify="right")
     for d in depths:
         table.add_column(f"{d:g}", justify="right")
     table.add_column("mean", justify="right", style="bold")
-    by_length = accuracy_by_length(trials)
+    table.add_column("digits", justify="right")
+    by_length, digits = accuracy_by_length(trials), accuracy_by_length(trials, "digits_right")
     for length in lengths:
-        table.add_row(f"{length:,}", *[f"{acc[(length, d)]:.2f}" for d in depths], f"{by_length[length]:.2f}")
+        row = [f"{acc[(length, d)]:.2f}" for d in depths]
+        table.add_row(f"{length:,}", *row, f"{by_length[length]:.2f}", f"{digits[length]:.2f}")
     return table
 
 
 def dump_retrieval(trials: list[RetrievalTrial], task: str, dump_dir, extra: dict) -> Path:
     """``DUMP_DIR/TASK.json`` (passkey.json, recall.json): ``extra``, the accuracy per length and depth, per length,
-    and every trial."""
+    the same for the digits in their place, and every trial."""
     payload = {
         "task": task,
         **extra,
         "accuracy": [{"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials).items()],
         "accuracy_by_length": [{"length": k, "accuracy": a} for k, a in accuracy_by_length(trials).items()],
+        "digit_accuracy": [
+            {"length": k[0], "depth": k[1], "accuracy": a} for k, a in accuracy(trials, "digits_right").items()
+        ],
+        "digit_accuracy_by_length": [
+            {"length": k, "accuracy": a} for k, a in accuracy_by_length(trials, "digits_right").items()
+        ],
         "trials": [asdict(t) for t in trials],
     }
     return dump_json(dump_dir, f"{task}.json", payload)

@@ -12,13 +12,13 @@
 #   Every model is measured at L, 2L and 4L: passkey and recall accuracy per depth (cookbook eval --passkey,
 #   --recall) and perplexity on held-out real documents. Figures of accuracy against length, a line per model, and
 #   OUT/extend_results.json with every number.
-# STEPS (base iterations, default 2400), EXT_STEPS (continued iterations, 200) and TRIALS (prompts per length and
+# STEPS (base iterations, default 5000), EXT_STEPS (continued iterations, 200) and TRIALS (prompts per length and
 # depth, 10) scale it; JOBS runs go side by side (default 2; scripts/experiment-common.sh). SMOKE=1: a tiny model and
 # a few iterations on a 1 MB corpus, to check the script (tests/test_scripts.py). The defaults take about 35 minutes on
 # 2 CPU cores.
 set -euo pipefail
 OUT=${1:-extend_out}
-STEPS=${STEPS:-2400}
+STEPS=${STEPS:-5000}
 RETRIEVAL=${RETRIEVAL:-0.8}
 EXT_STEPS=${EXT_STEPS:-200}
 TRIALS=${TRIALS:-10}
@@ -119,15 +119,17 @@ for run in runs:
     for task in ("passkey", "recall"):
         dump = json.load(open(f"{folder}/{task}.json"))
         row[task] = {r["length"]: r["accuracy"] for r in dump["accuracy_by_length"]}
+        row[task + "_digits"] = {r["length"]: r["accuracy"] for r in dump["digit_accuracy_by_length"]}
         row[task + "_by_depth"] = dump["accuracy"]
     results[run] = row
 n = trials * 5
-print(f"accuracy over {n} prompts per length (5 depths x {trials}); held-out perplexity on 5 real documents\n")
+print(f"accuracy over {n} prompts per length (5 depths x {trials}), exact (the share of the key's digits in place);")
+print("held-out perplexity on 5 real documents\n")
 head = " | ".join(f"{t} @ {n_}" for t in ("passkey", "recall") for n_ in lengths)
 print(f"| model | {head} | " + " | ".join(f"ppl @ {n_}" for n_ in lengths) + " |")
 print("|---" * (1 + 3 * len(lengths)) + "|")
 for run, row in results.items():
-    acc = " | ".join(f"{row[t][n_]:.2f}" for t in ("passkey", "recall") for n_ in lengths)
+    acc = " | ".join(f"{row[t][n_]:.2f} ({row[t + '_digits'][n_]:.2f})" for t in ("passkey", "recall") for n_ in lengths)
     print(f"| {names[run]} | {acc} | " + " | ".join(f"{row['ppl'][n_]:.2f}" for n_ in lengths) + " |")
 write_json(f"{out}/extend_results.json", {"L": L, "steps": int(steps), "ext_steps": int(ext), "trials": trials,
                                           "models": names, "results": results})

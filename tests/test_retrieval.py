@@ -17,7 +17,6 @@ from cookbook.data.tokenizer import load_tokenizer
 from cookbook.errors import CookbookError
 from cookbook.inference import retrieval
 from cookbook.inference.retrieval import (
-    RetrievalTrial,
     accuracy,
     accuracy_by_length,
     document,
@@ -26,6 +25,7 @@ from cookbook.inference.retrieval import (
     prompt,
     read_answer,
     retrieval_eval,
+    score,
 )
 
 
@@ -82,13 +82,21 @@ def test_answers_are_read_and_scored():
     assert read_answer(" the key is 4821") == "4821"
     assert read_answer(" none") == ""
     trials = [
-        RetrievalTrial(64, 0.5, "1", "1", True),
-        RetrievalTrial(64, 0.5, "2", "3", False),
-        RetrievalTrial(64, 1.0, "2", "2", True),
-        RetrievalTrial(128, 0.0, "5", "5", True),
+        score(64, 0.5, "12", " 12."),
+        score(64, 0.5, "34", " 31"),
+        score(64, 1.0, "56", " 56"),
+        score(128, 0, "78", ""),
     ]
-    assert accuracy(trials) == {(64, 0.5): 0.5, (64, 1.0): 1.0, (128, 0.0): 1.0}
-    assert accuracy_by_length(trials) == {64: 2 / 3, 128: 1.0}
+    assert [t.correct for t in trials] == [True, False, True, False]
+    assert [t.digits_right for t in trials] == [1.0, 0.5, 1.0, 0.0]
+    assert score(64, 0, "48213", " 82413").digits_right == 0.4  # the digits, partly out of place
+    assert score(64, 0, "48213", " 482").digits_right == 0.6 and not score(64, 0, "48213", " 482130").correct
+    assert accuracy(trials) == {(64, 0.5): 0.5, (64, 1.0): 1.0, (128, 0.0): 0.0}
+    assert accuracy_by_length(trials) == {64: 2 / 3, 128: 0.0}
+    assert (
+        accuracy(trials, "digits_right")[(64, 0.5)] == 0.75
+        and accuracy_by_length(trials, "digits_right")[64] == 2.5 / 3
+    )
 
 
 def _reader(tok, pick):

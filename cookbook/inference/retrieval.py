@@ -17,7 +17,9 @@ find the one sentence that is not filler::
 
 A prompt is exactly ``length`` tokens: the pieces are tokenized apart (without the tokenizer's BOS) and joined, and
 the tokenizer's prefix (Llama's BOS) starts the prompt once, so lengths are exact for any tokenizer. Accuracy is
-reported per (length, depth) over ``trials`` prompts; the keys come from ``seed``, so runs compare.
+reported per (length, depth) over ``trials`` prompts; the keys come from ``seed``, so runs compare. The share of the
+key's digits written in their place gives partial credit (a model that copies some of the key, or its digits out of
+order, scores between chance, 0.1, and 1).
 
 ``document`` writes the same prompts followed by their answer and EOD: training documents that teach a model to
 retrieve (``write_documents`` writes them as an indexed dataset; scripts/extend_experiment.sh).
@@ -59,6 +61,7 @@ class RetrievalTrial:
     key: str
     answer: str  # the decoded continuation
     correct: bool
+    digits_right: float  # the share of the key's digits the answer has in their place (partial credit)
 
 
 @dataclass
@@ -169,6 +172,13 @@ def read_answer(text: str) -> str:
     return match.group(0) if match else ""
 
 
+def score(length: int, depth: float, key: str, answer: str) -> RetrievalTrial:
+    """A trial: right when the first digits written are the key; partial credit per digit in its place."""
+    digits = read_answer(answer)
+    right = sum(a == b for a, b in zip(digits, key)) / len(key)
+    return RetrievalTrial(length, depth, key, answer, digits == key, right)
+
+
 def retrieval_eval(
     model,
     tokenizer,
@@ -198,23 +208,21 @@ def retrieval_eval(
         for start in range(0, len(cases), batch_size):
             outputs = generate(model, prompts[start : start + batch_size], new_tokens, temperature=0.0)
             for i, out in enumerate(outputs, start):
-                answer = tokenizer.decode(out)
-                key = cases[i].key
-                results.append(RetrievalTrial(length, where[i], key, answer, read_answer(answer) == key))
+                results.append(score(length, where[i], cases[i].key, tokenizer.decode(out)))
     return results
 
 
-def accuracy(trials: list[RetrievalTrial]) -> dict[tuple[int, float], float]:
-    """Share of right answers per (length, depth), in the order first seen."""
-    groups: dict[tuple[int, float], list[bool]] = {}
+def accuracy(trials: list[RetrievalTrial], field: str = "correct") -> dict[tuple[int, float], float]:
+    """Share of right answers per (length, depth), in the order first seen (``field="digits_right"``: of digits)."""
+    groups: dict[tuple[int, float], list[float]] = {}
     for t in trials:
-        groups.setdefault((t.length, t.depth), []).append(t.correct)
+        groups.setdefault((t.length, t.depth), []).append(float(getattr(t, field)))
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
-def accuracy_by_length(trials: list[RetrievalTrial]) -> dict[int, float]:
-    """Share of right answers per length, over every depth."""
-    groups: dict[int, list[bool]] = {}
+def accuracy_by_length(trials: list[RetrievalTrial], field: str = "correct") -> dict[int, float]:
+    """Share of right answers per length, over every depth (``field="digits_right"``: of digits)."""
+    groups: dict[int, list[float]] = {}
     for t in trials:
-        groups.setdefault(t.length, []).append(t.correct)
+        groups.setdefault(t.length, []).append(float(getattr(t, field)))
     return {k: sum(v) / len(v) for k, v in groups.items()}

@@ -14,7 +14,7 @@
 #   OUT/extend_results.json with every number.
 # STEPS (base iterations, default 5000), EXT_STEPS (continued iterations, 200) and TRIALS (prompts per length and
 # depth, 10) scale it; JOBS runs go side by side (default 2; scripts/experiment-common.sh). SMOKE=1: a tiny model and
-# a few iterations on a 1 MB corpus, to check the script (tests/test_scripts.py). The defaults take about 35 minutes on
+# a few iterations on a 1 MB corpus, to check the script (tests/test_scripts.py). The defaults take about 25 minutes on
 # 2 CPU cores.
 set -euo pipefail
 OUT=${1:-extend_out}
@@ -71,7 +71,8 @@ stage "extend to $((2 * L)): without training (PI, dynamic NTK), and $EXT_STEPS 
 # continued training as the cookbook's recipe scaled down: cosine from a tenth of the base's peak, 10 warmup, the
 # same tokens per iteration as the base (4 x 2L = 8 x L), the same mix at 2L
 CONTINUE=(--seq-length $((2 * L)) --micro-batch-size 4 "${MIX[@]}" "$OUT/data/retrieval_$((2 * L))"
-          --train-iters "$EXT_STEPS" --lr 2e-4 --min-lr 2e-5 --lr-warmup-iters 10 --lr-decay-style cosine "${COMMON[@]}")
+          --train-iters "$EXT_STEPS" --lr 2e-4 --min-lr 2e-5 --lr-warmup-iters $((EXT_STEPS < 40 ? 1 : 10)) --lr-decay-style cosine
+          "${COMMON[@]}")
 [ -f "$OUT/pi0/latest" ] || lane pi0 cookbook extend --load "$OUT/base" --interp-factor 2 --no-train --save "$OUT/pi0"
 [ -f "$OUT/ntk0/latest" ] || lane ntk0 cookbook extend --load "$OUT/base" --interp-factor 2 --rope-type dynamic \
     --no-train --save "$OUT/ntk0"
@@ -99,13 +100,15 @@ stage "figures: accuracy against length, a line per model"
 LABELS=(--label "base (no change)" --label "PI, no training" --label "dynamic NTK, no training" --label "PI + training"
         --label "dynamic NTK + training" --label "YaRN + training" --label "no PI + training")
 for task in passkey recall; do
-    cookbook plot "${RUNS[@]/#/$OUT/eval/}" "${LABELS[@]}" --title "$task accuracy: trained at $L, extended to $((2 * L))" \
+    DUMPS=()
+    for run in "${RUNS[@]}"; do DUMPS+=("$OUT/eval/$run/$task.json"); done
+    cookbook plot "${DUMPS[@]}" "${LABELS[@]}" --title "$task accuracy: trained at $L, extended to $((2 * L))" \
         -o "$OUT/extend_$task.png" > /dev/null
 done
 
 stage "the tables"
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python - "$OUT" "$L" "$STEPS" "$EXT_STEPS" "$TRIALS" "${RUNS[@]}" <<'PY'
-import json, sys
+import json, random, re, sys
 from results import write_json
 out, L, steps, ext, trials, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:]
 names = {"base": f"base (trained at {L})", "pi0": "PI x2, no training", "ntk0": "dynamic NTK x2, no training",
@@ -121,6 +124,17 @@ for run in runs:
         row[task] = {r["length"]: r["accuracy"] for r in dump["accuracy_by_length"]}
         row[task + "_digits"] = {r["length"]: r["accuracy"] for r in dump["digit_accuracy_by_length"]}
         row[task + "_by_depth"] = dump["accuracy"]
+        # order aside: the share of the answer's digits that occur in the key, against the same for random digits
+        # (a model that reads the needle but has not learned to copy it in order scores above that chance)
+        rng, bag = random.Random(0), {}
+        for t in dump["trials"]:
+            answer = (re.search(r"\d+", t["answer"]) or [""])[0][: len(t["key"])]
+            drawn = [str(rng.randrange(10)) for _ in t["key"]]
+            hits = bag.setdefault(t["length"], [0.0, 0.0, 0])
+            hits[0] += sum(c in t["key"] for c in answer) / len(t["key"])
+            hits[1] += sum(c in t["key"] for c in drawn) / len(t["key"])
+            hits[2] += 1
+        row[task + "_in_key"] = {n_: (h[0] / h[2], h[1] / h[2]) for n_, h in bag.items()}
     results[run] = row
 n = trials * 5
 print(f"accuracy over {n} prompts per length (5 depths x {trials}), exact (the share of the key's digits in place);")
@@ -131,6 +145,12 @@ print("|---" * (1 + 3 * len(lengths)) + "|")
 for run, row in results.items():
     acc = " | ".join(f"{row[t][n_]:.2f} ({row[t + '_digits'][n_]:.2f})" for t in ("passkey", "recall") for n_ in lengths)
     print(f"| {names[run]} | {acc} | " + " | ".join(f"{row['ppl'][n_]:.2f}" for n_ in lengths) + " |")
+print("\nthe share of the answer's digits that occur in the key, order aside (random digits in brackets)\n")
+print("| model | " + " | ".join(f"{t} @ {n_}" for t in ("passkey", "recall") for n_ in lengths) + " |")
+print("|---" * (1 + 2 * len(lengths)) + "|")
+for run, row in results.items():
+    cells = " | ".join("%.2f (%.2f)" % row[t + "_in_key"][n_] for t in ("passkey", "recall") for n_ in lengths)
+    print(f"| {names[run]} | {cells} |")
 write_json(f"{out}/extend_results.json", {"L": L, "steps": int(steps), "ext_steps": int(ext), "trials": trials,
                                           "models": names, "results": results})
 print(f"\nwrote {out}/extend_results.json")

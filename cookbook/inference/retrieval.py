@@ -75,6 +75,10 @@ class Needles:
     others: list[tuple[str, str]] = field(default_factory=list)
 
 
+def passkey_needles(key: str, depth: float) -> Needles:
+    return Needles(key, [(depth, NEEDLE.format(key=key))], QUESTION)
+
+
 def draw(task: str, rng: random.Random, depth: float, digits: int = 5, keys: int = 4) -> Needles:
     """A random prompt's needles: a ``digits``-digit key at ``depth``; for recall, ``keys`` named values."""
     if task not in TASKS:
@@ -88,8 +92,7 @@ def draw(task: str, rng: random.Random, depth: float, digits: int = 5, keys: int
         return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
     if task == "passkey":
-        key = number()
-        return Needles(key, [(depth, NEEDLE.format(key=key))], QUESTION)
+        return passkey_needles(number(), depth)
     if not 1 <= keys <= len(NAMES):
         raise CookbookError(f"--recall-keys {keys} must be between 1 and {len(NAMES)}")
     names = rng.sample(NAMES, keys)
@@ -129,7 +132,7 @@ def prompt(tokenizer, task: str, length: int, needles: Needles, tail: list[int] 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
     """The passkey prompt of ``length`` tokens with ``key`` after a ``depth`` (0..1) share of the filler."""
-    return prompt(tokenizer, "passkey", length, Needles(key, [(depth, NEEDLE.format(key=key))], QUESTION))
+    return prompt(tokenizer, "passkey", length, passkey_needles(key, depth))
 
 
 def document(tokenizer, task: str, length: int, rng: random.Random, digits: int = 5, keys: int = 4) -> list[int]:
@@ -212,17 +215,18 @@ def retrieval_eval(
     return results
 
 
+def _mean_by(trials: list[RetrievalTrial], group, field: str) -> dict:
+    groups: dict = {}
+    for t in trials:
+        groups.setdefault(group(t), []).append(float(getattr(t, field)))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def accuracy(trials: list[RetrievalTrial], field: str = "correct") -> dict[tuple[int, float], float]:
     """Share of right answers per (length, depth), in the order first seen (``field="digits_right"``: of digits)."""
-    groups: dict[tuple[int, float], list[float]] = {}
-    for t in trials:
-        groups.setdefault((t.length, t.depth), []).append(float(getattr(t, field)))
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    return _mean_by(trials, lambda t: (t.length, t.depth), field)
 
 
 def accuracy_by_length(trials: list[RetrievalTrial], field: str = "correct") -> dict[int, float]:
     """Share of right answers per length, over every depth (``field="digits_right"``: of digits)."""
-    groups: dict[int, list[float]] = {}
-    for t in trials:
-        groups.setdefault(t.length, []).append(float(getattr(t, field)))
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    return _mean_by(trials, lambda t: t.length, field)

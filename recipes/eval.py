@@ -17,7 +17,14 @@ from cookbook.errors import CookbookError
 from cookbook.fileio import check_writable, write_text_atomic
 from cookbook.inference.load import find_tokenizer, load_model
 from cookbook.inference.perplexity import PerplexityResult, check_window, evaluate, file_stream, indexed_stream
-from cookbook.inference.retrieval import RetrievalTrial, accuracy, accuracy_by_length, retrieval_eval
+from cookbook.inference.retrieval import (
+    NeedleAttention,
+    RetrievalTrial,
+    accuracy,
+    accuracy_by_length,
+    needle_attention,
+    retrieval_eval,
+)
 
 DUMP_NAME = "perplexity.json"
 
@@ -71,9 +78,36 @@ def render_retrieval(trials: list[RetrievalTrial], task: str) -> Table:
     return table
 
 
-def dump_retrieval(trials: list[RetrievalTrial], task: str, dump_dir, extra: dict) -> Path:
+def copying_heads(heads: list[NeedleAttention]) -> list[NeedleAttention]:
+    """Per (length, depth), the head that puts the most attention on the key's next token in the needle."""
+    best: dict = {}
+    for h in heads:
+        if (h.length, h.depth) not in best or h.copy > best[h.length, h.depth].copy:
+            best[h.length, h.depth] = h
+    return list(best.values())
+
+
+def render_attention(heads: list[NeedleAttention], task: str) -> Table:
+    table = Table(
+        title=f"{task}: where the most copying head looks while the key is written (shares of its attention; a head "
+        "that looks everywhere alike in brackets)",
+        title_justify="left",
+    )
+    for name in ("length", "depth", "layer.head", "on the needle", "on the next key token", "mean distance"):
+        table.add_column(name, justify="right")
+    for h in copying_heads(heads):
+        table.add_row(
+            f"{h.length:,}", f"{h.depth:g}", f"{h.layer}.{h.head}", f"{h.share:.2f} ({h.share_chance:.2f})",
+            f"{h.copy:.2f} ({h.copy_chance:.2f})", f"{h.distance:.0f}"
+        )  # fmt: skip
+    return table
+
+
+def dump_retrieval(
+    trials: list[RetrievalTrial], task: str, dump_dir, extra: dict, heads: list[NeedleAttention] = ()
+) -> Path:
     """``DUMP_DIR/TASK.json`` (passkey.json, recall.json): ``extra``, the accuracy per length and depth, per length,
-    the same for the digits in their place, and every trial."""
+    the same for the digits in their place, every trial, and (``--attention``) every head's attention."""
     payload = {
         "task": task,
         **extra,
@@ -87,6 +121,8 @@ def dump_retrieval(trials: list[RetrievalTrial], task: str, dump_dir, extra: dic
         ],
         "trials": [asdict(t) for t in trials],
     }
+    if heads:
+        payload["attention"] = [asdict(h) for h in heads]
     return dump_json(dump_dir, f"{task}.json", payload)
 
 
@@ -116,6 +152,7 @@ class EvalConfig:
     recall_keys: int = 4
     seed: int = 0
     plot: str | None = None  # a PNG of accuracy against length, a line per depth
+    attention: bool = False  # also where the heads look (cookbook.inference.retrieval.needle_attention)
 
 
 def _tokenizer(cfg: EvalConfig):
@@ -131,7 +168,8 @@ def _dtype(model) -> str:
 
 
 def run_retrieval(cfg: EvalConfig):
-    """``--passkey`` or ``--recall``: (trials, the files written: the JSON dump, the plot)."""
+    """``--passkey`` or ``--recall``: (trials, the heads' attention with ``--attention``, the files written: the JSON
+    dump, the plot). The attention is measured on the same prompts as the accuracy (the same seed)."""
     if cfg.dump_dir:
         check_writable(cfg.dump_dir, "--dump-dir", folder=True)
     if cfg.plot:
@@ -144,17 +182,22 @@ def run_retrieval(cfg: EvalConfig):
         model, tokenizer, task, lengths, list(cfg.depths), cfg.trials, cfg.digits, cfg.recall_keys, cfg.seed,
         cfg.batch_size
     )  # fmt: skip
+    heads = []
+    if cfg.attention:
+        heads = needle_attention(
+            model, tokenizer, task, lengths, list(cfg.depths), cfg.trials, cfg.digits, cfg.recall_keys, cfg.seed
+        )
     written = []
     if cfg.dump_dir:
         extra = {"load": cfg.load, "dtype": _dtype(model), "seed": cfg.seed, "model": sections["model"]}
         if task == "recall":
             extra["keys"] = cfg.recall_keys
-        written.append(dump_retrieval(trials, task, cfg.dump_dir, extra))
+        written.append(dump_retrieval(trials, task, cfg.dump_dir, extra, heads))
     if cfg.plot:
         from recipes.plot import accuracy_curves, draw_accuracy
 
         written.append(draw_accuracy(accuracy_curves(trials), cfg.plot, f"{task} accuracy of {Path(cfg.load).name}"))
-    return trials, written
+    return trials, heads, written
 
 
 def run(cfg: EvalConfig, show_progress: bool = True) -> tuple[list[PerplexityResult], Path | None]:

@@ -242,15 +242,24 @@ def test_passkey_command_writes_its_table_and_json(tmp_path, base):
         run_cli(
             *("eval", "--load", base, "--passkey", "--seq-length", "160,200", "--device", "cpu"),
             *("--passkey-depths", "0,1", "--passkey-trials", "2", "--dump-dir", tmp_path),  # the flags' first names
+            "--attention",
         )
     )
     assert "passkey retrieval accuracy" in proc.stdout
+    assert "where the most copying head looks" in proc.stdout
     dumped = json.loads((tmp_path / "passkey.json").read_text())
     assert dumped["task"] == "passkey"
     assert [(r["length"], r["depth"]) for r in dumped["accuracy"]] == [(160, 0.0), (160, 1.0), (200, 0.0), (200, 1.0)]
     assert len(dumped["trials"]) == 8 and all(0 <= r["accuracy"] <= 1 for r in dumped["accuracy"])
     assert all(t["correct"] == (read_answer(t["answer"]) == t["key"]) for t in dumped["trials"])
     assert [r["length"] for r in dumped["accuracy_by_length"]] == [160, 200]
+    # every head at every length and depth, its shares between 0 and 1
+    config = dumped["model"]
+    heads = {(h["length"], h["depth"], h["layer"], h["head"]) for h in dumped["attention"]}
+    assert len(heads) == len(dumped["attention"]) == 4 * config["num_layers"] * config["num_heads"]
+    assert all(
+        0 <= h["copy"] <= h["share"] <= 1 and 0 < h["copy_chance"] < h["share_chance"] < 1 for h in dumped["attention"]
+    )
 
 
 def test_recall_command_writes_its_table_json_and_plot(tmp_path, base):
@@ -263,6 +272,7 @@ def test_recall_command_writes_its_table_json_and_plot(tmp_path, base):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(run_cli(*args, "--passkey"), "one at a time")
     assert_one_line_error(run_cli("eval", "--load", base, "--plot", tmp_path / "x.png"), "add --passkey or --recall")
+    assert_one_line_error(run_cli("eval", "--load", base, "--attention"), "add --passkey or --recall")
     assert_one_line_error(run_cli(*args, "--recall-keys", "0"), "--recall-keys 0")
     assert_one_line_error(run_cli("eval", "--load", base, "--recall", "--seq-length", "40"), "too short")
     # cookbook plot draws several results, a line per run

@@ -12,6 +12,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from cookbook.data.tokenizer import load_tokenizer
 from cookbook.errors import CookbookError
@@ -150,3 +151,63 @@ def test_training_documents_end_with_their_answers(tok):
         hidden = dict(re.findall(r"The value of (\w+) is (\d+)\.\n", text))
         asked = re.findall(r"What is the value of (\w+)\? The value of \1 is (\d+)", text)
         assert len(hidden) == keys and sorted(asked) == sorted(hidden.items())  # every value asked once, rightly
+
+
+class _Attention(torch.nn.Module):
+    def attend(self, q, k, v, cache=None, mask=None):
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+
+class _CopyingModel(torch.nn.Module):
+    """One head that looks only at the needle's copy of the token it is about to write (its first copy): an oracle
+    induction head, built from the tokens (queries and keys one-hot in the position)."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.layers = torch.nn.ModuleDict({"0": torch.nn.Module()})
+        self.layers["0"].attention = _Attention()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.last = tok.exact(retrieval.QUESTION)[-1]  # both questions end "... is"
+        assert tok.exact(retrieval.RECALL_QUESTION.format(name="node"))[-1] == self.last
+
+    def forward(self, tokens):
+        ids = tokens[0].tolist()
+        end = max(i for i, t in enumerate(ids) if t == self.last) + 1  # the answer starts here
+        tail = ids[end:]
+        at = _find(ids, tail)
+        keys = torch.eye(len(ids))[None, None]
+        queries = torch.zeros_like(keys)
+        for r in range(len(tail)):
+            queries[0, 0, end - 1 + r, at + r] = 1e4
+        self.layers["0"].attention.attend(queries, keys, keys)
+        return torch.zeros(1, len(ids), 8)
+
+
+def test_needle_attention_finds_a_copying_head_and_chance_for_a_head_that_looks_everywhere(tok):
+    from cookbook.inference.retrieval import needle_attention
+    from cookbook.model.config import preset
+    from cookbook.model.model import Transformer
+
+    lengths, depths = [192, 320], [0.0, 0.5, 1.0]
+    model = _CopyingModel(tok)
+    for task in ("passkey", "recall"):
+        found = needle_attention(model, tok, task, lengths, depths, trials=3, keys=3, seed=2)
+        assert {(r.length, r.depth) for r in found} == {(n, d) for n in lengths for d in depths}
+        assert all(r.share > 0.999 and r.copy > 0.999 for r in found), found
+        assert all(r.copy_chance < r.share_chance < 0.5 for r in found)
+        by_depth = {(r.length, r.depth): r.distance for r in found}
+        assert all(by_depth[n, 0.0] > by_depth[n, 0.5] > by_depth[n, 1.0] > 0 for n in lengths)
+        assert "attend" not in model.layers["0"].attention.__dict__  # the recording is gone
+    # queries of zero: every head spreads its attention evenly over what it can see
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, hidden_size=32, num_heads=2, num_kv_heads=1,
+                               intermediate_size=64, num_layers=2, max_seq_len=512))  # fmt: skip
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.attention.wq.weight.zero_()
+    for task in ("passkey", "recall"):
+        found = needle_attention(model, tok, task, lengths, depths, trials=2, keys=3, seed=2)
+        assert len(found) == len(lengths) * len(depths) * 2 * 2
+        for r in found:
+            assert r.share == pytest.approx(r.share_chance, rel=1e-4)
+            assert r.copy == pytest.approx(r.copy_chance, rel=1e-4)
+            assert r.length / 2 < r.distance < r.length / 2 + 6  # half of what each answer position sees

@@ -156,6 +156,16 @@ def eval_(
             rich_help_panel="Retrieval",
         ),
     ] = None,
+    attention: Annotated[
+        bool,
+        typer.Option(
+            "--attention",
+            help="With --passkey or --recall: also measure where each attention head looks while the key is written "
+            "(its share on the needle and on the key's next token, against chance); a row per length and depth for "
+            "the head that copies most, every head in the --dump-dir JSON.",
+            rich_help_panel="Retrieval",
+        ),
+    ] = False,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -174,7 +184,16 @@ def eval_(
 
     Tasks: cookbook eval --load ckpt/tiny --tasks my_mc,my_gen --include-path tasks/ --num-fewshot 5 --dump-dir eval/
     """
-    from recipes.eval import EvalConfig, render, render_retrieval, render_tasks, run, run_retrieval, run_tasks
+    from recipes.eval import (
+        EvalConfig,
+        render,
+        render_attention,
+        render_retrieval,
+        render_tasks,
+        run,
+        run_retrieval,
+        run_tasks,
+    )
 
     if tasks:
         results, written = run_tasks(
@@ -205,6 +224,8 @@ def eval_(
     retrieval = "passkey" if passkey else "recall" if recall else None
     if plot and not retrieval:
         raise CookbookError("--plot draws retrieval accuracy; add --passkey or --recall (cookbook plot draws runs)")
+    if attention and not retrieval:
+        raise CookbookError("--attention measures where the heads look for a key; add --passkey or --recall")
     try:
         fractions = tuple(float(d) for d in depths.split(",") if d.strip())
     except ValueError:
@@ -221,8 +242,10 @@ def eval_(
         seed=seed or 0,
     )
     if retrieval:
-        trials, written = run_retrieval(cfg)
+        trials, heads, written = run_retrieval(cfg)
         out.print(render_retrieval(trials, retrieval))
+        if heads:
+            out.print(render_attention(heads, retrieval))
     else:
         results, dumped = run(cfg)
         out.print(render(results))

@@ -215,6 +215,104 @@ def retrieval_eval(
     return results
 
 
+@dataclass
+class NeedleAttention:
+    """Where one attention head looks while the key is written (means over the key's tokens, teacher-forced, and over
+    trials): ``share`` of its attention on the asked needle's tokens; ``copy``, on the needle's copy of the token
+    about to be written (an induction head copying the key in order puts its attention there); ``share_chance`` and
+    ``copy_chance``, the same for a head that looks at every token it can see alike; ``distance``, the mean distance
+    in tokens from the writing token to what the head attends to."""
+
+    length: int
+    depth: float
+    layer: int
+    head: int
+    share: float
+    copy: float
+    share_chance: float
+    copy_chance: float
+    distance: float
+
+
+def needle_attention(
+    model, tokenizer, task: str, lengths: list[int], depths: list[float], trials: int = 5, digits: int = 5,
+    keys: int = 4, seed: int = 0
+) -> list[NeedleAttention]:  # fmt: skip
+    """Per (length, depth, layer, head): how much attention the model pays to the needle while it writes the key.
+
+    Each prompt of ``length`` tokens is followed by its answer (as a training document), and every attention layer's
+    weights are recomputed from its queries and keys for the positions that predict the answer's tokens: the last
+    token of the question, then the key's tokens but its last. A model that retrieves has a head whose share is far
+    above chance; one whose attention spreads out past the length it was trained at (RoPE extrapolating) loses it."""
+    import math
+
+    import torch
+
+    from cookbook.model.model import repeat_kv
+
+    if trials < 1:
+        raise CookbookError(f"--trials {trials} must be at least 1")
+    layers = list(model.layers.values())
+    seen: list[torch.Tensor] = []  # per layer, the weights [heads, queries, keys] of the current prompt
+
+    def recording(attention, rows: list[int]):
+        original = attention.attend
+
+        def attend(q, k, v, cache=None, mask=None):
+            keys_ = repeat_kv(k, q.shape[1])[0].float()
+            scores = q[0, :, rows].float() @ keys_.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            causal = torch.arange(k.shape[2], device=k.device)[None] > torch.tensor(rows, device=k.device)[:, None]
+            seen.append(torch.softmax(scores.masked_fill(causal, float("-inf")), -1).cpu())
+            return original(q, k, v, cache, mask)
+
+        return attend
+
+    rng = random.Random(seed)
+    totals: dict = {}
+    for length in lengths:
+        for depth in depths:
+            for _ in range(trials):
+                needles = draw(task, rng, depth, digits, keys)
+                question = list(tokenizer.exact(needles.question))
+                joined = list(tokenizer.exact(f"{needles.question} {needles.key}"))
+                tail = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(needles.key)
+                ids = prompt(tokenizer, task, length, needles) + tail
+                needle = list(tokenizer.exact(needles.sentences[0][1]))
+                start = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
+                rows = list(range(length - 1, len(ids) - 1))  # the positions that predict the answer's tokens
+                seen.clear()
+                for layer in layers:
+                    layer.attention.attend = recording(layer.attention, rows)
+                try:
+                    with torch.no_grad():
+                        model(torch.tensor([ids], device=next(model.parameters()).device))
+                finally:
+                    for layer in layers:
+                        del layer.attention.attend
+                # where the needle holds the answer (the key, with the space before it; twice in a passkey needle)
+                copies = [p for p in range(start, start + len(needle)) if ids[p : p + len(tail)] == tail]
+                away = (torch.tensor(rows)[:, None] - torch.arange(len(ids))[None]).clamp(min=0).float()
+                chances = (
+                    sum(len(needle) / (row + 1) for row in rows) / len(rows),
+                    sum(len(copies) / (row + 1) for row in rows) / len(rows),
+                )
+                for layer, weights in enumerate(seen):
+                    share = weights[:, :, start : start + len(needle)].sum(-1).mean(-1)
+                    distance = (weights * away).sum(-1).mean(-1)
+                    order = torch.arange(len(rows))
+                    copy = sum(weights[:, order, p + order] for p in copies).mean(-1) if copies else share * 0
+                    for head in range(weights.shape[0]):
+                        values = (share[head].item(), copy[head].item(), *chances, distance[head].item())
+                        total = totals.setdefault((length, depth, layer, head), [0.0] * (len(values) + 1))
+                        for i, value in enumerate(values):
+                            total[i] += value
+                        total[-1] += 1
+    return [
+        NeedleAttention(length, depth, layer, head, *(value / total[-1] for value in total[:-1]))
+        for (length, depth, layer, head), total in totals.items()
+    ]
+
+
 def _mean_by(trials: list[RetrievalTrial], group, field: str) -> dict:
     groups: dict = {}
     for t in trials:

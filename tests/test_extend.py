@@ -324,3 +324,15 @@ def test_plot_draws_several_runs_into_one_png(tmp_path):
         "no both 'nope' records",
     )
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_folder_of_retrieval_results_names_the_one_to_draw(tmp_path):
+    from recipes.plot import retrieval_dump
+
+    (tmp_path / "passkey.json").write_text("{}")
+    assert retrieval_dump(tmp_path) == tmp_path / "passkey.json"
+    (tmp_path / "recall.json").write_text("{}")
+    with pytest.raises(CookbookError, match="holds both passkey.json and recall.json"):
+        retrieval_dump(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert retrieval_dump(tmp_path) is None  # a save folder: its loss curve

@@ -76,6 +76,11 @@ def test_recall_prompts_hide_named_values_and_ask_one(tok):
         draw("haystack", rng, 0.5)
     with pytest.raises(CookbookError, match="not in"):
         draw("passkey", rng, 1.5)
+    with pytest.raises(CookbookError, match="--digits 0"):
+        draw("passkey", rng, 0.5, digits=0)
+    for measure in (retrieval_eval, retrieval.needle_attention):
+        with pytest.raises(CookbookError, match="--trials 0"):
+            measure(None, tok, "passkey", [256], [0.5], trials=0)
 
 
 def test_answers_are_read_and_scored():

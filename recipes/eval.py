@@ -22,6 +22,7 @@ from cookbook.inference.retrieval import (
     RetrievalTrial,
     accuracy,
     accuracy_by_length,
+    copying_heads,
     needle_attention,
     retrieval_eval,
 )
@@ -76,15 +77,6 @@ def render_retrieval(trials: list[RetrievalTrial], task: str) -> Table:
         row = [f"{acc[(length, d)]:.2f}" for d in depths]
         table.add_row(f"{length:,}", *row, f"{by_length[length]:.2f}", f"{digits[length]:.2f}")
     return table
-
-
-def copying_heads(heads: list[NeedleAttention]) -> list[NeedleAttention]:
-    """Per (length, depth), the head that puts the most attention on the key's next token in the needle."""
-    best: dict = {}
-    for h in heads:
-        if (h.length, h.depth) not in best or h.copy > best[h.length, h.depth].copy:
-            best[h.length, h.depth] = h
-    return list(best.values())
 
 
 def render_attention(heads: list[NeedleAttention], task: str) -> Table:

@@ -110,8 +110,7 @@ done
 stage "the tables"
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python - "$OUT" "$L" "$STEPS" "$EXT_STEPS" "$TRIALS" "${RUNS[@]}" <<'PY'
 import json, sys
-from cookbook.inference.retrieval import NeedleAttention
-from recipes.eval import copying_heads
+from cookbook.inference.retrieval import NeedleAttention, copying_heads
 from results import write_json
 out, L, steps, ext, trials, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:]
 names = {"base": f"base (trained at {L})", "pi0": "PI x2, no training", "ntk0": "dynamic NTK x2, no training",

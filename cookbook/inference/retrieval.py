@@ -143,12 +143,17 @@ def document(tokenizer, task: str, length: int, rng: random.Random, digits: int 
         raise CookbookError("the tokenizer has no end-of-document token to end each retrieval document with")
     needles = draw(task, rng, rng.random(), digits, keys)
     answers = f" {needles.key}" + "".join(f"\n{question} {key}" for question, key in needles.others)
-    # tokenized with the question, as the model will see them (SentencePiece's dummy prefix would double the space of
-    # a piece tokenized alone)
-    question = list(tokenizer.exact(needles.question))
-    joined = list(tokenizer.exact(needles.question + answers))
-    tail = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(answers)
-    return prompt(tokenizer, task, length, needles, tail=[*tail, tokenizer.eod])
+    return prompt(
+        tokenizer, task, length, needles, tail=[*answer_tokens(tokenizer, needles.question, answers), tokenizer.eod]
+    )
+
+
+def answer_tokens(tokenizer, question: str, answer: str) -> list[int]:
+    """The tokens of ``answer`` as they follow ``question``: tokenized with it, as the model sees them
+    (SentencePiece's dummy prefix would double the space of a piece tokenized alone)."""
+    asked = list(tokenizer.exact(question))
+    joined = list(tokenizer.exact(question + answer))
+    return joined[len(asked) :] if joined[: len(asked)] == asked else list(tokenizer.exact(answer))
 
 
 def write_documents(
@@ -199,20 +204,30 @@ def retrieval_eval(
     would set the frequencies of all)."""
     from cookbook.inference.generator import generate
 
+    new_tokens = len(tokenizer.exact(" " + "9" * digits)) + 2  # the key and a little slack
+    drawn = cases(task, lengths, depths, trials, digits, keys, seed)
+    results = []
+    for length in lengths:
+        these = [(depth, needles) for n, depth, needles in drawn if n == length]
+        prompts = [prompt(tokenizer, task, length, needles) for _, needles in these]
+        for start in range(0, len(these), batch_size):
+            outputs = generate(model, prompts[start : start + batch_size], new_tokens, temperature=0.0)
+            for (depth, needles), out in zip(these[start : start + batch_size], outputs, strict=True):
+                results.append(score(length, depth, needles.key, tokenizer.decode(out)))
+    return results
+
+
+def cases(
+    task: str, lengths: list[int], depths: list[float], trials: int, digits: int, keys: int, seed: int
+) -> list[tuple[int, float, Needles]]:
+    """The (length, depth, needles) of every trial, in order, drawn from ``seed``: the same for the accuracy and the
+    attention."""
     if trials < 1:
         raise CookbookError(f"--trials {trials} must be at least 1")
     rng = random.Random(seed)
-    new_tokens = len(tokenizer.exact(" " + "9" * digits)) + 2  # the key and a little slack
-    results = []
-    for length in lengths:
-        cases = [draw(task, rng, depth, digits, keys) for depth in depths for _ in range(trials)]
-        where = [depth for depth in depths for _ in range(trials)]
-        prompts = [prompt(tokenizer, task, length, needles) for needles in cases]
-        for start in range(0, len(cases), batch_size):
-            outputs = generate(model, prompts[start : start + batch_size], new_tokens, temperature=0.0)
-            for i, out in enumerate(outputs, start):
-                results.append(score(length, where[i], cases[i].key, tokenizer.decode(out)))
-    return results
+    return [
+        (n, depth, draw(task, rng, depth, digits, keys)) for n in lengths for depth in depths for _ in range(trials)
+    ]
 
 
 @dataclass
@@ -250,8 +265,7 @@ def needle_attention(
 
     from cookbook.model.model import repeat_kv
 
-    if trials < 1:
-        raise CookbookError(f"--trials {trials} must be at least 1")
+    drawn = cases(task, lengths, depths, trials, digits, keys, seed)
     layers = list(model.layers.values())
     seen: list[torch.Tensor] = []  # per layer, the weights [heads, queries, keys] of the current prompt
 
@@ -267,46 +281,40 @@ def needle_attention(
 
         return attend
 
-    rng = random.Random(seed)
     totals: dict = {}
-    for length in lengths:
-        for depth in depths:
-            for _ in range(trials):
-                needles = draw(task, rng, depth, digits, keys)
-                question = list(tokenizer.exact(needles.question))
-                joined = list(tokenizer.exact(f"{needles.question} {needles.key}"))
-                tail = joined[len(question) :] if joined[: len(question)] == question else tokenizer.exact(needles.key)
-                ids = prompt(tokenizer, task, length, needles) + tail
-                needle = list(tokenizer.exact(needles.sentences[0][1]))
-                start = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
-                rows = list(range(length - 1, len(ids) - 1))  # the positions that predict the answer's tokens
-                seen.clear()
-                for layer in layers:
-                    layer.attention.attend = recording(layer.attention, rows)
-                try:
-                    with torch.no_grad():
-                        model(torch.tensor([ids], device=next(model.parameters()).device))
-                finally:
-                    for layer in layers:
-                        del layer.attention.attend
-                # where the needle holds the answer (the key, with the space before it; twice in a passkey needle)
-                copies = [p for p in range(start, start + len(needle)) if ids[p : p + len(tail)] == tail]
-                away = (torch.tensor(rows)[:, None] - torch.arange(len(ids))[None]).clamp(min=0).float()
-                chances = (
-                    sum(len(needle) / (row + 1) for row in rows) / len(rows),
-                    sum(len(copies) / (row + 1) for row in rows) / len(rows),
-                )
-                for layer, weights in enumerate(seen):
-                    share = weights[:, :, start : start + len(needle)].sum(-1).mean(-1)
-                    distance = (weights * away).sum(-1).mean(-1)
-                    order = torch.arange(len(rows))
-                    copy = sum(weights[:, order, p + order] for p in copies).mean(-1) if copies else share * 0
-                    for head in range(weights.shape[0]):
-                        values = (share[head].item(), copy[head].item(), *chances, distance[head].item())
-                        total = totals.setdefault((length, depth, layer, head), [0.0] * (len(values) + 1))
-                        for i, value in enumerate(values):
-                            total[i] += value
-                        total[-1] += 1
+    for length, depth, needles in drawn:
+        tail = answer_tokens(tokenizer, needles.question, f" {needles.key}")
+        ids = prompt(tokenizer, task, length, needles) + tail
+        needle = list(tokenizer.exact(needles.sentences[0][1]))
+        start = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
+        rows = list(range(length - 1, len(ids) - 1))  # the positions that predict the answer's tokens
+        seen.clear()
+        for layer in layers:
+            layer.attention.attend = recording(layer.attention, rows)
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids], device=next(model.parameters()).device))
+        finally:
+            for layer in layers:
+                del layer.attention.attend
+        # where the needle holds the answer (the key, with the space before it; twice in a passkey needle)
+        copies = [p for p in range(start, start + len(needle)) if ids[p : p + len(tail)] == tail]
+        away = (torch.tensor(rows)[:, None] - torch.arange(len(ids))[None]).clamp(min=0).float()
+        chances = (
+            sum(len(needle) / (row + 1) for row in rows) / len(rows),
+            sum(len(copies) / (row + 1) for row in rows) / len(rows),
+        )
+        for layer, weights in enumerate(seen):
+            share = weights[:, :, start : start + len(needle)].sum(-1).mean(-1)
+            distance = (weights * away).sum(-1).mean(-1)
+            order = torch.arange(len(rows))
+            copy = sum(weights[:, order, p + order] for p in copies).mean(-1) if copies else share * 0
+            for head in range(weights.shape[0]):
+                values = (share[head].item(), copy[head].item(), *chances, distance[head].item())
+                total = totals.setdefault((length, depth, layer, head), [0.0] * (len(values) + 1))
+                for i, value in enumerate(values):
+                    total[i] += value
+                total[-1] += 1
     return [
         NeedleAttention(length, depth, layer, head, *(value / total[-1] for value in total[:-1]))
         for (length, depth, layer, head), total in totals.items()
@@ -328,3 +336,12 @@ def accuracy(trials: list[RetrievalTrial], field: str = "correct") -> dict[tuple
 def accuracy_by_length(trials: list[RetrievalTrial], field: str = "correct") -> dict[int, float]:
     """Share of right answers per length, over every depth (``field="digits_right"``: of digits)."""
     return _mean_by(trials, lambda t: t.length, field)
+
+
+def copying_heads(heads: list[NeedleAttention]) -> list[NeedleAttention]:
+    """Per (length, depth), the head that puts the most attention on the key's next token in the needle."""
+    best: dict = {}
+    for h in heads:
+        if (h.length, h.depth) not in best or h.copy > best[h.length, h.depth].copy:
+            best[h.length, h.depth] = h
+    return list(best.values())
